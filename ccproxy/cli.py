@@ -1,0 +1,58 @@
+"""The `ccproxy` command: offline tools beside the daemon (`twistd ccproxy` runs the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from ccproxy.config import ConfigError, load
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.path)
+    except ConfigError as e:
+        print(f"{args.path}: invalid: {e}", file=sys.stderr)
+        return 1
+    print(f"# {args.path}: valid. Effective configuration (secrets masked):")
+    print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def gen_cert(args: argparse.Namespace) -> int:
+    from ccproxy.tls import write_self_signed
+
+    write_self_signed(args.cert, args.key, tuple(args.host))
+    print(f"wrote {args.cert} and {args.key} (self-signed, for development only)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config file and print it with secrets masked")
+    p.add_argument("path")
+    p.set_defaults(func=check_config)
+
+    p = sub.add_parser("gen-cert", help="write a self-signed certificate for local development")
+    p.add_argument("--cert", default="cert.pem")
+    p.add_argument("--key", default="key.pem")
+    p.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"])
+    p.set_defaults(func=gen_cert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

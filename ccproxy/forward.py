@@ -1,0 +1,169 @@
+"""Forwarding to the upstream APIs over one shared persistent connection pool.
+
+A plain Agent, not treq: treq follows redirects, decompresses, buffers bodies and shares one cookie
+jar between callers, and a faithful proxy wants none of that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from ccproxy.config.server import UpstreamConfig
+from ccproxy.errors import ANTHROPIC, ApiError
+from ccproxy.routes import Route, upstream_url
+
+log = Logger()
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the transport layer on the way out, never copied from the other side.
+_FRAMING = frozenset({b"host", b"content-length"})
+CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[bytes, list[bytes]]]:
+    """The end-to-end headers of a message: hop-by-hop ones, and those `Connection` names, removed."""
+    skip = HOP_BY_HOP | _FRAMING | _connection_tokens(headers) | frozenset(drop)
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            yield name, values
+
+
+def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Headers:
+    """Client headers as the upstream should see them: our key in place of the client's."""
+    key = upstream.api_key
+    out = Headers()
+    for name, values in end_to_end(client, CREDENTIALS if key is not None else ()):
+        out.setRawHeaders(name, values)
+    if key is not None:
+        if api == ANTHROPIC:
+            out.setRawHeaders(b"x-api-key", [key.reveal().encode()])
+        else:
+            out.setRawHeaders(b"authorization", [b"Bearer " + key.reveal().encode()])
+    return out
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPolicyForHTTPS)
+class _CAFilePolicy:
+    """Verifies upstream certificates against a configured CA file instead of the system store."""
+
+    def __init__(self, ca_file: str) -> None:
+        with open(ca_file, "rb") as f:
+            self._root = Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+        return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._root)
+
+
+class Forwarder:
+    """Sends requests upstream; one Agent per upstream (their timeouts differ), one pool for all."""
+
+    def __init__(self, reactor: IReactorTime, pool: HTTPConnectionPool | None = None) -> None:
+        self.reactor = reactor
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 256
+            # Shorter than the upstreams' idle timeouts, so a pooled connection is rarely stale.
+            pool.cachedConnectionTimeout = 50
+        self.pool = pool
+        self._agents: dict[UpstreamConfig, Agent] = {}
+
+    def agent(self, upstream: UpstreamConfig) -> Agent:
+        agent = self._agents.get(upstream)
+        if agent is None:
+            policy = _CAFilePolicy(upstream.ca_file) if upstream.ca_file else BrowserLikePolicyForHTTPS()
+            agent = Agent(self.reactor, policy, connectTimeout=upstream.connect_timeout, pool=self.pool)
+            self._agents = {**self._agents, upstream: agent}
+        return agent
+
+    async def send(self, method: bytes, route: Route, headers: Headers, body: bytes) -> IResponse:
+        """The upstream's response head; ApiError 502 or 504 when it cannot be had."""
+        upstream = route.upstream
+        producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+        d = self.agent(upstream).request(method, upstream_url(upstream, route.path), headers, producer)
+        timed_out = False
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
+
+        timer = self.reactor.callLater(upstream.read_timeout, on_timeout)  # type: ignore[attr-defined]
+        try:
+            return await d
+        except defer.CancelledError:
+            if timed_out:
+                raise ApiError(
+                    504, f"upstream did not answer within {upstream.read_timeout:g}s"
+                ) from None
+            raise
+        except Exception as e:
+            raise classify(e, upstream) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def close(self) -> defer.Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+def classify(failure: Exception, upstream: UpstreamConfig) -> ApiError:
+    """The client-facing error for a failure to get a response head from the upstream."""
+    name = upstream.name
+    if isinstance(failure, error.TimeoutError | defer.TimeoutError):
+        return ApiError(502, f"{name} upstream unreachable: connect timed out after {upstream.connect_timeout:g}s")
+    if isinstance(failure, error.DNSLookupError):
+        return ApiError(502, f"{name} upstream unreachable: host name not found")
+    if isinstance(failure, error.ConnectError):
+        return ApiError(502, f"{name} upstream unreachable: connection failed")
+    log.warn("upstream {name} failed before answering: {failure!r}", name=name, failure=failure)
+    return ApiError(502, f"{name} upstream closed the connection without answering")

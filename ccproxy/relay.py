@@ -1,0 +1,157 @@
+"""Carrying an upstream response body to the client, as it arrives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+
+from ccproxy.context import BodyFilter
+from ccproxy.errors import ApiError, sse_error_event
+
+log = Logger()
+
+# A buffered (rewritten as a whole) body larger than this is cut rather than held in memory.
+MAX_BUFFERED_BODY = 64 * 1024 * 1024
+
+
+class Relay(Protocol):
+    """Writes the upstream body to the client with back-pressure; `done` fires when it is over.
+
+    `write_head(length)` sends the status and headers: at once when streaming, or once the body is
+    whole when a buffering filter must see all of it first (its new length is then known).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        write_head: Callable[[int | None], None],
+        api: str,
+        sse: bool,
+        body_filter: BodyFilter | None = None,
+        buffered: bool = False,
+    ) -> None:
+        self.request = request
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.write_head = write_head
+        self.api = api
+        self.sse = sse
+        self.filter = body_filter
+        self.buffered = buffered
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._timer: IDelayedCall | None = None
+        self._timed_out = False
+        self._cancelled = False
+        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        if not self.buffered:
+            self.write_head(None)
+        self.request.registerProducer(self.transport, True)
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        if self.buffered:
+            self._size += len(data)
+            if self._size > MAX_BUFFERED_BODY:
+                self._give_up(ApiError(502, "upstream response too large to inspect"))
+                return
+            self._chunks.append(data)
+            return
+        if self.filter is not None:
+            data = self.filter.feed(data)
+        if data:
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._disarm()
+        self._unregister()
+        if self._cancelled or self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._complete()
+        elif self._timed_out:
+            self._broken(ApiError(504, f"upstream sent nothing for {self.idle_timeout:g}s"))
+        else:
+            log.warn("upstream body cut: {reason}", reason=reason.getErrorMessage())
+            self._broken(ApiError(502, "upstream connection lost mid-response"))
+
+    def _complete(self) -> None:
+        if self.buffered:
+            body = b"".join(self._chunks)
+            self._chunks = []
+            if self.filter is not None:
+                body = self.filter.feed(body) + self.filter.close()
+            self.write_head(len(body))
+            self.request.write(body)
+        elif self.filter is not None:
+            tail = self.filter.close()
+            if tail:
+                self.request.write(tail)
+        self.request.finish()
+        self.done.callback(None)
+
+    def _broken(self, error: ApiError) -> None:
+        # A held-back tail is never flushed here: it may be the start of a secret.
+        if self.sse and not self.buffered:
+            self.request.write(sse_error_event(self.api, error))
+            self.request.finish()
+        elif self.buffered and not self.request.startedWriting:
+            self.done.errback(error)
+            return
+        else:
+            # The client must see a truncated body as truncated, not as complete.
+            transport = self.request.channel.transport if self.request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+        self.done.callback(None)
+
+    def _give_up(self, error: ApiError) -> None:
+        self._chunks = []
+        self._broken(error)
+        self._stop_upstream()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle_timeout)
+        else:
+            self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        self._stop_upstream()
+
+    def _stop_upstream(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _unregister(self) -> None:
+        # Fails once the client channel is gone; nothing is left to unregister then.
+        try:
+            self.request.unregisterProducer()
+        except (AttributeError, RuntimeError):
+            pass
+
+    def _cancel(self, _: defer.Deferred[None]) -> None:
+        """The client went away: stop reading upstream at once."""
+        self._cancelled = True
+        self._disarm()
+        self._stop_upstream()

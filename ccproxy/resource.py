@@ -1,0 +1,169 @@
+"""The HTTP face of ccproxy: health checks, then every other request through the layers and upstream."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ccproxy.context import RequestContext
+from ccproxy.errors import ApiError, error_body
+from ccproxy.forward import end_to_end, upstream_headers
+from ccproxy.relay import Relay
+from ccproxy.routes import api_for, route
+from ccproxy.runtime import Runtime, RuntimeHolder
+
+log = Logger()
+
+_PHRASES = {529: b"Overloaded"}
+_REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
+
+
+def new_request_id() -> str:
+    return "req_ccp_" + secrets.token_hex(12)
+
+
+class ProxyResource(Resource):
+    isLeaf = True
+
+    def __init__(self, holder: RuntimeHolder, clock: IReactorTime) -> None:
+        super().__init__()
+        self.holder = holder
+        self.clock = clock
+
+    def render(self, request: Request) -> Any:
+        request.responseHeaders.setRawHeaders(b"server", [b"ccproxy"])
+        if request.path in (b"/health", b"/ready"):
+            return self._health(request)
+        d = defer.ensureDeferred(self._handle(request, self.holder.current))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(self._unexpected, request)
+        return NOT_DONE_YET
+
+    def _health(self, request: Request) -> bytes:
+        request_id = new_request_id()
+        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"request-id", request_id.encode())
+        self.holder.current.decorate(None, request, request.responseHeaders)
+        if request.path == b"/health":
+            return b'{"status":"ok"}'
+        if self.holder.ready:
+            return b'{"status":"ready"}'
+        request.setResponseCode(503)
+        return b'{"status":"starting"}'
+
+    async def _handle(self, request: Request, runtime: Runtime) -> None:
+        request_id = new_request_id()
+        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        ctx: RequestContext | None = None
+        try:
+            if request.method in _REFUSED_METHODS:
+                raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
+            target = route(request.uri, runtime.config.upstreams)
+            request.content.seek(0)
+            ctx = RequestContext(
+                request=request,
+                request_id=request_id,
+                route=target,
+                client_ip=request.getClientAddress().host,  # type: ignore[attr-defined]
+                started=self.clock.seconds(),
+                body=request.content.read(),
+            )
+            request.ccproxy_ctx = ctx  # type: ignore[attr-defined]
+            for layer in runtime.layers:
+                await layer.check(ctx)
+            await self._forward(ctx, runtime)
+        except ApiError as e:
+            self._send_error(request, runtime, ctx, e)
+        except defer.CancelledError:
+            # The client went away; whatever was under way upstream has been stopped.
+            return
+
+    async def _forward(self, ctx: RequestContext, runtime: Runtime) -> None:
+        request, target = ctx.request, ctx.route
+        headers = upstream_headers(request.requestHeaders, target.upstream, target.api)
+        response = await runtime.forwarder.send(request.method, target, headers, ctx.body)
+        upstream_id = response.headers.getRawHeaders(b"request-id") or response.headers.getRawHeaders(
+            b"x-request-id"
+        )
+        if upstream_id:
+            ctx.upstream_request_id = upstream_id[0].decode("latin-1")
+        body_filter = runtime.response_filter(ctx, response.code, response.headers)
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        relay = Relay(
+            request,
+            self.clock,
+            target.upstream.read_timeout,
+            lambda length: self._write_head(ctx, runtime, response, body_filter is not None, length),
+            target.api,
+            sse=content_type.startswith(b"text/event-stream"),
+            body_filter=body_filter,
+            buffered=bool(body_filter is not None and getattr(body_filter, "buffered", False)),
+        )
+        response.deliverBody(relay)
+        await relay.done
+
+    def _write_head(
+        self, ctx: RequestContext, runtime: Runtime, response: IResponse, filtered: bool, length: int | None
+    ) -> None:
+        request = ctx.request
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in end_to_end(response.headers):
+            out.setRawHeaders(name, values)
+        if length is not None:
+            out.setRawHeaders(b"content-length", [str(length).encode()])
+        elif not filtered and response.length is not UNKNOWN_LENGTH:
+            out.setRawHeaders(b"content-length", response.headers.getRawHeaders(b"content-length") or [])
+        if not out.hasHeader(b"request-id"):
+            out.setRawHeaders(b"request-id", [(ctx.upstream_request_id or ctx.request_id).encode()])
+        self._finish_headers(ctx, runtime, request, out)
+
+    def _finish_headers(
+        self, ctx: RequestContext | None, runtime: Runtime, request: Request, out: Headers
+    ) -> None:
+        if ctx is not None:
+            for name, value in ctx.extra_headers.items():
+                out.setRawHeaders(name.encode(), [value.encode()])
+        runtime.decorate(ctx, request, out)
+
+    def _send_error(self, request: Request, runtime: Runtime, ctx: RequestContext | None, error: ApiError) -> None:
+        if request.finished or request._disconnected:
+            return
+        if request.startedWriting:
+            # Too late for an error response: cut the connection so the client sees a broken reply.
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        api = ctx.api if ctx is not None else api_for(request.uri)
+        body = error_body(api, error)
+        request.setResponseCode(error.status, _PHRASES.get(error.status))
+        out = request.responseHeaders
+        out.setRawHeaders(b"content-type", [b"application/json"])
+        out.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])  # type: ignore[attr-defined]
+        for name, value in error.headers.items():
+            out.setRawHeaders(name.encode(), [value.encode()])
+        self._finish_headers(ctx, runtime, request, out)
+        request.write(body)
+        request.finish()
+
+    def _unexpected(self, failure: Failure, request: Request) -> None:
+        log.failure("unexpected error handling {uri}", failure, uri=_loggable(request.uri))
+        try:
+            self._send_error(request, self.holder.current, None, ApiError(500, "internal proxy error"))
+        except Exception:
+            log.failure("could not answer after an internal error")
+
+
+def _loggable(uri: bytes) -> str:
+    # Query strings may carry tokens; logs get the path alone.
+    return uri.split(b"?", 1)[0].decode("latin-1")[:200]

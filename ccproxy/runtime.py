@@ -1,0 +1,69 @@
+"""Everything built from one config: the layers, in order, and the forwarder.
+
+A reload builds a new Runtime from the new config (handing each layer its predecessor, so state such
+as rate-limit counters can carry over) and swaps it in with one assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+
+from ccproxy.config import Config
+from ccproxy.context import BodyFilter, Layer, RequestContext
+from ccproxy.forward import Forwarder
+
+# (config, reactor, the same layer of the previous runtime or None) -> layer
+LayerFactory = Callable[[Config, Any, "Layer | None"], Layer]
+
+
+def layer_factories() -> Sequence[LayerFactory]:
+    """The policy layers, in the order a request meets them."""
+    from ccproxy import auth, content, limits, network
+
+    return (network.build_layer, auth.build_layer, limits.build_layer, content.build_layer)
+
+
+@attrs.define
+class Runtime:
+    config: Config
+    layers: tuple[Layer, ...]
+    forwarder: Forwarder
+
+    def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
+        filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.layers) if f]
+        if not filters:
+            return None
+        if len(filters) > 1:
+            raise RuntimeError("only one layer may rewrite response bodies")
+        return filters[0]
+
+    def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
+        for layer in self.layers:
+            layer.decorate(ctx, request, headers)
+
+    def stop(self) -> defer.Deferred[Any]:
+        return defer.gatherResults(
+            [defer.maybeDeferred(layer.stop) for layer in self.layers], consumeErrors=True
+        )
+
+
+def build(config: Config, reactor: Any, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:
+    layers = []
+    for i, factory in enumerate(layer_factories()):
+        before = previous.layers[i] if previous is not None and i < len(previous.layers) else None
+        layers.append(factory(config, reactor, before))
+    return Runtime(config=config, layers=tuple(layers), forwarder=forwarder)
+
+
+class RuntimeHolder:
+    """The one place the current Runtime lives; requests read it once, at their start."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self.ready = False

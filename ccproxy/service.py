@@ -1,0 +1,110 @@
+"""The long-running service: listens, serves, and reloads its config on SIGHUP."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from ccproxy import audit, events, network
+from ccproxy.config import Config, ConfigError, load
+from ccproxy.forward import Forwarder
+from ccproxy.resource import ProxyResource
+from ccproxy.runtime import RuntimeHolder, build
+from ccproxy.site import ProxySite
+from ccproxy.tls import ReloadableTLS, certificate_options
+
+log = Logger()
+
+# Settings a reload cannot change in place: a new listening socket would be needed.
+_RESTART_ONLY = (("server", "host"), ("server", "port"), ("server", "tls", "enabled"))
+
+
+class ProxyService(Service):
+    def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
+        self.config_path = config_path
+        self.reactor = reactor
+        self.holder = RuntimeHolder(build(config, reactor, Forwarder(reactor)))
+        self.tls: ReloadableTLS | None = None
+        self.port: IListeningPort | None = None
+        self.audit: Any = None
+
+    @property
+    def config(self) -> Config:
+        return self.holder.current.config
+
+    def startService(self) -> None:
+        super().startService()
+        config = self.config
+        site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
+        if config.server.tls.enabled:
+            self.tls = ReloadableTLS(certificate_options(config.server.tls))
+        else:
+            log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
+        self.audit = audit.start(self.holder, self.reactor)
+        factory = network.listener_factory(site, self.tls, self.holder, self.reactor)
+        self.port = self.reactor.listenTCP(
+            config.server.port, factory, backlog=1024, interface=config.server.host
+        )
+        address = self.port.getHost()
+        scheme = "https" if self.tls is not None else "http"
+        log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
+        self.holder.ready = True
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> bool:
+        """Re-read the config file; a bad one is refused and the running config keeps serving."""
+        old = self.config
+        try:
+            new = load(self.config_path)
+            _check_restart_only(old, new)
+            options = certificate_options(new.server.tls) if new.server.tls.enabled else None
+        except ConfigError as e:
+            log.error("config reload refused, still serving the previous config: {error}", error=str(e))
+            events.emit("configuration_change", "error", outcome="refused", reason=str(e))
+            return False
+        self.holder.current = build(new, self.reactor, self.holder.current.forwarder, self.holder.current)
+        if self.tls is not None and options is not None:
+            self.tls.swap(options)
+        changed = sorted(changed_paths(old.effective(), new.effective()))
+        log.info("config reloaded from {path}; changed: {changed}", path=self.config_path, changed=changed)
+        events.emit("configuration_change", "notice", outcome="applied", changed=changed)
+        return True
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        self.holder.ready = False
+        waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
+        if self.audit is not None:
+            waits.append(defer.maybeDeferred(self.audit.stop))
+        if self.port is not None:
+            waits.append(defer.maybeDeferred(self.port.stopListening))
+        return defer.DeferredList(waits, consumeErrors=True)
+
+
+def changed_paths(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths whose values differ; values themselves are never reported."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += changed_paths(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if old == new else [path]
+
+
+def _check_restart_only(old: Config, new: Config) -> None:
+    a, b = old.effective(), new.effective()
+    for keys in _RESTART_ONLY:
+        x, y = a, b
+        for key in keys:
+            x, y = x[key], y[key]
+        if x != y:
+            raise ConfigError(".".join(keys), "cannot change on reload; restart ccproxy to apply it")
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

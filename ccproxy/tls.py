@@ -1,0 +1,174 @@
+"""TLS for the listening side: certificate loading, protocol floor, cipher suites, hot swap."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from ccproxy.config._reader import ConfigError, join
+from ccproxy.config.server import TLSConfig
+
+# IANA names of the suites worth offering, with OpenSSL's names. Anything weaker (RC4, 3DES,
+# export, anonymous, NULL) is deliberately absent: naming it is a config error.
+TLS12_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256": "DHE-RSA-AES128-GCM-SHA256",
+    "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384": "DHE-RSA-AES256-GCM-SHA384",
+    "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "DHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384": "ECDHE-ECDSA-AES256-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384": "ECDHE-RSA-AES256-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+}
+TLS13_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+
+# Mozilla's "intermediate" profile for TLS 1.2, less the DHE suites: ECDHE with AES-GCM or ChaCha20.
+DEFAULT_TLS12 = (
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+)
+
+
+def check_suites(suites: tuple[str, ...], min_version: str, path: str) -> None:
+    """Refuse unknown names, and a list that leaves the allowed protocol versions no suite."""
+    for i, name in enumerate(suites):
+        if name in TLS13_SUITES:
+            continue
+        if name not in TLS12_SUITES:
+            raise ConfigError(join(path, i), f"unknown or unsupported cipher suite {name!r}")
+        try:
+            SSL.Context(SSL.TLS_METHOD).set_cipher_list(TLS12_SUITES[name].encode())
+        except SSL.Error:
+            raise ConfigError(join(path, i), f"cipher suite {name!r} is not available in this OpenSSL") from None
+    if suites and min_version == "1.2" and not any(n in TLS12_SUITES for n in suites):
+        raise ConfigError(path, "lists no TLS 1.2 suite: add one or set min_version: \"1.3\"")
+
+
+def certificate_options(config: TLSConfig) -> CertificateOptions:
+    """Build the server-side TLS settings; file faults are ConfigErrors naming the key."""
+    assert config.cert_file is not None and config.key_file is not None
+    cert_path, key_path = config.cert_file, config.key_file
+    if config.self_signed and not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        write_self_signed(cert_path, key_path)
+    chain = _read_certificates(cert_path)
+    key = _read_key(key_path)
+    if chain[0].public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        raise ConfigError("server.tls.key_file", "does not match the certificate in server.tls.cert_file")
+    suites = config.cipher_suites or DEFAULT_TLS12
+    tls12 = [TLS12_SUITES[n] for n in suites if n in TLS12_SUITES]
+    tls13 = [n for n in suites if n in TLS13_SUITES]
+    options = CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_3 if config.min_version == "1.3" else TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(tls12) or "DEFAULT"),
+        acceptableProtocols=[b"http/1.1"],
+    )
+    context = options.getContext()
+    if tls13:
+        context.set_tls13_ciphersuites(":".join(tls13).encode())
+    return options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """Hands every new connection the current settings; `swap` takes effect for the next one."""
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.options = options
+
+    def swap(self, options: CertificateOptions) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self.options.serverConnectionForTLS(protocol)
+
+
+def write_self_signed(cert_path: str, key_path: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+                      days: int = 365) -> None:
+    """A development certificate for loopback names; the key file is created mode 0600."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ccproxy development certificate")])
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    for path in (cert_path, key_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _read_certificates(path: str) -> list[x509.Certificate]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError("server.tls.cert_file", f"cannot read {path}: {e.strerror}") from None
+    try:
+        chain = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        chain = []
+    if not chain:
+        raise ConfigError("server.tls.cert_file", f"{path} holds no PEM certificate")
+    return chain
+
+
+def _read_key(path: str) -> serialization.SSHPrivateKeyTypes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError("server.tls.key_file", f"cannot read {path}: {e.strerror}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)  # type: ignore[return-value]
+    except (ValueError, TypeError):
+        raise ConfigError("server.tls.key_file", f"{path} holds no unencrypted PEM private key") from None
