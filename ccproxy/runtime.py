@@ -14,12 +14,23 @@ from twisted.internet import defer
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from ccproxy.blocklist import BlockList
 from ccproxy.config import Config
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
 
-# (config, reactor, the same layer of the previous runtime or None) -> layer
-LayerFactory = Callable[[Config, Any, "Layer | None"], Layer]
+
+
+@attrs.frozen
+class Deps:
+    """What layers share and what outlives a reload."""
+
+    reactor: Any
+    blocklist: BlockList
+
+
+# (config, deps, the same layer of the previous runtime or None) -> layer
+LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 
 
 def layer_factories() -> Sequence[LayerFactory]:
@@ -34,6 +45,7 @@ class Runtime:
     config: Config
     layers: tuple[Layer, ...]
     forwarder: Forwarder
+    deps: Deps
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
         filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.layers) if f]
@@ -53,12 +65,12 @@ class Runtime:
         )
 
 
-def build(config: Config, reactor: Any, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:
+def build(config: Config, deps: Deps, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:
     layers = []
     for i, factory in enumerate(layer_factories()):
         before = previous.layers[i] if previous is not None and i < len(previous.layers) else None
-        layers.append(factory(config, reactor, before))
-    return Runtime(config=config, layers=tuple(layers), forwarder=forwarder)
+        layers.append(factory(config, deps, before))
+    return Runtime(config=config, layers=tuple(layers), forwarder=forwarder, deps=deps)
 
 
 class RuntimeHolder:

@@ -14,7 +14,8 @@ from ccproxy import audit, events, network
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
 from ccproxy.resource import ProxyResource
-from ccproxy.runtime import RuntimeHolder, build
+from ccproxy.blocklist import BlockList
+from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
 
@@ -28,7 +29,8 @@ class ProxyService(Service):
     def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
         self.config_path = config_path
         self.reactor = reactor
-        self.holder = RuntimeHolder(build(config, reactor, Forwarder(reactor)))
+        self.deps = Deps(reactor=reactor, blocklist=BlockList())
+        self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
@@ -67,7 +69,7 @@ class ProxyService(Service):
             log.error("config reload refused, still serving the previous config: {error}", error=str(e))
             events.emit("configuration_change", "error", outcome="refused", reason=str(e))
             return False
-        self.holder.current = build(new, self.reactor, self.holder.current.forwarder, self.holder.current)
+        self.holder.current = build(new, self.deps, self.holder.current.forwarder, self.holder.current)
         if self.tls is not None and options is not None:
             self.tls.swap(options)
         changed = sorted(changed_paths(old.effective(), new.effective()))

@@ -8,5 +8,6 @@ from ccproxy.config import Config
 from ccproxy.context import Layer
 
 
-def build_layer(config: Config, reactor: Any, previous: Layer | None) -> Layer:
+def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
+    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist)."""
     return Layer()
