@@ -6,10 +6,10 @@ jar between callers, and a faithful proxy wants none of that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -48,7 +48,7 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[bytes, list[bytes]]]:
+def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The end-to-end headers of a message: hop-by-hop ones, and those `Connection` names, removed."""
     skip = HOP_BY_HOP | _FRAMING | _connection_tokens(headers) | frozenset(drop)
     for name, values in headers.getAllRawHeaders():
@@ -100,7 +100,7 @@ class _CAFilePolicy:
         with open(ca_file, "rb") as f:
             self._root = Certificate.loadPEM(f.read())
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._root)
 
 
@@ -137,7 +137,7 @@ class Forwarder:
             timed_out = True
             d.cancel()
 
-        timer = self.reactor.callLater(upstream.read_timeout, on_timeout)  # type: ignore[attr-defined]
+        timer = self.reactor.callLater(upstream.read_timeout, on_timeout)
         try:
             return await d
         except defer.CancelledError:

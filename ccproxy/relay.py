@@ -113,9 +113,7 @@ class Relay(Protocol):
             return
         else:
             # The client must see a truncated body as truncated, not as complete.
-            transport = self.request.channel.transport if self.request.channel else None
-            if transport is not None:
-                transport.abortConnection()
+            abort_client(self.request)
         self.done.callback(None)
 
     def _give_up(self, error: ApiError) -> None:
@@ -141,7 +139,7 @@ class Relay(Protocol):
 
     def _stop_upstream(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]  # a TransportProxyProducer
 
     def _unregister(self) -> None:
         # Fails once the client channel is gone; nothing is left to unregister then.
@@ -155,3 +153,10 @@ class Relay(Protocol):
         self._cancelled = True
         self._disarm()
         self._stop_upstream()
+
+
+def abort_client(request: Request) -> None:
+    """Drop the client connection: a reply that cannot be completed must not look complete."""
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        channel.transport.abortConnection()  # type: ignore[attr-defined]  # TCP and TLS transports have it

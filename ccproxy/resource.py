@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import end_to_end, upstream_headers
-from ccproxy.relay import Relay
+from ccproxy.relay import Relay, abort_client
 from ccproxy.routes import api_for, route
 from ccproxy.runtime import Runtime, RuntimeHolder
 
@@ -50,7 +50,7 @@ class ProxyResource(Resource):
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        request.ccproxy_request_id = request_id
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"request-id", request_id.encode())
         self.holder.current.decorate(None, request, request.responseHeaders)
@@ -63,22 +63,24 @@ class ProxyResource(Resource):
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        request.ccproxy_request_id = request_id
         ctx: RequestContext | None = None
         try:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
             target = route(request.uri, runtime.config.upstreams)
-            request.content.seek(0)
+            content = request.content
+            assert content is not None
+            content.seek(0)
             ctx = RequestContext(
                 request=request,
                 request_id=request_id,
                 route=target,
-                client_ip=request.getClientAddress().host,  # type: ignore[attr-defined]
+                client_ip=_peer_host(request),
                 started=self.clock.seconds(),
-                body=request.content.read(),
+                body=content.read(),
             )
-            request.ccproxy_ctx = ctx  # type: ignore[attr-defined]
+            request.ccproxy_ctx = ctx
             for layer in runtime.layers:
                 await layer.check(ctx)
             await self._forward(ctx, runtime)
@@ -141,7 +143,7 @@ class ProxyResource(Resource):
             return
         if request.startedWriting:
             # Too late for an error response: cut the connection so the client sees a broken reply.
-            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            abort_client(request)
             return
         api = ctx.api if ctx is not None else api_for(request.uri)
         body = error_body(api, error)
@@ -149,7 +151,7 @@ class ProxyResource(Resource):
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])  # type: ignore[attr-defined]
+        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])
         for name, value in error.headers.items():
             out.setRawHeaders(name.encode(), [value.encode()])
         self._finish_headers(ctx, runtime, request, out)
@@ -167,3 +169,7 @@ class ProxyResource(Resource):
 def _loggable(uri: bytes) -> str:
     # Query strings may carry tokens; logs get the path alone.
     return uri.split(b"?", 1)[0].decode("latin-1")[:200]
+
+
+def _peer_host(request: Request) -> str:
+    return str(getattr(request.getClientAddress(), "host", ""))

@@ -11,10 +11,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from ccproxy import audit, events, network
+from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
 from ccproxy.resource import ProxyResource
-from ccproxy.blocklist import BlockList
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
@@ -52,7 +52,7 @@ class ProxyService(Service):
         self.port = self.reactor.listenTCP(
             config.server.port, factory, backlog=1024, interface=config.server.host
         )
-        address = self.port.getHost()
+        address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
         log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
         self.holder.ready = True

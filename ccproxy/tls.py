@@ -84,9 +84,9 @@ def certificate_options(config: TLSConfig) -> CertificateOptions:
     tls12 = [TLS12_SUITES[n] for n in suites if n in TLS12_SUITES]
     tls13 = [n for n in suites if n in TLS13_SUITES]
     options = CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=key,  # type: ignore[arg-type]  # cryptography objects are accepted (and preferred)
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_3 if config.min_version == "1.3" else TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(tls12) or "DEFAULT"),
         acceptableProtocols=[b"http/1.1"],

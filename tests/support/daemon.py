@@ -55,7 +55,7 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self.write_config()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "ccproxy", "--config", str(self.config_path)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
