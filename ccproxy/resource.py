@@ -50,7 +50,7 @@ class ProxyResource(Resource):
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"request-id", request_id.encode())
         self.holder.current.decorate(None, request, request.responseHeaders)
@@ -63,7 +63,7 @@ class ProxyResource(Resource):
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
         ctx: RequestContext | None = None
         try:
             if request.method in _REFUSED_METHODS:
@@ -151,7 +151,7 @@ class ProxyResource(Resource):
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])
+        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])  # type: ignore[attr-defined]
         for name, value in error.headers.items():
             out.setRawHeaders(name.encode(), [value.encode()])
         self._finish_headers(ctx, runtime, request, out)
