@@ -17,7 +17,7 @@ DEFAULT_IDLE_TIMEOUT = 75.0
 
 class ProxyRequest(Request):
     def process(self) -> None:
-        self.ccproxy_started = self.channel.site.clock.seconds()  # type: ignore[union-attr,attr-defined]
+        self.ccproxy_started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
         super().process()
 
 
