@@ -61,9 +61,19 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
 def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = None) -> Config:
     data = expand_env({} if data is None else data, "", os.environ if environ is None else environ)
     root = Section(data, "", base_dir)
+    try:
+        config = _build(root)
+    except ConfigError as e:
+        # A misspelt key is the likelier cause of a fault found beside it: report the typo.
+        raise (root.typo_near(e.path) or e) from None
+    root.done()
+    return config
+
+
+def _build(root: Section) -> Config:
     root.unbuilt("monitoring")
     root.section("privacy").unbuilt("hipaa")
-    config = Config(
+    return Config(
         server=ServerConfig.parse(root.section("server")),
         upstreams=UpstreamsConfig.parse(root.section("upstreams")),
         network=NetworkConfig.parse(root),
@@ -72,8 +82,6 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
         content=ContentConfig.parse(root),
         audit=AuditConfig.parse(root),
     )
-    root.done()
-    return config
 
 
 def _plain(instance: Any, field: Any, value: Any) -> Any:

@@ -279,15 +279,33 @@ class Section:
             return
         raise ConfigError(self.at(key), "not supported yet")
 
+    def typo_near(self, path: str) -> ConfigError | None:
+        """An unknown key in the sections leading to `path`: likely the cause of a fault found there."""
+        section: Section | None = self
+        while section is not None:
+            try:
+                section._check_keys(typos_only=True)
+            except ConfigError as e:
+                return e
+            section = next((c for c in section._children.values()
+                            if path == c.path or path.startswith(c.path + ".") or path.startswith(c.path + "[")),
+                           None)
+        return None
+
     def done(self) -> None:
         """Refuse keys that no parser asked for, here and in every child section."""
+        self._check_keys()
+        for child in self._children.values():
+            child.done()
+
+    def _check_keys(self, typos_only: bool = False) -> None:
         for key in self.data:
             if key not in self._asked:
                 hint = difflib.get_close_matches(key, sorted(self._asked), n=1, cutoff=0.6)
+                if typos_only and not hint:
+                    continue
                 suffix = f" (did you mean {hint[0]}?)" if hint else ""
                 raise ConfigError(self.at(key), f"unknown key{suffix}")
-        for child in self._children.values():
-            child.done()
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
