@@ -2,15 +2,182 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 import attrs
 
-from ccproxy.config._reader import Section
+from ccproxy.config._reader import ConfigError, Section
+from ccproxy.secrets import Secret
+
+# Every security event the proxy emits. A name in `events` outside this list is refused: a typo
+# there would otherwise silently drop a class of records.
+KNOWN_EVENTS = (
+    "authentication_success",
+    "authentication_failure",
+    "rate_limit_exceeded",
+    "invalid_request",
+    "configuration_change",
+    "api_key_rotation",
+    "api_key_expiring",
+    "ip_auto_blocked",
+    "ip_unblocked",
+    "connection_refused",
+    "request_too_large",
+    "request_timeout",
+    "response_masked",
+    "upstream_error",
+    "audit_records_lost",
+)
+
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}
+
+DEFAULT_SPOOL_DIR = "/var/lib/ccproxy/audit-spool"
+
+
+@attrs.frozen
+class FileOutput:
+    path: str
+    records: str = "audit"  # "audit" (security events) or "access" (one line per request)
+    rotation: str = "daily"
+    max_size: int | None = None
+    retention: float | None = None
+    flush_interval: float = 0.2
+    sync_interval: float = 1.0
+
+
+@attrs.frozen
+class SyslogOutput:
+    host: str
+    port: int
+    protocol: str = "tcp"
+    records: str = "audit"
+    facility: int = FACILITIES["auth"]
+    app_name: str = "ccproxy"
+    queue_size: int = 10000
+    spool_path: str = ""
+    spool_max_size: int = 100 * 1024 * 1024
+
+
+Output = FileOutput | SyslogOutput
 
 
 @attrs.frozen
 class AuditConfig:
+    enabled: bool = False
+    events: tuple[str, ...] = KNOWN_EVENTS
+    outputs: tuple[Output, ...] = ()
+    hmac_key: Secret | None = None
+    anonymize_logs: bool = False
+    anonymize_method: str = "truncate"
+    anonymize_key: Secret | None = None
+    data_retention: float | None = None
+
     @classmethod
     def parse(cls, root: Section) -> AuditConfig:
-        root.section("security").unbuilt("audit")
-        root.section("privacy").unbuilt("gdpr")
-        return cls()
+        audit = root.section("security").section("audit")
+        gdpr = root.section("privacy").section("gdpr")
+        anonymize, method, anon_key, data_retention = _parse_gdpr(gdpr)
+        # A section with settings but no `enabled` is meant to run; only an explicit false turns it off.
+        if not audit.enabled(bool(audit.data)):
+            for key in list(audit.keys()):
+                audit.raw(key, None)  # a switched-off section is accepted whole: nothing in it runs
+            return cls(anonymize_logs=anonymize, anonymize_method=method, anonymize_key=anon_key,
+                       data_retention=data_retention)
+        events = _parse_events(audit)
+        outputs = audit.items("outputs", lambda item, path: _parse_output(item, path, audit.base_dir))
+        if not outputs:
+            raise ConfigError(audit.at("outputs"), "an enabled audit trail needs at least one output")
+        _check_distinct(outputs, audit.at("outputs"))
+        return cls(
+            enabled=True, events=events, outputs=outputs, hmac_key=audit.secret("hmac_key", None),
+            anonymize_logs=anonymize, anonymize_method=method, anonymize_key=anon_key,
+            data_retention=data_retention,
+        )
+
+
+def _parse_gdpr(gdpr: Section) -> tuple[bool, str, Secret | None, float | None]:
+    if not gdpr.enabled(True):
+        for key in list(gdpr.keys()):
+            gdpr.raw(key, None)
+        return False, "truncate", None, None
+    for name in ("right_to_deletion", "data_portability"):
+        if gdpr.boolean(name, False):
+            raise ConfigError(gdpr.at(name), "not supported yet (ccproxy stores no personal data besides its logs)")
+    anonymize = bool(gdpr.boolean("anonymize_logs", False))
+    method = gdpr.string("anonymize_method", "truncate", choices=("truncate", "hash"))
+    secret = gdpr.secret("anonymize_key", None)
+    if anonymize and method == "hash" and secret is None:
+        raise ConfigError(gdpr.at("anonymize_key"), "is required when anonymize_method is hash")
+    retention = gdpr.duration("data_retention", None, min=3600.0)
+    return anonymize, method, secret, retention
+
+
+def _parse_events(audit: Section) -> tuple[str, ...]:
+    if "events" not in audit:
+        return KNOWN_EVENTS
+    names = audit.str_list("events")
+    for i, name in enumerate(names):
+        if name not in KNOWN_EVENTS:
+            hint = difflib.get_close_matches(name, KNOWN_EVENTS, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            raise ConfigError(f"{audit.at('events')}[{i}]", f"unknown event {name!r}{suffix}")
+    # Losing records is always reported, whatever the filter says.
+    return tuple(dict.fromkeys((*names, "audit_records_lost")))
+
+
+def _parse_output(item: Any, path: str, base_dir: str) -> Output:
+    section = Section(item, path, base_dir)
+    kind = section.string("type", choices=("file", "syslog"))
+    records = section.string("records", "audit", choices=("audit", "access"))
+    out: Output
+    if kind == "file":
+        out = FileOutput(
+            path=section.file("path"),
+            records=records,
+            rotation=section.string("rotation", "daily", choices=("daily",)),
+            max_size=section.size("max_size", None, min=4096),
+            retention=section.duration("retention", None, min=3600.0),
+            flush_interval=section.duration("flush_interval", 0.2, min=0.001, max=10.0),
+            sync_interval=section.duration("sync_interval", 1.0, min=0.01, max=300.0),
+        )
+    else:
+        out = _parse_syslog(section, records)
+    section.done()
+    return out
+
+
+def _parse_syslog(section: Section, records: str) -> SyslogOutput:
+    protocol = section.string("protocol", "udp", choices=("tcp", "udp", "unix"))
+    if protocol == "unix":
+        host, port = section.file("path", "/dev/log"), 0
+        section.not_supported("host", "not used with protocol unix (set path)")
+        section.not_supported("port", "not used with protocol unix (set path)")
+    else:
+        host = section.string("host")
+        port = section.integer("port", 514, min=1, max=65535)
+        section.not_supported("path", "only used with protocol unix")
+    facility = section.string("facility", "auth", choices=tuple(FACILITIES))
+    app_name = section.string("app_name", "ccproxy")
+    if len(app_name) > 48 or not all(33 <= ord(c) <= 126 for c in app_name):
+        raise ConfigError(section.at("app_name"), "must be 1 to 48 printable ASCII characters without spaces")
+    default_spool = f"{DEFAULT_SPOOL_DIR}/{protocol}-{host.strip('/').replace('/', '_')}-{port}.spool"
+    return SyslogOutput(
+        host=host, port=port, protocol=protocol, records=records, facility=FACILITIES[facility],
+        app_name=app_name, queue_size=section.integer("queue_size", 10000, min=1),
+        spool_path=section.file("spool_path", default_spool),
+        spool_max_size=section.size("spool_max_size", 100 * 1024 * 1024, min=0),
+    )
+
+
+def _check_distinct(outputs: tuple[Output, ...], path: str) -> None:
+    seen: set[str] = set()
+    for i, out in enumerate(outputs):
+        key = out.path if isinstance(out, FileOutput) else out.spool_path
+        if key in seen:
+            raise ConfigError(f"{path}[{i}]", f"{key} is already used by another output")
+        seen.add(key)

@@ -1,0 +1,132 @@
+"""Records: one JSON object per event, chained by sequence number and hash."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ccproxy.audit._scrub import IP_FIELDS, Anonymizer, Scrubber
+
+GENESIS = "0" * 64
+BASE_FIELDS = ("timestamp", "event", "severity", "request_id", "ip_address", "api_key_id", "user_id", "reason")
+# twisted.logger's own keys and ours that say how to log, not what happened.
+_SKIP = frozenset({"ccproxy_event", "severity", "log_logger", "log_source", "log_format", "log_level",
+                   "log_namespace", "log_time", "log_failure", "log_text", "log_io", "log_trace",
+                   "log_system", "log_flattened", "format", "message", "isError", "system", "time"})
+_MAX_DEPTH = 4
+
+
+def rfc3339(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The bytes a record's hash covers: every field but `hash`, keys sorted, no spaces."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_hash(record: Mapping[str, Any], key: bytes | None) -> str:
+    data = canonical(record)
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+class Chain:
+    """Numbers records and links each one to the previous one's hash."""
+
+    def __init__(self, key: bytes | None, seq: int = 0, last_hash: str = GENESIS) -> None:
+        self.key = key
+        self.seq = seq
+        self.last_hash = last_hash
+
+    def seal(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.seq += 1
+        record["seq"] = self.seq
+        record["prev"] = self.last_hash
+        record["hash"] = self.last_hash = record_hash(record, self.key)
+        return record
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """One line of ASCII JSON (non-ASCII escaped, so syslog and files never see a broken byte)."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+class RecordBuilder:
+    """Turns twisted.logger events into clean record dicts (no secret, anonymised if asked)."""
+
+    def __init__(self, scrubber: Scrubber, anonymizer: Anonymizer | None) -> None:
+        self.scrubber = scrubber
+        self.anonymizer = anonymizer
+
+    def security(self, event: Mapping[str, Any], now: float) -> dict[str, Any]:
+        record: dict[str, Any] = {name: None for name in BASE_FIELDS}
+        record["timestamp"] = rfc3339(now)
+        record["event"] = str(event["ccproxy_event"])
+        record["severity"] = str(event.get("severity", "info"))
+        for key, value in event.items():
+            if key in _SKIP or key.startswith("_") or key in ("timestamp", "event", "seq", "prev", "hash"):
+                continue
+            record[key] = value
+        return self._clean(record)
+
+    def access(self, event: Mapping[str, Any], now: float) -> dict[str, Any]:
+        key_id = event.get("key_id")
+        record: dict[str, Any] = {
+            "timestamp": rfc3339(now),
+            "event": "http_request",
+            "severity": "info",
+            "request_id": _dash_none(event.get("request_id")),
+            "ip_address": event.get("client_ip"),
+            "api_key_id": _dash_none(key_id),
+            "user_id": None,
+            "reason": None,
+            "method": event.get("method"),
+            "path": event.get("path"),
+            "status": event.get("status"),
+            "latency_ms": round(float(event.get("latency_ms") or 0.0), 3),
+        }
+        return self._clean(record)
+
+    def _clean(self, record: dict[str, Any]) -> dict[str, Any]:
+        for key, value in record.items():
+            value = self._value(value, 0)
+            if self.anonymizer is not None and value is not None:
+                if key in IP_FIELDS and isinstance(value, str):
+                    value = self.anonymizer.address(value)
+                value = self._anonymize(value)
+            record[key] = value
+        return record
+
+    def _value(self, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return self.scrubber.text(value)
+        if depth < _MAX_DEPTH and isinstance(value, Mapping):
+            return {str(k): self._value(v, depth + 1) for k, v in list(value.items())[:100]}
+        if depth < _MAX_DEPTH and isinstance(value, list | tuple | set | frozenset):
+            return [self._value(v, depth + 1) for v in list(value)[:100]]
+        # Anything else (an exception, a Secret, an object) is logged by its str(), scrubbed.
+        return self.scrubber.text(str(value))
+
+    def _anonymize(self, value: Any) -> Any:
+        assert self.anonymizer is not None
+        if isinstance(value, str):
+            return self.anonymizer.text(value)
+        if isinstance(value, dict):
+            return {k: self._anonymize(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._anonymize(v) for v in value]
+        return value
+
+
+def _dash_none(value: Any) -> Any:
+    return None if value in (None, "-", "") else value

@@ -1,0 +1,375 @@
+"""The syslog output: RFC 5424 messages over TCP (RFC 6587 octet counting), UDP or a Unix socket.
+
+Nothing is lost while the receiver is away: messages wait in a bounded memory queue, then in a
+bounded spool file, and go out in order when it is back (also after a restart). What even the spool
+cannot hold is counted and reported through `report_loss`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ccproxy.config.audit import SyslogOutput
+
+log = Logger(namespace="ccproxy.audit")
+
+SEVERITIES = {"emergency": 0, "alert": 1, "critical": 2, "error": 3, "warning": 4, "notice": 5, "info": 6,
+              "debug": 7}
+# Messages written just before a TCP connection dropped may never have reached the receiver:
+# they are sent again after a reconnect (at least once; `seq` tells duplicates apart).
+RESEND_WINDOW = 2.0
+_RESEND_MAX = 10000
+_REFILL_BATCH = 1000
+_LOSS_REPORT_DELAY = 10.0
+_CLOSED = Failure(ConnectionError("connection closed"))
+
+
+def format_message(record: dict[str, Any], body: bytes, spec: SyslogOutput, hostname: str, pid: int) -> bytes:
+    """An RFC 5424 message: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG."""
+    pri = spec.facility * 8 + SEVERITIES.get(str(record.get("severity")), 6)
+    msgid = "".join(c for c in str(record.get("event") or "-") if 33 <= ord(c) <= 126)[:32] or "-"
+    head = f"<{pri}>1 {record['timestamp']} {hostname} {spec.app_name} {pid} {msgid} - "
+    return head.encode("ascii") + body.rstrip(b"\n")
+
+
+class Spool:
+    """An append-only file of pending messages, one per line, read back from an offset."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.offset = 0
+        self.size = 0
+        self.fd = -1
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(self.fd, 0o600)
+            self.size = os.fstat(self.fd).st_size
+        except OSError as e:
+            log.error("audit spool {path} unusable ({error}): only the memory queue will hold records",
+                      path=path, error=e.strerror)
+
+    @property
+    def pending(self) -> bool:
+        return self.size > self.offset
+
+    def append(self, message: bytes) -> bool:
+        line = message + b"\n"
+        if self.fd < 0 or self.size - self.offset + len(line) > self.limit:
+            return False
+        try:
+            os.write(self.fd, line)
+        except OSError:
+            return False
+        self.size += len(line)
+        return True
+
+    def read(self, count: int) -> list[bytes]:
+        if not self.pending:
+            return []
+        data = os.pread(self.fd, min(self.size - self.offset, 1024 * 1024), self.offset)
+        lines = data.split(b"\n")[:-1][:count]
+        self.offset += sum(len(line) + 1 for line in lines)
+        if self.offset >= self.size:
+            os.ftruncate(self.fd, 0)
+            self.offset = self.size = 0
+        return [line for line in lines if line]
+
+    def save(self, first: list[bytes]) -> None:
+        """At shutdown: rewrite the spool as `first` followed by what was not read yet."""
+        if self.fd < 0:
+            if first:
+                log.error("audit spool {path} unusable: {count} records lost at shutdown",
+                          path=self.path, count=len(first))
+            return
+        rest = os.pread(self.fd, self.size - self.offset, self.offset) if self.pending else b""
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(m + b"\n" for m in first) + rest)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class SyslogSink:
+    def __init__(self, spec: SyslogOutput, reactor: Any, report_loss: Callable[[int, str], None]) -> None:
+        self.spec = spec
+        self.reactor = reactor
+        self.report_loss = report_loss
+        self.hostname = socket.gethostname() or "-"
+        self.pid = os.getpid()
+        self.queue: deque[bytes] = deque()
+        self.sent: deque[tuple[float, bytes]] = deque()
+        self.spool = Spool(spec.spool_path, spec.spool_max_size)
+        self.link: _Link = _TCPLink(self) if spec.protocol == "tcp" else _DatagramLink(self)
+        self.lost = 0
+        self._unreported = 0
+        self._report_call: IDelayedCall | None = None
+        self.stopping = False
+
+    @property
+    def name(self) -> str:
+        where = self.spec.host if self.spec.protocol == "unix" else f"{self.spec.host}:{self.spec.port}"
+        return f"syslog {self.spec.protocol} {where}"
+
+    def start(self) -> None:
+        self.link.start()
+
+    def write(self, record: dict[str, Any], body: bytes, now: float) -> None:
+        message = format_message(record, body, self.spec, self.hostname, self.pid)
+        if self.spool.pending or len(self.queue) >= self.spec.queue_size:
+            if not self.spool.append(message):
+                self._lose(1)
+        else:
+            self.queue.append(message)
+        self.pump()
+
+    def pump(self) -> None:
+        now = self.reactor.seconds()
+        while self.link.ready():
+            if not self.queue:
+                self.queue.extend(self.spool.read(_REFILL_BATCH))
+                if not self.queue:
+                    break
+            message = self.queue.popleft()
+            if not self.link.send(message):
+                self.queue.appendleft(message)
+                break
+            self.sent.append((now, message))
+        while self.sent and (len(self.sent) > _RESEND_MAX or self.sent[0][0] < now - RESEND_WINDOW):
+            self.sent.popleft()
+
+    def link_lost(self) -> None:
+        """The connection dropped: what went out just before may be lost in flight, send it again."""
+        if self.stopping:
+            return
+        self.queue.extendleft(message for _, message in reversed(self.sent))
+        self.sent.clear()
+
+    def stop(self) -> defer.Deferred[None]:
+        self.stopping = True
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        d = self.link.stop()
+
+        def save(_: object) -> None:
+            self.spool.save(list(self.queue))
+            self.queue.clear()
+
+        return d.addBoth(save)
+
+    def _lose(self, count: int) -> None:
+        self.lost += count
+        self._unreported += count
+        if self._report_call is None and not self.stopping:
+            self._report_call = self.reactor.callLater(_LOSS_REPORT_DELAY, self._report)
+
+    def _report(self) -> None:
+        self._report_call = None
+        count, self._unreported = self._unreported, 0
+        if count:
+            self.report_loss(count, self.name)
+
+
+class _Link:
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def send(self, message: bytes) -> bool:
+        raise NotImplementedError
+
+    def stop(self) -> defer.Deferred[None]:
+        raise NotImplementedError
+
+
+@implementer(IPushProducer)
+class _SyslogProtocol(Protocol):
+    """Sends only; the transport's push-producer signals stop us filling its buffer without bound."""
+
+    def __init__(self, sink: SyslogSink) -> None:
+        self.sink = sink
+        self.paused = False
+        self.lost = defer.Deferred[None]()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
+        link = self.sink.link
+        assert isinstance(link, _TCPLink)
+        link.protocol = self
+        log.info("audit {name}: connected", name=self.sink.name)
+        self.sink.pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # a syslog receiver has nothing to say
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        link = self.sink.link
+        if isinstance(link, _TCPLink) and link.protocol is self:
+            link.protocol = None
+        log.info("audit {name}: connection lost", name=self.sink.name)
+        self.sink.link_lost()
+        self.lost.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.sink.pump()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _TCPLink(_Link):
+    def __init__(self, sink: SyslogSink) -> None:
+        self.sink = sink
+        self.protocol: _SyslogProtocol | None = None
+        endpoint = HostnameEndpoint(sink.reactor, sink.spec.host, sink.spec.port, timeout=10)
+        factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
+        self.service = ClientService(
+            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0), clock=sink.reactor
+        )
+
+    def start(self) -> None:
+        self.service.startService()
+
+    def ready(self) -> bool:
+        return self.protocol is not None and not self.protocol.paused
+
+    def send(self, message: bytes) -> bool:
+        assert self.protocol is not None and self.protocol.transport is not None
+        self.protocol.transport.write(b"%d " % len(message) + message)
+        return True
+
+    def stop(self) -> defer.Deferred[None]:
+        protocol = self.protocol
+        d = defer.maybeDeferred(self.service.stopService)  # closes the connection after its buffer drains
+        if protocol is not None:
+            waiting = protocol.lost
+            waiting.addTimeout(3.0, self.sink.reactor)
+            return defer.gatherResults([d, waiting], consumeErrors=True).addBoth(lambda _: None)
+        return d.addBoth(lambda _: None)
+
+
+class _DatagramLink(_Link):
+    """UDP or a Unix datagram socket: a plain non-blocking socket, reopened after failures."""
+
+    RETRY = 1.0
+
+    def __init__(self, sink: SyslogSink) -> None:
+        self.sink = sink
+        self.sock: socket.socket | None = None
+        self.parked: socket.socket | None = None
+        self.retry_call: IDelayedCall | None = None
+        self.address: Any = None
+
+    def start(self) -> None:
+        spec = self.sink.spec
+        if spec.protocol == "unix":
+            self.address = spec.host
+            self._open()
+            return
+        try:
+            ipaddress.ip_address(spec.host)
+            self.address = (spec.host, spec.port)
+            self._open()
+        except ValueError:
+            d = self.sink.reactor.resolve(spec.host)
+            d.addCallback(self._resolved).addErrback(self._failed)
+
+    def _resolved(self, ip: str) -> None:
+        self.address = (ip, self.sink.spec.port)
+        self._open()
+
+    def _open(self) -> None:
+        self.retry_call = None
+        family = socket.AF_UNIX if self.sink.spec.protocol == "unix" else (
+            socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.address)
+        except OSError as e:
+            sock.close()
+            self._down(e)
+            return
+        self.sock = sock
+        self.sink.pump()
+
+    def _failed(self, failure: Failure) -> None:
+        log.error("audit {name}: {error}", name=self.sink.name, error=failure.getErrorMessage())
+        self.retry_call = self.sink.reactor.callLater(self.RETRY * 5, self.start)
+
+    def _down(self, error: OSError) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.retry_call is None and not self.sink.stopping:
+            log.warn("audit {name}: {error}; retrying", name=self.sink.name, error=error.strerror)
+            self.retry_call = self.sink.reactor.callLater(self.RETRY, self._open)
+
+    def ready(self) -> bool:
+        return self.sock is not None
+
+    def send(self, message: bytes) -> bool:
+        assert self.sock is not None
+        try:
+            self.sock.send(message)
+        except BlockingIOError:
+            self._later()
+            return False
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                log.error("audit {name}: a record too large for a datagram was dropped", name=self.sink.name)
+                self.sink._lose(1)
+                return True
+            self._down(e)
+            return False
+        return True
+
+    def _later(self) -> None:
+        """The socket buffer is full: try again shortly rather than spin."""
+        self.parked, self.sock = self.sock, None
+
+        def again() -> None:
+            self.retry_call = None
+            self.sock, self.parked = self.parked, None
+            self.sink.pump()
+
+        if self.retry_call is None:
+            self.retry_call = self.sink.reactor.callLater(0.01, again)
+
+    def stop(self) -> defer.Deferred[None]:
+        if self.retry_call is not None and self.retry_call.active():
+            self.retry_call.cancel()
+        self.retry_call = None
+        for sock in (self.sock, self.parked):
+            if sock is not None:
+                sock.close()
+        self.sock = self.parked = None
+        return defer.succeed(None)

@@ -1,0 +1,137 @@
+"""The observer: security events and access lines in, sealed records out to every output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from twisted.python import threadable
+from zope.interface import implementer
+
+from ccproxy import events
+from ccproxy.audit._file import FileSink, RunInThread, resume_point
+from ccproxy.audit._record import GENESIS, Chain, RecordBuilder, encode
+from ccproxy.audit._scrub import Anonymizer, Scrubber, config_secrets
+from ccproxy.audit._syslog import SyslogSink
+from ccproxy.config.audit import AuditConfig, FileOutput, Output
+from ccproxy.config.audit import SyslogOutput as SyslogSpec
+
+ACCESS_NAMESPACE = "ccproxy.access"
+Sink = FileSink | SyslogSink
+
+
+@implementer(ILogObserver)
+class AuditTrail:
+    """Follows `holder.current.config`: a reload that changes the audit settings rebuilds the outputs."""
+
+    def __init__(self, holder: Any, reactor: Any, run_in_thread: RunInThread | None = None,
+                 publisher: LogPublisher = globalLogPublisher) -> None:
+        self.holder = holder
+        self.reactor = reactor
+        self.publisher = publisher
+        self.run_in_thread: RunInThread = run_in_thread or self._thread
+        self.applied: Any = None
+        self.audit: AuditConfig = AuditConfig()
+        self.sinks: dict[tuple[Output, float | None], Sink] = {}
+        self.chains: dict[str, Chain] = {}
+        self.builder = RecordBuilder(Scrubber(()), None)
+        self.stopped = False
+
+    def _thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+
+    def start(self) -> AuditTrail:
+        self._reconfigure(self.holder.current.config)
+        self.publisher.addObserver(self)
+        return self
+
+    def stop(self) -> defer.Deferred[Any]:
+        self.stopped = True
+        self.publisher.removeObserver(self)
+        waits = [defer.maybeDeferred(sink.stop) for sink in self.sinks.values()]
+        self.sinks = {}
+        return defer.DeferredList(waits, consumeErrors=True)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name = event.get("ccproxy_event")
+        if name is None and event.get("log_namespace") != ACCESS_NAMESPACE:
+            return
+        if threadable.ioThread is not None and not threadable.isInIOThread():
+            self.reactor.callFromThread(self, event)  # outputs are only touched on the reactor thread
+            return
+        if self.stopped:
+            return
+        config = self.holder.current.config
+        if config is not self.applied:
+            self._reconfigure(config)
+        if not self.audit.enabled:
+            return
+        if name is not None:
+            if name in self.audit.events:
+                self._record("audit", lambda now: self.builder.security(event, now))
+        else:
+            self._record("access", lambda now: self.builder.access(event, now))
+
+    def _record(self, stream: str, build: Callable[[float], dict[str, Any]]) -> None:
+        targets = [(spec, sink) for (spec, _), sink in self.sinks.items() if spec.records == stream]
+        if not targets:
+            return
+        now = self.reactor.seconds()
+        record = self.chains[stream].seal(build(now))
+        line = encode(record)
+        for _, sink in targets:
+            if isinstance(sink, FileSink):
+                sink.write(line, now)
+            else:
+                sink.write(record, line, now)
+
+    def _reconfigure(self, config: Any) -> None:
+        self.applied = config
+        audit: AuditConfig = config.audit
+        anonymizer = None
+        if audit.anonymize_logs:
+            ip_key = audit.anonymize_key.reveal().encode() if audit.anonymize_key else b""
+            anonymizer = Anonymizer(audit.anonymize_method, ip_key)
+        self.builder = RecordBuilder(Scrubber(config_secrets(config)), anonymizer)
+        if audit == self.audit:
+            return
+        self.audit = audit
+        wanted = {(spec, audit.data_retention) for spec in audit.outputs} if audit.enabled else set()
+        for old in list(self.sinks):
+            if old not in wanted:
+                self.sinks.pop(old).stop()
+        for spec, retention in sorted(wanted - set(self.sinks), key=lambda k: audit.outputs.index(k[0])):
+            self.sinks[(spec, retention)] = self._sink(spec, retention)
+        chain_key = audit.hmac_key.reveal().encode() if audit.hmac_key else None
+        for stream in ("audit", "access"):
+            self.chains[stream] = self._chain(stream, chain_key)
+
+    def _sink(self, spec: Output, retention: float | None) -> Sink:
+        sink: Sink
+        if isinstance(spec, FileOutput):
+            sink = FileSink(spec, self.reactor, self.run_in_thread, retention)
+        else:
+            assert isinstance(spec, SyslogSpec)
+            sink = SyslogSink(spec, self.reactor, _report_loss)
+        sink.start()
+        return sink
+
+    def _chain(self, stream: str, key: bytes | None) -> Chain:
+        """Carry on the chain: from this process's last record, or from the newest one on disk."""
+        current = self.chains.get(stream)
+        if current is not None:
+            return Chain(key, current.seq, current.last_hash)
+        for spec in self.audit.outputs:
+            if isinstance(spec, FileOutput) and spec.records == stream:
+                last = resume_point(spec.path)
+                if last is not None and isinstance(last.get("seq"), int) and isinstance(last.get("hash"), str):
+                    return Chain(key, last["seq"], last["hash"])
+                break
+        return Chain(key, 0, GENESIS)
+
+
+def _report_loss(count: int, output: str) -> None:
+    events.emit("audit_records_lost", "error", count=count, output=output,
+                reason="output unreachable and its queue and spool are full")
