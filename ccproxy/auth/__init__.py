@@ -1,13 +1,67 @@
-"""Policy layer: see its issue. Not built yet: a no-op layer."""
+"""Who may call: API keys, JWTs or OAuth2 introspection, chosen by `security.auth.type`.
+
+See docs/auth.md. `build_layer` is the entry point the runtime calls on start-up and on every reload.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
+from ccproxy.auth._jwt import JwksCache, JwtAuthenticator
+from ccproxy.auth._keys import ApiKeyAuthenticator, KeyNotices
+from ccproxy.auth._layer import AuthLayer
+from ccproxy.auth._oauth2 import Introspector
 from ccproxy.config import Config
+from ccproxy.config.auth import API_KEY, JWT
 from ccproxy.context import Layer
 
+__all__ = ["AuthLayer", "build_layer"]
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist)."""
-    return Layer()
+log = Logger()
+
+
+def build_layer(config: Config, deps: Any, previous: Layer | None, http: Any = None) -> Layer:
+    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); `http` a treq-like client (tests)."""
+    old = previous if isinstance(previous, AuthLayer) else None
+    if old is not None:
+        old.retire()
+    auth = config.auth
+    if not auth.enabled:
+        return Layer()
+    clock = deps.reactor
+    _warn_missing_upstream_keys(config)
+    if auth.type == API_KEY:
+        notices = KeyNotices(auth, clock)
+        notices.start(old.notices if old is not None else None)
+        return AuthLayer(ApiKeyAuthenticator(auth, clock), clock, notices)
+    if http is None:
+        from ccproxy.auth._http import http_client
+
+        http = http_client(deps.reactor)
+    if auth.type == JWT:
+        assert auth.jwt is not None
+        jwks = None
+        if auth.jwt.jwks_url is not None:
+            jwks = JwksCache(auth.jwt, http, clock)
+            before = getattr(old.authenticator, "jwks", None) if old is not None else None
+            if isinstance(before, JwksCache) and before.url == jwks.url:
+                jwks.adopt(before)
+            jwks.start()
+        return AuthLayer(JwtAuthenticator(auth.jwt, clock, jwks), clock)
+    assert auth.oauth2 is not None
+    introspector = Introspector(auth.oauth2, http, clock)
+    if old is not None and isinstance(old.authenticator, Introspector):
+        introspector.adopt(old.authenticator)
+    return AuthLayer(introspector, clock)
+
+
+def _warn_missing_upstream_keys(config: Config) -> None:
+    for upstream in (config.upstreams.anthropic, config.upstreams.openai):
+        if upstream.api_key is None:
+            log.warn(
+                "security.auth is enabled but upstreams.{name}.api_key is not set: requests for {name} "
+                "are refused, since a client's ccproxy credential is never forwarded upstream",
+                name=upstream.name,
+            )

@@ -1,0 +1,108 @@
+"""OAuth2 bearer tokens checked by RFC 7662 introspection, with a bounded cache of active ones."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from ccproxy.auth._base import AuthFailure
+from ccproxy.auth._http import SideCallFailed, fetch_json
+from ccproxy.config.auth import OAuth2Config
+from ccproxy.context import Identity, RequestContext
+
+_MAX_FIELD = 128
+
+
+@attrs.define
+class _Cached:
+    identity: Identity
+    until: float
+
+
+class Introspector:
+    def __init__(self, config: OAuth2Config, http: Any, clock: IReactorTime) -> None:
+        self.config = config
+        self.http = http
+        self.clock = clock
+        # sha256(token) -> what introspection said; insertion order gives the eviction order.
+        self.cache: dict[bytes, _Cached] = {}
+        pair = f"{config.client_id}:{config.client_secret.reveal()}".encode()
+        self._authorization = b"Basic " + base64.b64encode(pair)
+
+    def adopt(self, old: Introspector) -> None:
+        if (old.config.introspection_url, old.config.client_id) == (
+            self.config.introspection_url, self.config.client_id,
+        ):
+            self.cache = old.cache
+
+    async def authenticate(self, credential: str, ctx: RequestContext) -> Identity:
+        digest = hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
+        now = self.clock.seconds()
+        hit = self.cache.get(digest)
+        if hit is not None and now < hit.until:
+            return hit.identity
+        self.cache.pop(digest, None)
+        data = await self._introspect(credential)
+        if not isinstance(data, dict) or data.get("active") is not True:
+            raise AuthFailure(401, "token is not active", "inactive_token")
+        now = self.clock.seconds()
+        exp = data.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool) and exp <= now:
+            raise AuthFailure(401, "token has expired", "expired_token")
+        self._check_audience(data)
+        identity = self._identity(data)
+        until = now + self.config.cache_ttl
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            until = min(until, float(exp))
+        self._remember(digest, _Cached(identity, until))
+        return identity
+
+    async def _introspect(self, token: str) -> Any:
+        try:
+            _, data = await fetch_json(
+                "token introspection endpoint", self.clock, self.config.timeout,
+                lambda: self.http.post(
+                    self.config.introspection_url,
+                    data={"token": token, "token_type_hint": "access_token"},
+                    headers={"Authorization": self._authorization, "Accept": "application/json"},
+                    allow_redirects=False,
+                ),
+            )
+        except SideCallFailed as e:
+            raise AuthFailure(503, f"cannot check the token right now: {e}", "introspection_unavailable") from None
+        return data
+
+    def _check_audience(self, data: dict[str, Any]) -> None:
+        if not self.config.audience:
+            return
+        aud = data.get("aud")
+        given = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
+        if not given & set(self.config.audience):
+            raise AuthFailure(401, "token audience not accepted", "invalid_audience")
+
+    def _identity(self, data: dict[str, Any]) -> Identity:
+        sub, username, client = (_text(data.get(k)) for k in ("sub", "username", "client_id"))
+        user = sub or username
+        tier = "default"
+        if self.config.tier_claim is not None:
+            tier = _text(data.get(self.config.tier_claim)) or "default"
+        who = user or client or "unknown"
+        return Identity(key_id=f"oauth2:{who}", name=username or client, tier=tier, user_id=user)
+
+    def _remember(self, digest: bytes, entry: _Cached) -> None:
+        self.cache[digest] = entry
+        while len(self.cache) > self.config.cache_size:
+            del self.cache[next(iter(self.cache))]
+
+    def stop(self) -> None:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= _MAX_FIELD:
+        return value
+    return None
