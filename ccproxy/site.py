@@ -1,13 +1,23 @@
-"""The twisted.web Site: access log lines of our own, no tracebacks to clients."""
+"""The twisted.web Site: access log lines of our own, no tracebacks to clients.
+
+The channel (connection deadlines and limits) is `ccproxy.network.channel.HardenedChannel`, installed
+by `ccproxy.network.listener_factory`; the request here counts its body against the size limit and
+names the client, behind trusted proxies, by X-Forwarded-For.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from ccproxy.config.network import NetworkConfig
+from ccproxy.network.addresses import NetworkSet, canonical, client_from_forwarded
 
 access_log = Logger(namespace="ccproxy.access")
 
@@ -16,9 +26,37 @@ DEFAULT_IDLE_TIMEOUT = 75.0
 
 
 class ProxyRequest(Request):
+    _body_size = 0
+    _client: IAddress | None = None
+
     def process(self) -> None:
         self.ccproxy_started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
         super().process()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        # Counted before it is stored: a body over the limit is cut, never buffered.
+        self._body_size += len(data)
+        check = getattr(self.channel, "body_received", None)
+        if check is not None and not check(self._body_size):
+            return
+        super().handleContentChunk(data)
+
+    def getClientAddress(self) -> IAddress:
+        """The socket peer, or behind a trusted proxy the right-most untrusted X-Forwarded-For hop."""
+        if self._client is None:
+            peer = super().getClientAddress()
+            site = getattr(self.channel, "site", None)
+            host = getattr(peer, "host", None)
+            if host is not None:
+                client = canonical(host)
+                if isinstance(site, ProxySite) and site.trusted():
+                    forwarded = self.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+                    client = client_from_forwarded(host, forwarded, site.trusted())
+                if client != host:
+                    kind = IPv6Address if ":" in client else IPv4Address
+                    peer = kind("TCP", client, getattr(peer, "port", 0))
+            self._client = peer
+        return self._client
 
 
 class ProxySite(Site):
@@ -26,9 +64,18 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
 
     def __init__(self, resource: Resource, clock: IReactorTime, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
-        super().__init__(resource, timeout=timeout)
+        super().__init__(resource, timeout=timeout, reactor=clock)
         self.clock = clock
         self._reactor = clock
+        # The network settings new connections take; the listener points this at the live config.
+        self.network: Callable[[], NetworkConfig] = NetworkConfig
+        self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
+
+    def trusted(self) -> NetworkSet:
+        config = self.network()
+        if self._trusted[0] is not config:
+            self._trusted = (config, NetworkSet(config.trusted_proxies))
+        return self._trusted[1]
 
     def log(self, request: Any) -> None:
         ctx = getattr(request, "ccproxy_ctx", None)
