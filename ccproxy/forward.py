@@ -140,13 +140,11 @@ class Forwarder:
         timer = self.reactor.callLater(upstream.read_timeout, on_timeout)
         try:
             return await d
-        except defer.CancelledError:
-            if timed_out:
-                raise ApiError(
-                    504, f"upstream did not answer within {upstream.read_timeout:g}s"
-                ) from None
-            raise
         except Exception as e:
+            if timed_out:
+                raise ApiError(504, f"{upstream.name} upstream did not answer within {upstream.read_timeout:g}s") from None
+            if isinstance(e, defer.CancelledError):
+                raise
             raise classify(e, upstream) from None
         finally:
             if timer.active():

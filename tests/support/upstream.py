@@ -111,6 +111,8 @@ def openai_stream(deltas: list[str]) -> list[bytes]:
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        # Times (monotonic) at which a write to a client failed: the proxy dropped the connection.
+        self.aborted: list[float] = []
         self._scripts: list[Script] = []
         self._lock = threading.Lock()
         owner = self
@@ -154,6 +156,13 @@ class FakeUpstream:
         return Script(body=body, headers={"content-type": "application/json", "request-id": "req_upstream_default"})
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        try:
+            self._respond(h)
+        except (BrokenPipeError, ConnectionResetError):
+            self.aborted.append(time.monotonic())
+            h.close_connection = True
+
+    def _respond(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else b""
         self.requests.append(Recorded(h.command, h.path, dict(h.headers.items()), body))
