@@ -142,7 +142,8 @@ class Forwarder:
             return await d
         except Exception as e:
             if timed_out:
-                raise ApiError(504, f"{upstream.name} upstream did not answer within {upstream.read_timeout:g}s") from None
+                message = f"{upstream.name} upstream did not answer within {upstream.read_timeout:g}s"
+                raise ApiError(504, message) from None
             if isinstance(e, defer.CancelledError):
                 raise
             raise classify(e, upstream) from None
