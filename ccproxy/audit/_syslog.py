@@ -17,8 +17,8 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -249,7 +249,7 @@ class _TCPLink(_Link):
     def __init__(self, sink: SyslogSink) -> None:
         self.sink = sink
         self.protocol: _SyslogProtocol | None = None
-        endpoint = HostnameEndpoint(sink.reactor, sink.spec.host, sink.spec.port, timeout=10)
+        endpoint = _endpoint(sink.reactor, sink.spec.host, sink.spec.port)
         factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
         self.service = ClientService(
             endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0), clock=sink.reactor
@@ -274,6 +274,15 @@ class _TCPLink(_Link):
             waiting.addTimeout(3.0, self.sink.reactor)
             return defer.gatherResults([d, waiting], consumeErrors=True).addBoth(lambda _: None)
         return d.addBoth(lambda _: None)
+
+
+def _endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=10)
+    kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+    return kind(reactor, host, port, timeout=10)
 
 
 class _DatagramLink(_Link):

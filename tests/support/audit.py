@@ -53,12 +53,13 @@ def config(audit: dict[str, Any], **extra: Any) -> Config:
 class Harness:
     """A trail observing the global log publisher, on a fake clock, with file outputs in `tmp`."""
 
-    def __init__(self, tmp: Path, audit: dict[str, Any] | None = None, **extra: Any) -> None:
+    def __init__(self, tmp: Path, audit: dict[str, Any] | None = None, start: float = BASE_TIME,
+                 **extra: Any) -> None:
         self.tmp = tmp
         self.path = tmp / "audit.log"
         audit = audit if audit is not None else {"outputs": [{"type": "file", "path": str(self.path)}]}
         self.clock = task.Clock()
-        self.clock.advance(BASE_TIME)
+        self.clock.advance(start)
         self.holder = Holder(config(audit, **extra))
         self.trail = AuditTrail(self.holder, self.clock, run_in_thread=sync).start()
 

@@ -1,0 +1,113 @@
+"""A real rsyslogd for end-to-end tests: TCP, UDP and a Unix socket on loopback, written to one file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.daemon import free_port
+
+RSYSLOGD = "/usr/sbin/rsyslogd"
+
+# One line per message: what the receiver parsed out of the RFC 5424 header, then the JSON body.
+_CONFIG = """\
+global(workDirectory="{work}" maxMessageSize="64k")
+module(load="imtcp")
+module(load="imudp")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imtcp" address="127.0.0.1" port="{tcp}")
+input(type="imudp" address="127.0.0.1" port="{udp}")
+input(type="imuxsock" Socket="{sock}" UseSpecialParser="off" CreatePath="on")
+template(name="parsed" type="string"
+         string="%protocol-version%|%syslogfacility-text%|%syslogseverity-text%|%app-name%|%msgid%|%msg%\\n")
+*.* action(type="omfile" file="{out}" template="parsed")
+"""
+
+
+class Rsyslog:
+    """`start()` / `stop()` may be called again: the same ports, socket and output file are kept."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "rsyslog"
+        self.dir.mkdir(exist_ok=True)
+        self.tcp_port = free_port()
+        self.udp_port = _free_udp_port()
+        self.socket = str(self.dir / "log.sock")
+        self.out = self.dir / "out.log"
+        self.pidfile = self.dir / "rsyslogd.pid"
+        self.conf = self.dir / "rsyslog.conf"
+        self.conf.write_text(_CONFIG.format(work=self.dir, tcp=self.tcp_port, udp=self.udp_port,
+                                            sock=self.socket, out=self.out))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> Rsyslog:
+        self.pidfile.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "ab"),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rsyslogd exited: {(self.dir / 'stderr.log').read_text()}")
+            if _listening(self.tcp_port) and os.path.exists(self.socket):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("rsyslogd did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def lines(self) -> list[list[str]]:
+        """Each received message as [version, facility, severity, app-name, msgid, msg]."""
+        if not self.out.exists():
+            return []
+        return [line.split("|", 5) for line in self.out.read_text(errors="replace").splitlines() if line]
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for fields in self.lines():
+            msg = fields[-1]
+            start = msg.find("{")
+            if start >= 0:
+                try:
+                    out.append(json.loads(msg[start:]))
+                except ValueError:
+                    pass
+        return out
+
+    def wait_for(self, predicate: Any, timeout: float = 15.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.records()
+            if predicate(records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,204 @@
+"""The syslog output in memory: RFC 5424 + octet counting, queue, spool, loss reports, resend, restart."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from ccproxy.audit._record import Chain, RecordBuilder, encode
+from ccproxy.audit._scrub import Scrubber
+from ccproxy.audit._syslog import SyslogSink
+from ccproxy.config.audit import FACILITIES, SyslogOutput
+
+HEADER = re.compile(rb"^<(\d+)>1 (\S+) (\S+) (\S+) (\d+) (\S+) - (\{.*\})$")
+
+
+class Receiver:
+    """Plays the network: accepts the sink's TCP connections on demand, keeps what each one got."""
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+        self.taken = 0
+        self.received = b""
+        self.transport: StringTransport | None = None
+        self.protocol: Any = None
+
+    def accept(self) -> None:
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        self.taken = len(self.reactor.tcpClients)
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 514))
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def collect(self) -> None:
+        if self.transport is not None:
+            self.received += self.transport.value()
+            self.transport.clear()
+
+    def drop(self, reason: Exception) -> None:
+        self.collect()
+        self.protocol.connectionLost(Failure(reason))
+        self.transport = None
+
+    def messages(self) -> list[bytes]:
+        """Undo RFC 6587 octet counting."""
+        self.collect()
+        out, data = [], self.received
+        while data:
+            length, _, rest = data.partition(b" ")
+            out.append(rest[: int(length)])
+            data = rest[int(length):]
+        return out
+
+    def seqs(self) -> list[int]:
+        import json
+
+        return [json.loads(HEADER.match(m).group(7))["seq"] for m in self.messages()]  # type: ignore[union-attr]
+
+
+class Source:
+    def __init__(self) -> None:
+        self.chain = Chain(None)
+        self.builder = RecordBuilder(Scrubber(()), None)
+
+    def feed(self, sink: SyslogSink, count: int, now: float = 0.0, severity: str = "warning") -> None:
+        for i in range(count):
+            event = {"ccproxy_event": "authentication_failure", "severity": severity, "n": i}
+            record = self.chain.seal(self.builder.security(event, now))
+            sink.write(record, encode(record), now)
+
+
+@pytest.fixture
+def lost() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event") == "audit_records_lost":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def _sink(tmp: Path, reactor: MemoryReactorClock, **extra: Any) -> SyslogSink:
+    spec = SyslogOutput(host="127.0.0.1", port=514, protocol="tcp", spool_path=str(tmp / "spool"), **extra)
+    from ccproxy.audit._trail import _report_loss
+
+    sink = SyslogSink(spec, reactor, _report_loss)
+    sink.start()
+    return sink
+
+
+def test_rfc5424_with_octet_counting(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor, facility=FACILITIES["local3"], app_name="ccp-test")
+    net = Receiver(reactor)
+    net.accept()
+    Source().feed(sink, 3)
+    messages = net.messages()
+    assert len(messages) == 3
+    for message in messages:
+        match = HEADER.match(message)
+        assert match is not None, message
+        assert int(match.group(1)) == 19 * 8 + 4  # local3.warning
+        assert match.group(2) == b"1970-01-01T00:00:00.000Z"
+        assert match.group(4) == b"ccp-test" and match.group(6) == b"authentication_failure"
+    assert net.seqs() == [1, 2, 3]
+    sink.stop()
+
+
+def test_records_wait_for_the_receiver_then_go_in_order(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor, queue_size=4)
+    net = Receiver(reactor)
+    Source().feed(sink, 10)  # receiver not there yet: 4 in memory, 6 spooled
+    assert len(sink.queue) == 4 and (tmp_path / "spool").read_bytes().count(b"\n") == 6
+    net.accept()
+    assert net.seqs() == list(range(1, 11))
+    assert (tmp_path / "spool").read_bytes() == b""
+    sink.stop()
+
+
+def test_reconnects_and_resends_what_may_have_been_lost_in_flight(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor)
+    net = Receiver(reactor)
+    source = Source()
+    net.accept()
+    source.feed(sink, 3, now=0.0)
+    reactor.advance(5.0)
+    source.feed(sink, 2, now=5.0)  # sent just before the connection drops
+    net.drop(ConnectionLost())
+    source.feed(sink, 3, now=5.5)  # while down
+    reactor.advance(1.0)  # ClientService retries
+    assert len(reactor.tcpClients) > net.taken
+    net.accept()
+    seqs = net.seqs()
+    assert seqs == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # at least once: duplicates carry their seq
+    assert sorted(set(seqs)) == list(range(1, 9))
+    sink.stop()
+
+
+def test_backpressure_from_the_transport_pauses_sending(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor)
+    net = Receiver(reactor)
+    net.accept()
+    net.transport.producer.pauseProducing()  # type: ignore[union-attr]
+    Source().feed(sink, 5)
+    assert net.messages() == [] and len(sink.queue) == 5
+    net.transport.producer.resumeProducing()  # type: ignore[union-attr]
+    assert net.seqs() == [1, 2, 3, 4, 5]
+    sink.stop()
+
+
+def test_spool_full_loss_is_counted_and_reported(tmp_path: Path, lost: list[dict[str, Any]]) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor, queue_size=2, spool_max_size=1000)
+    Source().feed(sink, 20)
+    assert sink.lost > 0
+    assert lost == []  # reported once per interval, not per record
+    reactor.advance(10.0)
+    assert len(lost) == 1 and lost[0]["count"] == sink.lost and "syslog tcp 127.0.0.1:514" in lost[0]["output"]
+    kept = 2 + (tmp_path / "spool").read_bytes().count(b"\n")
+    assert kept + sink.lost == 20
+    sink.stop()
+
+
+def test_spooled_records_survive_a_restart(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    source = Source()
+    sink = _sink(tmp_path, reactor, queue_size=3)
+    source.feed(sink, 7)
+    sink.stop()
+    assert (tmp_path / "spool").read_bytes().count(b"\n") == 7
+    reactor2 = MemoryReactorClock()
+    sink2 = _sink(tmp_path, reactor2, queue_size=3)
+    source.feed(sink2, 2)
+    net = Receiver(reactor2)
+    net.accept()
+    assert net.seqs() == list(range(1, 10))
+    sink2.stop()
+
+
+def test_stop_with_a_clean_close_keeps_nothing_twice(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    sink = _sink(tmp_path, reactor)
+    net = Receiver(reactor)
+    net.accept()
+    Source().feed(sink, 3)
+    d = sink.stop()
+    net.drop(ConnectionDone())
+    assert d.called
+    assert net.seqs() == [1, 2, 3]
+    assert (tmp_path / "spool").read_bytes() == b""
