@@ -1,0 +1,298 @@
+"""The masker: which text a response may not carry, and how to hide it, whole or streamed.
+
+Masking semantics (the same for a whole text and for a stream of pieces of it): scan left to right;
+at each position take the leftmost match of any rule (a system-prompt run first, then the rules in
+order: built-ins, then `mask_patterns`); replace it with the rule's replacement (literal text, no
+back-references); carry on after it. `StreamMasker` gives exactly the same output as `Masker.mask`
+on the joined text, whatever the split, holding back only a tail that could still grow into a match.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import attrs
+import re2
+
+from ccproxy.content.prefix import prefix_pattern
+
+SYSTEM_PROMPT_RULE = "system_prompt"
+SYSTEM_PROMPT_REPLACEMENT = "[REDACTED_SYSTEM_PROMPT]"
+
+_OPTIONS = re2.Options()
+_OPTIONS.max_mem = 64 << 20
+_OPTIONS.log_errors = False
+
+
+def compile_re2(pattern: str) -> re2._Regexp:
+    """Compile with the options every content pattern uses; raises re2.error."""
+    return re2.compile(pattern, options=_OPTIONS)
+
+
+@attrs.frozen
+class Rule:
+    name: str
+    pattern: str
+    replacement: str
+
+
+# The built-in rules, by the config switch that turns them on. Keep docs/content-filtering.md in step.
+API_KEY_RULES = (
+    Rule("anthropic_api_key", r"\bsk-ant-[A-Za-z0-9_-]{16,}", "[REDACTED_API_KEY]"),
+    Rule("openai_api_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", "[REDACTED_API_KEY]"),
+    Rule("aws_access_key_id",
+         r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}\b", "[REDACTED_API_KEY]"),
+    Rule("aws_secret_access_key",
+         r"(?i)aws_?secret_?access_?key[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{40}\b", "[REDACTED_API_KEY]"),
+    Rule("bearer_token", r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*", "Bearer [REDACTED_TOKEN]"),
+    Rule("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})", "[REDACTED_API_KEY]"),
+    Rule("slack_token", r"\bxox[abprse]-[A-Za-z0-9-]{10,}", "[REDACTED_API_KEY]"),
+    Rule("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}", "[REDACTED_API_KEY]"),
+    Rule("stripe_key", r"\b[rsp]k_(?:live|test)_[0-9A-Za-z]{16,}", "[REDACTED_API_KEY]"),
+    Rule("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "[REDACTED_TOKEN]"),
+    Rule("private_key",
+         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?",
+         "[REDACTED_PRIVATE_KEY]"),
+)
+EMAIL_RULES = (
+    Rule("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "[REDACTED_EMAIL]"),
+)
+PHONE_RULES = (
+    # North American: (415) 555-0132, 415-555-0132, +1 415 555 0132, 4155550132.
+    Rule("phone_number",
+         r"(?:\+1[ .-]?|\b1[ .-])?(?:\([2-9]\d{2}\)|\b[2-9]\d{2})[ .-]?[2-9]\d{2}[ .-]?\d{4}\b", "[REDACTED_PHONE]"),
+    # International, with a + or 00 prefix: +44 20 7946 0958, +49 (30) 1234567, 0033 1 23 45 67 89.
+    Rule("phone_number",
+         r"(?:\+|\b00)[1-9]\d{0,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}\b", "[REDACTED_PHONE]"),
+)
+
+
+@attrs.frozen
+class Match:
+    start: int
+    end: int
+    name: str
+    replacement: str
+
+
+class PromptRuns:
+    """Finds runs of at least `min_run` characters copied verbatim from a system prompt.
+
+    At each position the longest run starting there is taken. Candidates come from an RE2 search
+    for aligned blocks of the prompt (every run of `min_run` characters contains one), so text that
+    repeats nothing costs one linear scan.
+    """
+
+    def __init__(self, prompt: str, min_run: int) -> None:
+        self.prompt = prompt
+        self.min_run = min_run
+        self.block = (min_run + 1) // 2
+        blocks = {prompt[i : i + self.block] for i in range(0, len(prompt) - self.block + 1, self.block)}
+        self.finder = compile_re2("|".join(re2.escape(b) for b in sorted(blocks))) if blocks else None
+
+    def search(self, text: str, pos: int) -> Match | None:
+        if self.finder is None:
+            return None
+        while True:
+            hit = self.finder.search(text, pos)
+            if hit is None:
+                return None
+            at = hit.start()
+            for i in range(max(pos, at - (self.min_run - self.block)), at + 1):
+                if text[i : i + self.min_run] in self.prompt:
+                    return Match(i, self._extend(text, i), SYSTEM_PROMPT_RULE, SYSTEM_PROMPT_REPLACEMENT)
+            pos = at + 1
+
+    def _extend(self, text: str, start: int) -> int:
+        """The end of the longest run from `start` found in the prompt (one of min_run is known)."""
+        low, high = self.min_run, min(len(text) - start, len(self.prompt))
+        while low < high:
+            mid = (low + high + 1) // 2
+            if text[start : start + mid] in self.prompt:
+                low = mid
+            else:
+                high = mid - 1
+        return start + low
+
+    def viable(self, text: str, pos: int) -> int:
+        """The earliest position from which the rest of `text` is a piece of the prompt."""
+        low, high = 0, len(text) - pos
+        while low < high:
+            mid = (low + high + 1) // 2
+            if text[len(text) - mid :] in self.prompt:
+                low = mid
+            else:
+                high = mid - 1
+        return len(text) - low
+
+
+@functools.lru_cache(maxsize=16)
+def prompt_runs(prompt: str, min_run: int) -> PromptRuns:
+    # Clients resend the same system prompt on every turn: build its finder once.
+    return PromptRuns(prompt, min_run)
+
+
+class RuleSet:
+    """Compiled rules: one combined search, one combined "could still grow" search."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+        self.compiled = tuple(compile_re2(r.pattern) for r in self.rules)
+        self.combined = compile_re2("|".join(f"(?:{r.pattern})" for r in self.rules)) if rules else None
+        prefixes = [prefix_pattern(r.pattern) for r in self.rules]
+        # A rule whose prefixes cannot be derived holds back everything not yet final.
+        self.hold_all = any(p is None for p in prefixes)
+        self.tail = compile_re2("(?:" + "|".join(p for p in prefixes if p) + r")\z") if rules else None
+
+    def search(self, text: str, pos: int) -> Match | None:
+        while self.combined is not None and pos <= len(text):
+            hit = self.combined.search(text, pos)
+            if hit is None:
+                return None
+            start, end = hit.span()
+            if end > start:
+                for rule, regex in zip(self.rules, self.compiled, strict=True):
+                    if regex.match(text, start) is not None:
+                        return Match(start, end, rule.name, rule.replacement)
+            pos = start + 1
+        return None
+
+    def viable(self, text: str, pos: int) -> int:
+        if self.tail is None:
+            return len(text)
+        if self.hold_all:
+            return pos
+        hit = self.tail.search(text, pos)
+        return hit.start() if hit is not None else len(text)
+
+
+@functools.lru_cache(maxsize=64)
+def rule_set(rules: tuple[Rule, ...]) -> RuleSet:
+    return RuleSet(rules)
+
+
+class Masker:
+    """Whole-text masking with a rule set and, optionally, a system prompt's runs."""
+
+    def __init__(self, rules: RuleSet, prompt: PromptRuns | None = None, json_source: bool = False) -> None:
+        self.rules = rules
+        self.prompt = prompt
+        # In JSON source text (streamed tool input) a match may not take in a quote or a backslash,
+        # and replacements are written as JSON string content: the JSON stays valid.
+        self.json_source = json_source
+
+    def next_match(self, text: str, pos: int) -> Match | None:
+        """The leftmost match at or after `pos`; text before `pos` is context (`\\b`, `^`)."""
+        while True:
+            found = self.rules.search(text, pos)
+            if self.prompt is not None:
+                run = self.prompt.search(text, pos)
+                if run is not None and (found is None or run.start <= found.start):
+                    found = run
+            if found is None or not self.json_source:
+                return found
+            piece = text[found.start : found.end]
+            if '"' not in piece and "\\" not in piece:
+                return found
+            pos = found.start + 1
+
+    def viable(self, text: str, pos: int) -> int:
+        at = self.rules.viable(text, pos)
+        if self.prompt is not None:
+            at = min(at, self.prompt.viable(text, pos))
+        return max(at, pos)
+
+    def replacement(self, match: Match) -> str:
+        if self.json_source:
+            return json.dumps(match.replacement, ensure_ascii=False)[1:-1]
+        return match.replacement
+
+    def mask(self, text: str, counts: Counter[str] | None = None) -> str:
+        out, pos = self._apply(text, 0, len(text), counts)
+        return "".join(out) + text[pos:]
+
+    def _apply(self, text: str, pos: int, stop: int, counts: Counter[str] | None) -> tuple[list[str], int]:
+        """Replace the matches starting before `stop`; returns the pieces and where they end."""
+        out: list[str] = []
+        while True:
+            m = self.next_match(text, pos)
+            if m is None or m.start >= stop:
+                return out, pos
+            out.append(text[pos : m.start])
+            out.append(self.replacement(m))
+            if counts is not None:
+                counts[m.name] += 1
+            pos = m.end
+
+
+class StreamMasker:
+    """Masks a text that arrives in pieces: `feed` returns what is final, `close` the rest."""
+
+    def __init__(self, masker: Masker, counts: Counter[str]) -> None:
+        self.masker = masker
+        self.counts = counts
+        self.pending = ""
+        # The last character already sent, as context for `\b` and `^` at the start of `pending`.
+        self.context = ""
+
+    def feed(self, piece: str) -> str:
+        if not piece:
+            return ""
+        text = self.context + self.pending + piece
+        base = len(self.context)
+        masker = self.masker
+        hold = masker.viable(text, base)
+        out: list[str] = []
+        pos = base
+        while True:
+            m = masker.next_match(text, pos)
+            if m is None or m.start >= hold:
+                break
+            if m.end >= len(text):
+                # Cannot happen while prefix patterns cover their rules; never emit a growing match.
+                hold = m.start
+                break
+            if m.end > hold:
+                # A final match runs past the held tail: what may grow starts after it.
+                hold = masker.viable(text, m.end)
+            out.append(text[pos : m.start])
+            out.append(masker.replacement(m))
+            self.counts[m.name] += 1
+            pos = m.end
+        out.append(text[pos:hold])
+        self.pending = text[hold:]
+        self.context = text[hold - 1 : hold] if hold > 0 else ""
+        return "".join(out)
+
+    def close(self) -> str:
+        text = self.context + self.pending
+        out, pos = self.masker._apply(text, len(self.context), len(text), self.counts)
+        self.pending = ""
+        return "".join(out) + text[pos:]
+
+
+def built_in_rules(api_keys: bool, emails: bool, phones: bool) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    for on, group in ((api_keys, API_KEY_RULES), (emails, EMAIL_RULES), (phones, PHONE_RULES)):
+        if on:
+            rules.extend(group)
+    return tuple(rules)
+
+
+def mask_strings(value: object, masker: Masker, counts: Counter[str]) -> object:
+    """Every string inside a JSON value (tool input), masked; keys are left as they are."""
+    if isinstance(value, str):
+        return masker.mask(value, counts)
+    if isinstance(value, list):
+        return [mask_strings(v, masker, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: mask_strings(v, masker, counts) for k, v in value.items()}
+    return value
+
+
+def join_texts(parts: Iterable[str]) -> str:
+    # A character no model text carries keeps prompt pieces from joining into false runs.
+    return "\x00".join(p for p in parts if p)
