@@ -1,0 +1,112 @@
+"""The arithmetic of one decision, shared by both backends.
+
+A `Rate` is a GCRA (generic cell rate algorithm): a request is due every `interval` seconds and may
+come up to `depth` seconds early, so `burst` requests pass at once from idle and then one per
+interval. Its state is one number, the theoretical arrival time (TAT). A `Quota` is a count that
+starts again at a fixed time of day. The Redis Lua script (`_redis.py`) does the same operations in
+the same order on the same doubles, so both backends decide alike to the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+# Float slack when comparing times, so the request exactly on its slot is not refused by rounding.
+EPS = 1e-6
+
+
+@attrs.frozen
+class Rate:
+    name: str  # which limit, as events and tests name it: "global_minute", "per_ip_hour", ...
+    key: str
+    count: int
+    period: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+    @property
+    def depth(self) -> float:
+        return self.burst * self.interval
+
+
+@attrs.frozen
+class Quota:
+    name: str
+    key: str  # carries the index of the day, so a new day is a new key
+    count: int
+    reset_at: float  # absolute time the day ends
+
+
+Limit = Rate | Quota
+
+
+@attrs.frozen
+class Outcome:
+    """What one limit says about one request."""
+
+    allowed: bool
+    remaining: int
+    reset_after: float  # seconds until the limit is whole again
+    retry_after: float  # seconds until it admits again (0 when allowed)
+    state: float  # the state to store if the whole request is admitted
+
+
+@attrs.frozen
+class Decision:
+    allowed: bool
+    limit: Limit | None = None  # the refusing limit, or the tightest one when admitted
+    remaining: int = 0
+    reset_after: float = 0.0
+    retry_after: float = 0.0
+    blocked_until: float | None = None  # the client's address is blocked until then
+    new_block: bool = False  # this decision made the block
+
+
+def rate_outcome(rate: Rate, tat: float | None, now: float) -> Outcome:
+    interval, depth = rate.interval, rate.depth
+    start = now if tat is None or tat < now else tat
+    new_tat = start + interval
+    ahead = new_tat - now
+    if ahead > depth + EPS:
+        return Outcome(False, 0, start - now, ahead - depth, start)
+    remaining = math.floor((depth - ahead) / interval + EPS)
+    return Outcome(True, remaining, ahead, 0.0, new_tat)
+
+
+def quota_outcome(quota: Quota, used: float | None, now: float) -> Outcome:
+    count = used or 0.0
+    left = quota.reset_at - now
+    if count + 1 > quota.count:
+        return Outcome(False, 0, left, left, count)
+    return Outcome(True, int(quota.count - count - 1), left, 0.0, count + 1)
+
+
+def outcome(limit: Limit, state: float | None, now: float) -> Outcome:
+    if isinstance(limit, Rate):
+        return rate_outcome(limit, state, now)
+    return quota_outcome(limit, state, now)
+
+
+def combine(limits: list[Limit], outcomes: list[Outcome]) -> Decision:
+    """One answer for all limits: refused by the one that keeps the client waiting longest,
+    otherwise reported by the one with the fewest requests left."""
+    refused = [i for i, o in enumerate(outcomes) if not o.allowed]
+    if refused:
+        i = max(refused, key=lambda j: outcomes[j].retry_after)
+        o = outcomes[i]
+        return Decision(False, limits[i], 0, o.reset_after, o.retry_after)
+    if not limits:
+        return Decision(True)
+    i = min(range(len(limits)), key=lambda j: (outcomes[j].remaining, -outcomes[j].reset_after))
+    o = outcomes[i]
+    return Decision(True, limits[i], o.remaining, o.reset_after, 0.0)
+
+
+def expiry(limit: Limit, state: float, now: float) -> float:
+    """When a stored state means nothing any more (a full bucket, a finished day)."""
+    return state if isinstance(limit, Rate) else limit.reset_at

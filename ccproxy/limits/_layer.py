@@ -1,0 +1,253 @@
+"""The limits layer: one decision per request, 429s the SDKs understand, automatic blocks."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+
+from ccproxy import events
+from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
+from ccproxy.context import Layer, RequestContext
+from ccproxy.errors import ApiError
+from ccproxy.limits._core import Decision, Limit
+from ccproxy.limits._headers import rate_headers, whole_seconds
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import AutoBlockProbe, limits_for, probe_for
+from ccproxy.limits._redis import RedisStore, RedisUnavailable
+
+log = Logger()
+
+# After Redis fails, requests take the on_error path at once for this long, rather than each
+# waiting out the timeout; then one request tries Redis again.
+BACKOFF = 1.0
+# How often blocks are expired (and, with Redis, learned from other instances).
+TICK = 1.0
+# While Redis stays down, the backend event is repeated at most this often.
+REPEAT_EVENT = 60.0
+
+_HEALTH = (b"/health", b"/ready")
+
+
+class Limiter:
+    """What outlives a reload: the store with its counters, the blocks this instance made."""
+
+    def __init__(self, state: StateConfig, deps: Any) -> None:
+        self.state = state
+        self.clock = deps.reactor
+        self.blocklist = deps.blocklist
+        self.store: MemoryStore | RedisStore
+        if state.backend == MEMORY:
+            self.store = MemoryStore(state.max_entries)
+        else:
+            self.store = RedisStore(state.redis, self.clock)
+            self.store.connect()
+        # Every block known here (made here or learned from Redis), and those made here, whose end
+        # this instance reports.
+        self.blocks: dict[str, float] = {}
+        self.own_blocks: dict[str, float] = {}
+        self.down_until = 0.0
+        self.down_reported = 0.0
+        self.failures = 0
+        self._tick = task.LoopingCall(self.tick)
+        self._tick.clock = self.clock
+        self._tick.start(TICK, now=False).addErrback(
+            lambda f: log.failure("rate-limit housekeeping stopped", f)
+        )
+
+    def compatible(self, state: StateConfig) -> bool:
+        """Whether `state` can keep this store (and so its counters)."""
+        if state.backend != self.state.backend:
+            return False
+        return state.backend == MEMORY or state.redis == self.state.redis
+
+    def adopt(self, state: StateConfig) -> None:
+        self.state = state
+        if isinstance(self.store, MemoryStore):
+            self.store.resize(state.max_entries)
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.store, RedisStore)
+
+    async def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
+        """Raises RedisUnavailable when Redis does not answer (at once while backing off)."""
+        if isinstance(self.store, MemoryStore):
+            return self.store.decide(now, limits, probe)
+        if now < self.down_until:
+            self.failures += 1
+            raise RedisUnavailable("backing off after a failure")
+        try:
+            decision = await self.store.decide(now, limits, probe, ip)
+        except RedisUnavailable:
+            self.down_until = self.clock.seconds() + BACKOFF
+            self.failures += 1
+            raise
+        self._recovered()
+        return decision
+
+    def block(self, ip: str, until: float, new: bool, **fields: Any) -> None:
+        self.blocklist.block(ip, until)
+        self.blocks[ip] = max(until, self.blocks.get(ip, 0.0))
+        if new:
+            self.own_blocks[ip] = max(until, self.own_blocks.get(ip, 0.0))
+            events.emit("ip_auto_blocked", "warning", ip_address=ip, until=until, **fields)
+
+    def report_failure(self, reason: str, policy: str) -> None:
+        now = self.clock.seconds()
+        if self.down_reported and now - self.down_reported < REPEAT_EVENT:
+            return
+        self.down_reported = now
+        events.emit("rate_limit_backend_unavailable", "error", reason=reason, policy=policy,
+                    affected_requests=self.failures)
+
+    def _recovered(self) -> None:
+        if self.down_reported:
+            events.emit("rate_limit_backend_recovered", "notice", affected_requests=self.failures)
+        self.down_reported = 0.0
+        self.down_until = 0.0
+        self.failures = 0
+
+    def tick(self) -> defer.Deferred[None] | None:
+        now = self.clock.seconds()
+        for ip, until in list(self.blocks.items()):
+            if until <= now:
+                del self.blocks[ip]
+        for ip, until in list(self.own_blocks.items()):
+            if until <= now:
+                del self.own_blocks[ip]
+                self.blocklist.unblock(ip)
+                events.emit("ip_unblocked", "notice", ip_address=ip, reason="block expired")
+        if isinstance(self.store, RedisStore) and now >= self.down_until:
+            return defer.ensureDeferred(self.sync_blocks(now))
+        return None
+
+    async def sync_blocks(self, now: float) -> None:
+        """Learn the blocks other instances made, so the listener refuses them at accept too."""
+        assert isinstance(self.store, RedisStore)
+        try:
+            blocks = await self.store.active_blocks(now)
+        except RedisUnavailable:
+            return  # requests report the outage; the next tick tries again
+        for ip, until in blocks:
+            self.block(ip, until, new=False)
+
+    def stop(self) -> Any:
+        if self._tick.running:
+            self._tick.stop()
+        return self.store.stop() if isinstance(self.store, RedisStore) else None
+
+
+class LimitsLayer(Layer):
+    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any) -> None:
+        self.config = config
+        self.limiter = limiter
+        self.clock = deps.reactor
+        self.blocklist = deps.blocklist
+        # Requests this layer has counted, so `decorate` counts the others (refused earlier).
+        self._seen: weakref.WeakSet[RequestContext] = weakref.WeakSet()
+
+    async def check(self, ctx: RequestContext) -> None:
+        if self.limiter is None:
+            return
+        self._seen.add(ctx)
+        now = self.clock.seconds()
+        ip = ctx.client_ip
+        if self.blocklist.is_blocked(ip, now):
+            raise self._blocked(ctx, now)
+        limits = limits_for(self.config, ip, ctx.identity, now)
+        probe = probe_for(self.config, ip)
+        if not limits and probe is None:
+            return
+        try:
+            decision = await self.limiter.decide(now, ip, limits, probe)
+        except RedisUnavailable as e:
+            self._on_error(str(e))
+            return
+        if decision.blocked_until is not None:
+            self.limiter.block(ip, decision.blocked_until, decision.new_block, request_id=ctx.request_id,
+                               threshold=self.config.auto_block.threshold)
+            raise self._blocked(ctx, now)
+        headers = rate_headers(ctx.api, decision, now)
+        if decision.allowed:
+            ctx.extra_headers.update(headers)
+            return
+        assert decision.limit is not None
+        retry = whole_seconds(decision.retry_after)
+        events.emit(
+            "rate_limit_exceeded", "warning",
+            request_id=ctx.request_id, ip_address=ip,
+            api_key_id=ctx.identity.key_id if ctx.identity else None,
+            user_id=ctx.identity.user_id if ctx.identity else None,
+            limit=decision.limit.name, retry_after=retry,
+            method=ctx.request.method.decode("latin-1"), path=ctx.request.path.decode("latin-1")[:200],
+        )
+        raise ApiError(429, f"rate limit exceeded ({decision.limit.name}); retry after {retry} s",
+                       headers=headers)
+
+    def _blocked(self, ctx: RequestContext, now: float) -> ApiError:
+        assert self.limiter is not None
+        until = self.limiter.blocks.get(ctx.client_ip, now + 1.0)
+        events.emit("rate_limit_exceeded", "warning", request_id=ctx.request_id, ip_address=ctx.client_ip,
+                    limit="auto_block", retry_after=whole_seconds(until - now))
+        return ApiError(429, "too many requests from this address: it is blocked for a while",
+                        headers={"retry-after": str(whole_seconds(until - now))})
+
+    def _on_error(self, reason: str) -> None:
+        assert self.limiter is not None
+        policy = self.limiter.state.redis.on_error
+        self.limiter.report_failure(reason, policy)
+        if policy == FAIL_CLOSED:
+            raise ApiError(503, "rate limiting is unavailable; try again shortly", headers={"retry-after": "1"})
+
+    def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
+        """Requests refused before this layer (bad keys, unknown paths) still count towards
+        auto-blocking: a flood of them is what auto_block is for."""
+        if self.limiter is None or not self.config.auto_block.enabled:
+            return
+        if ctx is not None and ctx in self._seen:
+            return
+        if ctx is None and request.path in _HEALTH:
+            return
+        ip = ctx.client_ip if ctx is not None else request.getClientAddress().host
+        d = defer.ensureDeferred(self._count_only(ip))
+        d.addErrback(lambda f: log.failure("auto-block count failed", f))
+
+    async def _count_only(self, ip: str) -> None:
+        assert self.limiter is not None
+        now = self.clock.seconds()
+        if self.blocklist.is_blocked(ip, now):
+            return
+        probe = probe_for(self.config, ip)
+        try:
+            decision = await self.limiter.decide(now, ip, [], probe)
+        except RedisUnavailable as e:
+            self.limiter.report_failure(str(e), self.limiter.state.redis.on_error)
+            return
+        if decision.blocked_until is not None:
+            self.limiter.block(ip, decision.blocked_until, decision.new_block,
+                               threshold=self.config.auto_block.threshold)
+
+    def stop(self) -> Any:
+        return self.limiter.stop() if self.limiter is not None else None
+
+
+def build(config: LimitsConfig, deps: Any, previous: Layer | None) -> LimitsLayer:
+    old = previous.limiter if isinstance(previous, LimitsLayer) else None
+    if not config.active:
+        if old is not None:
+            old.stop()
+        return LimitsLayer(config, None, deps)
+    if old is not None and old.compatible(config.state):
+        old.adopt(config.state)
+        return LimitsLayer(config, old, deps)
+    limiter = Limiter(config.state, deps)
+    if old is not None:
+        limiter.blocks.update(old.blocks)
+        limiter.own_blocks.update(old.own_blocks)
+        old.stop()
+    return LimitsLayer(config, limiter, deps)

@@ -1,0 +1,80 @@
+"""Limits kept in this process: exact, synchronous, bounded.
+
+The table holds one entry per (limit, subject) with its state and the time the state stops
+mattering (a GCRA entry whose bucket is full again, a quota whose day is over): dropping it then
+changes no decision. Each decision examines the two oldest entries and drops them if they are
+spent (otherwise moves them to the back), so the table is swept continuously while traffic flows.
+Past `max_entries` the least recently used entry is forgotten: that subject starts again from a
+full bucket. Memory is therefore at most about `max_entries` x 200 bytes (100,000 entries: ~20 MB),
+whatever the number of addresses.
+"""
+
+from __future__ import annotations
+
+from ccproxy.limits._core import Decision, Limit, combine, expiry, outcome, rate_outcome
+from ccproxy.limits._plan import AutoBlockProbe
+
+_SWEEP_PER_DECISION = 2
+
+
+class MemoryStore:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        # key -> [state, expires]; dict order is least recently written first.
+        self._table: dict[str, list[float]] = {}
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def resize(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        while len(self._table) > max_entries:
+            self._evict()
+
+    def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None) -> Decision:
+        """Count the request for auto-blocking, then admit it against every limit or none."""
+        self._sweep(now)
+        if probe is not None:
+            blocked = self._count_for_block(now, probe)
+            if blocked is not None:
+                return blocked
+        outcomes = [outcome(limit, self._state(limit.key, now), now) for limit in limits]
+        decision = combine(limits, outcomes)
+        if decision.allowed:
+            for limit, o in zip(limits, outcomes, strict=True):
+                self._put(limit.key, o.state, expiry(limit, o.state, now))
+        return decision
+
+    def _count_for_block(self, now: float, probe: AutoBlockProbe) -> Decision | None:
+        o = rate_outcome(probe.rate, self._state(probe.rate.key, now), now)
+        if o.allowed:
+            self._put(probe.rate.key, o.state, o.state)
+            return None
+        self._table.pop(probe.rate.key, None)
+        until = now + probe.duration
+        return Decision(False, probe.rate, 0, probe.duration, probe.duration, blocked_until=until, new_block=True)
+
+    def _state(self, key: str, now: float) -> float | None:
+        entry = self._table.get(key)
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
+
+    def _put(self, key: str, state: float, expires: float) -> None:
+        table = self._table
+        if table.pop(key, None) is None and len(table) >= self.max_entries:
+            self._evict()
+        table[key] = [state, expires]
+
+    def _evict(self) -> None:
+        del self._table[next(iter(self._table))]
+        self.evicted += 1
+
+    def _sweep(self, now: float) -> None:
+        table = self._table
+        for _ in range(min(_SWEEP_PER_DECISION, len(table))):
+            key = next(iter(table))
+            entry = table.pop(key)
+            if entry[1] > now:
+                table[key] = entry

@@ -1,0 +1,102 @@
+"""Which limits apply to a request, with the keys their state is stored under.
+
+A rate's key carries its parameters: after a reload, an unchanged limit finds its state again and a
+changed one starts afresh. A quota's key carries only its tier and day, so raising a quota on reload
+keeps what was already used today.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from ccproxy.config.limits import LimitsConfig, TierLimits, WindowLimits
+from ccproxy.context import Identity
+from ccproxy.limits._core import Limit, Quota, Rate
+
+MINUTE = 60.0
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def default_burst(per_minute: int) -> int:
+    """Without a configured burst: a tenth of the minute's allowance, so that a minute window never
+    sees much more than its limit (GCRA admits at most `count + burst - 1` in any window)."""
+    return max(1, math.ceil(per_minute / 10))
+
+
+@attrs.frozen
+class AutoBlockProbe:
+    """Counts every request of an address; tripping it blocks the address for `duration`."""
+
+    ip: str
+    rate: Rate
+    duration: float
+
+
+def window_rates(scope: str, subject: str, limits: WindowLimits) -> list[Limit]:
+    """A scope's minute and hour limits.
+
+    The minute limit takes `burst` (default: a tenth of it). The hour limit may absorb one full
+    minute's allowance at once (and no more), so the minute limit, not the hour one, shapes short
+    bursts, while no hour window admits more than `requests_per_hour` + one minute's allowance.
+    """
+    out: list[Limit] = []
+    per_minute, per_hour = limits.requests_per_minute, limits.requests_per_hour
+    minute_burst = limits.burst or (default_burst(per_minute) if per_minute else 1)
+    if per_minute:
+        out.append(_rate(f"{scope}_minute", subject, per_minute, MINUTE, minute_burst))
+    if per_hour:
+        if per_minute:
+            hour_burst = min(per_hour, per_minute + minute_burst - 1)
+        else:
+            hour_burst = min(per_hour, limits.burst or default_burst(per_hour))
+        out.append(_rate(f"{scope}_hour", subject, per_hour, HOUR, hour_burst))
+    return out
+
+
+def _rate(name: str, subject: str, count: int, period: float, burst: int) -> Rate:
+    return Rate(name, f"r:{name}:{count}:{burst}:{subject}", count, period, burst)
+
+
+def day_quota(name: str, subject: str, count: int, now: float, reset_offset: float) -> Quota:
+    day = math.floor((now - reset_offset) / DAY)
+    return Quota(name, f"q:{name}:{int(reset_offset)}:{subject}:{day}", count, (day + 1) * DAY + reset_offset)
+
+
+def tier_limits(config: LimitsConfig, identity: Identity, now: float) -> list[Limit]:
+    out: list[Limit] = []
+    tier: TierLimits | None = config.tier(identity.tier) or config.tier("default")
+    subject = identity.key_id
+    if tier is not None:
+        if tier.requests_per_minute:
+            burst = tier.burst or default_burst(tier.requests_per_minute)
+            out.append(_rate("per_key_minute", f"{tier.name}:{subject}", tier.requests_per_minute, MINUTE, burst))
+        if tier.daily_quota:
+            out.append(day_quota("daily_quota", subject, tier.daily_quota, now, config.daily_reset))
+    if identity.rate_limit:
+        own = identity.rate_limit
+        out.append(_rate("key_rate_limit", subject, own, MINUTE, default_burst(own)))
+    return out
+
+
+def limits_for(config: LimitsConfig, ip: str, identity: Identity | None, now: float) -> list[Limit]:
+    if not config.enabled:
+        return []
+    out: list[Limit] = []
+    if config.global_ is not None:
+        out += window_rates("global", "*", config.global_)
+    if config.per_ip is not None:
+        out += window_rates("per_ip", ip, config.per_ip)
+    if identity is not None:
+        out += tier_limits(config, identity, now)
+    return out
+
+
+def probe_for(config: LimitsConfig, ip: str) -> AutoBlockProbe | None:
+    block = config.auto_block
+    if not block.enabled:
+        return None
+    rate = Rate("auto_block", f"a:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
+    return AutoBlockProbe(ip, rate, block.duration)

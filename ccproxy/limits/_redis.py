@@ -1,0 +1,201 @@
+"""Limits shared by every ccproxy instance through one Redis: one Lua script per request.
+
+The script does what `MemoryStore.decide` does, atomically inside Redis, with the caller's clock
+passed in (so instances agree as far as their clocks do, and tests stay deterministic). Blocks live
+in Redis as `block:<ip>` keys (refused by the script on every instance) and in the sorted set
+`blocks` (ip by end time) that every instance polls to refuse blocked addresses at accept.
+
+txredisapi is imported inside `connect()` only: importing it installs the default reactor, which
+must not happen while twistd is still choosing one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.internet import defer
+
+from ccproxy.config.limits import RedisState
+from ccproxy.limits._core import Decision, Limit, Outcome, Rate, combine
+from ccproxy.limits._plan import AutoBlockProbe
+
+PREFIX = "ccproxy:rl:"
+BLOCKS = PREFIX + "blocks"
+# Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
+# than Redis's own.
+_MARGIN_MS = 60_000
+
+# KEYS: block key, blocks zset, auto-block key ('' slot if none), then one key per limit.
+# ARGV: now, ip, probe(0|1), probe interval, probe depth, block duration, then per limit:
+#       kind ('r'|'q'), interval|count, depth|reset_at.
+# Returns {status, until} for a block (status 2: already blocked, 3: blocked now), or
+# {1|0, then per limit: allowed, remaining, reset_after, retry_after}.
+SCRIPT = """
+local now = tonumber(ARGV[1])
+local margin = tonumber(ARGV[7])
+local function f(x) return string.format('%.17g', x) end
+local blocked = redis.call('GET', KEYS[1])
+if blocked and tonumber(blocked) > now then
+  return {2, blocked}
+end
+local function gcra(key, interval, depth)
+  local tat = tonumber(redis.call('GET', key) or '')
+  local start = now
+  if tat ~= nil and tat >= now then start = tat end
+  local new_tat = start + interval
+  local ahead = new_tat - now
+  if ahead > depth + 1e-6 then
+    return {0, 0, start - now, ahead - depth, start}
+  end
+  return {1, math.floor((depth - ahead) / interval + 1e-6), ahead, 0, new_tat}
+end
+if ARGV[3] == '1' then
+  local o = gcra(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if o[1] == 0 then
+    local until_ = now + tonumber(ARGV[6])
+    local ms = math.ceil(tonumber(ARGV[6]) * 1000)
+    redis.call('SET', KEYS[1], f(until_), 'PX', ms)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', f(now))
+    redis.call('ZADD', KEYS[2], f(until_), ARGV[2])
+    redis.call('DEL', KEYS[3])
+    return {3, f(until_)}
+  end
+  redis.call('SET', KEYS[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
+end
+local out = {1}
+local new = {}
+local ok = true
+local n = (#ARGV - 7) / 3
+for i = 1, n do
+  local kind, a, b = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
+  local key = KEYS[3 + i]
+  local o
+  if kind == 'r' then
+    o = gcra(key, a, b)
+  else
+    local used = tonumber(redis.call('GET', key) or '0')
+    local left = b - now
+    if used + 1 > a then o = {0, 0, left, left, used} else o = {1, a - used - 1, left, 0, used + 1} end
+  end
+  if o[1] == 0 then ok = false end
+  new[i] = o
+  out[#out + 1] = o[1]
+  out[#out + 1] = o[2]
+  out[#out + 1] = f(o[3])
+  out[#out + 1] = f(o[4])
+end
+if not ok then
+  out[1] = 0
+  return out
+end
+for i = 1, n do
+  local kind = ARGV[5 + 3 * i]
+  local ttl = new[i][3]
+  redis.call('SET', KEYS[3 + i], f(new[i][5]), 'PX', math.ceil(ttl * 1000) + margin)
+end
+return out
+"""
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer in time or at all."""
+
+
+class RedisStore:
+    def __init__(self, settings: RedisState, reactor: Any) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self._pool: Any = None
+
+    def connect(self) -> None:
+        import txredisapi  # lazily: see the module docstring
+
+        s = self.settings
+        self._pool = txredisapi.lazyConnectionPool(
+            host=s.host,
+            port=s.port,
+            dbid=s.db,
+            poolsize=4,
+            reconnect=True,
+            password=s.password.reveal() if s.password else None,
+            connectTimeout=max(1.0, s.timeout),
+            # A connection silent this long is dropped and made again.
+            replyTimeout=max(1.0, 10 * s.timeout),
+        )
+
+    def _call(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        return d.addTimeout(self.settings.timeout, self.reactor)
+
+    async def decide(
+        self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None, ip: str = ""
+    ) -> Decision:
+        ip = probe.ip if probe is not None else ip
+        keys = [PREFIX + "block:" + ip, BLOCKS, PREFIX + (probe.rate.key if probe else "none")]
+        args: list[str] = [repr(now), ip]
+        if probe is not None:
+            args += ["1", repr(probe.rate.interval), repr(probe.rate.depth), repr(probe.duration)]
+        else:
+            args += ["0", "0", "0", "0"]
+        args.append(str(_MARGIN_MS))
+        for limit in limits:
+            keys.append(PREFIX + limit.key)
+            if isinstance(limit, Rate):
+                args += ["r", repr(limit.interval), repr(limit.depth)]
+            else:
+                args += ["q", str(limit.count), repr(limit.reset_at)]
+        reply = await self._eval(keys, args)
+        return _decision(reply, now, limits, probe)
+
+    async def _eval(self, keys: list[str], args: list[str]) -> Any:
+        if self._pool is None:
+            raise RedisUnavailable("not connected")
+        try:
+            return await self._call(self._pool.eval(SCRIPT, keys, args))
+        except defer.TimeoutError:
+            raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
+        except Exception as e:  # txredisapi raises its own connection and protocol errors
+            raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+
+    async def active_blocks(self, now: float) -> list[tuple[str, float]]:
+        """Every address blocked by any instance, with the end of its block."""
+        if self._pool is None:
+            raise RedisUnavailable("not connected")
+        try:
+            rows = await self._call(self._pool.zrangebyscore(BLOCKS, f"({now!r}", "+inf", withscores=True))
+        except defer.TimeoutError:
+            raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
+        except Exception as e:
+            raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+        return [(_text(ip), float(score)) for ip, score in rows]
+
+    def stop(self) -> Any:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            return pool.disconnect()
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decision(reply: Any, now: float, limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
+    status = int(reply[0])
+    if status in (2, 3):
+        until = float(_text(reply[1]))
+        assert probe is not None or status == 2
+        wait = max(0.0, until - now)
+        rate = probe.rate if probe is not None else None
+        return Decision(False, rate, 0, wait, wait, blocked_until=until, new_block=status == 3)
+    outcomes = []
+    for i in range(len(limits)):
+        allowed, remaining, reset_after, retry_after = reply[1 + 4 * i : 5 + 4 * i]
+        outcomes.append(
+            Outcome(bool(int(allowed)), int(remaining), float(_text(reset_after)), float(_text(retry_after)), 0.0)
+        )
+    return combine(limits, outcomes)
+
+
+def ceil_ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)

@@ -1,0 +1,258 @@
+"""The limit arithmetic, one suite run against both backends (memory, and a real redis-server).
+
+Time is injected: every decision is made at a time the test chooses, Redis included (the Lua script
+takes the caller's clock), so burst, refill, window edges and daily resets are exact.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet import reactor as real_reactor
+from twisted.trial import unittest
+
+from ccproxy.config.limits import RedisState, WindowLimits
+from ccproxy.limits._core import Decision, Limit, Quota, Rate
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import DAY, AutoBlockProbe, day_quota, default_burst, window_rates
+from ccproxy.limits._redis import RedisStore
+from tests.support.limits import T0
+from tests.support.redis import RedisServer
+
+
+def rate(name: str, count: int, period: float, burst: int, subject: str = "s") -> Rate:
+    return Rate(name, f"r:{name}:{count}:{burst}:{subject}", count, period, burst)
+
+
+class _StoreTests:
+    """Mixed into a TestCase with `decide(now, limits, probe=None, ip='')` -> Deferred[Decision]."""
+
+    def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
+               ip: str = "") -> defer.Deferred[Decision]:
+        raise NotImplementedError
+
+    async def run_many(self, now: float, limits: list[Limit], n: int) -> list[Decision]:
+        return [await self.decide(now, limits) for _ in range(n)]
+
+    @defer.inlineCallbacks
+    def test_burst_then_one_per_interval(self) -> Any:
+        minute = rate("m", 60, 60.0, 10)
+        got = yield defer.ensureDeferred(self.run_many(T0, [minute], 11))
+        self.assertEqual([d.allowed for d in got], [True] * 10 + [False])
+        self.assertEqual([d.remaining for d in got[:10]], list(range(9, -1, -1)))
+        self.assertAlmostEqual(got[10].retry_after, 1.0, places=6)
+        self.assertEqual(got[10].limit, minute)
+        # Refill: one more after one interval, not before.
+        early = yield self.decide(T0 + 0.999, [minute])
+        self.assertFalse(early.allowed)
+        on_time = yield self.decide(T0 + 1.0, [minute])
+        self.assertTrue(on_time.allowed)
+        # After a full refill the whole burst is back.
+        later = yield defer.ensureDeferred(self.run_many(T0 + 100, [minute], 11))
+        self.assertEqual(sum(d.allowed for d in later), 10)
+
+    @defer.inlineCallbacks
+    def test_no_double_admission_at_window_edges(self) -> Any:
+        # A client hammering 10 times a second for three minutes: no 60-second window, wherever it
+        # falls, holds more than the limit plus the burst; a fixed window would allow 2x at its edge.
+        limits = window_rates("per_ip", "1.2.3.4", WindowLimits(requests_per_minute=60, burst=10))
+        admitted: list[float] = []
+        for i in range(1800):
+            now = T0 + i * 0.1
+            d = yield self.decide(now, limits)
+            if d.allowed:
+                admitted.append(now)
+        worst = max(sum(1 for t in admitted if start <= t < start + 60) for start in admitted)
+        self.assertLessEqual(worst, 60 + 10 - 1)
+        self.assertEqual(len(admitted), 10 + 179)  # burst + 1/s for 179 s
+
+    @defer.inlineCallbacks
+    def test_hour_limit_is_exact(self) -> Any:
+        hour = rate("h", 100, 3600.0, 100)
+        got = yield defer.ensureDeferred(self.run_many(T0, [hour], 101))
+        self.assertEqual(sum(d.allowed for d in got), 100)
+        self.assertAlmostEqual(got[-1].retry_after, 36.0, places=6)
+        self.assertAlmostEqual(got[-1].reset_after, 3600.0, places=6)
+        d = yield self.decide(T0 + 35.9, [hour])
+        self.assertFalse(d.allowed)
+        d = yield self.decide(T0 + 36.0, [hour])
+        self.assertTrue(d.allowed)
+
+    @defer.inlineCallbacks
+    def test_refusal_consumes_nothing_from_other_limits(self) -> Any:
+        glob = rate("global_minute", 5, 60.0, 5, "*")
+        ip_a, ip_b = rate("per_ip_minute", 60, 60.0, 2, "a"), rate("per_ip_minute", 60, 60.0, 2, "b")
+        a = yield defer.ensureDeferred(self.run_many(T0, [glob, ip_a], 4))
+        self.assertEqual([d.allowed for d in a], [True, True, False, False])
+        self.assertEqual(a[2].limit, ip_a)
+        b = yield defer.ensureDeferred(self.run_many(T0, [glob, ip_b], 3))
+        self.assertEqual([d.allowed for d in b], [True, True, False])
+        self.assertEqual(b[2].limit, ip_b)
+        # The global limit had exactly 5: 2 for a, 2 for b, and the refusals took none of it.
+        c = yield self.decide(T0, [glob, rate("per_ip_minute", 60, 60.0, 2, "c")])
+        self.assertTrue(c.allowed)
+        c = yield self.decide(T0, [glob, rate("per_ip_minute", 60, 60.0, 2, "c")])
+        self.assertFalse(c.allowed)
+        self.assertEqual(c.limit, glob)
+
+    @defer.inlineCallbacks
+    def test_refused_by_the_limit_that_waits_longest(self) -> Any:
+        minute = rate("m", 1, 60.0, 1)
+        quota = day_quota("daily_quota", "k", 1, T0, 0.0)
+        yield self.decide(T0, [minute, quota])
+        d = yield self.decide(T0 + 1, [minute, quota])
+        self.assertFalse(d.allowed)
+        self.assertEqual(d.limit, quota)
+        self.assertAlmostEqual(d.retry_after, quota.reset_at - (T0 + 1), places=6)
+
+    @defer.inlineCallbacks
+    def test_daily_quota_resets_at_midnight_utc(self) -> Any:
+        midnight = (T0 // DAY + 1) * DAY
+        before = midnight - 10.0
+        quota = day_quota("daily_quota", "key1", 3, before, 0.0)
+        self.assertEqual(quota.reset_at, midnight)
+        got = yield defer.ensureDeferred(self.run_many(before, [quota], 4))
+        self.assertEqual([d.remaining for d in got[:3]], [2, 1, 0])
+        self.assertFalse(got[3].allowed)
+        self.assertAlmostEqual(got[3].retry_after, 10.0, places=6)
+        still = yield self.decide(midnight - 0.001, [day_quota("daily_quota", "key1", 3, midnight - 0.001, 0.0)])
+        self.assertFalse(still.allowed)
+        fresh = yield self.decide(midnight, [day_quota("daily_quota", "key1", 3, midnight, 0.0)])
+        self.assertTrue(fresh.allowed)
+        self.assertEqual(fresh.remaining, 2)
+
+    @defer.inlineCallbacks
+    def test_daily_quota_with_another_reset_time(self) -> Any:
+        midnight = (T0 // DAY + 1) * DAY
+        offset = 7.5 * 3600  # 07:30 UTC
+        at = midnight + 3600  # 01:00: still yesterday's quota day
+        quota = day_quota("daily_quota", "key1", 1, at, offset)
+        self.assertEqual(quota.reset_at, midnight + offset)
+        yield self.decide(at, [quota])
+        d = yield self.decide(midnight + offset - 1, [day_quota("daily_quota", "key1", 1, midnight + offset - 1, offset)])
+        self.assertFalse(d.allowed)
+        d = yield self.decide(midnight + offset, [day_quota("daily_quota", "key1", 1, midnight + offset, offset)])
+        self.assertTrue(d.allowed)
+
+    @defer.inlineCallbacks
+    def test_auto_block_trips_above_threshold(self) -> Any:
+        probe = AutoBlockProbe("10.0.0.9", rate("auto_block", 5, 60.0, 5, "10.0.0.9"), 3600.0)
+        limits = [rate("per_ip_minute", 2, 60.0, 2, "10.0.0.9")]
+        got = yield defer.ensureDeferred(self._probe_many(T0, limits, probe, 6))
+        # Refused requests count too: 2 admitted, 3 refused by per_ip, then the 6th blocks.
+        self.assertEqual([d.allowed for d in got], [True, True, False, False, False, False])
+        self.assertEqual([d.blocked_until for d in got[:5]], [None] * 5)
+        self.assertEqual(got[5].blocked_until, T0 + 3600.0)
+        self.assertTrue(got[5].new_block)
+
+    async def _probe_many(self, now: float, limits: list[Limit], probe: AutoBlockProbe, n: int) -> list[Decision]:
+        return [await self.decide(now, limits, probe, probe.ip) for _ in range(n)]
+
+    def test_default_burst_and_hour_burst(self) -> None:
+        self.assertEqual(default_burst(60), 6)
+        self.assertEqual(default_burst(5), 1)
+        minute, hour = window_rates("per_ip", "x", WindowLimits(60, 1000, 10))
+        assert isinstance(minute, Rate) and isinstance(hour, Rate)
+        self.assertEqual((minute.burst, hour.burst), (10, 69))
+
+
+class MemoryStoreTests(_StoreTests, unittest.TestCase):
+    def setUp(self) -> None:
+        self.store = MemoryStore(100_000)
+
+    def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
+               ip: str = "") -> defer.Deferred[Decision]:
+        return defer.succeed(self.store.decide(now, limits, probe))
+
+    def test_table_is_bounded(self) -> None:
+        store = MemoryStore(1000)
+        for i in range(50_000):
+            store.decide(T0, [rate("per_ip_minute", 60, 60.0, 10, f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")])
+        self.assertEqual(len(store), 1000)
+        self.assertEqual(store.evicted, 49_000)
+
+    def test_idle_entries_are_swept(self) -> None:
+        store = MemoryStore(100_000)
+        for i in range(500):
+            store.decide(T0, [rate("per_ip_minute", 60, 60.0, 10, f"ip{i}")])
+        self.assertEqual(len(store), 500)
+        # A minute later every bucket is full again: ordinary traffic sweeps the spent entries.
+        for _ in range(300):
+            store.decide(T0 + 60, [rate("per_ip_minute", 60, 60.0, 10, "busy")])
+        self.assertEqual(len(store), 1)
+
+
+class RedisStoreTests(_StoreTests, unittest.TestCase):
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = Path(unittest.TestCase().mktemp())
+        cls.tmp.mkdir(parents=True, exist_ok=True)
+        cls.server = RedisServer(cls.tmp).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+
+    def setUp(self) -> None:
+        self.server.command("FLUSHALL")
+        self.store = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
+        self.store.connect()
+
+    def tearDown(self) -> Any:
+        return self.store.stop()
+
+    def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
+               ip: str = "") -> defer.Deferred[Decision]:
+        return defer.ensureDeferred(self.store.decide(now, limits, probe, ip))
+
+    @defer.inlineCallbacks
+    def test_same_decisions_as_memory(self) -> Any:
+        """Random traffic over several limits: both backends agree on every number."""
+        rng = random.Random(7)
+        memory = MemoryStore(100_000)
+        now = T0
+        for _ in range(400):
+            now += rng.choice((0.0, 0.0, 0.013, 0.1, 0.7, 3.0))
+            ip = rng.choice("abc")
+            limits: list[Limit] = [
+                rate("global_minute", 7, 60.0, 3, "*"),
+                rate("per_ip_minute", 3, 60.0, 2, ip),
+                rate("global_hour", 50, 3600.0, 9, "*"),
+                day_quota("daily_quota", ip, 40, now, 0.0),
+            ]
+            want = memory.decide(now, limits)
+            got = yield self.decide(now, limits)
+            self.assertEqual((got.allowed, got.limit, got.remaining), (want.allowed, want.limit, want.remaining))
+            self.assertEqual((got.retry_after, got.reset_after), (want.retry_after, want.reset_after))
+
+    @defer.inlineCallbacks
+    def test_a_block_made_by_one_instance_holds_on_another(self) -> Any:
+        probe = AutoBlockProbe("10.0.0.7", rate("auto_block", 1, 60.0, 1, "10.0.0.7"), 600.0)
+        yield self.decide(T0, [], probe, probe.ip)
+        made = yield self.decide(T0, [], probe, probe.ip)
+        self.assertTrue(made.new_block)
+        other = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
+        other.connect()
+        try:
+            seen = yield defer.ensureDeferred(other.decide(T0 + 1, [rate("m", 100, 60.0, 100)], None, "10.0.0.7"))
+            self.assertFalse(seen.allowed)
+            self.assertFalse(seen.new_block)
+            self.assertEqual(seen.blocked_until, T0 + 600.0)
+            blocks = yield defer.ensureDeferred(other.active_blocks(T0 + 1))
+            self.assertEqual(blocks, [("10.0.0.7", T0 + 600.0)])
+            gone = yield defer.ensureDeferred(other.active_blocks(T0 + 600.0))
+            self.assertEqual(gone, [])
+        finally:
+            yield other.stop()
+
+    @defer.inlineCallbacks
+    def test_quota_key_is_per_day(self) -> Any:
+        quota: Quota = day_quota("daily_quota", "k", 2, T0, 0.0)
+        yield self.decide(T0, [quota])
+        raw = self.server.command("GET", "ccproxy:rl:" + quota.key)
+        self.assertIn(b"1", raw)
