@@ -13,8 +13,8 @@ from twisted.logger import globalLogPublisher
 
 from ccproxy.auth import AuthLayer, build_layer
 from ccproxy.auth._keys import EXPIRES_HEADER, find_key, ip_allowed
-from ccproxy.config.auth import ApiKey
 from ccproxy.config._reader import parse_network
+from ccproxy.config.auth import ApiKey
 from ccproxy.errors import ApiError
 from ccproxy.secrets import Secret
 from tests.support.authkit import Events, config, context, run

@@ -33,17 +33,29 @@ async def fetch_json(what: str, clock: IReactorTime, timeout: float, call: Any) 
         return response.code, body
 
     d = defer.ensureDeferred(run())
-    d.addTimeout(timeout, clock)
+    timed_out = False
+
+    def on_timeout() -> None:
+        nonlocal timed_out
+        timed_out = True
+        d.cancel()
+
+    # Our own timer, not addTimeout: a cancelled request may fail with an error other than
+    # CancelledError, and the client must still be told it was a timeout.
+    timer = clock.callLater(timeout, on_timeout)
     try:
         code, body = await d
-    except defer.TimeoutError:
-        raise SideCallFailed(f"{what} did not answer within {timeout:g}s") from None
-    except (error.ConnectError, error.DNSLookupError, error.TimeoutError):
-        raise SideCallFailed(f"{what} is unreachable") from None
-    except defer.CancelledError:
-        raise
-    except Exception:
+    except Exception as e:
+        if timed_out:
+            raise SideCallFailed(f"{what} did not answer within {timeout:g}s") from None
+        if isinstance(e, defer.CancelledError):
+            raise
+        if isinstance(e, error.ConnectError | error.DNSLookupError | error.TimeoutError):
+            raise SideCallFailed(f"{what} is unreachable") from None
         raise SideCallFailed(f"{what} failed") from None
+    finally:
+        if timer.active():
+            timer.cancel()
     if code != 200:
         raise SideCallFailed(f"{what} answered HTTP {code}")
     try:

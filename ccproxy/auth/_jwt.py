@@ -66,13 +66,15 @@ class JwksCache:
         if self._inflight is None:
             self.last_attempt = self.clock.seconds()
             d = defer.ensureDeferred(self._fetch())
+            if d.called:  # answered at once (an in-memory client)
+                return d
+            self._inflight = d
 
             def done(result: Any) -> Any:
                 self._inflight = None
                 return result
 
             d.addBoth(done)
-            self._inflight = d
         waiter: defer.Deferred[None] = defer.Deferred()
 
         def release(result: Any) -> Any:
