@@ -19,14 +19,14 @@ from typing import Any
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, _ChunkedTransferDecoder, _MalformedChunkedDataError
 from zope.interface import implementer
 
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.errors import ApiError, error_body
 from ccproxy.network.addresses import canonical
-from ccproxy.network.http1 import Head, Malformed, head_end, parse_head
+from ccproxy.network.http1 import Head, Malformed, has_bare_line_break, head_end, parse_head
 from ccproxy.routes import api_for
 
 HEAD, BODY, BUSY, DEAD = "head", "body", "busy", "dead"
@@ -44,6 +44,24 @@ def security_header_lines(config: NetworkConfig, secure: bool) -> list[tuple[byt
             continue
         out.append((name.encode(), value.encode()))
     return out
+
+
+class _LimitedChunkedDecoder(_ChunkedTransferDecoder):
+    """Refuses a chunked body as soon as its declared chunk sizes pass the limit, before the data."""
+
+    def __init__(self, channel: HardenedChannel, data: Any, finish: Any) -> None:
+        super().__init__(data, finish)
+        self.channel = channel
+        self.declared = 0
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        went_on = super()._dataReceived_CHUNK_LENGTH()
+        if went_on and self.state == "BODY":
+            self.declared += self.length
+            if not self.channel.body_received(self.declared):
+                # The channel has answered 413; this stops twisted.web's decoding loop.
+                raise _MalformedChunkedDataError("body over the size limit")
+        return went_on
 
 
 @implementer(IHandshakeListener)
@@ -120,6 +138,9 @@ class HardenedChannel(HTTPChannel):
             self._arm(limits.header_timeout, self._header_expired, "header")
         end = head_end(self.pending, limits.max_header_size)
         if end == -1:
+            if has_bare_line_break(self.pending):
+                # Without this a head ended by bare LFs would wait for the deadline, never complete.
+                self._invalid("bare_cr_or_lf", "request head has a bare CR or LF", None)
             return False
         if end == -2:
             self._too_large("header_size", limits.max_header_size, 431, "request head is larger than allowed")
@@ -161,6 +182,14 @@ class HardenedChannel(HTTPChannel):
                     self._drain()
             return
         HTTPChannel.dataReceived(self, data)
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        ok: bool = super()._maybeChooseTransferDecoder(header, data)
+        if ok and type(self._transferDecoder) is _ChunkedTransferDecoder:
+            self._transferDecoder = _LimitedChunkedDecoder(
+                self, self.requests[-1].handleContentChunk, self._finishRequestBody
+            )
+        return ok
 
     def _finishRequestBody(self, data: bytes) -> None:
         # Bytes after a chunked body's last chunk belong to the next request: keep them for our check.
@@ -215,6 +244,12 @@ class HardenedChannel(HTTPChannel):
         self._too_large("header_size", self.config.ddos.max_header_size, 431, "request head is larger than allowed")
 
     def _invalid(self, reason: str, message: str, raw: bytes | None) -> None:
+        if self.phase == DEAD:
+            return
+        if raw is not None and self.head is None:
+            # Which API's error shape to answer in, from the target as far as it can be read.
+            parts = raw.split(b"\r\n", 1)[0].split(b" ")
+            self.error_target = parts[1] if len(parts) > 1 else b"/"
         events.emit("invalid_request", "warning", reason=reason, ip_address=self._peer(), **self._what())
         self.refuse(400, message)
 
@@ -237,7 +272,7 @@ class HardenedChannel(HTTPChannel):
         self._disarm()
         from ccproxy.resource import new_request_id
 
-        target = self.head.target if self.head is not None else b"/"
+        target = self.head.target if self.head is not None else self.error_target
         body = error_body(api_for(target), ApiError(status, message))
         lines = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]
         headers = [
@@ -262,6 +297,7 @@ class HardenedChannel(HTTPChannel):
     # -- timers
 
     timer_kind = ""
+    error_target = b"/"
 
     def _arm(self, seconds: float | None, fire: Any, kind: str = "") -> None:
         self._disarm()

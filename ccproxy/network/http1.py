@@ -15,6 +15,8 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _TARGET = re.compile(rb"^/[\x21-\x7e]*$")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+# A CR not followed by LF (a CR at the very end may still get its LF), or an LF without its CR.
+_BARE = re.compile(rb"\r[^\n]|(?<!\r)\n")
 
 
 class Malformed(Exception):
@@ -51,9 +53,14 @@ def head_end(buffer: bytes | bytearray, limit: int) -> int:
     return -2 if len(buffer) >= limit + 2 else -1
 
 
+def has_bare_line_break(partial: bytes | bytearray) -> bool:
+    return _BARE.search(partial) is not None
+
+
 def parse_head(head: bytes) -> Head:
     """Check a request head (without its final CRLF CRLF); raises Malformed."""
-    if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b""):
+    stripped = head.replace(b"\r\n", b"")
+    if b"\r" in stripped or b"\n" in stripped:
         raise Malformed("bare_cr_or_lf", "request head has a bare CR or LF")
     lines = head.split(b"\r\n")
     method, target, version = _request_line(lines[0])
