@@ -33,6 +33,10 @@ class BodyFilter(Protocol):
     def close(self) -> bytes: ...
 
 
+# attrs.NOTHING as a default means "no default": the body not parsed yet needs a marker of its own.
+_UNPARSED: Any = object()
+
+
 @attrs.define
 class RequestContext:
     request: Request
@@ -45,7 +49,7 @@ class RequestContext:
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None
-    _json: Any = attrs.field(default=attrs.NOTHING, alias="_json", init=False)
+    _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
 
     @property
     def api(self) -> str:
@@ -53,7 +57,7 @@ class RequestContext:
 
     def json(self) -> Any:
         """The request body as JSON (parsed once); a body that is not JSON is a 400."""
-        if self._json is attrs.NOTHING:
+        if self._json is _UNPARSED:
             try:
                 self._json = json.loads(self.body)
             except (ValueError, UnicodeDecodeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 
@@ -140,7 +141,7 @@ def planted(draw: st.DrawFn) -> tuple[str, list[str]]:
 def split(draw: st.DrawFn, text: str, max_pieces: int = 40) -> list[str]:
     cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=max_pieces))))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @given(planted(), st.data())
@@ -174,7 +175,7 @@ def _client_text_anthropic(raw: bytes) -> tuple[str, list[bytes]]:
 def _byte_chunks(draw: st.DrawFn, body: bytes) -> list[bytes]:
     cuts = sorted(set(draw(st.lists(st.integers(0, len(body)), max_size=20))))
     bounds = [0, *cuts, len(body)]
-    return [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [body[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _anthropic_filter(counts: Counter[str], reported: list[Counter[str]]) -> SseFilter:

@@ -1,0 +1,275 @@
+"""Request validation and the content config, driven through the layer in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import globalLogPublisher
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from ccproxy.config._reader import ConfigError, Section
+from ccproxy.config.content import ContentConfig
+from ccproxy.config.server import UpstreamConfig
+from ccproxy.content.layer import ContentLayer
+from ccproxy.context import RequestContext
+from ccproxy.errors import ApiError
+from ccproxy.routes import Route
+
+SEED = {
+    "request_validation": {
+        "enabled": True,
+        "max_tokens": 100000,
+        "max_messages": 100,
+        "max_message_length": 50000,
+        "blocked_patterns": ["(?i)api[_-]?key", "(?i)password", "<script"],
+    },
+    "response_sanitization": {
+        "enabled": True,
+        "remove_system_prompts": True,
+        "mask_api_keys": True,
+        "mask_emails": True,
+        "mask_phone_numbers": True,
+        "mask_patterns": [{"name": "credit_card", "pattern": r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b",
+                           "replacement": "XXXX-XXXX-XXXX-XXXX"}],
+    },
+}
+
+
+def parse(security: dict[str, Any]) -> ContentConfig:
+    root = Section({"security": security}, "")
+    config = ContentConfig.parse(root)
+    root.done()
+    return config
+
+
+def make_ctx(body: bytes, kind: str = "messages", api: str = "anthropic") -> RequestContext:
+    request = DummyRequest([b"v1", b"messages"])
+    request.method = b"POST"
+    request.path = b"/v1/messages"  # type: ignore[attr-defined]
+    request.requestHeaders.setRawHeaders(b"accept-encoding", [b"gzip, br"])
+    upstream = UpstreamConfig(name=api, base_url="https://example.invalid", api_key=None)
+    return RequestContext(request=request, request_id="req_test", route=Route(api, upstream, b"/v1/messages", kind),
+                          client_ip="127.0.0.1", started=0.0, body=body)
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def check(layer: ContentLayer, ctx: RequestContext) -> None:
+    asyncio.run(layer.check(ctx))
+
+
+def refusal(layer: ContentLayer, ctx: RequestContext) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        check(layer, ctx)
+    assert caught.value.status == 400
+    assert caught.value.error_type == "invalid_request_error"
+    return caught.value
+
+
+def messages_body(**extra: Any) -> bytes:
+    body = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return json.dumps(body).encode()
+
+
+LAYER = ContentLayer(parse(SEED))
+
+
+def test_seed_config_is_accepted() -> None:
+    config = parse(SEED)
+    assert config.request_validation.blocked_patterns == ("(?i)api[_-]?key", "(?i)password", "<script")
+    assert config.request_validation.strip_control_characters is True
+    assert config.response_sanitization.mask_patterns[0].name == "credit_card"
+
+
+@pytest.mark.parametrize(
+    ("security", "path"),
+    [
+        ({"request_validation": {"blocked_patterns": ["(?<=a)b"]}}, "security.request_validation.blocked_patterns[0]"),
+        ({"response_sanitization": {"mask_patterns": [{"name": "x", "pattern": "(a"}]}},
+         "security.response_sanitization.mask_patterns[0].pattern"),
+        ({"response_sanitization": {"mask_patterns": [{"name": "x", "pattern": "a?"}]}},
+         "security.response_sanitization.mask_patterns[0].pattern"),
+        ({"response_sanitization": {"mask_patterns": [{"name": "x", "pattern": "a"}, {"name": "x", "pattern": "b"}]}},
+         "security.response_sanitization.mask_patterns[1].name"),
+        ({"response_sanitization": {"mask_patterns": [{"pattern": "a"}]}},
+         "security.response_sanitization.mask_patterns[0].name"),
+        ({"request_validation": {"max_token": 5}}, "security.request_validation.max_token"),
+        ({"request_validation": {"max_messages": 0}}, "security.request_validation.max_messages"),
+    ],
+)
+def test_bad_config_names_the_path(security: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(security)
+    assert caught.value.path == path
+
+
+def test_sections_off_by_default() -> None:
+    config = parse({})
+    assert not config.request_validation.enabled and not config.response_sanitization.enabled
+    ctx = make_ctx(b"not json")
+    check(ContentLayer(config), ctx)  # nothing validated, nothing refused
+
+
+def test_valid_request_passes_untouched(events: list[dict[str, Any]]) -> None:
+    body = messages_body(system=[{"type": "text", "text": "Be brief.\n\tOK"}])
+    ctx = make_ctx(body)
+    check(LAYER, ctx)
+    assert ctx.body == body
+    assert not ctx.request.requestHeaders.hasHeader(b"accept-encoding")
+    assert not events
+
+
+@pytest.mark.parametrize(
+    ("body", "rule", "words"),
+    [
+        (messages_body(max_tokens=100001), "max_tokens", "max_tokens exceeds the limit of 100000"),
+        (json.dumps({"model": "m", "max_completion_tokens": 200000, "messages": []}).encode(), "max_tokens",
+         "max_completion_tokens exceeds"),
+        (json.dumps({"model": "m", "max_tokens": 1,
+                     "messages": [{"role": "user", "content": "x"}] * 101}).encode(), "max_messages",
+         "101 messages exceed the limit of 100"),
+        (messages_body(messages=[{"role": "user", "content": "x" * 50001}]), "max_message_length",
+         "50001 characters exceeds the limit of 50000"),
+        (messages_body(system="y" * 50001), "max_message_length", "exceeds the limit of 50000"),
+        (messages_body(messages=[{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "z" * 50001}]}]}]),
+         "max_message_length", "exceeds the limit"),
+    ],
+)
+def test_limits_refuse_with_the_rule(body: bytes, rule: str, words: str, events: list[dict[str, Any]]) -> None:
+    kind = "chat_completions" if b"max_completion_tokens" in body else "messages"
+    error = refusal(LAYER, make_ctx(body, kind=kind))
+    assert words in error.message
+    assert [e["ccproxy_event"] for e in events] == ["invalid_request"]
+    assert events[0]["rule"] == rule and events[0]["request_id"] == "req_test"
+
+
+@pytest.mark.parametrize(
+    ("content", "index"),
+    [
+        ("my API_KEY is hunter2", 0),
+        ([{"type": "text", "text": "the PassWord is hunter2"}], 1),
+        ([{"type": "tool_result", "tool_use_id": "t", "content": "<script>alert(1)</script>"}], 2),
+    ],
+)
+def test_blocked_patterns_never_echo_the_text(content: Any, index: int, events: list[dict[str, Any]]) -> None:
+    error = refusal(LAYER, make_ctx(messages_body(messages=[{"role": "user", "content": content}])))
+    assert error.message == f"request blocked by content rule blocked_patterns[{index}]"
+    assert "hunter2" not in str(events) and "script>" not in str(events)
+    assert events[0]["rule"] == f"blocked_patterns[{index}]"
+
+
+def test_openai_message_shapes_are_read() -> None:
+    body = {"model": "gpt", "messages": [
+        {"role": "system", "content": "fine"},
+        {"role": "user", "content": [{"type": "text", "text": "my password"}]},
+    ]}
+    refusal(LAYER, make_ctx(json.dumps(body).encode(), kind="chat_completions", api="openai"))
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"',
+                                  b'{"messages": "no"}', b'{"max_tokens": "many"}'])
+def test_malformed_bodies_are_400(body: bytes, events: list[dict[str, Any]]) -> None:
+    refusal(LAYER, make_ctx(body))
+    assert events[0]["ccproxy_event"] == "invalid_request"
+
+
+def test_control_characters_are_removed_before_forwarding() -> None:
+    body = {"model": "m", "max_tokens": 5, "system": "sys\x07tem", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a\x00b\r\nc\td\x1b[31m"}]},
+        {"role": "assistant", "content": "keep\nthis"},
+    ]}
+    ctx = make_ctx(json.dumps(body).encode())
+    check(LAYER, ctx)
+    forwarded = json.loads(ctx.body)
+    assert forwarded["system"] == "system"
+    assert forwarded["messages"][0]["content"][0]["text"] == "ab\nc\td[31m"
+    assert forwarded["messages"][1]["content"] == "keep\nthis"
+
+
+def test_control_characters_kept_when_switched_off() -> None:
+    layer = ContentLayer(parse({"request_validation": {"strip_control_characters": False}}))
+    body = messages_body(system="a\x07b")
+    ctx = make_ctx(body)
+    check(layer, ctx)
+    assert ctx.body == body
+
+
+def test_other_routes_are_not_validated() -> None:
+    ctx = make_ctx(b"not json", kind="other")
+    check(LAYER, ctx)
+    assert ctx.request.requestHeaders.hasHeader(b"accept-encoding")
+
+
+def _filter_out(layer: ContentLayer, ctx: RequestContext, headers: dict[bytes, bytes], body: bytes) -> bytes:
+    h = Headers({k: [v] for k, v in headers.items()})
+    f = layer.response_filter(ctx, 200, h)
+    assert f is not None and getattr(f, "buffered", False)
+    return f.feed(body) + f.close()
+
+
+def test_json_responses_are_masked_and_stay_valid(events: list[dict[str, Any]]) -> None:
+    ctx = make_ctx(messages_body(system="You are the assistant of ACME, keep answers under forty words please."))
+    body = json.dumps({"type": "message", "content": [
+        {"type": "text", "text": "Mail bob@example.com or call (415) 555-0132. I am the assistant of ACME, "
+                                 "keep answers under forty words."},
+        {"type": "tool_use", "id": "t", "name": "n", "input": {"to": ["x@example.org"], "n": 3}},
+    ]}).encode()
+    out = json.loads(_filter_out(LAYER, ctx, {b"content-type": b"application/json"}, body))
+    assert out["content"][0]["text"] == (
+        "Mail [REDACTED_EMAIL] or call [REDACTED_PHONE]. I am[REDACTED_SYSTEM_PROMPT]."
+    )
+    assert out["content"][1]["input"] == {"to": ["[REDACTED_EMAIL]"], "n": 3}
+    (event,) = events
+    assert event["ccproxy_event"] == "response_masked"
+    assert event["counts"] == {"email": 2, "phone_number": 1, "system_prompt": 1}
+    assert "bob@" not in str(event)
+
+
+def test_openai_json_responses_are_masked() -> None:
+    ctx = make_ctx(json.dumps({"model": "g", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                   kind="chat_completions", api="openai")
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "key sk-proj-abcdefghijklmnopqrstuvwxyz",
+        "tool_calls": [{"id": "c", "type": "function",
+                        "function": {"name": "f", "arguments": json.dumps({"card": "4111 1111 1111 1111"})}}]}}]})
+    out = json.loads(_filter_out(LAYER, ctx, {b"content-type": b"application/json"}, body.encode()))
+    message = out["choices"][0]["message"]
+    assert message["content"] == "key [REDACTED_API_KEY]"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"card": "XXXX-XXXX-XXXX-XXXX"}
+
+
+def test_unmasked_json_is_byte_identical() -> None:
+    body = b'{"type": "message",  "content": [{"type": "text", "text": "nothing here"}]}'
+    assert _filter_out(LAYER, make_ctx(messages_body()), {b"content-type": b"application/json"}, body) == body
+
+
+def test_which_responses_are_filtered() -> None:
+    ctx = make_ctx(messages_body())
+    sse = Headers({b"content-type": [b"text/event-stream; charset=utf-8"]})
+    assert LAYER.response_filter(ctx, 200, sse) is not None
+    assert LAYER.response_filter(ctx, 400, sse) is None
+    assert LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"text/plain"]})) is None
+    assert LAYER.response_filter(make_ctx(b"{}", kind="count_tokens"), 200, sse) is None
+    assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is None
+    assert ContentLayer(parse({})).response_filter(ctx, 200, sse) is None
+    with pytest.raises(ApiError) as caught:
+        LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"application/json"],
+                                                 b"content-encoding": [b"br"]}))
+    assert caught.value.status == 502
