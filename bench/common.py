@@ -99,7 +99,7 @@ def ccproxy(workdir: Path, upstream_url: str, extra: dict[str, Any] | None = Non
             config[key] = value
     path = workdir / f"ccproxy-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(workdir / f"ccproxy-{port}.log", "wb")  # noqa: SIM115
+    log = open(workdir / f"ccproxy-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "ccproxy", "--config", str(path)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             stdout=log, stderr=subprocess.STDOUT)
