@@ -19,6 +19,8 @@ def check_config(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"{args.path}: invalid: {e}", file=sys.stderr)
         return 1
+    if args.quiet:
+        return 0
     print(f"# {args.path}: valid. Effective configuration (secrets masked):")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a config file and print it with secrets masked")
     p.add_argument("path")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing when the file is valid")
     p.set_defaults(func=check_config)
 
     p = sub.add_parser("gen-cert", help="write a self-signed certificate for local development")
