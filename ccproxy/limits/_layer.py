@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from twisted.internet import defer, task
@@ -148,13 +147,12 @@ class LimitsLayer(Layer):
         self.limiter = limiter
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
-        # Requests this layer has counted, so `decorate` counts the others (refused earlier).
-        self._seen: weakref.WeakSet[RequestContext] = weakref.WeakSet()
 
     async def check(self, ctx: RequestContext) -> None:
         if self.limiter is None:
             return
-        self._seen.add(ctx)
+        # Marks the request as counted here, so `decorate` counts only those refused earlier.
+        ctx.request.ccproxy_limits_checked = True  # type: ignore[attr-defined]
         now = self.clock.seconds()
         ip = ctx.client_ip
         if self.blocklist.is_blocked(ip, now):
@@ -209,7 +207,7 @@ class LimitsLayer(Layer):
         auto-blocking: a flood of them is what auto_block is for."""
         if self.limiter is None or not self.config.auto_block.enabled:
             return
-        if ctx is not None and ctx in self._seen:
+        if getattr(request, "ccproxy_limits_checked", False):
             return
         if ctx is None and request.path in _HEALTH:
             return

@@ -38,7 +38,7 @@ class FakeTime:
 
 def limits_config(rate_limiting: dict[str, Any] | None = None, auto_block: dict[str, Any] | None = None,
                   state: dict[str, Any] | None = None) -> LimitsConfig:
-    data: dict[str, Any] = {"security": {}}
+    data: dict[str, Any] = {"server": {"tls": {"enabled": False}}, "security": {}}
     if rate_limiting is not None:
         data["security"]["rate_limiting"] = rate_limiting
     if auto_block is not None:
