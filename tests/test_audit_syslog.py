@@ -140,7 +140,7 @@ def test_reconnects_and_resends_what_may_have_been_lost_in_flight(tmp_path: Path
     source.feed(sink, 2, now=5.0)  # sent just before the connection drops
     net.drop(ConnectionLost())
     source.feed(sink, 3, now=5.5)  # while down
-    reactor.advance(1.0)  # ClientService retries
+    reactor.advance(2.0)  # ClientService retries (0.25 s, plus jitter)
     assert len(reactor.tcpClients) > net.taken
     net.accept()
     seqs = net.seqs()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import random
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -252,7 +253,7 @@ class _TCPLink(_Link):
         endpoint = _endpoint(sink.reactor, sink.spec.host, sink.spec.port)
         factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
         self.service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0), clock=sink.reactor
+            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0, jitter=_jitter), clock=sink.reactor
         )
 
     def start(self) -> None:
@@ -274,6 +275,10 @@ class _TCPLink(_Link):
             waiting.addTimeout(3.0, self.sink.reactor)
             return defer.gatherResults([d, waiting], consumeErrors=True).addBoth(lambda _: None)
         return d.addBoth(lambda _: None)
+
+
+def _jitter() -> float:
+    return random.random() * 0.25
 
 
 def _endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:

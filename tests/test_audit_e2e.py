@@ -1,0 +1,167 @@
+"""The real daemon writing its audit trail to files and to a real rsyslogd."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ccproxy.audit.verify import verify
+from tests.support.clients import anthropic_client
+from tests.support.daemon import Daemon
+from tests.support.rsyslog import Rsyslog
+
+HMAC_KEY = "audit-e2e-hmac-key-5f0e1d2c3b4a69788796a5b4"
+UPSTREAM_KEY = "sk-ant-api03-E2EUPSTREAMKEY000000000000000000000000000000000000000000f3a9"
+CLIENT_KEY = "sk-ant-api03-E2ECLIENTKEY1111111111111111111111111111111111111111111c0de"
+
+
+@pytest.fixture
+def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
+    server = Rsyslog(tmp_path)
+    yield server
+    server.stop()
+
+
+def _syslog(r: Rsyslog, tmp: Path, protocol: str, app: str, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "syslog", "protocol": protocol, "app_name": app, "facility": "local4",
+                           "spool_path": str(tmp / f"spool-{app}"), **extra}
+    if protocol == "unix":
+        out["path"] = r.socket
+    else:
+        out.update(host="127.0.0.1", port=r.tcp_port if protocol == "tcp" else r.udp_port)
+    return out
+
+
+def _config(tmp: Path, outputs: list[dict[str, Any]], timeout: int = 600) -> dict[str, Any]:
+    return {
+        "security": {"audit": {"hmac_key": "${CCPROXY_AUDIT_HMAC_KEY}", "outputs": [
+            {"type": "file", "path": str(tmp / "audit.log"), "flush_interval": "50ms"}, *outputs]}},
+        "upstreams": {"anthropic": {"api_key": UPSTREAM_KEY, "read_timeout": f"{timeout}s"}},
+    }
+
+
+def _reloads(d: Daemon, count: int) -> None:
+    """Each reload is one configuration_change event."""
+    config = d.config
+    for _ in range(count):
+        timeout = config["upstreams"]["anthropic"]["read_timeout"]
+        config["upstreams"]["anthropic"]["read_timeout"] = f"{int(timeout[:-1]) + 1}s"
+        assert "config reloaded" in d.reload(config)
+
+
+def _by_app(r: Rsyslog, app: str) -> list[dict[str, Any]]:
+    out = []
+    for fields in r.lines():
+        if len(fields) == 6 and fields[3] == app:
+            out.append(json.loads(fields[5][fields[5].find("{"):]))
+    return out
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _first_seen(records: list[dict[str, Any]]) -> list[int]:
+    """Sequence numbers in arrival order, a duplicate (sent again after a reconnect) counted once."""
+    seen: list[int] = []
+    for record in records:
+        if record["seq"] not in seen:
+            seen.append(record["seq"])
+    return seen
+
+
+ENV = {"CCPROXY_AUDIT_HMAC_KEY": HMAC_KEY}
+
+
+def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
+        daemon: Any, rsyslog: Rsyslog, tmp_path: Path) -> None:
+    rsyslog.start()
+    config = _config(tmp_path, [
+        {"type": "file", "path": str(tmp_path / "access.log"), "records": "access", "flush_interval": "50ms"},
+        _syslog(rsyslog, tmp_path, "tcp", "ccp-tcp"),
+        _syslog(rsyslog, tmp_path, "udp", "ccp-udp"),
+        _syslog(rsyslog, tmp_path, "unix", "ccp-unix"),
+        _syslog(rsyslog, tmp_path, "tcp", "ccp-access", records="access"),
+    ])
+    d = daemon(config, env=ENV)
+    client = anthropic_client(d, CLIENT_KEY)
+    client.messages.create(model="claude-sonnet-4-6", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    _reloads(d, 3)
+
+    for app in ("ccp-tcp", "ccp-udp", "ccp-unix"):
+        _wait(lambda app=app: len(_by_app(rsyslog, app)) >= 3)
+        records = _by_app(rsyslog, app)
+        assert [r["event"] for r in records] == ["configuration_change"] * 3
+        assert [r["seq"] for r in records] == [1, 2, 3]
+        assert records[0]["changed"] == ["upstreams.anthropic.read_timeout"]
+    for fields in rsyslog.lines():
+        if fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix"):
+            assert fields[:3] == ["1", "local4", "notice"] and fields[4] == "configuration_change"
+    _wait(lambda: any(r["path"] == "/v1/messages" for r in _by_app(rsyslog, "ccp-access")))
+    access = [r for r in _by_app(rsyslog, "ccp-access") if r["path"] == "/v1/messages"]
+    assert access[0]["event"] == "http_request" and access[0]["status"] == 200 and access[0]["method"] == "POST"
+
+    d.stop()
+    file_records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert file_records == _by_app(rsyslog, "ccp-tcp")  # the same sealed records everywhere
+    assert verify([str(tmp_path / "audit.log")], HMAC_KEY.encode()).ok
+    assert verify([str(rsyslog.out)], HMAC_KEY.encode()).ok is False  # mixed apps in one file: not one chain
+    _scan_for_secrets(tmp_path, [HMAC_KEY, UPSTREAM_KEY, CLIENT_KEY])
+
+
+def _scan_for_secrets(tmp: Path, secrets: list[str]) -> None:
+    """Every file the trail or the receiver wrote (not the daemon's own log, which is not ours)."""
+    scanned = 0
+    for path in tmp.rglob("*"):
+        if not path.is_file() or path.suffix in (".pem", ".yaml") or path.name.startswith("ccproxy-"):
+            continue
+        data = path.read_bytes()
+        scanned += 1
+        for secret in secrets:
+            for probe in (secret, secret[8:40], json.dumps(secret)[1:-1]):
+                assert probe.encode() not in data, f"{path} holds a secret"
+    assert scanned >= 6
+
+
+def test_a_receiver_that_goes_away_and_comes_back_gets_everything_in_order(
+        daemon: Any, rsyslog: Rsyslog, tmp_path: Path) -> None:
+    rsyslog.start()
+    config = _config(tmp_path, [_syslog(rsyslog, tmp_path, "tcp", "ccp-tcp", queue_size=2)])
+    d = daemon(config, env=ENV)
+    _reloads(d, 2)
+    _wait(lambda: len(_by_app(rsyslog, "ccp-tcp")) >= 2)
+    rsyslog.stop()
+    time.sleep(0.5)
+    _reloads(d, 4)  # two wait in memory, two in the spool
+    time.sleep(1.0)
+    rsyslog.start()
+    _reloads(d, 1)
+    _wait(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 8)))
+    assert _first_seen(_by_app(rsyslog, "ccp-tcp")) == list(range(1, 8))
+
+
+def test_records_spooled_at_shutdown_are_delivered_after_a_restart(
+        daemon: Any, rsyslog: Rsyslog, tmp_path: Path) -> None:
+    config = _config(tmp_path, [_syslog(rsyslog, tmp_path, "tcp", "ccp-tcp", queue_size=2)])
+    d = daemon(config, env=ENV)  # the receiver is not running at all
+    _reloads(d, 5)
+    d.stop()
+    spool = tmp_path / "spool-ccp-tcp"
+    assert spool.read_bytes().count(b"\n") == 5
+    rsyslog.start()
+    d.start()
+    _reloads(d, 1)
+    _wait(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 7)))
+    assert _first_seen(_by_app(rsyslog, "ccp-tcp")) == list(range(1, 7))
+    assert spool.read_bytes() == b""
+    d.stop()
+    assert verify([str(tmp_path / "audit.log")], HMAC_KEY.encode()).ok
