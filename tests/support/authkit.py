@@ -76,7 +76,7 @@ class FakeIntrospection:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 from urllib.parse import parse_qs
 
                 length = int(self.headers.get("content-length", "0"))
