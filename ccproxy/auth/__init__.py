@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from ccproxy.auth._http import http_client
 from ccproxy.auth._jwt import JwksCache, JwtAuthenticator
 from ccproxy.auth._keys import ApiKeyAuthenticator, KeyNotices
 from ccproxy.auth._layer import AuthLayer
@@ -36,10 +37,13 @@ def build_layer(config: Config, deps: Any, previous: Layer | None, http: Any = N
         notices = KeyNotices(auth, clock)
         notices.start(old.notices if old is not None else None)
         return AuthLayer(ApiKeyAuthenticator(auth, clock), clock, notices)
+    pool = None
     if http is None:
-        from ccproxy.auth._http import http_client
-
-        http = http_client(deps.reactor)
+        # One side-call client for the daemon's life: a reload must not leave pools behind.
+        if old is not None and old.pool is not None:
+            http, pool = old.http, old.pool
+        else:
+            http, pool = http_client(deps.reactor)
     if auth.type == JWT:
         assert auth.jwt is not None
         jwks = None
@@ -49,12 +53,12 @@ def build_layer(config: Config, deps: Any, previous: Layer | None, http: Any = N
             if isinstance(before, JwksCache) and before.url == jwks.url:
                 jwks.adopt(before)
             jwks.start()
-        return AuthLayer(JwtAuthenticator(auth.jwt, clock, jwks), clock)
+        return AuthLayer(JwtAuthenticator(auth.jwt, clock, jwks), clock, http=http, pool=pool)
     assert auth.oauth2 is not None
     introspector = Introspector(auth.oauth2, http, clock)
     if old is not None and isinstance(old.authenticator, Introspector):
         introspector.adopt(old.authenticator)
-    return AuthLayer(introspector, clock)
+    return AuthLayer(introspector, clock, http=http, pool=pool)
 
 
 def _warn_missing_upstream_keys(config: Config) -> None:

@@ -14,14 +14,15 @@ class SideCallFailed(Exception):
     """A side call that gave nothing usable; the message is safe to show to a client."""
 
 
-def http_client(reactor: Any) -> Any:
-    """A treq client of its own, so side calls never share connections or cookies with forwarding."""
+def http_client(reactor: Any) -> tuple[Any, Any]:
+    """A treq client of its own (and its pool), so side calls never share connections or cookies
+    with forwarding."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
-    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
 
 
 async def fetch_json(what: str, clock: IReactorTime, timeout: float, call: Any) -> tuple[int, Any]:

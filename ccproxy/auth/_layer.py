@@ -15,10 +15,13 @@ from ccproxy.errors import ApiError
 
 class AuthLayer(Layer):
     def __init__(self, authenticator: Authenticator, clock: IReactorTime,
-                 notices: KeyNotices | None = None) -> None:
+                 notices: KeyNotices | None = None, http: Any = None, pool: Any = None) -> None:
         self.authenticator = authenticator
         self.clock = clock
         self.notices = notices
+        # The treq client of side calls (JWKS, introspection), handed on across reloads.
+        self.http = http
+        self.pool = pool
 
     async def check(self, ctx: RequestContext) -> None:
         headers = ctx.request.requestHeaders
@@ -47,7 +50,10 @@ class AuthLayer(Layer):
         self.authenticator.stop()
 
     def stop(self) -> Any:
+        """At shutdown: timers, and the side-call client's idle connections."""
         self.retire()
+        if self.pool is not None:
+            return self.pool.closeCachedConnections()
         return None
 
 
