@@ -228,3 +228,20 @@ def test_audit_section_without_enabled_runs_and_needs_outputs() -> None:
         config({"events": ["authentication_failure"]})
     assert e.value.path == "security.audit.outputs"
     assert config({"enabled": False, "outputs": "whatever"}).audit.enabled is False
+
+
+def test_an_output_that_cannot_open_fails_the_start_but_not_a_reload(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    bad = {"outputs": [{"type": "file", "path": str(blocked / "audit.log")}]}
+    with pytest.raises(OSError):
+        Harness(tmp_path, bad)
+    h = Harness(tmp_path)
+    try:
+        h.reload(bad)
+        events.emit("invalid_request", "notice")  # logged as critical, does not raise into the emitter
+        h.reload({"outputs": [{"type": "file", "path": str(tmp_path / "audit.log")}]})
+        events.emit("invalid_request", "notice")
+        assert [r["seq"] for r in h.records()] == [1]
+    finally:
+        h.stop()

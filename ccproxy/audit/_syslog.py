@@ -252,9 +252,8 @@ class _TCPLink(_Link):
         self.protocol: _SyslogProtocol | None = None
         endpoint = _endpoint(sink.reactor, sink.spec.host, sink.spec.port)
         factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
-        self.service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0, jitter=_jitter), clock=sink.reactor
-        )
+        retry = backoffPolicy(initialDelay=0.25, maxDelay=5.0, jitter=_jitter)
+        self.service = ClientService(endpoint, factory, retryPolicy=retry, clock=sink.reactor)
 
     def start(self) -> None:
         self.service.startService()

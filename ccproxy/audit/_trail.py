@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python import threadable
 from zope.interface import implementer
 
@@ -19,6 +19,7 @@ from ccproxy.config.audit import AuditConfig, FileOutput, Output
 from ccproxy.config.audit import SyslogOutput as SyslogSpec
 
 ACCESS_NAMESPACE = "ccproxy.access"
+log = Logger(namespace="ccproxy.audit")
 Sink = FileSink | SyslogSink
 
 
@@ -38,12 +39,13 @@ class AuditTrail:
         self.chains: dict[str, Chain] = {}
         self.builder = RecordBuilder(Scrubber(()), None)
         self.stopped = False
+        self.failed = False
 
     def _thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
     def start(self) -> AuditTrail:
-        self._reconfigure(self.holder.current.config)
+        self._reconfigure(self.holder.current.config, strict=True)
         self.publisher.addObserver(self)
         return self
 
@@ -87,7 +89,8 @@ class AuditTrail:
             else:
                 sink.write(record, line, now)
 
-    def _reconfigure(self, config: Any) -> None:
+    def _reconfigure(self, config: Any, strict: bool = False) -> None:
+        """Apply a config; an output that cannot open fails the start, but not a running daemon's reload."""
         self.applied = config
         audit: AuditConfig = config.audit
         anonymizer = None
@@ -95,15 +98,22 @@ class AuditTrail:
             ip_key = audit.anonymize_key.reveal().encode() if audit.anonymize_key else b""
             anonymizer = Anonymizer(audit.anonymize_method, ip_key)
         self.builder = RecordBuilder(Scrubber(config_secrets(config)), anonymizer)
-        if audit == self.audit:
+        if audit == self.audit and not self.failed:
             return
-        self.audit = audit
+        self.audit, self.failed = audit, False
         wanted = {(spec, audit.data_retention) for spec in audit.outputs} if audit.enabled else set()
         for old in list(self.sinks):
             if old not in wanted:
                 self.sinks.pop(old).stop()
         for spec, retention in sorted(wanted - set(self.sinks), key=lambda k: audit.outputs.index(k[0])):
-            self.sinks[(spec, retention)] = self._sink(spec, retention)
+            try:
+                self.sinks[(spec, retention)] = self._sink(spec, retention)
+            except OSError as e:
+                if strict:
+                    raise
+                self.failed = True
+                log.critical("audit output {output} could not be opened after a reload: {error}; "
+                             "it writes nothing until fixed and reloaded", output=_describe(spec), error=e)
         chain_key = audit.hmac_key.reveal().encode() if audit.hmac_key else None
         for stream in ("audit", "access"):
             self.chains[stream] = self._chain(stream, chain_key)
@@ -130,6 +140,12 @@ class AuditTrail:
                     return Chain(key, last["seq"], last["hash"])
                 break
         return Chain(key, 0, GENESIS)
+
+
+def _describe(spec: Output) -> str:
+    if isinstance(spec, FileOutput):
+        return f"file {spec.path}"
+    return f"syslog {spec.protocol} {spec.host}:{spec.port}"
 
 
 def _report_loss(count: int, output: str) -> None:
