@@ -1,0 +1,186 @@
+"""Connection hardening against the real daemon, over real loopback sockets and TLS."""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from tests.support.clients import anthropic_client
+from tests.support.upstream import FakeUpstream, Script, anthropic_stream
+
+
+def tcp(d: Any, source: str | None = None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=5,
+                                 source_address=(source, 0) if source else None)
+    return s
+
+
+def tls(d: Any, source: str | None = None) -> ssl.SSLSocket:
+    return d.ssl_context().wrap_socket(tcp(d, source), server_hostname="localhost")
+
+
+def refused(s: socket.socket, wait: float = 2.0) -> bool:
+    """True if the server closed this connection without sending a byte."""
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def still_open(s: socket.socket) -> bool:
+    readable, _, _ = select.select([s], [], [], 0.3)
+    return not readable
+
+
+def get(s: ssl.SSLSocket, path: str = "/health") -> bytes:
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head
+
+
+def https_get(d: Any, path: str = "/health") -> Any:
+    try:
+        return urllib.request.urlopen(d.url + path, timeout=10, context=d.ssl_context())
+    except urllib.error.HTTPError as e:
+        return e
+
+
+def test_trickling_head_gets_408_at_header_timeout_while_others_served(daemon) -> None:
+    d = daemon({"security": {"ddos_protection": {"header_timeout": "2s"}}})
+    slow = tls(d)
+    result: dict[str, Any] = {}
+
+    def trickle() -> None:
+        request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100
+        started = time.monotonic()
+        slow.settimeout(0.05)
+        for byte in request:
+            slow.send(bytes([byte]))
+            try:
+                result["answer"] = slow.recv(4096)
+                break
+            except TimeoutError:
+                pass
+            except ssl.SSLError:
+                pass
+            time.sleep(0.95)
+        result["after"] = time.monotonic() - started
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    served = 0
+    while thread.is_alive():
+        assert https_get(d).status == 200
+        served += 1
+        time.sleep(0.1)
+    thread.join()
+    assert result["answer"].startswith(b"HTTP/1.1 408")
+    assert b'"timeout_error"' in result["answer"] or b"request-id" in result["answer"]
+    assert 1.5 <= result["after"] <= 2.6, result
+    assert served >= 5
+
+
+def test_max_connections_plus_one_leaves_exactly_max_open(daemon) -> None:
+    d = daemon({"security": {"ddos_protection": {"max_connections": 5, "max_connections_per_ip": 5}}})
+    time.sleep(0.2)  # the readiness probe's connection has closed
+    conns = []
+    for _ in range(6):
+        conns.append(tcp(d))
+        time.sleep(0.05)
+    assert refused(conns[5])
+    assert all(still_open(c) for c in conns[:5])
+    # Every connection already open keeps working, TLS and all.
+    wrapped = [d.ssl_context().wrap_socket(c, server_hostname="localhost") for c in conns[:5]]
+    assert all(get(w).startswith(b"HTTP/1.1 200") for w in wrapped)
+    wrapped[0].close()
+    time.sleep(0.2)
+    assert get(tls(d)).startswith(b"HTTP/1.1 200")  # the count dropped with the close
+    for w in wrapped[1:]:
+        w.close()
+    assert "too_many_connections" in d.log()
+
+
+def test_per_ip_cap_counts_each_address(daemon) -> None:
+    d = daemon({"security": {"ddos_protection": {"max_connections": 50, "max_connections_per_ip": 2}}})
+    time.sleep(0.2)
+    one = [tls(d, "127.0.0.1"), tls(d, "127.0.0.1")]
+    two = [tls(d, "127.0.0.2"), tls(d, "127.0.0.2")]
+    third = tcp(d, "127.0.0.1")
+    assert refused(third)
+    assert all(get(s).startswith(b"HTTP/1.1 200") for s in one + two)
+    assert refused(tcp(d, "127.0.0.2"))
+    assert "too_many_connections_per_ip" in d.log()
+    for s in one + two:
+        s.close()
+
+
+def test_ip_lists_refuse_at_accept_and_follow_reload(daemon) -> None:
+    config = {"security": {"ip_blacklist": {"enabled": True, "ips": ["127.0.0.2/32"]}}}
+    d = daemon(config)
+    assert refused(tcp(d, "127.0.0.2"))  # closed before any TLS byte
+    assert get(tls(d, "127.0.0.3")).startswith(b"HTTP/1.1 200")
+    config = d.config
+    config["security"] = {"ip_whitelist": {"enabled": True, "ips": ["127.0.0.1/32", "127.0.0.2/32"]},
+                          "ip_blacklist": {"enabled": True, "ips": ["127.0.0.1/32"]}}
+    assert "config reloaded" in d.reload(config)
+    assert get(tls(d, "127.0.0.2")).startswith(b"HTTP/1.1 200")
+    assert refused(tcp(d, "127.0.0.3"))  # not on the whitelist
+    assert refused(tcp(d, "127.0.0.1"))  # blacklisted though whitelisted: the blacklist wins
+    log = d.log()
+    assert "ip_blacklisted" in log and "not_whitelisted" in log
+
+
+def test_sse_longer_than_every_timeout_arrives_whole(daemon, upstream: FakeUpstream) -> None:
+    d = daemon({"security": {"ddos_protection": {"header_timeout": "1s", "read_timeout": "1s",
+                                                 "tls_handshake_timeout": "1s", "idle_timeout": "1s"}}})
+    deltas = [f"part{i} " for i in range(10)]
+    upstream.expect(Script(events=anthropic_stream(deltas), event_gap=0.3,
+                           headers={"content-type": "text/event-stream"}))
+    client = anthropic_client(d)
+    started = time.monotonic()
+    text = ""
+    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        for piece in stream.text_stream:
+            text += piece
+    assert time.monotonic() - started > 3.0  # longer than every deadline, three times over
+    assert text == "".join(deltas)
+
+
+def test_security_headers_and_size_limit_on_real_responses(daemon, upstream: FakeUpstream) -> None:
+    d = daemon({"security": {"ddos_protection": {"max_request_size": 1000}}})
+    upstream.expect(Script(body=b"{}", headers={"content-type": "application/json",
+                                                "x-frame-options": "SAMEORIGIN"}))
+    ok = https_get(d, "/v1/models")
+    assert ok.status == 200
+    assert ok.headers["x-frame-options"] == "SAMEORIGIN"  # the upstream's own is kept
+    assert ok.headers["x-content-type-options"] == "nosniff"
+    assert ok.headers["strict-transport-security"].startswith("max-age=")
+    missing = https_get(d, "/nowhere")
+    assert missing.status == 404 and missing.headers["x-frame-options"] == "DENY"
+
+    conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=d.ssl_context(), timeout=10)
+    conn.putrequest("POST", "/v1/messages")
+    conn.putheader("Content-Length", "5000")
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 413 and b"request_too_large" in body
+    assert response.headers["request-id"].startswith("req_ccp_")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert not [r for r in upstream.requests if r.path == "/v1/messages"]
