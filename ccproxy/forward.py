@@ -7,14 +7,16 @@ jar between callers, and a faithful proxy wants none of that.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _StandardEndpointFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
@@ -62,12 +64,19 @@ def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Hea
     out = Headers()
     for name, values in end_to_end(client, CREDENTIALS if key is not None else ()):
         out.setRawHeaders(name, values)
+    # Set here so the Agent does not copy the headers to add it.
+    out.setRawHeaders(b"host", [upstream_host(upstream)])
     if key is not None:
         if api == ANTHROPIC:
             out.setRawHeaders(b"x-api-key", [key.reveal().encode()])
         else:
             out.setRawHeaders(b"authorization", [b"Bearer " + key.reveal().encode()])
     return out
+
+
+@lru_cache(maxsize=64)
+def upstream_host(upstream: UpstreamConfig) -> bytes:
+    return urlsplit(upstream.base_url).netloc.encode("idna")
 
 
 @implementer(IBodyProducer)
@@ -104,6 +113,22 @@ class _CAFilePolicy:
         return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._root)
 
 
+@implementer(IAgentEndpointFactory)
+class _CachedEndpoints:
+    """One endpoint per upstream address, instead of a new one (and its IDNA work) per request."""
+
+    def __init__(self, inner: _StandardEndpointFactory) -> None:
+        self._inner = inner
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = self._cache[key] = self._inner.endpointForURI(uri)
+        return endpoint
+
+
 class Forwarder:
     """Sends requests upstream; one Agent per upstream (their timeouts differ), one pool for all."""
 
@@ -121,7 +146,8 @@ class Forwarder:
         agent = self._agents.get(upstream)
         if agent is None:
             policy = _CAFilePolicy(upstream.ca_file) if upstream.ca_file else BrowserLikePolicyForHTTPS()
-            agent = Agent(self.reactor, policy, connectTimeout=upstream.connect_timeout, pool=self.pool)
+            endpoints = _StandardEndpointFactory(self.reactor, policy, upstream.connect_timeout, None)
+            agent = Agent.usingEndpointFactory(self.reactor, _CachedEndpoints(endpoints), pool=self.pool)
             self._agents = {**self._agents, upstream: agent}
         return agent
 
