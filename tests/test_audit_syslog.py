@@ -73,8 +73,10 @@ class Source:
     def feed(self, sink: SyslogSink, count: int, now: float = 0.0, severity: str = "warning") -> None:
         for i in range(count):
             event = {"ccproxy_event": "authentication_failure", "severity": severity, "n": i}
-            record = self.chain.seal(self.builder.security(event, now))
-            sink.write(record, encode(record), now)
+            record = self.builder.security(event, now)
+            line = self.chain.seal(record)
+            assert line == encode(record)
+            sink.write(record, line, now)
 
 
 @pytest.fixture

@@ -18,24 +18,41 @@ _SKIP = frozenset({"ccproxy_event", "severity", "log_logger", "log_source", "log
                    "log_namespace", "log_time", "log_failure", "log_text", "log_io", "log_trace",
                    "log_system", "log_flattened", "format", "message", "isError", "system", "time"})
 _MAX_DEPTH = 4
+_PLAIN = (int, float, bool)
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted: most records share it
 
 
 def rfc3339(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = int(seconds)
+    if _second[0] != whole:
+        moment = datetime.datetime.fromtimestamp(whole, datetime.UTC)
+        _second[0], _second[1] = whole, moment.strftime("%Y-%m-%dT%H:%M:%S.")
+    return f"{_second[1]}{int((seconds - whole) * 1000):03d}Z"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    """The bytes a record's hash covers: every field but `hash`, keys sorted, no spaces."""
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """The bytes a record's hash covers: every field but `hash`, in the record's order, no spaces.
+
+    That is exactly the written line up to the hash, so sealing encodes once; json.loads keeps the
+    order and floats round-trip, so a verifier re-encoding a parsed record gets the same bytes.
+    """
+    return _dumps({k: v for k, v in record.items() if k != "hash"})
 
 
-def record_hash(record: Mapping[str, Any], key: bytes | None) -> str:
-    data = canonical(record)
+def _mac(data: bytes, key: bytes | None) -> str:
     if key:
         return hmac.new(key, data, hashlib.sha256).hexdigest()
     return hashlib.sha256(data).hexdigest()
+
+
+def record_hash(record: Mapping[str, Any], key: bytes | None) -> str:
+    return _mac(canonical(record), key)
 
 
 class Chain:
@@ -46,17 +63,20 @@ class Chain:
         self.seq = seq
         self.last_hash = last_hash
 
-    def seal(self, record: dict[str, Any]) -> dict[str, Any]:
+    def seal(self, record: dict[str, Any]) -> bytes:
+        """Number and hash `record` (adding seq, prev, hash); returns its line, ready to write."""
         self.seq += 1
+        record.pop("hash", None)
         record["seq"] = self.seq
         record["prev"] = self.last_hash
-        record["hash"] = self.last_hash = record_hash(record, self.key)
-        return record
+        body = _dumps(record)
+        record["hash"] = self.last_hash = _mac(body, self.key)
+        return body[:-1] + b',"hash":"' + self.last_hash.encode() + b'"}\n'
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
     """One line of ASCII JSON (non-ASCII escaped, so syslog and files never see a broken byte)."""
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+    return _dumps(record) + b"\n"
 
 
 class RecordBuilder:
@@ -106,10 +126,13 @@ class RecordBuilder:
         return record
 
     def _value(self, value: Any, depth: int) -> Any:
-        if value is None or isinstance(value, bool | int | float):
+        kind = type(value)
+        if kind is str:
+            return self.scrubber.text(value)
+        if value is None or kind in _PLAIN:
             return value
         if isinstance(value, str):
-            return self.scrubber.text(value)
+            return self.scrubber.text(str(value))
         if depth < _MAX_DEPTH and isinstance(value, Mapping):
             return {str(k): self._value(v, depth + 1) for k, v in list(value.items())[:100]}
         if depth < _MAX_DEPTH and isinstance(value, list | tuple | set | frozenset):

@@ -23,10 +23,9 @@ _TOKEN_PATTERNS = (
 )
 _TOKEN_RE = re.compile("|".join(_TOKEN_PATTERNS))
 # "Bearer <anything>" and "api_key=<anything>": the value is hidden whatever it looks like.
-_LABELLED_RE = re.compile(
-    r"(?i)\b(bearer|basic|x-api-key|api[_-]?key|authorization|password|secret|token)(\s*[:=]\s*|\s+)"
-    r"([^\s,;\"']{6,})"
-)
+_LABELLED = (r"\b(bearer|basic|x-api-key|api[_-]?key|authorization|password|secret|token)(\s*[:=]\s*|\s+)"
+             r"([^\s,;\"']{6,})")
+_LABELLED_RE = re.compile(_LABELLED, re.IGNORECASE)
 _IPV4_RE = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6_RE = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f.]{0,15}(?![0-9A-Fa-f:])")
 
@@ -41,10 +40,15 @@ class Scrubber:
     def __init__(self, secrets: Iterable[str]) -> None:
         known = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
         self._known = re.compile("|".join(re.escape(s) for s in known)) if known else None
+        # One pass to tell the common case (nothing to hide) from the rest.
+        parts = [f"(?i:{_LABELLED})", _TOKEN_RE.pattern, *([self._known.pattern] if self._known else [])]
+        self._any = re.compile("|".join(parts))
 
     def text(self, value: str) -> str:
         if len(value) > MAX_STRING:
             value = value[:MAX_STRING] + "…"
+        if self._any.search(value) is None:
+            return value
         if self._known is not None:
             value = self._known.sub(lambda m: mask(m.group(0)), value)
         value = _LABELLED_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{mask(m.group(3))}", value)

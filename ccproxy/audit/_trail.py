@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from ccproxy import events
 from ccproxy.audit._file import FileSink, RunInThread, resume_point
-from ccproxy.audit._record import GENESIS, Chain, RecordBuilder, encode
+from ccproxy.audit._record import GENESIS, Chain, RecordBuilder
 from ccproxy.audit._scrub import Anonymizer, Scrubber, config_secrets
 from ccproxy.audit._syslog import SyslogSink
 from ccproxy.config.audit import AuditConfig, FileOutput, Output
@@ -81,8 +81,8 @@ class AuditTrail:
         if not targets:
             return
         now = self.reactor.seconds()
-        record = self.chains[stream].seal(build(now))
-        line = encode(record)
+        record = build(now)
+        line = self.chains[stream].seal(record)
         for _, sink in targets:
             if isinstance(sink, FileSink):
                 sink.write(line, now)

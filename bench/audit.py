@@ -1,0 +1,77 @@
+"""Audit trail cost: requests/s through ccproxy with the audit trail off and on, in one run.
+
+    python bench/audit.py [--seconds 10] [--connections 50] [--rounds 2]
+
+"On" writes every request's access record and every security event to a file and, over TCP, to a
+real rsyslogd on loopback (four outputs: audit + access, each to file and syslog). Off and on
+alternate for `--rounds` rounds so drift on a shared machine hits both alike.
+Needs nginx (Debian: nginx-light), wrk and rsyslog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ccproxy, nginx, row, wrk
+from tests.support.rsyslog import Rsyslog
+
+
+def audit_config(work: Path, syslog: Rsyslog) -> dict[str, Any]:
+    def tcp(app: str, records: str) -> dict[str, Any]:
+        return {"type": "syslog", "protocol": "tcp", "host": "127.0.0.1", "port": syslog.tcp_port,
+                "app_name": app, "records": records, "spool_path": str(work / f"spool-{app}")}
+
+    return {"security": {"audit": {"enabled": True, "hmac_key": "bench-audit-hmac-key-0123456789", "outputs": [
+        {"type": "file", "path": str(work / "audit.log")},
+        {"type": "file", "path": str(work / "access.log"), "records": "access"},
+        tcp("ccp-audit", "audit"),
+        tcp("ccp-access", "access"),
+    ]}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {"audit off": [], "audit on": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        syslog = Rsyslog(work).start()
+        try:
+            with ccproxy(work, "http://127.0.0.1:1") as probe:
+                cert, key = probe["cert"], probe["key"]
+            with nginx(work, cert, key) as ports:
+                upstream = f"http://127.0.0.1:{ports['http']}"
+                with ccproxy(work, upstream) as off, ccproxy(work, upstream, audit_config(work, syslog)) as on:
+                    targets = {"audit off": off["url"], "audit on": on["url"]}
+                    for url in targets.values():
+                        wrk(url + "/v1/messages", args.connections, 2)  # warm-up
+                    for _ in range(args.rounds):
+                        for name, url in targets.items():
+                            runs[name].append(wrk(url + "/v1/messages", args.connections, args.seconds))
+            access_lines = sum(1 for _ in open(work / "access.log", "rb"))
+            received = len(syslog.lines())
+        finally:
+            syslog.stop()
+    print(f"\n== {args.connections} connections, {args.seconds:g}s x {args.rounds} rounds each, "
+          "wrk -t1, POST /v1/messages over TLS ==")
+    for name, results in runs.items():
+        for i, r in enumerate(results):
+            print(row(f"{name} (round {i + 1})", r))
+    off_rps = statistics.mean(r["rps"] for r in runs["audit off"])
+    on_rps = statistics.mean(r["rps"] for r in runs["audit on"])
+    print(f"mean: off {off_rps:.0f} req/s, on {on_rps:.0f} req/s: audit costs {100 * (1 - on_rps / off_rps):.1f}%")
+    print(f"access records written to file: {access_lines}; messages received by rsyslogd: {received}")
+
+
+if __name__ == "__main__":
+    main()
