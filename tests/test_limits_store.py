@@ -256,3 +256,17 @@ class RedisStoreTests(_StoreTests, unittest.TestCase):
         yield self.decide(T0, [quota])
         raw = self.server.command("GET", "ccproxy:rl:" + quota.key)
         self.assertIn(b"1", raw)
+
+    @defer.inlineCallbacks
+    def test_a_pool_that_gave_up_is_replaced(self) -> Any:
+        """txredisapi stops reconnecting if a connection drops mid-handshake; the store starts afresh."""
+        from ccproxy.limits._redis import RedisUnavailable
+
+        yield self.decide(T0, [rate("m", 10, 60.0, 10)])
+        factory = self.store._pool._factory
+        yield factory.disconnect()
+        with self.assertRaises(RedisUnavailable):
+            yield self.decide(T0, [rate("m", 10, 60.0, 10)])
+        self.assertIsNot(self.store._pool._factory, factory)
+        d = yield self.decide(T0, [rate("m", 10, 60.0, 10)])
+        self.assertEqual(d.remaining, 8)

@@ -115,7 +115,8 @@ class RedisStore:
         self._pool = txredisapi.lazyConnectionPool(
             host=s.host,
             port=s.port,
-            dbid=s.db,
+            # db 0 needs no SELECT: one handshake step fewer that could fail (see `_heal`).
+            dbid=s.db or None,
             poolsize=4,
             reconnect=True,
             password=s.password.reveal() if s.password else None,
@@ -123,6 +124,18 @@ class RedisStore:
             # A connection silent this long is dropped and made again.
             replyTimeout=max(1.0, 10 * s.timeout),
         )
+        # A handshake cut short fails this Deferred; the outage is reported by the requests.
+        self._pool._connected.addErrback(lambda _: None)
+
+    def _heal(self) -> None:
+        """txredisapi gives up for good when a connection drops between connect and AUTH/SELECT
+        (Redis dying or restarting at that moment): start a new pool then."""
+        pool = self._pool
+        if pool is not None and pool._factory.stopped:
+            self._pool = None
+            if not pool._factory.disconnectCalled:
+                defer.maybeDeferred(pool.disconnect).addErrback(lambda _: None)
+            self.connect()
 
     def _call(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
         return d.addTimeout(self.settings.timeout, self.reactor)
@@ -155,6 +168,7 @@ class RedisStore:
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
         except Exception as e:  # txredisapi raises its own connection and protocol errors
+            self._heal()
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
 
     async def active_blocks(self, now: float) -> list[tuple[str, float]]:
