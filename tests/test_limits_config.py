@@ -104,3 +104,21 @@ def test_shipped_example_config_is_valid() -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "per_ip" in result.stdout and "auto_block" in result.stdout
+
+
+def test_shipped_example_config_has_no_repeated_keys() -> None:
+    """PyYAML keeps the last of two equal keys silently: a second `security:` would drop the first."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Strict, node: yaml.MappingNode) -> dict[Any, Any]:
+        keys = [loader.construct_object(k) for k, _ in node.value]
+        repeated = {k for k in keys if keys.count(k) > 1}
+        assert not repeated, f"repeated keys at line {node.start_mark.line + 1}: {repeated}"
+        return loader.construct_mapping(node)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    data = yaml.load((ROOT / "etc/ccproxy/config.yaml").read_text(), Loader=Strict)  # Strict is a SafeLoader
+    assert {"auth", "rate_limiting", "ip_blacklist"} <= set(data["security"])
