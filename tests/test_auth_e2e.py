@@ -133,6 +133,7 @@ def test_api_keys_end_to_end(daemon, upstream: FakeUpstream, tmp_path: Path) -> 
     assert "api_key_expiring" in log and "key-soon" in log
     assert "authentication_failure" in log and "expired_api_key" in log and "ip_not_allowed" in log
     assert_no_secrets(log, K_PROD, K_OLD, K_SOON, K_REMOTE, K_WRONG)
+    assert f"api_key_mask=…{K_WRONG[-4:]}" in log
     records = wait_for(audit, "ip_not_allowed") + wait_for(access, "/health")
     assert '"api_key_id":"key-old"' in records.replace(" ", "")
     assert_no_secrets(records, K_PROD, K_OLD, K_SOON, K_REMOTE, K_WRONG)
@@ -253,3 +254,15 @@ def test_oauth2_introspection_end_to_end(daemon, upstream: FakeUpstream) -> None
     assert down.value.status_code == 503 and "unreachable" in str(down.value)
     assert_no_secrets(d.log(), CLIENT_SECRET, "tok-active-0000000001", "tok-inactive-000000002",
                       "tok-slow-0000000000003", "tok-down-0000000000004")
+
+
+def test_allowed_ips_over_ipv6(daemon, upstream: FakeUpstream) -> None:
+    d = daemon({"server": {"host": "::1"}, "upstreams": upstreams(), "security": {"auth": {"enabled": True, "api_keys": [
+        {"id": "v6", "key": K_PROD, "allowed_ips": ["::1/128"]},
+        {"id": "v4-only", "key": K_REMOTE, "allowed_ips": ["127.0.0.0/8"]},
+    ]}}})
+    assert anthropic_client(d, K_PROD).messages.create(**MESSAGE).content[0].text == "Hello!"
+    with pytest.raises(anthropic.PermissionDeniedError):
+        anthropic_client(d, K_REMOTE).messages.create(**MESSAGE)
+    assert "ip_address=::1" in d.log()
+    assert_no_secrets(d.log(), K_PROD, K_REMOTE)

@@ -122,6 +122,8 @@ def test_refusals(events: Events, headers: dict[str, str], reason: str, message:
     (fail,) = events.named("authentication_failure")
     assert fail["reason"] == reason and fail["api_key_id"] is None
     assert "wrong-key" not in repr(events.seen)
+    if reason == "invalid_api_key":
+        assert fail["api_key_mask"] == "…0000"
 
 
 def test_expired_key_refused_without_naming_it(events: Events) -> None:

@@ -21,6 +21,9 @@ class AuthFailure(Exception):
     reason: str
     key_id: str | None = None
     user_id: str | None = None
+    # For a key nobody knows: its mask (`sk-ant-…f3a9`), so an operator can tell which old key a
+    # client still sends.
+    mask: str | None = None
     headers: dict[str, str] = attrs.field(factory=dict)
 
 

@@ -15,6 +15,7 @@ from ccproxy import events
 from ccproxy.auth._base import AuthFailure
 from ccproxy.config.auth import ApiKey, AuthConfig, Network
 from ccproxy.context import Identity, RequestContext
+from ccproxy.secrets import mask
 
 # The response header that tells a client its key expires soon (RFC 3339, UTC).
 EXPIRES_HEADER = "x-ccproxy-api-key-expires"
@@ -56,7 +57,7 @@ class ApiKeyAuthenticator:
     async def authenticate(self, credential: str, ctx: RequestContext) -> Identity:
         key = find_key(self.keys, credential)
         if key is None:
-            raise AuthFailure(401, "invalid API key", "invalid_api_key")
+            raise AuthFailure(401, "invalid API key", "invalid_api_key", mask=mask(credential))
         now = self.clock.seconds()
         if key.expires is not None and now >= key.expires:
             raise AuthFailure(401, "this API key has expired", "expired_api_key", key_id=key.id,

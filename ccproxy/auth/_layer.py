@@ -34,7 +34,8 @@ class AuthLayer(Layer):
                                   "missing_credentials")
             identity = await self.authenticator.authenticate(presented, ctx)
         except AuthFailure as failure:
-            _event(ctx, "authentication_failure", "warning", failure.key_id, failure.user_id, failure.reason)
+            _event(ctx, "authentication_failure", "warning", failure.key_id, failure.user_id, failure.reason,
+                   failure.mask)
             raise ApiError(failure.status, failure.message, headers=failure.headers) from None
         ctx.identity = identity
         _event(ctx, "authentication_success", "info", identity.key_id, identity.user_id, None)
@@ -58,7 +59,7 @@ class AuthLayer(Layer):
 
 
 def _event(ctx: RequestContext, name: str, severity: str, key_id: str | None, user_id: str | None,
-           reason: str | None) -> None:
+           reason: str | None, key_mask: str | None = None) -> None:
     fields: dict[str, Any] = {
         "request_id": ctx.request_id,
         "ip_address": ctx.client_ip,
@@ -69,4 +70,6 @@ def _event(ctx: RequestContext, name: str, severity: str, key_id: str | None, us
     }
     if reason is not None:
         fields["reason"] = reason
+    if key_mask is not None:
+        fields["api_key_mask"] = key_mask
     events.emit(name, severity, **fields)
