@@ -11,6 +11,7 @@ Needs nginx (Debian: nginx-light), wrk and rsyslog.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ccproxy, nginx, row, wrk
 from tests.support.rsyslog import Rsyslog
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: a cost measure that other load on the box barely moves."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def audit_config(work: Path, syslog: Rsyslog) -> dict[str, Any]:
@@ -43,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"audit off": [], "audit on": []}
+    cpu_ms: dict[str, list[float]] = {"audit off": [], "audit on": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         syslog = Rsyslog(work).start()
@@ -52,12 +62,16 @@ def main() -> None:
             with nginx(work, cert, key) as ports:
                 upstream = f"http://127.0.0.1:{ports['http']}"
                 with ccproxy(work, upstream) as off, ccproxy(work, upstream, audit_config(work, syslog)) as on:
-                    targets = {"audit off": off["url"], "audit on": on["url"]}
-                    for url in targets.values():
-                        wrk(url + "/v1/messages", args.connections, 2)  # warm-up
+                    targets = {"audit off": off, "audit on": on}
+                    for proxy in targets.values():
+                        wrk(proxy["url"] + "/v1/messages", args.connections, 2)  # warm-up
                     for _ in range(args.rounds):
-                        for name, url in targets.items():
-                            runs[name].append(wrk(url + "/v1/messages", args.connections, args.seconds))
+                        for name, proxy in targets.items():
+                            before = cpu_seconds(proxy["pid"])
+                            result = wrk(proxy["url"] + "/v1/messages", args.connections, args.seconds)
+                            used = cpu_seconds(proxy["pid"]) - before
+                            runs[name].append(result)
+                            cpu_ms[name].append(1000 * used / (result["rps"] * args.seconds))
             access_lines = sum(1 for _ in open(work / "access.log", "rb"))
             received = len(syslog.lines())
         finally:
@@ -70,6 +84,10 @@ def main() -> None:
     off_rps = statistics.mean(r["rps"] for r in runs["audit off"])
     on_rps = statistics.mean(r["rps"] for r in runs["audit on"])
     print(f"mean: off {off_rps:.0f} req/s, on {on_rps:.0f} req/s: audit costs {100 * (1 - on_rps / off_rps):.1f}%")
+    off_cpu = statistics.mean(cpu_ms["audit off"])
+    on_cpu = statistics.mean(cpu_ms["audit on"])
+    print(f"daemon CPU per request: off {off_cpu:.3f} ms, on {on_cpu:.3f} ms: "
+          f"audit costs {100 * (on_cpu / off_cpu - 1):.1f}% more CPU per request")
     print(f"access records written to file: {access_lines}; messages received by rsyslogd: {received}")
 
 

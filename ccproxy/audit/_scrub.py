@@ -38,7 +38,7 @@ class Scrubber:
     """Replaces configured secrets and credential-shaped strings by masks."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        known = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        known = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
         self._known = re.compile("|".join(re.escape(s) for s in known)) if known else None
         # One pass to tell the common case (nothing to hide) from the rest.
         parts = [f"(?i:{_LABELLED})", _TOKEN_RE.pattern, *([self._known.pattern] if self._known else [])]

@@ -298,6 +298,7 @@ class _DatagramLink(_Link):
         self.sink = sink
         self.sock: socket.socket | None = None
         self.parked: socket.socket | None = None
+        self.warned = False
         self.retry_call: IDelayedCall | None = None
         self.address: Any = None
 
@@ -332,6 +333,9 @@ class _DatagramLink(_Link):
             self._down(e)
             return
         self.sock = sock
+        if self.warned:
+            log.info("audit {name}: sending again", name=self.sink.name)
+        self.warned = False
         self.sink.pump()
 
     def _failed(self, failure: Failure) -> None:
@@ -343,7 +347,10 @@ class _DatagramLink(_Link):
             self.sock.close()
             self.sock = None
         if self.retry_call is None and not self.sink.stopping:
-            log.warn("audit {name}: {error}; retrying", name=self.sink.name, error=error.strerror)
+            if not self.warned:  # once per outage, not once per retry
+                log.warn("audit {name}: {error}; retrying every {retry}s", name=self.sink.name,
+                         error=error.strerror, retry=self.RETRY)
+            self.warned = True
             self.retry_call = self.sink.reactor.callLater(self.RETRY, self._open)
 
     def ready(self) -> bool:
