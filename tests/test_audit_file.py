@@ -106,3 +106,22 @@ def test_a_restart_continues_the_chain_and_rotates_a_stale_file(tmp_path: Path) 
         h2.stop()
     assert record["seq"] == 3 and record["prev"] == last["hash"]
     assert record["timestamp"].startswith("2026-01-02")
+
+
+def test_a_failed_write_is_counted_and_reported_to_the_other_outputs(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.log", tmp_path / "bad.log"
+    h = Harness(tmp_path, {"outputs": [{"type": "file", "path": str(bad)}, {"type": "file", "path": str(good)}]})
+    try:
+        [sink] = [s for (spec, _), s in h.trail.sinks.items() if spec.path == str(bad)]
+        os.close(sink.fd)  # the disk goes away under the output
+        sink.fd = os.open("/dev/full", os.O_WRONLY)
+        events.emit("invalid_request", "notice")
+        events.emit("invalid_request", "notice")
+        h.clock.advance(1.0)
+        assert sink.losses.lost == 2
+        h.clock.advance(10.0)
+        records = h.records(good)
+    finally:
+        h.stop()
+    lost = [r for r in records if r["event"] == "audit_records_lost"]
+    assert len(lost) == 1 and lost[0]["count"] == 2 and lost[0]["output"] == f"file {bad}"

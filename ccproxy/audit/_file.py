@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from ccproxy.audit._loss import LossCounter, Report
 from ccproxy.config.audit import FileOutput
 
 log = Logger(namespace="ccproxy.audit")
@@ -76,7 +77,7 @@ def resume_point(path: str) -> dict[str, Any] | None:
 
 class FileSink:
     def __init__(self, spec: FileOutput, clock: Any, run_in_thread: RunInThread,
-                 data_retention: float | None = None) -> None:
+                 data_retention: float | None = None, report_loss: Report | None = None) -> None:
         self.spec = spec
         self.clock = clock
         self.run_in_thread = run_in_thread
@@ -89,7 +90,7 @@ class FileSink:
         self.day = ""
         self.dirty = False
         self.syncing = False
-        self.lost = 0
+        self.losses = LossCounter(clock, f"file {spec.path}", report_loss or (lambda count, output: None))
         self._flush_call: IDelayedCall | None = None
         self._sync_call: IDelayedCall | None = None
         self._house_call: IDelayedCall | None = None
@@ -134,7 +135,7 @@ class FileSink:
         try:
             self._write_all(data)
         except OSError as e:
-            self.lost += count
+            self.losses.add(count)
             log.error("audit file {path}: {count} records could not be written: {error}",
                       path=self.spec.path, count=count, error=e.strerror)
 
@@ -144,6 +145,7 @@ class FileSink:
                 call.cancel()
         self._flush_call = self._sync_call = self._house_call = None
         self.flush()
+        self.losses.stop()
         if self.fd >= 0:
             try:
                 os.fsync(self.fd)  # at shutdown only: the reactor has nothing else to do

@@ -13,7 +13,6 @@ import os
 import random
 import socket
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ccproxy.audit._loss import LossCounter, Report
 from ccproxy.config.audit import SyslogOutput
 
 log = Logger(namespace="ccproxy.audit")
@@ -36,7 +36,6 @@ SEVERITIES = {"emergency": 0, "alert": 1, "critical": 2, "error": 3, "warning": 
 RESEND_WINDOW = 2.0
 _RESEND_MAX = 10000
 _REFILL_BATCH = 1000
-_LOSS_REPORT_DELAY = 10.0
 _CLOSED = Failure(ConnectionError("connection closed"))
 
 
@@ -113,7 +112,7 @@ class Spool:
 
 
 class SyslogSink:
-    def __init__(self, spec: SyslogOutput, reactor: Any, report_loss: Callable[[int, str], None]) -> None:
+    def __init__(self, spec: SyslogOutput, reactor: Any, report_loss: Report) -> None:
         self.spec = spec
         self.reactor = reactor
         self.report_loss = report_loss
@@ -123,9 +122,7 @@ class SyslogSink:
         self.sent: deque[tuple[float, bytes]] = deque()
         self.spool = Spool(spec.spool_path, spec.spool_max_size)
         self.link: _Link = _TCPLink(self) if spec.protocol == "tcp" else _DatagramLink(self)
-        self.lost = 0
-        self._unreported = 0
-        self._report_call: IDelayedCall | None = None
+        self.losses = LossCounter(reactor, self.name, report_loss)
         self.stopping = False
 
     @property
@@ -140,7 +137,7 @@ class SyslogSink:
         message = format_message(record, body, self.spec, self.hostname, self.pid)
         if self.spool.pending or len(self.queue) >= self.spec.queue_size:
             if not self.spool.append(message):
-                self._lose(1)
+                self.losses.add(1)
         else:
             self.queue.append(message)
         self.pump()
@@ -169,8 +166,7 @@ class SyslogSink:
 
     def stop(self) -> defer.Deferred[None]:
         self.stopping = True
-        if self._report_call is not None and self._report_call.active():
-            self._report_call.cancel()
+        self.losses.stop()
         d = self.link.stop()
 
         def save(_: object) -> None:
@@ -179,17 +175,9 @@ class SyslogSink:
 
         return d.addBoth(save)
 
-    def _lose(self, count: int) -> None:
-        self.lost += count
-        self._unreported += count
-        if self._report_call is None and not self.stopping:
-            self._report_call = self.reactor.callLater(_LOSS_REPORT_DELAY, self._report)
-
-    def _report(self) -> None:
-        self._report_call = None
-        count, self._unreported = self._unreported, 0
-        if count:
-            self.report_loss(count, self.name)
+    @property
+    def lost(self) -> int:
+        return self.losses.lost
 
 
 class _Link:
@@ -366,7 +354,7 @@ class _DatagramLink(_Link):
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
                 log.error("audit {name}: a record too large for a datagram was dropped", name=self.sink.name)
-                self.sink._lose(1)
+                self.sink.losses.add(1)
                 return True
             self._down(e)
             return False

@@ -121,7 +121,7 @@ class AuditTrail:
     def _sink(self, spec: Output, retention: float | None) -> Sink:
         sink: Sink
         if isinstance(spec, FileOutput):
-            sink = FileSink(spec, self.reactor, self.run_in_thread, retention)
+            sink = FileSink(spec, self.reactor, self.run_in_thread, retention, _report_loss)
         else:
             assert isinstance(spec, SyslogSpec)
             sink = SyslogSink(spec, self.reactor, _report_loss)
@@ -149,5 +149,5 @@ def _describe(spec: Output) -> str:
 
 
 def _report_loss(count: int, output: str) -> None:
-    events.emit("audit_records_lost", "error", count=count, output=output,
-                reason="output unreachable and its queue and spool are full")
+    reason = "write failed" if output.startswith("file ") else "receiver away and its queue and spool are full"
+    events.emit("audit_records_lost", "error", count=count, output=output, reason=reason)
