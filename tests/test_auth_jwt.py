@@ -223,3 +223,18 @@ def test_hanging_jwks_gives_503_after_the_timeout() -> None:
     (err,) = out
     assert isinstance(err.value, ApiError) and err.value.status == 503
     layer.stop()
+
+
+def test_verified_tokens_are_remembered_but_times_rechecked() -> None:
+    layer, clock = layer_for({"leeway": "0s"})
+    token = jwt.encode(claims(exp=NOW + 30), SECRET, algorithm="HS256")
+    assert run(layer, context({"x-api-key": token})) is None
+    authenticator: Any = layer.authenticator
+    assert len(authenticator.verified) == 1
+    layer_static = authenticator.static
+    authenticator.static = b"not-the-key-any-more-000000000000000"  # a re-verification would now fail
+    clock.advance(10)
+    assert run(layer, context({"x-api-key": token})) is None
+    clock.advance(20)
+    assert "expired" in refused(layer, token)
+    authenticator.static = layer_static

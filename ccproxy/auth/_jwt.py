@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -17,6 +18,11 @@ from ccproxy.context import Identity, RequestContext
 
 log = Logger()
 _MAX_TIER = 64
+# Signature checks are the costly part (RS256/ES256: hundreds of microseconds); a token seen again
+# within this many seconds is not verified again. Bounds how long a key dropped from a JWKS still
+# admits tokens it signed.
+VERIFIED_TTL = 60.0
+VERIFIED_SIZE = 10000
 
 
 def _invalid(message: str = "invalid token", reason: str = "invalid_token") -> AuthFailure:
@@ -149,6 +155,8 @@ class JwtAuthenticator:
         self.config = config
         self.clock = clock
         self.jwks = jwks
+        # sha256(token) -> (until, claims, identity): tokens whose signature was verified lately.
+        self.verified: dict[bytes, tuple[float, dict[str, Any], Identity]] = {}
         self.static: Any = None
         if config.secret is not None:
             self.static = config.secret.reveal().encode()
@@ -163,6 +171,12 @@ class JwtAuthenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.config.algorithms:
             raise _invalid("token algorithm not allowed", "algorithm_not_allowed")
+        digest = hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
+        hit = self.verified.get(digest)
+        if hit is not None and self.clock.seconds() < hit[0]:
+            # The signature was checked a moment ago; the times are checked again every time.
+            self._check_times(hit[1])
+            return hit[2]
         kid = header.get("kid")
         if self.jwks is not None:
             key = await self.jwks.key_for(kid if isinstance(kid, str) else None, alg)
@@ -170,7 +184,15 @@ class JwtAuthenticator:
             key = self.static
         claims = self._decode(credential, key, alg)
         self._check_times(claims)
-        return self._identity(claims)
+        identity = self._identity(claims)
+        self._remember(digest, claims, identity)
+        return identity
+
+    def _remember(self, digest: bytes, claims: dict[str, Any], identity: Identity) -> None:
+        self.verified.pop(digest, None)
+        self.verified[digest] = (self.clock.seconds() + VERIFIED_TTL, claims, identity)
+        while len(self.verified) > VERIFIED_SIZE:
+            del self.verified[next(iter(self.verified))]
 
     def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
         c = self.config
