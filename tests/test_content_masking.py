@@ -26,7 +26,7 @@ from tests.support.upstream import anthropic_stream, openai_stream
 CARD = Rule("credit_card", r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b", "XXXX-XXXX-XXXX-XXXX")
 RULES = rule_set((*built_in_rules(True, True, True), CARD))
 SYSTEM = ("You are Zephyr, the internal assistant of Example Corp. Never reveal the launch code "
-          "which is hidden in vault seven, and always answer in formal English.")
+          "which is hidden in vault seven (金庫 7), and always answer in formal English — no emoji 🙂.")
 
 
 def masker(prompt: str | None = None) -> Masker:
@@ -120,9 +120,9 @@ SECRETS = st.one_of(
     st.from_regex(r"[a-z]{3,10}\.[a-z]{2,8}@[a-z]{3,8}\.(com|org|io)", fullmatch=True),
     st.from_regex(r"\([2-9][0-9]{2}\) [2-9][0-9]{2}-[0-9]{4}", fullmatch=True),
     st.from_regex(r"\+44 20 [0-9]{4} [0-9]{4}", fullmatch=True),
-    st.sampled_from([SYSTEM[5:60], SYSTEM[40:130]]),
+    st.sampled_from([SYSTEM[5:60], SYSTEM[40:130], SYSTEM[100:]]),
 )
-FILLER = st.text(alphabet=st.sampled_from(list("abcdefg hij.,:;-_\n0123456789@+()sk")), max_size=40)
+FILLER = st.text(alphabet=st.sampled_from(list("abcdefg hij.,:;-_\n0123456789@+()skéö日本🙂")), max_size=40)
 
 
 @st.composite
@@ -264,3 +264,19 @@ def test_tool_input_json_stays_valid() -> None:
     )
     assert json.loads(joined) == {"to": "[REDACTED_EMAIL]", "note": 'say "hi"'}
     assert counts == {"email": 1}
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_the_matching_rule_is_named_even_with_groups_in_patterns(named: bool) -> None:
+    second = r"(?P<n>q)(w)" if named else r"(q)(w)"
+    rules = rule_set((Rule("a", r"(x)(y)?z", "[A]"), Rule("b", second, "[B]"), Rule("c", r"(?P<n>e)(f)", "[C]")))
+    counts: Counter[str] = Counter()
+    assert Masker(rules).mask("xz qw ef xyz", counts) == "[A] [B] [C] [A]"
+    assert counts == {"a": 2, "b": 1, "c": 1}
+
+
+def test_earlier_rule_wins_at_the_same_position() -> None:
+    rules = rule_set((Rule("short", r"ab", "[S]"), Rule("long", r"abcd", "[L]")))
+    assert Masker(rules).mask("abcd") == "[S]cd"
+    stream = StreamMasker(Masker(rules), Counter())
+    assert stream.feed("abc") + stream.feed("d") + stream.close() == "[S]cd"

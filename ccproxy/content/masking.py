@@ -10,9 +10,10 @@ on the joined text, whatever the split, holding back only a tail that could stil
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import re2
@@ -75,38 +76,65 @@ class Match:
     start: int
     end: int
     name: str
-    replacement: str
+    replacement: bytes
+
+
+# Everything below works on UTF-8 bytes: the RE2 wrapper re-encodes a str on every call, which
+# made each match cost a pass over the whole text. Hold-back points are moved back to a character
+# boundary so what is sent always decodes.
+def _char_floor(text: bytes, i: int) -> int:
+    while 0 < i < len(text) and text[i] & 0xC0 == 0x80:
+        i -= 1
+    return i
+
+
+def _at_char(text: bytes, i: int) -> bool:
+    return i >= len(text) or text[i] & 0xC0 != 0x80
+
+
+_LATIN1 = re2.Options()
+_LATIN1.max_mem = 64 << 20
+_LATIN1.log_errors = False
+_LATIN1.encoding = re2.Options.Encoding.LATIN1
 
 
 class PromptRuns:
-    """Finds runs of at least `min_run` characters copied verbatim from a system prompt.
+    """Finds runs of at least `min_run` bytes copied verbatim from a system prompt.
 
     At each position the longest run starting there is taken. Candidates come from an RE2 search
-    for aligned blocks of the prompt (every run of `min_run` characters contains one), so text that
+    for aligned blocks of the prompt (every run of `min_run` bytes contains one), so text that
     repeats nothing costs one linear scan.
     """
 
     def __init__(self, prompt: str, min_run: int) -> None:
-        self.prompt = prompt
+        self.prompt = prompt.encode()
         self.min_run = min_run
         self.block = (min_run + 1) // 2
-        blocks = {prompt[i : i + self.block] for i in range(0, len(prompt) - self.block + 1, self.block)}
-        self.finder = compile_re2("|".join(re2.escape(b) for b in sorted(blocks))) if blocks else None
+        data, size = self.prompt, self.block
+        blocks = {data[i : i + size] for i in range(0, len(data) - size + 1, size)}
+        # Latin-1 mode: blocks are raw bytes and may cut a UTF-8 character.
+        self.finder = (
+            re2.compile(b"|".join(re2.escape(b) for b in sorted(blocks)), options=_LATIN1) if blocks else None
+        )
+        self.replacement = SYSTEM_PROMPT_REPLACEMENT.encode()
 
-    def search(self, text: str, pos: int) -> Match | None:
+    def search(self, text: bytes, pos: int) -> Match | None:
         if self.finder is None:
             return None
+        reach = self.min_run - self.block
         while True:
             hit = self.finder.search(text, pos)
             if hit is None:
                 return None
             at = hit.start()
-            for i in range(max(pos, at - (self.min_run - self.block)), at + 1):
-                if text[i : i + self.min_run] in self.prompt:
-                    return Match(i, self._extend(text, i), SYSTEM_PROMPT_RULE, SYSTEM_PROMPT_REPLACEMENT)
+            for i in range(max(pos, at - reach), at + 1):
+                if _at_char(text, i) and text[i : i + self.min_run] in self.prompt:
+                    end = _char_floor(text, self._extend(text, i))
+                    if end - i >= self.min_run:
+                        return Match(i, end, SYSTEM_PROMPT_RULE, self.replacement)
             pos = at + 1
 
-    def _extend(self, text: str, start: int) -> int:
+    def _extend(self, text: bytes, start: int) -> int:
         """The end of the longest run from `start` found in the prompt (one of min_run is known)."""
         low, high = self.min_run, min(len(text) - start, len(self.prompt))
         while low < high:
@@ -117,7 +145,7 @@ class PromptRuns:
                 high = mid - 1
         return start + low
 
-    def viable(self, text: str, pos: int) -> int:
+    def viable(self, text: bytes, pos: int) -> int:
         """The earliest position from which the rest of `text` is a piece of the prompt."""
         low, high = 0, len(text) - pos
         while low < high:
@@ -141,26 +169,48 @@ class RuleSet:
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
         self.compiled = tuple(compile_re2(r.pattern) for r in self.rules)
+        self.replacements = tuple(r.replacement.encode() for r in self.rules)
         self.combined = compile_re2("|".join(f"(?:{r.pattern})" for r in self.rules)) if rules else None
+        # The same alternation with one capture group per rule, run only over a span already found
+        # (captures would slow the search itself): it tells which rule matched in one call. Rules
+        # whose own group names clash cannot share it and fall back to asking each rule in turn.
+        self.which: re2._Regexp | None = None
+        self.group_of: dict[int, int] = {}
+        if rules:
+            try:
+                self.which = compile_re2("|".join(f"({r.pattern})" for r in self.rules))
+                starts = itertools.accumulate((1 + c.groups for c in self.compiled[:-1]), initial=1)
+                self.group_of = {group: k for k, group in enumerate(starts)}
+            except re2.error:
+                self.which = None
         prefixes = [prefix_pattern(r.pattern) for r in self.rules]
         # A rule whose prefixes cannot be derived holds back everything not yet final.
         self.hold_all = any(p is None for p in prefixes)
         self.tail = compile_re2("(?:" + "|".join(p for p in prefixes if p) + r")\z") if rules else None
 
-    def search(self, text: str, pos: int) -> Match | None:
+    def search(self, text: bytes, pos: int) -> Match | None:
         while self.combined is not None and pos <= len(text):
             hit = self.combined.search(text, pos)
             if hit is None:
                 return None
             start, end = hit.span()
             if end > start:
-                for rule, regex in zip(self.rules, self.compiled, strict=True):
-                    if regex.match(text, start) is not None:
-                        return Match(start, end, rule.name, rule.replacement)
+                k = self._which(text, start, end)
+                return Match(start, end, self.rules[k].name, self.replacements[k])
             pos = start + 1
         return None
 
-    def viable(self, text: str, pos: int) -> int:
+    def _which(self, text: bytes, start: int, end: int) -> int:
+        if self.which is not None:
+            hit = self.which.match(text, start, end)
+            # The outermost group ending last is the rule's own: the others did not take part.
+            k = self.group_of.get(hit.lastindex) if hit is not None else None
+            if k is not None:
+                return k
+        # Leftmost-first: the first rule that matches here is the one the combined search took.
+        return next((k for k, regex in enumerate(self.compiled) if regex.match(text, start) is not None), 0)
+
+    def viable(self, text: bytes, pos: int) -> int:
         if self.tail is None:
             return len(text)
         if self.hold_all:
@@ -183,40 +233,52 @@ class Masker:
         # In JSON source text (streamed tool input) a match may not take in a quote or a backslash,
         # and replacements are written as JSON string content: the JSON stays valid.
         self.json_source = json_source
+        # The last answer of each finder: a leftmost search from further on in the same text gives
+        # the same answer while it lies ahead, and asking again would rescan the text to its end.
+        self._last: list[tuple[bytes, int, Match | None] | None] = [None, None]
 
-    def next_match(self, text: str, pos: int) -> Match | None:
+    def _find(self, slot: int, finder: Callable[[bytes, int], Match | None], text: bytes, pos: int) -> Match | None:
+        last = self._last[slot]
+        if last is not None and last[0] is text and last[1] <= pos and (last[2] is None or last[2].start >= pos):
+            return last[2]
+        found = finder(text, pos)
+        self._last[slot] = (text, pos, found)
+        return found
+
+    def next_match(self, text: bytes, pos: int) -> Match | None:
         """The leftmost match at or after `pos`; text before `pos` is context (`\\b`, `^`)."""
         while True:
-            found = self.rules.search(text, pos)
+            found = self._find(0, self.rules.search, text, pos)
             if self.prompt is not None:
-                run = self.prompt.search(text, pos)
+                run = self._find(1, self.prompt.search, text, pos)
                 if run is not None and (found is None or run.start <= found.start):
                     found = run
             if found is None or not self.json_source:
                 return found
             piece = text[found.start : found.end]
-            if '"' not in piece and "\\" not in piece:
+            if b'"' not in piece and b"\\" not in piece:
                 return found
             pos = found.start + 1
 
-    def viable(self, text: str, pos: int) -> int:
+    def viable(self, text: bytes, pos: int) -> int:
         at = self.rules.viable(text, pos)
         if self.prompt is not None:
             at = min(at, self.prompt.viable(text, pos))
-        return max(at, pos)
+        return max(_char_floor(text, at), pos)
 
-    def replacement(self, match: Match) -> str:
+    def replacement(self, match: Match) -> bytes:
         if self.json_source:
-            return json.dumps(match.replacement, ensure_ascii=False)[1:-1]
+            return json.dumps(match.replacement.decode(), ensure_ascii=False)[1:-1].encode()
         return match.replacement
 
     def mask(self, text: str, counts: Counter[str] | None = None) -> str:
-        out, pos = self._apply(text, 0, len(text), counts)
-        return "".join(out) + text[pos:]
+        data = text.encode()
+        out, pos = self.apply(data, 0, len(data), counts)
+        return (b"".join(out) + data[pos:]).decode()
 
-    def _apply(self, text: str, pos: int, stop: int, counts: Counter[str] | None) -> tuple[list[str], int]:
+    def apply(self, text: bytes, pos: int, stop: int, counts: Counter[str] | None) -> tuple[list[bytes], int]:
         """Replace the matches starting before `stop`; returns the pieces and where they end."""
-        out: list[str] = []
+        out: list[bytes] = []
         while True:
             m = self.next_match(text, pos)
             if m is None or m.start >= stop:
@@ -234,20 +296,20 @@ class StreamMasker:
     def __init__(self, masker: Masker, counts: Counter[str]) -> None:
         self.masker = masker
         self.counts = counts
-        self.pending = ""
+        self.pending = b""
         # The last character already sent, as context for `\b` and `^` at the start of `pending`.
-        self.context = ""
+        self.context = b""
 
     def feed(self, piece: str) -> str:
         if not piece:
             return ""
-        text = self.context + self.pending + piece
+        text = self.context + self.pending + piece.encode()
         base = len(self.context)
         masker = self.masker
         hold = masker.viable(text, base)
-        out: list[str] = []
+        out: list[bytes] = []
         pos = base
-        while True:
+        while hold > pos:
             m = masker.next_match(text, pos)
             if m is None or m.start >= hold:
                 break
@@ -264,14 +326,14 @@ class StreamMasker:
             pos = m.end
         out.append(text[pos:hold])
         self.pending = text[hold:]
-        self.context = text[hold - 1 : hold] if hold > 0 else ""
-        return "".join(out)
+        self.context = text[_char_floor(text, hold - 1) : hold] if hold > 0 else b""
+        return b"".join(out).decode()
 
     def close(self) -> str:
         text = self.context + self.pending
-        out, pos = self.masker._apply(text, len(self.context), len(text), self.counts)
-        self.pending = ""
-        return "".join(out) + text[pos:]
+        out, pos = self.masker.apply(text, len(self.context), len(text), self.counts)
+        self.pending = b""
+        return (b"".join(out) + text[pos:]).decode()
 
 
 def built_in_rules(api_keys: bool, emails: bool, phones: bool) -> tuple[Rule, ...]:
