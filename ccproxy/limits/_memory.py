@@ -11,6 +11,8 @@ whatever the number of addresses.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from ccproxy.limits._core import Decision, Limit, combine, expiry, outcome, rate_outcome
 from ccproxy.limits._plan import AutoBlockProbe
 
@@ -20,8 +22,9 @@ _SWEEP_PER_DECISION = 2
 class MemoryStore:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        # key -> [state, expires]; dict order is least recently written first.
-        self._table: dict[str, list[float]] = {}
+        # key -> [state, expires], least recently written first. An OrderedDict, not a dict: taking
+        # from the front of a plain dict skips every slot freed there before, which grows.
+        self._table: OrderedDict[str, list[float]] = OrderedDict()
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -63,18 +66,24 @@ class MemoryStore:
 
     def _put(self, key: str, state: float, expires: float) -> None:
         table = self._table
-        if table.pop(key, None) is None and len(table) >= self.max_entries:
+        entry = table.get(key)
+        if entry is not None:
+            entry[0], entry[1] = state, expires
+            table.move_to_end(key)
+            return
+        if len(table) >= self.max_entries:
             self._evict()
         table[key] = [state, expires]
 
     def _evict(self) -> None:
-        del self._table[next(iter(self._table))]
+        self._table.popitem(last=False)
         self.evicted += 1
 
     def _sweep(self, now: float) -> None:
         table = self._table
         for _ in range(min(_SWEEP_PER_DECISION, len(table))):
             key = next(iter(table))
-            entry = table.pop(key)
-            if entry[1] > now:
-                table[key] = entry
+            if table[key][1] > now:
+                table.move_to_end(key)
+            else:
+                del table[key]
