@@ -33,7 +33,7 @@ HEAD, BODY, BUSY, DEAD = "head", "body", "busy", "dead"
 # Bytes a client may send ahead while a request is being answered, before we stop reading.
 PIPELINE_BUFFER = 64 * 1024
 # After an error response, how long the client gets to read it before the connection is cut.
-LINGER = 5.0
+LINGER = 2.0
 _DONE = Failure(ConnectionDone())
 
 

@@ -1,0 +1,298 @@
+"""Connection-hardening bench: idle keep-alive TLS connections, throughput, memory, slowloris.
+
+    python bench/hardening.py [--idle 1000] [--active 50] [--duration 10] [--slowloris 500]
+
+Starts the real daemon (twistd) with TLS in front of a fast upstream (nginx if installed, else the
+Python fake), then:
+  1. throughput of `--active` keep-alive connections (wrk) and the daemon's RSS;
+  2. opens `--idle` keep-alive TLS connections (each served one request, then left idle), and
+     measures RSS again (memory per idle connection) and the throughput of step 1 with them held;
+  3. a slowloris (`slowhttptest -H`, `--slowloris` connections) while a normal client on another
+     loopback address makes requests on fresh TLS connections: success rate and latency.
+     Run twice: with the default per-IP cap (100), and with the cap lifted so only the deadlines
+     protect.
+Prints figures; needs wrk and slowhttptest (Debian packages) and trustme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import trustme  # noqa: E402
+
+from tests.support.daemon import Daemon, free_port  # noqa: E402
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Upstream:
+    """nginx answering a fixed JSON body, or the tests' Python fake when nginx is missing."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.fake: Any = None
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if nginx:
+            port = free_port()
+            conf = tmp / "nginx.conf"
+            conf.write_text(
+                f"daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;\n"
+                "events { worker_connections 4096; }\n"
+                "http { access_log off; keepalive_requests 1000000;\n"
+                f"  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n"
+                f"  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n"
+                f"  server {{ listen 127.0.0.1:{port};\n"
+                "    location / { default_type application/json;\n"
+                "      return 200 '{\"data\":[{\"id\":\"claude-sonnet-4-6\",\"type\":\"model\"}],\"has_more\":false}'; } } }\n"
+            )
+            self.proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.url = f"http://127.0.0.1:{port}"
+            self.kind = "nginx"
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        else:
+            from tests.support.upstream import FakeUpstream
+
+            self.fake = FakeUpstream()
+            self.url = self.fake.url
+            self.kind = "python fake"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+        if self.fake is not None:
+            self.fake.close()
+
+
+def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+(\S+)", out)
+    p99 = re.search(r"99%\s+(\S+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": p50.group(1) if p50 else "?", "p99": p99.group(1) if p99 else "?",
+            "non2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else "none"}
+
+
+def request_on(sock: ssl.SSLSocket, path: str = "/v1/models") -> int:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head[9:12])
+
+
+def open_idle(d: Daemon, count: int, per_address: int) -> list[ssl.SSLSocket]:
+    """`count` TLS connections that each served one request, spread over loopback addresses."""
+    ctx = d.ssl_context()
+    conns = []
+    for i in range(count):
+        source = f"127.0.1.{10 + i // per_address}"
+        raw = socket.create_connection(("127.0.0.1", d.port), timeout=10, source_address=(source, 0))
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        assert request_on(s) == 200
+        conns.append(s)
+    return conns
+
+
+def normal_client(d: Daemon, stop: threading.Event, results: list[tuple[bool, float]]) -> None:
+    """A well-behaved client on its own address: a fresh TLS connection per request."""
+    ctx = d.ssl_context()
+    while not stop.is_set():
+        started = time.monotonic()
+        ok = False
+        try:
+            raw = socket.create_connection(("127.0.0.1", d.port), timeout=5, source_address=("127.0.0.2", 0))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.settimeout(5)
+                ok = request_on(s) == 200
+        except (OSError, ValueError):
+            ok = False
+        results.append((ok, time.monotonic() - started))
+        time.sleep(0.1)
+
+
+def established(port: int) -> int:
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def slowloris(d: Daemon, connections: int, length: int) -> dict[str, Any]:
+    stop = threading.Event()
+    results: list[tuple[bool, float]] = []
+    client = threading.Thread(target=normal_client, args=(d, stop, results))
+    attack = subprocess.Popen(
+        ["slowhttptest", "-H", "-c", str(connections), "-r", "250", "-i", "5", "-x", "24", "-p", "3",
+         "-l", str(length), "-u", f"https://127.0.0.1:{d.port}/v1/models"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    time.sleep(3)
+    client.start()
+    held = []
+    deadline = time.monotonic() + length - 4
+    while time.monotonic() < deadline and attack.poll() is None:
+        held.append(established(d.port))
+        time.sleep(1)
+    stop.set()
+    client.join()
+    try:  # it stops by itself after `length` seconds and prints its tally then
+        output = attack.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        attack.kill()
+        output = attack.communicate()[0]
+    lat = sorted(x[1] for x in results)
+    ok = sum(1 for x in results if x[0])
+    return {
+        "requests": len(results), "success": ok / len(results) * 100 if results else 0.0,
+        "p50_ms": statistics.median(lat) * 1000 if lat else 0.0,
+        "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000 if lat else 0.0,
+        "max_ms": lat[-1] * 1000 if lat else 0.0,
+        "server_conns_max": max(held) if held else 0,
+        "attack": _last_status(output),
+    }
+
+
+def _last_status(output: str) -> str:
+    """slowhttptest's final tally of its connections, without its colour codes."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    found = {}
+    for key in ("initializing", "pending", "connected", "error", "closed", "service available"):
+        values = re.findall(rf"{key}:\s+(\S+)", plain)
+        if values:
+            found[key] = values[-1]
+    return ", ".join(f"{k} {v}" for k, v in found.items())
+
+
+def bench_config(upstream: str, per_ip: int) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "upstreams": {"anthropic": {"base_url": upstream}, "openai": {"base_url": upstream}},
+        "security": {"ddos_protection": {"idle_timeout": "10m", "max_connections_per_ip": per_ip}},
+    }
+    try:  # rate limits would answer the load with 429s: this bench measures the connection layer
+        from ccproxy.config import parse
+
+        trial = {**config, "server": {"tls": {"enabled": False}},
+                 "security": {**config["security"], "rate_limiting": {"enabled": False}}}
+        parse(trial)
+        config["security"]["rate_limiting"] = {"enabled": False}
+    except Exception:
+        pass
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--active", type=int, default=50)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--slowloris", type=int, default=500)
+    parser.add_argument("--slow-length", type=int, default=30)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    cert = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    tls = {"enabled": True, "cert_file": str(tmp / "cert.pem"), "key_file": str(tmp / "key.pem")}
+    upstream = Upstream(tmp)
+    print(f"upstream: {upstream.kind}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
+    try:
+        (tmp / "a").mkdir()
+        config = bench_config(upstream.url, 100)
+        config["server"] = {"tls": tls}
+        d = Daemon(tmp / "a", config, ca_file=str(tmp / "ca.pem")).start()
+        try:
+            url = f"https://127.0.0.1:{d.port}/v1/models"
+            assert d.proc is not None
+            wrk(url, args.active, 3)  # warm up
+            base = wrk(url, args.active, args.duration)
+            rss_before = rss_kb(d.proc.pid)
+            print(f"\n[1] {args.active} active keep-alive TLS connections, GET /v1/models forwarded:")
+            print(f"    {base['rps']:.0f} req/s  p50 {base['p50']}  p99 {base['p99']}  "
+                  f"non-2xx {base['non2xx']}  socket errors {base['socket_errors']}")
+            print(f"    daemon RSS {rss_before / 1024:.1f} MiB")
+
+            started = time.monotonic()
+            idle = open_idle(d, args.idle, per_address=90)
+            time.sleep(1.0)
+            rss_after = rss_kb(d.proc.pid)
+            per_conn = (rss_after - rss_before) / args.idle
+            print(f"\n[2] {args.idle} idle keep-alive TLS connections opened in {time.monotonic() - started:.1f}s "
+                  f"(from {(args.idle + 89) // 90} loopback addresses)")
+            print(f"    daemon RSS {rss_after / 1024:.1f} MiB: {per_conn:.1f} KiB per idle connection")
+            loaded = wrk(url, args.active, args.duration)
+            alive = sum(1 for s in idle[:: max(1, args.idle // 50)] if request_on(s) == 200)
+            print(f"    with them held: {loaded['rps']:.0f} req/s  p50 {loaded['p50']}  p99 {loaded['p99']}  "
+                  f"non-2xx {loaded['non2xx']}  ({loaded['rps'] / base['rps'] * 100:.0f}% of [1]); "
+                  f"sampled idle connections still serving: {alive}/{len(idle[:: max(1, args.idle // 50)])}")
+            print(f"    daemon RSS after the load {rss_kb(d.proc.pid) / 1024:.1f} MiB")
+            for s in idle:
+                s.close()
+        finally:
+            d.stop()
+
+        for label, per_ip in (("default per-IP cap (100)", 100), ("per-IP cap lifted: deadlines only", 100000)):
+            sub = tmp / f"s{per_ip}"
+            sub.mkdir()
+            config = bench_config(upstream.url, per_ip)
+            config["server"] = {"tls": tls}
+            config["security"]["ddos_protection"]["max_connections"] = 100000
+            d = Daemon(sub, config, ca_file=str(tmp / "ca.pem")).start()
+            try:
+                r = slowloris(d, args.slowloris, args.slow_length)
+            finally:
+                d.stop()
+            print(f"\n[3] slowloris, {args.slowloris} connections, header_timeout 10s, {label}:")
+            print(f"    normal client (127.0.0.2, new TLS connection per request): {r['requests']} requests, "
+                  f"{r['success']:.1f}% success, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                  f"max {r['max_ms']:.0f} ms")
+            print(f"    connections held by ccproxy at most: {r['server_conns_max']}")
+            print(f"    slowhttptest at the end: {r['attack']}")
+    finally:
+        upstream.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
