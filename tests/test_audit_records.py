@@ -245,3 +245,17 @@ def test_an_output_that_cannot_open_fails_the_start_but_not_a_reload(tmp_path: P
         assert [r["seq"] for r in h.records()] == [1]
     finally:
         h.stop()
+
+
+def test_access_records_are_anonymized_too(tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    h = Harness(tmp_path, {"outputs": [{"type": "file", "path": str(access), "records": "access"}]},
+                privacy={"gdpr": {"anonymize_logs": True}})
+    try:
+        Logger(namespace="ccproxy.access").info(
+            "x", method="GET", path="/ready", status=200, latency_ms=1.0, key_id="-", request_id="-",
+            client_ip="2001:db8:abcd:12::1")
+        [line] = h.records(access)
+    finally:
+        h.stop()
+    assert line["ip_address"] == "2001:db8:abcd::" and line["api_key_id"] is None and line["request_id"] is None

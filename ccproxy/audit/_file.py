@@ -24,8 +24,14 @@ _HOUSEKEEPING = 3600.0
 _DAY = 86400.0
 
 
+_last_day: list[Any] = [None, ""]  # called per record: format each UTC day once
+
+
 def day_of(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d")
+    number = int(seconds // _DAY)
+    if _last_day[0] != number:
+        _last_day[0], _last_day[1] = number, datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d")
+    return str(_last_day[1])
 
 
 def rotated_files(path: str) -> list[tuple[str, str]]:

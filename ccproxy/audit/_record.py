@@ -98,22 +98,26 @@ class RecordBuilder:
         return self._clean(record)
 
     def access(self, event: Mapping[str, Any], now: float) -> dict[str, Any]:
-        key_id = event.get("key_id")
+        # One of these per request: built field by field rather than through the generic _clean.
+        value = self._value
         record: dict[str, Any] = {
             "timestamp": rfc3339(now),
             "event": "http_request",
             "severity": "info",
-            "request_id": _dash_none(event.get("request_id")),
-            "ip_address": event.get("client_ip"),
-            "api_key_id": _dash_none(key_id),
+            "request_id": value(_dash_none(event.get("request_id")), 0),
+            "ip_address": value(event.get("client_ip"), 0),
+            "api_key_id": value(_dash_none(event.get("key_id")), 0),
             "user_id": None,
             "reason": None,
-            "method": event.get("method"),
-            "path": event.get("path"),
-            "status": event.get("status"),
+            "method": value(event.get("method"), 0),
+            "path": value(event.get("path"), 0),
+            "status": value(event.get("status"), 0),
             "latency_ms": round(float(event.get("latency_ms") or 0.0), 3),
         }
-        return self._clean(record)
+        if self.anonymizer is not None and record["ip_address"] is not None:
+            record["ip_address"] = self.anonymizer.address(str(record["ip_address"]))
+            record["path"] = self._anonymize(record["path"])
+        return record
 
     def _clean(self, record: dict[str, Any]) -> dict[str, Any]:
         for key, value in record.items():

@@ -43,11 +43,19 @@ class Scrubber:
         # One pass to tell the common case (nothing to hide) from the rest.
         parts = [f"(?i:{_LABELLED})", _TOKEN_RE.pattern, *([self._known.pattern] if self._known else [])]
         self._any = re.compile("|".join(parts))
+        self._clean: dict[str, bool] = {}
 
     def text(self, value: str) -> str:
+        known = self._clean.get(value)
+        if known is not None:
+            return value
         if len(value) > MAX_STRING:
             value = value[:MAX_STRING] + "…"
         if self._any.search(value) is None:
+            if len(value) <= 256:  # methods, paths, ids and reasons repeat: remember the clean ones
+                if len(self._clean) >= 4096:
+                    self._clean.clear()
+                self._clean[value] = True
             return value
         if self._known is not None:
             value = self._known.sub(lambda m: mask(m.group(0)), value)
