@@ -273,3 +273,14 @@ def test_which_responses_are_filtered() -> None:
         LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"application/json"],
                                                  b"content-encoding": [b"br"]}))
     assert caught.value.status == 502
+
+
+def test_example_config_section_is_the_seed() -> None:
+    from pathlib import Path
+
+    from ccproxy.config import load
+
+    example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
+    content = load(str(example), environ={}).content
+    assert content.request_validation == parse(SEED).request_validation
+    assert content.response_sanitization == parse(SEED).response_sanitization
