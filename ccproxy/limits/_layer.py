@@ -16,7 +16,7 @@ from ccproxy.errors import ApiError
 from ccproxy.limits._core import Decision, Limit
 from ccproxy.limits._headers import rate_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
-from ccproxy.limits._plan import AutoBlockProbe, limits_for, probe_for
+from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
 from ccproxy.limits._redis import RedisStore, RedisUnavailable
 
 log = Logger()
@@ -144,6 +144,7 @@ class Limiter:
 class LimitsLayer(Layer):
     def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any) -> None:
         self.config = config
+        self.planner = Planner(config)
         self.limiter = limiter
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
@@ -157,8 +158,7 @@ class LimitsLayer(Layer):
         ip = ctx.client_ip
         if self.blocklist.is_blocked(ip, now):
             raise self._blocked(ctx, now)
-        limits = limits_for(self.config, ip, ctx.identity, now)
-        probe = probe_for(self.config, ip)
+        limits, probe = self.planner.plan(ip, ctx.identity, now)
         if not limits and probe is None:
             return
         try:

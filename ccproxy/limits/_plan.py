@@ -100,3 +100,29 @@ def probe_for(config: LimitsConfig, ip: str) -> AutoBlockProbe | None:
         return None
     rate = Rate("auto_block", f"a:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
     return AutoBlockProbe(ip, rate, block.duration)
+
+
+_PLAN_CACHE = 8192
+
+
+class Planner:
+    """`limits_for` and `probe_for` with the answers of recent clients remembered: a request's plan
+    depends only on its address, its key and the day, and building it is a good part of a
+    decision's cost. The cache is cleared when full, so it stays small under a flood of addresses."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self.config = config
+        self._cache: dict[tuple[object, ...], tuple[list[Limit], AutoBlockProbe | None]] = {}
+
+    def plan(self, ip: str, identity: Identity | None, now: float) -> tuple[list[Limit], AutoBlockProbe | None]:
+        day = math.floor((now - self.config.daily_reset) / DAY)
+        if identity is None:
+            key: tuple[object, ...] = (ip, day)
+        else:
+            key = (ip, day, identity.key_id, identity.tier, identity.rate_limit)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= _PLAN_CACHE:
+                self._cache.clear()
+            found = self._cache[key] = (limits_for(self.config, ip, identity, now), probe_for(self.config, ip))
+        return found
