@@ -132,3 +132,32 @@ def test_control_characters_never_reach_upstream(proxy: Any, upstream: FakeUpstr
         {"role": "user", "content": "bell\x07 and escape\x1b[0m\nnext\tline"}])
     body = json.loads(upstream.requests[-1].body)
     assert body["messages"][0]["content"] == "bell and escape[0m\nnext\tline"
+
+
+def test_encoded_upstream_body_is_refused_not_passed(proxy: Any, upstream: FakeUpstream) -> None:
+    import gzip
+
+    body = gzip.compress(json.dumps(message_json(f"key {KEY}")).encode())
+    upstream.expect(Script(body=body, headers={"content-type": "application/json", "content-encoding": "gzip"}))
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert "cannot be inspected" in str(caught.value)
+    # The daemon carries on serving.
+    msg = anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                                  messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == "Hello!"
+
+
+def test_stream_cut_midway_never_flushes_the_held_tail(proxy: Any, upstream: FakeUpstream) -> None:
+    events = anthropic_stream(["Your key: sk-ant-", "api03-Zz9Yy8Xx7Ww6"])
+    upstream.expect(Script(events=events, headers=SSE, cut_after=5))  # both deltas sent, then cut
+    import httpx2 as httpx  # type: ignore[import-not-found]
+
+    with httpx.Client(verify=False, timeout=10) as client:
+        r = client.post(proxy.url + "/v1/messages", json={
+            "model": "m", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    assert b"sk-ant-" not in r.content and b"Zz9Yy8" not in r.content
+    assert b"event: error" in r.content

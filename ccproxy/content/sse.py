@@ -26,24 +26,28 @@ class EventSplitter:
 
     def __init__(self) -> None:
         self.buffer = b""
+        # Where to look for a terminator again: an event arriving in many reads is scanned once.
+        self.scanned = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         self.buffer += data
         events: list[bytes] = []
         while True:
-            cut = _terminator_end(self.buffer)
+            cut = _terminator_end(self.buffer, self.scanned)
             if cut < 0:
+                self.scanned = max(0, len(self.buffer) - 3)
                 return events
             events.append(self.buffer[:cut])
             self.buffer = self.buffer[cut:]
+            self.scanned = 0
 
     def rest(self) -> bytes:
-        rest, self.buffer = self.buffer, b""
+        rest, self.buffer, self.scanned = self.buffer, b"", 0
         return rest
 
 
-def _terminator_end(buffer: bytes) -> int:
-    ends = [i + len(t) for t in (b"\n\n", b"\r\n\r\n") if (i := buffer.find(t)) >= 0]
+def _terminator_end(buffer: bytes, start: int) -> int:
+    ends = [i + len(t) for t in (b"\n\n", b"\r\n\r\n") if (i := buffer.find(t, start)) >= 0]
     return min(ends) if ends else -1
 
 
