@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 
 from ccproxy.audit.verify import verify
@@ -18,6 +19,7 @@ from tests.support.rsyslog import Rsyslog
 HMAC_KEY = "audit-e2e-hmac-key-5f0e1d2c3b4a69788796a5b4"
 UPSTREAM_KEY = "sk-ant-api03-E2EUPSTREAMKEY000000000000000000000000000000000000000000f3a9"
 CLIENT_KEY = "sk-ant-api03-E2ECLIENTKEY1111111111111111111111111111111111111111111c0de"
+WRONG_KEY = "ccp-wrong-client-key-2222222222222222"
 
 
 @pytest.fixture
@@ -92,30 +94,41 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
         _syslog(rsyslog, tmp_path, "unix", "ccp-unix"),
         _syslog(rsyslog, tmp_path, "tcp", "ccp-access", records="access"),
     ])
+    config["security"]["auth"] = {"enabled": True, "api_keys": [{"id": "key-e2e", "key": CLIENT_KEY}]}
     d = daemon(config, env=ENV)
-    client = anthropic_client(d, CLIENT_KEY)
-    client.messages.create(model="claude-sonnet-4-6", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    message = {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    anthropic_client(d, CLIENT_KEY).messages.create(**message)
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic_client(d, WRONG_KEY).messages.create(**message)
+    _wait(lambda: {"authentication_success", "authentication_failure"} <= {r["event"] for r in _by_app(rsyslog, "ccp-tcp")})
+    auth_events = _by_app(rsyslog, "ccp-tcp")
+    assert [r["event"] for r in auth_events] == ["authentication_success", "authentication_failure"]
+    assert auth_events[0]["api_key_id"] == "key-e2e" and auth_events[0]["ip_address"] == "127.0.0.1"
+    assert auth_events[1]["request_id"].startswith("req_")
     _reloads(d, 3)
 
     for app in ("ccp-tcp", "ccp-udp", "ccp-unix"):
-        _wait(lambda app=app: len(_by_app(rsyslog, app)) >= 3)
+        _wait(lambda app=app: len(_by_app(rsyslog, app)) >= 5)
         records = _by_app(rsyslog, app)
-        assert [r["event"] for r in records] == ["configuration_change"] * 3
-        assert [r["seq"] for r in records] == [1, 2, 3]
-        assert records[0]["changed"] == ["upstreams.anthropic.read_timeout"]
+        assert [r["event"] for r in records[2:]] == ["configuration_change"] * 3
+        assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+        assert records[2]["changed"] == ["upstreams.anthropic.read_timeout"]
     for fields in rsyslog.lines():
-        if fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix"):
-            assert fields[:3] == ["1", "local4", "notice"] and fields[4] == "configuration_change"
+        if fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix") and fields[4] == "configuration_change":
+            assert fields[:3] == ["1", "local4", "notice"]
+        elif fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix"):
+            assert fields[:3] == ["1", "local4", "info" if fields[4] == "authentication_success" else "warning"]
     _wait(lambda: any(r["path"] == "/v1/messages" for r in _by_app(rsyslog, "ccp-access")))
     access = [r for r in _by_app(rsyslog, "ccp-access") if r["path"] == "/v1/messages"]
-    assert access[0]["event"] == "http_request" and access[0]["status"] == 200 and access[0]["method"] == "POST"
+    assert [(r["status"], r["api_key_id"]) for r in access] == [(200, "key-e2e"), (401, None)]
+    assert access[0]["event"] == "http_request" and access[0]["method"] == "POST"
 
     d.stop()
     file_records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert file_records == _by_app(rsyslog, "ccp-tcp")  # the same sealed records everywhere
     assert verify([str(tmp_path / "audit.log")], HMAC_KEY.encode()).ok
     assert verify([str(rsyslog.out)], HMAC_KEY.encode()).ok is False  # mixed apps in one file: not one chain
-    _scan_for_secrets(tmp_path, [HMAC_KEY, UPSTREAM_KEY, CLIENT_KEY])
+    _scan_for_secrets(tmp_path, [HMAC_KEY, UPSTREAM_KEY, CLIENT_KEY, WRONG_KEY])
 
 
 def _scan_for_secrets(tmp: Path, secrets: list[str]) -> None:
