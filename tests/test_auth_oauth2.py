@@ -142,3 +142,38 @@ def test_slow_endpoint_is_503_after_the_timeout() -> None:
     clock.advance(0.1)
     (failure,) = out
     assert failure.value.status == 503 and "did not answer within 3s" in failure.value.message
+
+
+class Held(Resource):
+    """Holds every introspection request until the test answers it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+def test_concurrent_requests_share_one_introspection_call() -> None:
+    idp = Held()
+    http = StubTreq(idp)
+    layer, _ = layer_for(http)
+    out: list[Any] = []
+    gone = defer.ensureDeferred(layer.check(context({"x-api-key": "tok-shared"})))
+    gone.addErrback(lambda f: f.trap(defer.CancelledError))
+    for _ in range(3):
+        ctx = context({"x-api-key": "tok-shared"})
+        defer.ensureDeferred(layer.check(ctx)).addBoth(lambda r, ctx=ctx: out.append((r, ctx.identity)))
+    http.flush()
+    assert len(idp.pending) == 1 and out == []
+    gone.cancel()  # one client goes away: the others still get their answer
+    (request,) = idp.pending
+    request.write(json.dumps({"active": True, "sub": "user-5"}).encode())
+    request.finish()
+    http.flush()
+    assert [(r, i.user_id) for r, i in out] == [(None, "user-5")] * 3
+    assert len(idp.pending) == 1 and layer.authenticator.inflight == {}  # type: ignore[attr-defined]

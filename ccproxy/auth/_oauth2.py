@@ -7,7 +7,9 @@ import hashlib
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from ccproxy.auth._base import AuthFailure
 from ccproxy.auth._http import SideCallFailed, fetch_json
@@ -30,6 +32,8 @@ class Introspector:
         self.clock = clock
         # sha256(token) -> what introspection said; insertion order gives the eviction order.
         self.cache: dict[bytes, _Cached] = {}
+        # sha256(token) -> the requests waiting for the introspection call under way for it.
+        self.inflight: dict[bytes, list[defer.Deferred[Any]]] = {}
         pair = f"{config.client_id}:{config.client_secret.reveal()}".encode()
         self._authorization = b"Basic " + base64.b64encode(pair)
 
@@ -46,7 +50,7 @@ class Introspector:
         if hit is not None and now < hit.until:
             return hit.identity
         self.cache.pop(digest, None)
-        data = await self._introspect(credential)
+        data = await self._shared(digest, credential)
         if not isinstance(data, dict) or data.get("active") is not True:
             raise AuthFailure(401, "token is not active", "inactive_token")
         now = self.clock.seconds()
@@ -60,6 +64,31 @@ class Introspector:
             until = min(until, float(exp))
         self._remember(digest, _Cached(identity, until))
         return identity
+
+    def _shared(self, digest: bytes, token: str) -> defer.Deferred[Any]:
+        """One introspection call per token at a time; concurrent requests with it wait for that one.
+
+        Each caller gets a Deferred of its own, so a client that goes away cancels only its wait.
+        """
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        waiters = self.inflight.get(digest)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        waiters = self.inflight[digest] = [waiter]
+
+        def distribute(result: Any) -> None:
+            del self.inflight[digest]
+            for w in waiters:
+                if w.called:  # cancelled: its client went away
+                    continue
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        defer.ensureDeferred(self._introspect(token)).addBoth(distribute)
+        return waiter
 
     async def _introspect(self, token: str) -> Any:
         try:
