@@ -184,3 +184,17 @@ def test_security_headers_and_size_limit_on_real_responses(daemon, upstream: Fak
     assert response.headers["request-id"].startswith("req_ccp_")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert not [r for r in upstream.requests if r.path == "/v1/messages"]
+
+
+def test_handshake_deadline_and_idle_timeout_on_real_sockets(daemon) -> None:
+    d = daemon({"security": {"ddos_protection": {"tls_handshake_timeout": "1s", "idle_timeout": "1s"}}})
+    silent = tcp(d)
+    started = time.monotonic()
+    assert refused(silent, wait=5)  # no ClientHello: cut without a reply
+    assert 0.7 <= time.monotonic() - started <= 2.0
+    kept = tls(d)
+    assert get(kept).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    kept.settimeout(5)
+    assert kept.recv(1) == b""  # the idle keep-alive connection is closed quietly
+    assert 0.7 <= time.monotonic() - started <= 2.0

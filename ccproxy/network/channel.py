@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _ChunkedTransferDecoder, _MalformedChunkedDataError
 from zope.interface import implementer
@@ -84,7 +84,7 @@ class HardenedChannel(HTTPChannel):
         self.draining = False
         self.timer: IDelayedCall | None = None
         self.linger: IDelayedCall | None = None
-        self.secure = ISSLTransport.providedBy(self.transport)
+        self.secure = self.isSecure()
         self.handshaking = self.secure and limits.tls_handshake_timeout is not None
         if self.handshaking:
             self._arm(limits.tls_handshake_timeout, self._handshake_expired)
@@ -285,7 +285,7 @@ class HardenedChannel(HTTPChannel):
         ]
         lines += [name + b": " + value for name, value in headers]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self.transport.loseConnection()
+        self.loseConnection()
         # A client that never reads would keep the connection (and its buffers) forever.
         self.linger = self.callLater(LINGER, self._abort)
 
@@ -341,7 +341,7 @@ class HardenedChannel(HTTPChannel):
         self.timer = None
         if self.phase == HEAD and not self.pending and self.transport is not None:
             self.phase = DEAD
-            self.transport.loseConnection()
+            self.loseConnection()
             self.linger = self.callLater(LINGER, self._abort)
 
     def _peer(self) -> str:
