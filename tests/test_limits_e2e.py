@@ -100,7 +100,7 @@ def test_two_instances_sharing_redis_admit_exactly_the_limit(
 def test_redis_killed_requests_follow_on_error_within_the_timeout(
     daemon: Any, upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
-    state = {"backend": "redis", "redis": {"url": redis_server.url, "timeout": "100ms", "on_error": "fail_closed"}}
+    state = {"backend": "redis", "redis": {"url": redis_server.url, "timeout": "500ms", "on_error": "fail_closed"}}
     d = daemon(limits({"global": {"requests_per_minute": 1000}}, state))
     assert post(d)[0] == 200
     redis_server.kill()

@@ -240,7 +240,7 @@ class RedisLayerTests(_LayerTests, unittest.TestCase):
     @defer.inlineCallbacks
     def test_redis_down_fail_open_then_recovers(self) -> Any:
         layer = self.layer({"global": {"requests_per_hour": 2, "burst": 2}},
-                           state={"backend": "redis", "redis": {"url": self.server.url, "timeout": "100ms"}})
+                           state={"backend": "redis", "redis": {"url": self.server.url, "timeout": "500ms"}})
         for _ in range(2):
             yield defer.ensureDeferred(self.admit(layer))
         yield defer.ensureDeferred(self.refuse(layer))
@@ -249,7 +249,7 @@ class RedisLayerTests(_LayerTests, unittest.TestCase):
         for _ in range(20):
             ctx = yield defer.ensureDeferred(self.admit(layer))
             self.assertEqual(ctx.extra_headers, {})
-        self.assertLess(time.monotonic() - started, 1.0)  # one timeout at most; then backing off at once
+        self.assertLess(time.monotonic() - started, 1.5)  # one timeout at most; then backing off at once
         [event] = self.events.named("rate_limit_backend_unavailable")
         self.assertEqual(event["policy"], "fail_open")
         # Redis returns (empty: a restart without persistence); the proxy reconnects by itself.
