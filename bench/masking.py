@@ -149,6 +149,9 @@ def streaming_latency(streams: int, events: int, gap: float) -> None:
     stream_events = anthropic_stream(deltas)
     first_delta = next(i for i, e in enumerate(stream_events) if b"content_block_delta" in e)
     upstream = FakeUpstream()
+    # Each event is one small write: without this, Nagle's algorithm on the fake upstream's side
+    # holds some of them for the proxy's delayed ACK, which is the test rig, not ccproxy.
+    upstream.server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -163,11 +166,13 @@ def streaming_latency(streams: int, events: int, gap: float) -> None:
                         sent: dict[int, float] = {}
 
                         def mark(index: int, sent: dict[int, float] = sent) -> None:
+                            # The gap is slept here, so the mark is taken just before the write.
+                            time.sleep(gap)
                             if index >= first_delta:
                                 sent[index - first_delta] = time.perf_counter()
 
                         upstream.expect(Script(events=stream_events, headers={"content-type": "text/event-stream"},
-                                               before_event=mark, event_gap=gap))
+                                               before_event=mark))
                         got = stream_once(proxy["url"], sent, len(deltas), ctx)
                         assert len(got) == len(deltas), (name, len(got))
                         if i >= 2:  # the first rounds warm pools and caches
