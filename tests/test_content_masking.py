@@ -280,3 +280,23 @@ def test_earlier_rule_wins_at_the_same_position() -> None:
     assert Masker(rules).mask("abcd") == "[S]cd"
     stream = StreamMasker(Masker(rules), Counter())
     assert stream.feed("abc") + stream.feed("d") + stream.close() == "[S]cd"
+
+
+def test_held_tail_is_bounded() -> None:
+    from ccproxy.content.masking import MAX_HOLD
+
+    stream = StreamMasker(masker(), Counter())
+    sent = stream.feed("key: sk-")
+    for _ in range(MAX_HOLD // 1000 + 1):
+        sent += stream.feed("A" * 1000)
+    assert sent == "key: [REDACTED_API_KEY]"  # masked when the hold limit was passed
+    assert len(stream.pending) < 1000
+    sent += stream.feed("A" * 10 + " done") + stream.close()
+    assert sent.startswith("key: [REDACTED_API_KEY]") and sent.endswith(" done")
+
+
+def test_brace_quantifier_re2_reads_literally_is_not_analysed() -> None:
+    assert prefix_pattern("a{,5}") is None
+    rules = rule_set((Rule("brace", "a{,5}", "[B]"),))
+    stream = StreamMasker(Masker(rules), Counter())
+    assert stream.feed("xa{") + stream.feed(",5}y") + stream.close() == "x[B]y"

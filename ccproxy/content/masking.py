@@ -290,6 +290,10 @@ class Masker:
             pos = m.end
 
 
+# The most a stream masker holds back, in bytes.
+MAX_HOLD = 64 * 1024
+
+
 class StreamMasker:
     """Masks a text that arrives in pieces: `feed` returns what is final, `close` the rest."""
 
@@ -327,12 +331,17 @@ class StreamMasker:
         out.append(text[pos:hold])
         self.pending = text[hold:]
         self.context = text[_char_floor(text, hold - 1) : hold] if hold > 0 else b""
+        if len(self.pending) > MAX_HOLD:
+            # Only a run no real secret reaches ("sk-" and a megabyte of letters) gets here; rescanning
+            # it for every delta would stall the reactor. Mask it as if the block ended here.
+            out.append(self.close().encode())
         return b"".join(out).decode()
 
     def close(self) -> str:
         text = self.context + self.pending
         out, pos = self.masker.apply(text, len(self.context), len(text), self.counts)
         self.pending = b""
+        self.context = text[_char_floor(text, len(text) - 1) :] if text else b""
         return (b"".join(out) + text[pos:]).decode()
 
 

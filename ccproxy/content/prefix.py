@@ -18,8 +18,8 @@ from re import _constants as C  # type: ignore[attr-defined]
 from re import _parser as P  # type: ignore[attr-defined]
 from typing import Any
 
-# RE2 syntax Python's parser reads with another meaning, or not at all.
-_RE2_ONLY = re.compile(r"\[:\^?[a-z]+:\]|\\[pPQECz]|\(\?[a-zA-Z]*U")
+# RE2 syntax Python's parser reads with another meaning, or not at all (`{,n}` is literal in RE2).
+_RE2_ONLY = re.compile(r"\[:\^?[a-z]+:\]|\\[pPQECz]|\(\?[a-zA-Z]*U|\{,")
 # RE2 refuses counted repetition above this.
 _RE2_MAX_REPEAT = 1000
 
