@@ -130,3 +130,30 @@ def test_reload_keeps_unchanged_counters(daemon: Any, upstream: FakeUpstream) ->
     config["security"]["rate_limiting"]["global"] = {"requests_per_hour": 4, "burst": 4}
     assert "config reloaded" in d.reload(config)
     assert post(d)[0] == 200  # a changed limit starts afresh
+
+
+def test_auto_block_by_one_instance_is_refused_at_accept_by_both(
+    daemon: Any, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    config = {"security": {"ip_blacklist": {"enabled": False, "auto_block": {"enabled": True, "threshold": 3,
+                                                                              "duration": "1h"}}},
+              "state": {"backend": "redis", "redis": {"url": redis_server.url, "timeout": "2s"}}}
+    first, second = daemon(config), daemon(json.loads(json.dumps(config)))
+    assert [post(first)[0] for _ in range(3)] == [200, 200, 200]
+    status, headers = post(first)
+    assert status == 429 and int(headers["retry-after"]) > 3500
+    assert "ip_auto_blocked" in first.log()
+    # New connections are refused before any TLS work, on both instances (the second learns of the
+    # block from Redis within a second).
+    deadline = time.monotonic() + 10
+    refused = 0
+    while time.monotonic() < deadline and refused < 2:
+        refused = 0
+        for d in (first, second):
+            try:
+                post(d, timeout=5)
+            except OSError:
+                refused += 1
+        time.sleep(0.2)
+    assert refused == 2
+    assert len(upstream.requests) == 3

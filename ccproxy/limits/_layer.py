@@ -118,8 +118,8 @@ class Limiter:
                 del self.blocks[ip]
         for ip, until in list(self.own_blocks.items()):
             if until <= now:
+                # The BlockList entry lapses by itself (and may hold a later block learned since).
                 del self.own_blocks[ip]
-                self.blocklist.unblock(ip)
                 events.emit("ip_unblocked", "notice", ip_address=ip, reason="block expired")
         if isinstance(self.store, RedisStore) and now >= self.down_until:
             return defer.ensureDeferred(self.sync_blocks(now))
