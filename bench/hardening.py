@@ -187,6 +187,9 @@ def slowloris(d: Daemon, connections: int, length: int) -> dict[str, Any]:
         "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000 if lat else 0.0,
         "max_ms": lat[-1] * 1000 if lat else 0.0,
         "server_conns_max": max(held) if held else 0,
+        "server_conns_end": held[-1] if held else 0,
+        "timeouts_408": d.log().count("request_timeout reason=header_timeout"),
+        "refused_at_accept": d.log().count("connection_refused"),
         "attack": _last_status(output),
     }
 
@@ -287,8 +290,11 @@ def main() -> None:
             print(f"    normal client (127.0.0.2, new TLS connection per request): {r['requests']} requests, "
                   f"{r['success']:.1f}% success, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
                   f"max {r['max_ms']:.0f} ms")
-            print(f"    connections held by ccproxy at most: {r['server_conns_max']}")
-            print(f"    slowhttptest at the end: {r['attack']}")
+            print(f"    connections held by ccproxy: at most {r['server_conns_max']}, at the end "
+                  f"{r['server_conns_end']}; 408s sent {r['timeouts_408']}, refused at accept "
+                  f"{r['refused_at_accept']}")
+            # slowhttptest does not notice a TLS connection closed under it: its "connected" stays up.
+            print(f"    slowhttptest's own tally at the end: {r['attack']}")
     finally:
         upstream.close()
         shutil.rmtree(tmp, ignore_errors=True)
