@@ -153,6 +153,7 @@ def test_a_receiver_that_goes_away_and_comes_back_gets_everything_in_order(
     _reloads(d, 2)
     _wait(lambda: len(_by_app(rsyslog, "ccp-tcp")) >= 2)
     rsyslog.stop()
+    rsyslog.hold_port()
     time.sleep(0.5)
     _reloads(d, 4)  # two wait in memory, two in the spool
     time.sleep(1.0)
@@ -164,12 +165,14 @@ def test_a_receiver_that_goes_away_and_comes_back_gets_everything_in_order(
 
 def test_records_spooled_at_shutdown_are_delivered_after_a_restart(
         daemon: Any, rsyslog: Rsyslog, tmp_path: Path) -> None:
+    rsyslog.hold_port()  # the receiver is not running at all
     config = _config(tmp_path, [_syslog(rsyslog, tmp_path, "tcp", "ccp-tcp", queue_size=2)])
-    d = daemon(config, env=ENV)  # the receiver is not running at all
+    d = daemon(config, env=ENV)
     _reloads(d, 5)
     d.stop()
+    assert ": connected" not in d.log()
     spool = tmp_path / "spool-ccp-tcp"
-    assert spool.read_bytes().count(b"\n") == 5
+    assert spool.read_bytes().count(b"\n") == 5, d.log()
     rsyslog.start()
     d.start()
     _reloads(d, 1)

@@ -44,8 +44,21 @@ class Rsyslog:
         self.conf.write_text(_CONFIG.format(work=self.dir, tcp=self.tcp_port, udp=self.udp_port,
                                             sock=self.socket, out=self.out))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._holder: Any = None
+
+    def hold_port(self) -> None:
+        """While down, keep the TCP port bound (not listening) so no other test's server takes it."""
+        import socket
+
+        if self._holder is None:
+            self._holder = socket.socket()
+            self._holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._holder.bind(("127.0.0.1", self.tcp_port))
 
     def start(self, timeout: float = 10.0) -> Rsyslog:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
         self.pidfile.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
@@ -69,6 +82,9 @@ class Rsyslog:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
 
     def lines(self) -> list[list[str]]:
         """Each received message as [version, facility, severity, app-name, msgid, msg]."""
