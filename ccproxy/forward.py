@@ -1,7 +1,7 @@
-"""Forwarding to the upstream APIs over one shared persistent connection pool.
+"""Forwarding to the upstream APIs over one shared pool of persistent connections.
 
-A plain Agent, not treq: treq follows redirects, decompresses, buffers bodies and shares one cookie
-jar between callers, and a faithful proxy wants none of that.
+Not treq: it follows redirects, decompresses, buffers bodies and shares one cookie jar between
+callers, and a faithful proxy wants none of that. See `ccproxy.upstream` for the client itself.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from functools import lru_cache
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _StandardEndpointFactory
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, _StandardEndpointFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
 from ccproxy.errors import ANTHROPIC, ApiError
-from ccproxy.routes import Route, upstream_url
+from ccproxy.routes import Route
+from ccproxy.upstream import PoolKey, UpstreamPool, UpstreamResponse
 
 log = Logger()
 
@@ -79,28 +80,6 @@ def upstream_host(upstream: UpstreamConfig) -> bytes:
     return urlsplit(upstream.base_url).netloc.encode("idna")
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 @implementer(IPolicyForHTTPS)
 class _CAFilePolicy:
     """Verifies upstream certificates against a configured CA file instead of the system store."""
@@ -113,49 +92,36 @@ class _CAFilePolicy:
         return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._root)
 
 
-@implementer(IAgentEndpointFactory)
-class _CachedEndpoints:
-    """One endpoint per upstream address, instead of a new one (and its IDNA work) per request."""
-
-    def __init__(self, inner: _StandardEndpointFactory) -> None:
-        self._inner = inner
-        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            endpoint = self._cache[key] = self._inner.endpointForURI(uri)
-        return endpoint
-
-
 class Forwarder:
     """Sends requests upstream; one Agent per upstream (their timeouts differ), one pool for all."""
 
-    def __init__(self, reactor: IReactorTime, pool: HTTPConnectionPool | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, pool: UpstreamPool | None = None) -> None:
         self.reactor = reactor
-        if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 256
-            # Shorter than the upstreams' idle timeouts, so a pooled connection is rarely stale.
-            pool.cachedConnectionTimeout = 50
-        self.pool = pool
-        self._agents: dict[UpstreamConfig, Agent] = {}
+        # Idle connections close after 50 s: sooner than the upstreams' own idle timeouts, so a
+        # pooled connection is rarely stale when reused.
+        self.pool = pool or UpstreamPool(reactor, max_idle_per_host=256, idle_timeout=50.0)
+        self._endpoints: dict[UpstreamConfig, tuple[PoolKey, IStreamClientEndpoint]] = {}
 
-    def agent(self, upstream: UpstreamConfig) -> Agent:
-        agent = self._agents.get(upstream)
-        if agent is None:
+    def endpoint(self, upstream: UpstreamConfig) -> tuple[PoolKey, IStreamClientEndpoint]:
+        """The pool key and endpoint of an upstream: made once, not per request."""
+        found = self._endpoints.get(upstream)
+        if found is None:
             policy = _CAFilePolicy(upstream.ca_file) if upstream.ca_file else BrowserLikePolicyForHTTPS()
-            endpoints = _StandardEndpointFactory(self.reactor, policy, upstream.connect_timeout, None)
-            agent = Agent.usingEndpointFactory(self.reactor, _CachedEndpoints(endpoints), pool=self.pool)
-            self._agents = {**self._agents, upstream: agent}
-        return agent
+            uri = URI.fromBytes(upstream.base_url.encode())
+            factory = _StandardEndpointFactory(self.reactor, policy, upstream.connect_timeout, None)
+            endpoint = factory.endpointForURI(uri)
+            # Keyed by the upstream's settings too: a reload that changes its CA or timeout gets new connections.
+            found = ((uri.scheme, uri.host, uri.port, hash(upstream)), endpoint)
+            self._endpoints = {**self._endpoints, upstream: found}
+        return found
 
-    async def send(self, method: bytes, route: Route, headers: Headers, body: bytes) -> IResponse:
+    async def send(self, method: bytes, route: Route, headers: Headers, body: bytes) -> UpstreamResponse:
         """The upstream's response head; ApiError 502 or 504 when it cannot be had."""
         upstream = route.upstream
-        producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
-        d = self.agent(upstream).request(method, upstream_url(upstream, route.path), headers, producer)
+        key, endpoint = self.endpoint(upstream)
+        path = urlsplit(upstream.base_url).path.encode() + route.path
+        content = body if body or method in (b"POST", b"PUT", b"PATCH") else None
+        d = defer.ensureDeferred(self.pool.request(key, endpoint, method, path, headers, content))
         timed_out = False
 
         def on_timeout() -> None:
@@ -178,7 +144,7 @@ class Forwarder:
                 timer.cancel()
 
     def close(self) -> defer.Deferred[None]:
-        return self.pool.closeCachedConnections()
+        return self.pool.close()
 
 
 def classify(failure: Exception, upstream: UpstreamConfig) -> ApiError:

@@ -10,7 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -20,6 +20,7 @@ from ccproxy.forward import end_to_end, upstream_headers
 from ccproxy.relay import Relay, abort_client
 from ccproxy.routes import api_for, route
 from ccproxy.runtime import Runtime, RuntimeHolder
+from ccproxy.upstream import UpstreamResponse
 
 log = Logger()
 
@@ -115,7 +116,7 @@ class ProxyResource(Resource):
         await relay.done
 
     def _write_head(
-        self, ctx: RequestContext, runtime: Runtime, response: IResponse, filtered: bool, length: int | None
+        self, ctx: RequestContext, runtime: Runtime, response: UpstreamResponse, filtered: bool, length: int | None
     ) -> None:
         request = ctx.request
         request.setResponseCode(response.code, response.phrase)

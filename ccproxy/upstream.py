@@ -1,0 +1,385 @@
+"""A lean HTTP/1.1 client for the upstream hop, with a pool of persistent connections.
+
+Twisted's Agent spends most of a small request's time in machinery a proxy does not need (a state
+machine per request, a line parser per header, a Response object per body). This client writes a
+request in one call, parses a response head in one pass, and hands the body to the same kind of
+protocol `IResponse.deliverBody` takes, so the relay works with either.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+log = Logger()
+
+MAX_HEAD = 256 * 1024
+_NO_BODY_CODES = frozenset({204, 304})
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+# What identifies the connections that can serve a request: scheme, host, port and settings.
+PoolKey = Hashable
+_STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream answered with something that is not HTTP/1.1 as ccproxy reads it."""
+
+
+class UpstreamResponse:
+    """The head of an upstream response; `deliverBody` streams the body to a protocol."""
+
+    def __init__(self, conn: _Connection, version: bytes, code: int, phrase: bytes, headers: Headers,
+                 length: int | object) -> None:
+        self._conn = conn
+        self.version = (b"HTTP", 1, int(version))
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        self._conn.deliver_body(protocol)
+
+
+class _BodyProducer:
+    """What the body protocol sees as its transport: pausing it pauses the upstream socket."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def pauseProducing(self) -> None:
+        if self._conn.transport is not None:
+            self._conn.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self._conn.transport is not None:
+            self._conn.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self._conn.abort()
+
+
+class _Connection(Protocol):
+    """One upstream connection, carrying one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self.connected_ok = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buffer = b""
+        self._waiting: defer.Deferred[UpstreamResponse] | None = None
+        self._method = b""
+        self._body: Protocol | None = None
+        self._pending: list[bytes] = []
+        self._framing = ""
+        self._remaining = 0
+        self._chunk_state = "size"
+        self._keep_alive = False
+        self._finished = False
+        self._got_bytes = False
+
+    # Requests
+
+    def send(
+        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
+    ) -> defer.Deferred[UpstreamResponse]:
+        self._reset()
+        self._method = method
+        self._waiting = defer.Deferred(self._cancel)
+        lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        if body:
+            lines.append(body)
+        assert self.transport is not None
+        self.transport.write(b"".join(lines))
+        return self._waiting
+
+    def _cancel(self, _: defer.Deferred[UpstreamResponse]) -> None:
+        self._waiting = None  # the Deferred fails with CancelledError by itself
+        self.abort()
+
+    def abort(self) -> None:
+        self.connected_ok = False
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # Responses
+
+    def dataReceived(self, data: bytes) -> None:
+        self._got_bytes = True
+        if self._waiting is not None:
+            self._buffer += data
+            self._parse_head()
+        else:
+            self._body_data(data)
+
+    def _parse_head(self) -> None:
+        while self._waiting is not None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD:
+                    self._fail_head(UpstreamProtocolError("response head too large"))
+                return
+            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            try:
+                response = self._read_head(head)
+            except UpstreamProtocolError as e:
+                self._fail_head(e)
+                return
+            if response is None:  # an informational 1xx: the real head follows
+                continue
+            waiting, self._waiting = self._waiting, None
+            rest, self._buffer = self._buffer, b""
+            waiting.callback(response)
+            if rest:
+                self._body_data(rest)
+            elif self._framing == "none" or (self._framing == "length" and self._remaining == 0):
+                self._body_data(b"")
+
+    def _read_head(self, head: bytes) -> UpstreamResponse | None:
+        status, *lines = head.split(b"\r\n")
+        match = _STATUS_RE.match(status)
+        if match is None:
+            raise UpstreamProtocolError(f"bad status line {status[:80]!r}")
+        minor, code, phrase = match.group(1), int(match.group(2)), match.group(3) or b""
+        if 100 <= code < 200 and code != 101:
+            return None
+        headers = Headers()
+        for line in lines:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN_RE.match(name):
+                raise UpstreamProtocolError(f"bad header line {line[:80]!r}")
+            headers.addRawHeader(name, value.strip(b" \t"))
+        self._choose_framing(code, minor, headers)
+        length: int | object = self._remaining if self._framing == "length" else UNKNOWN_LENGTH
+        if self._framing == "none":
+            length = 0
+        return UpstreamResponse(self, minor, code, phrase, headers, length)
+
+    def _choose_framing(self, code: int, minor: bytes, headers: Headers) -> None:
+        connection = b",".join(headers.getRawHeaders(b"connection", [])).lower()
+        self._keep_alive = minor == b"1" and b"close" not in connection
+        encodings = b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower()
+        lengths = headers.getRawHeaders(b"content-length", [])
+        if self._method == b"HEAD" or code in _NO_BODY_CODES or code == 101:
+            self._framing = "none"
+        elif encodings:
+            if encodings.replace(b" ", b"").split(b",")[-1] != b"chunked":
+                raise UpstreamProtocolError("unsupported transfer-encoding")
+            self._framing = "chunked"
+        elif lengths:
+            values = {v.strip() for v in b",".join(lengths).split(b",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                raise UpstreamProtocolError("bad content-length")
+            self._framing, self._remaining = "length", int(values.pop())
+        else:
+            self._framing, self._keep_alive = "close", False
+
+    def _fail_head(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, None
+        self.abort()
+        if waiting is not None:
+            waiting.errback(Failure(ResponseFailed([Failure(error)])))
+
+    # Bodies
+
+    def deliver_body(self, protocol: Protocol) -> None:
+        self._body = protocol
+        protocol.makeConnection(_BodyProducer(self))  # type: ignore[arg-type,unused-ignore]
+        pending, self._pending = self._pending, []
+        for data in pending:
+            protocol.dataReceived(data)
+        if self._finished:
+            self._end(Failure(ResponseDone()))
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._body is not None:
+            self._body.dataReceived(data)
+        else:
+            self._pending.append(data)
+
+    def _body_data(self, data: bytes) -> None:
+        if self._finished:
+            return
+        if self._framing == "length":
+            take = data[: self._remaining]
+            self._remaining -= len(take)
+            self._emit(take)
+            if self._remaining == 0:
+                self._complete(extra=len(data) > len(take))
+        elif self._framing == "chunked":
+            self._chunked(data)
+        elif self._framing == "close":
+            self._emit(data)
+        else:
+            self._complete(extra=bool(data))
+
+    def _chunked(self, data: bytes) -> None:
+        self._buffer += data
+        while not self._finished:
+            if self._chunk_state == "data":
+                if not self._buffer:
+                    return
+                take = self._buffer[: self._remaining]
+                self._buffer = self._buffer[len(take) :]
+                self._remaining -= len(take)
+                self._emit(take)
+                if self._remaining == 0:
+                    self._chunk_state = "crlf"
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) > 4096:
+                    self._protocol_error("chunk line too long")
+                return
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if self._chunk_state == "crlf":
+                if line:
+                    return self._protocol_error("missing CRLF after chunk")
+                self._chunk_state = "size"
+            elif self._chunk_state == "size":
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
+                    return self._protocol_error("bad chunk size")
+                self._remaining = int(size, 16)
+                self._chunk_state = "data" if self._remaining else "trailer"
+            elif not line:  # the empty line that ends the trailers
+                self._complete(extra=bool(self._buffer))
+
+    def _protocol_error(self, message: str) -> None:
+        self._end(Failure(ResponseFailed([Failure(UpstreamProtocolError(message))])))
+        self.abort()
+
+    def _complete(self, extra: bool) -> None:
+        self._finished = True
+        if extra:
+            self._keep_alive = False  # bytes past the end: the connection cannot be trusted again
+        if self._body is not None:
+            self._end(Failure(ResponseDone()))
+
+    def _end(self, reason: Failure) -> None:
+        body, self._body = self._body, None
+        self._finished = True
+        reusable = reason.check(ResponseDone) is not None and self._keep_alive and self.connected_ok
+        if reusable:
+            self.pool.release(self)
+        elif self.transport is not None and self.connected_ok:
+            self.connected_ok = False
+            self.transport.loseConnection()
+        if body is not None:
+            body.connectionLost(reason)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self.connected_ok = False
+        self.pool.forget(self)
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(Failure(ResponseNeverReceived([reason])))
+        elif not self._finished and self._framing:
+            if self._framing == "close":
+                self._end(Failure(PotentialDataLoss()))
+            else:
+                self._end(Failure(ResponseFailed([reason])))
+
+
+class UpstreamPool:
+    """Idle persistent connections per upstream address, closed after `idle_timeout` unused."""
+
+    def __init__(self, clock: IReactorTime, max_idle_per_host: int = 256, idle_timeout: float = 50.0) -> None:
+        self.clock = clock
+        self.max_idle_per_host = max_idle_per_host
+        self.idle_timeout = idle_timeout
+        self._idle: dict[PoolKey, list[_Connection]] = {}
+        self._timers: dict[_Connection, IDelayedCall] = {}
+
+    async def request(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes,
+                      path: bytes, headers: Headers, body: bytes | None) -> UpstreamResponse:
+        conn = self._take(key)
+        if conn is not None:
+            try:
+                return await conn.send(method, path, headers, body)
+            except ResponseNeverReceived:
+                # The upstream closed this idle connection as we reused it. Only a request that is
+                # safe to repeat is retried: a POST may have been acted on.
+                if method not in _RETRYABLE:
+                    raise
+        fresh: Any = await endpoint.connect(_ConnectionFactory(self, key))
+        return await fresh.send(method, path, headers, body)
+
+    def _take(self, key: PoolKey) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            timer = self._timers.pop(conn, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            if conn.connected_ok:
+                return conn
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle_per_host:
+            conn.connected_ok = False
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+            return
+        conn._reset()
+        idle.append(conn)
+        self._timers[conn] = self.clock.callLater(self.idle_timeout, self._expire, conn)
+
+    def _expire(self, conn: _Connection) -> None:
+        self._timers.pop(conn, None)
+        self.forget(conn)
+        conn.connected_ok = False
+        if conn.transport is not None:
+            conn.transport.loseConnection()
+
+    def forget(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        timer = self._timers.pop(conn, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def close(self) -> defer.Deferred[None]:
+        for idle in self._idle.values():
+            for conn in list(idle):
+                self._expire(conn)
+        self._idle.clear()
+        return defer.succeed(None)
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+
+    def buildProtocol(self, addr: object) -> _Connection:
+        return _Connection(self.pool, self.key)
+
