@@ -284,3 +284,14 @@ def test_example_config_section_is_the_seed() -> None:
     content = load(str(example), environ={}).content
     assert content.request_validation == parse(SEED).request_validation
     assert content.response_sanitization == parse(SEED).response_sanitization
+
+
+def test_switched_off_sections_are_still_checked() -> None:
+    config = parse({"request_validation": {"enabled": False, "max_tokens": 5},
+                    "response_sanitization": {"enabled": False, "mask_emails": False}})
+    assert not config.request_validation.enabled and not config.response_sanitization.enabled
+    layer = ContentLayer(config)
+    assert layer.validator is None and layer.rules is None
+    with pytest.raises(ConfigError) as caught:
+        parse({"request_validation": {"enabled": False, "blocked_patterns": ["(?<=x)"]}})
+    assert caught.value.path == "security.request_validation.blocked_patterns[0]"

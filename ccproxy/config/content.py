@@ -32,12 +32,12 @@ class RequestValidation:
 
     @classmethod
     def parse(cls, section: Section) -> RequestValidation:
-        if not section.enabled(bool(section.data)):
-            section.done()
-            return cls()
+        # A section switched off is still read: a mistake in it is reported now, not when it is
+        # switched on.
+        enabled = section.enabled(bool(section.data))
         patterns = section.items("blocked_patterns", _pattern)
         return cls(
-            enabled=True,
+            enabled=enabled,
             max_tokens=section.integer("max_tokens", None, min=1),
             max_messages=section.integer("max_messages", None, min=1),
             max_message_length=section.integer("max_message_length", None, min=1),
@@ -66,9 +66,7 @@ class ResponseSanitization:
 
     @classmethod
     def parse(cls, section: Section) -> ResponseSanitization:
-        if not section.enabled(bool(section.data)):
-            section.done()
-            return cls()
+        enabled = section.enabled(bool(section.data))
         patterns = section.items("mask_patterns", _mask_pattern)
         seen: set[str] = set()
         for i, p in enumerate(patterns):
@@ -76,7 +74,7 @@ class ResponseSanitization:
                 raise ConfigError(f"{section.at('mask_patterns')}[{i}].name", f"duplicate rule name {p.name!r}")
             seen.add(p.name)
         return cls(
-            enabled=True,
+            enabled=enabled,
             remove_system_prompts=section.boolean("remove_system_prompts", True),
             system_prompt_min_length=section.integer("system_prompt_min_length", 32, min=8, max=10000),
             mask_api_keys=section.boolean("mask_api_keys", True),
