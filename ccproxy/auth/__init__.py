@@ -29,6 +29,8 @@ def build_layer(config: Config, deps: Any, previous: Layer | None, http: Any = N
     if old is not None:
         old.retire()
     auth = config.auth
+    if old is not None and old.pool is not None and (not auth.enabled or auth.type == API_KEY):
+        old.pool.closeCachedConnections()  # no side calls any more
     if not auth.enabled:
         return Layer()
     clock = deps.reactor
