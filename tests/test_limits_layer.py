@@ -275,3 +275,36 @@ class RedisLayerTests(_LayerTests, unittest.TestCase):
             self.assertEqual((error.status, error.headers["retry-after"]), (503, "1"))
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertEqual(self.events.named("rate_limit_backend_unavailable")[0]["policy"], "fail_closed")
+
+    @defer.inlineCallbacks
+    def test_hung_redis_never_holds_a_request_beyond_the_timeout(self) -> Any:
+        layer = self.layer({"global": {"requests_per_hour": 1, "burst": 1}},
+                           state={"backend": "redis", "redis": {"url": self.server.url, "timeout": "300ms"}})
+        yield defer.ensureDeferred(self.admit(layer))
+        yield defer.ensureDeferred(self.refuse(layer))
+        self.server.pause()
+        try:
+            started = time.monotonic()
+            ctx = yield defer.ensureDeferred(self.admit(layer))  # fail_open: admitted, unlimited
+            waited = time.monotonic() - started
+            self.assertGreaterEqual(waited, 0.29)
+            self.assertLess(waited, 1.5)
+            self.assertEqual(ctx.extra_headers, {})
+            self.assertIn("no answer within 300 ms", self.events.named("rate_limit_backend_unavailable")[0]["reason"])
+        finally:
+            self.server.resume()
+        # Redis answers again: the limit (still spent) is enforced again.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            self.clock.advance(2)
+            try:
+                yield defer.ensureDeferred(self.layer_check(layer))
+            except ApiError as e:
+                self.assertEqual(e.status, 429)
+                break
+            yield task.deferLater(real_reactor, 0.2, lambda: None)
+        else:
+            self.fail("the limit was not enforced again after Redis came back")
+
+    async def layer_check(self, layer: LimitsLayer) -> None:
+        await layer.check(make_ctx())
