@@ -238,3 +238,18 @@ def test_verified_tokens_are_remembered_but_times_rechecked() -> None:
     clock.advance(20)
     assert "expired" in refused(layer, token)
     authenticator.static = layer_static
+
+
+def test_reload_keeps_the_jwks_cache_and_stops_the_old_timer() -> None:
+    layer, clock, endpoint, http = jwks_layer()
+    cfg = config({"enabled": True, "type": "jwt", "jwt": {
+        "algorithms": ["ES256"], "jwks_url": "https://idp.test/jwks", "audience": "ccproxy"}})
+    newer = build_layer(cfg, Deps(clock), layer, http=http)
+    assert isinstance(newer, AuthLayer)
+    endpoint.mode = "fail"  # the new layer must not need a fetch to accept a known key
+    assert run(newer, context({"x-api-key": es256("ec-1")})) is None
+    clock.advance(0)
+    http.flush()
+    assert len(clock.getDelayedCalls()) == 1  # only the new layer's refresh timer
+    newer.stop()
+    assert clock.getDelayedCalls() == []
