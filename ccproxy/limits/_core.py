@@ -24,14 +24,14 @@ class Rate:
     count: int
     period: float
     burst: int
+    # Derived once: a rate is built once per client and used for every one of its requests.
+    interval: float = attrs.field(init=False, eq=False)
+    depth: float = attrs.field(init=False, eq=False)
 
-    @property
-    def interval(self) -> float:
-        return self.period / self.count
-
-    @property
-    def depth(self) -> float:
-        return self.burst * self.interval
+    def __attrs_post_init__(self) -> None:
+        interval = self.period / self.count
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(self, "depth", self.burst * interval)
 
 
 @attrs.frozen
