@@ -93,7 +93,8 @@ class _Connection(Protocol):
         self._chunk_state = "size"
         self._keep_alive = False
         self._finished = False
-        self._got_bytes = False
+        # How the body ended, kept until a body protocol is there to be told.
+        self._outcome: Failure | None = None
 
     # Requests
 
@@ -128,7 +129,6 @@ class _Connection(Protocol):
     # Responses
 
     def dataReceived(self, data: bytes) -> None:
-        self._got_bytes = True
         if self._waiting is not None:
             self._buffer += data
             self._parse_head()
@@ -211,8 +211,9 @@ class _Connection(Protocol):
         pending, self._pending = self._pending, []
         for data in pending:
             protocol.dataReceived(data)
-        if self._finished:
-            self._end(Failure(ResponseDone()))
+        if self._outcome is not None:
+            outcome, self._outcome = self._outcome, None
+            self._end(outcome)
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -241,6 +242,13 @@ class _Connection(Protocol):
     def _chunked(self, data: bytes) -> None:
         self._buffer += data
         while not self._finished:
+            if self._chunk_state == "crlf":
+                if len(self._buffer) < 2:
+                    return
+                if self._buffer[:2] != b"\r\n":
+                    return self._protocol_error("missing CRLF after chunk")
+                self._buffer, self._chunk_state = self._buffer[2:], "size"
+                continue
             if self._chunk_state == "data":
                 if not self._buffer:
                     return
@@ -257,11 +265,7 @@ class _Connection(Protocol):
                     self._protocol_error("chunk line too long")
                 return
             line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            if self._chunk_state == "crlf":
-                if line:
-                    return self._protocol_error("missing CRLF after chunk")
-                self._chunk_state = "size"
-            elif self._chunk_state == "size":
+            if self._chunk_state == "size":
                 size = line.split(b";", 1)[0].strip()
                 if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
                     return self._protocol_error("bad chunk size")
@@ -271,17 +275,21 @@ class _Connection(Protocol):
                 self._complete(extra=bool(self._buffer))
 
     def _protocol_error(self, message: str) -> None:
-        self._end(Failure(ResponseFailed([Failure(UpstreamProtocolError(message))])))
+        self._finished = True
         self.abort()
+        self._end(Failure(ResponseFailed([Failure(UpstreamProtocolError(message))])))
 
     def _complete(self, extra: bool) -> None:
         self._finished = True
         if extra:
             self._keep_alive = False  # bytes past the end: the connection cannot be trusted again
-        if self._body is not None:
-            self._end(Failure(ResponseDone()))
+        self._end(Failure(ResponseDone()))
 
     def _end(self, reason: Failure) -> None:
+        if self._body is None:
+            if self._outcome is None:
+                self._outcome = reason
+            return
         body, self._body = self._body, None
         self._finished = True
         reusable = reason.check(ResponseDone) is not None and self._keep_alive and self.connected_ok
