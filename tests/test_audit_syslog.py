@@ -204,3 +204,19 @@ def test_stop_with_a_clean_close_keeps_nothing_twice(tmp_path: Path) -> None:
     assert d.called
     assert net.seqs() == [1, 2, 3]
     assert (tmp_path / "spool").read_bytes() == b""
+
+
+def test_a_partial_line_left_in_the_spool_by_a_crash_is_cut(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    source = Source()
+    sink = _sink(tmp_path, reactor, queue_size=1)
+    source.feed(sink, 3)
+    sink.stop()
+    with open(tmp_path / "spool", "ab") as f:
+        f.write(b"<36>1 2026-01-01T00:00:00.000Z host ccproxy 1 half")
+    sink2 = _sink(tmp_path, reactor, queue_size=1)
+    source.feed(sink2, 1)
+    net = Receiver(reactor)
+    net.accept()
+    assert net.seqs() == [1, 2, 3, 4]
+    sink2.stop()

@@ -61,9 +61,19 @@ class Spool:
             self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.fchmod(self.fd, 0o600)
             self.size = os.fstat(self.fd).st_size
+            self._drop_partial_tail()
         except OSError as e:
             log.error("audit spool {path} unusable ({error}): only the memory queue will hold records",
                       path=path, error=e.strerror)
+
+    def _drop_partial_tail(self) -> None:
+        """A crash mid-append leaves half a line: cut it, or it would glue onto the next record."""
+        if self.size and os.pread(self.fd, 1, self.size - 1) != b"\n":
+            tail = os.pread(self.fd, min(self.size, 1024 * 1024), max(0, self.size - 1024 * 1024))
+            keep = self.size - len(tail) + tail.rfind(b"\n") + 1
+            os.ftruncate(self.fd, keep)
+            log.error("audit spool {path}: a partly written record at its end was dropped", path=self.path)
+            self.size = keep
 
     @property
     def pending(self) -> bool:
