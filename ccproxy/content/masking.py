@@ -9,6 +9,7 @@ on the joined text, whatever the split, holding back only a tail that could stil
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import json
@@ -117,6 +118,18 @@ class PromptRuns:
             re2.compile(b"|".join(re2.escape(b) for b in sorted(blocks)), options=_LATIN1) if blocks else None
         )
         self.replacement = SYSTEM_PROMPT_REPLACEMENT.encode()
+        # The start of every suffix of the prompt, sorted: "is this piece in the prompt?" becomes a
+        # binary search instead of a scan of the whole prompt (asked many times per streamed delta).
+        self.key_len = max(64, min_run)
+        self.keys = sorted(data[i : i + self.key_len] for i in range(len(data)))
+        # Hashes of every min_run-byte window: a cheap first test for each candidate position.
+        self.windows = {hash(data[i : i + min_run]) for i in range(len(data) - min_run + 1)}
+
+    def contains(self, piece: bytes) -> bool:
+        if len(piece) > self.key_len:
+            return piece in self.prompt
+        at = bisect.bisect_left(self.keys, piece)
+        return at < len(self.keys) and self.keys[at].startswith(piece)
 
     def search(self, text: bytes, pos: int) -> Match | None:
         if self.finder is None:
@@ -128,7 +141,8 @@ class PromptRuns:
                 return None
             at = hit.start()
             for i in range(max(pos, at - reach), at + 1):
-                if _at_char(text, i) and text[i : i + self.min_run] in self.prompt:
+                window = text[i : i + self.min_run]
+                if hash(window) in self.windows and _at_char(text, i) and self.contains(window):
                     end = _char_floor(text, self._extend(text, i))
                     if end - i >= self.min_run:
                         return Match(i, end, SYSTEM_PROMPT_RULE, self.replacement)
@@ -139,7 +153,7 @@ class PromptRuns:
         low, high = self.min_run, min(len(text) - start, len(self.prompt))
         while low < high:
             mid = (low + high + 1) // 2
-            if text[start : start + mid] in self.prompt:
+            if self.contains(text[start : start + mid]):
                 low = mid
             else:
                 high = mid - 1
@@ -150,14 +164,14 @@ class PromptRuns:
         low, high = 0, len(text) - pos
         while low < high:
             mid = (low + high + 1) // 2
-            if text[len(text) - mid :] in self.prompt:
+            if self.contains(text[len(text) - mid :]):
                 low = mid
             else:
                 high = mid - 1
         return len(text) - low
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def prompt_runs(prompt: str, min_run: int) -> PromptRuns:
     # Clients resend the same system prompt on every turn: build its finder once.
     return PromptRuns(prompt, min_run)
