@@ -281,3 +281,33 @@ def test_every_response_has_request_id_and_logs_carry_it(daemon, upstream: FakeU
     time.sleep(0.2)
     assert ours in d.log()
 
+
+
+def test_slow_client_slows_the_upstream_read(daemon, upstream: FakeUpstream) -> None:
+    """Back-pressure: with a client that does not read, the proxy stops reading the upstream
+    instead of buffering the stream in memory."""
+    d = daemon()
+    payload = "x" * 10_000
+    total = 10_000  # 100 MB of events
+    events = [f"event: content_block_delta\ndata: {{\"t\":\"{payload}\"}}\n\n".encode()] * total
+    produced: list[int] = []
+    upstream.expect(Script(events=events, headers=SSE, before_event=produced.append))
+    ctx = d.ssl_context()
+    with socket.create_connection((d.host, d.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        s.recv(1024)
+        time.sleep(3)  # the client reads nothing
+        stalled_at = len(produced)
+        assert stalled_at < total // 2, f"upstream produced {stalled_at} of {total} events to a client not reading"
+        received = 0
+        s.settimeout(30)
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+            if received >= total * len(events[0]):
+                break
+    assert len(produced) == total
+    assert received >= total * len(events[0])
