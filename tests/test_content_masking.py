@@ -300,3 +300,49 @@ def test_brace_quantifier_re2_reads_literally_is_not_analysed() -> None:
     rules = rule_set((Rule("brace", "a{,5}", "[B]"),))
     stream = StreamMasker(Masker(rules), Counter())
     assert stream.feed("xa{") + stream.feed(",5}y") + stream.close() == "x[B]y"
+
+
+def _openai_filter() -> SseFilter:
+    counts: Counter[str] = Counter()
+    m = masker()
+    return SseFilter(OpenAIStream(lambda j: StreamMasker(Masker(m.rules, m.prompt, j), counts)), counts, lambda c: None)
+
+
+def test_openai_stream_without_finish_reason_flushes_before_done() -> None:
+    events = openai_stream(["mail me: bob@exa", "mple.com"])[:-2] + [b"data: [DONE]\n\n"]  # no finish chunk
+    sse = _openai_filter()
+    out = b"".join(sse.feed(e) for e in events) + sse.close()
+    chunks = [c for c in out.split(b"\n\n") if c]
+    assert chunks[-1] == b"data: [DONE]"
+    text = "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert text == "mail me: [REDACTED_EMAIL]"
+    assert json.loads(chunks[-2][6:])["id"] == "chatcmpl-fake01"  # the extra chunk looks like the others
+
+
+def test_crlf_events_and_unknown_events_pass() -> None:
+    counts: Counter[str] = Counter()
+    sse = _anthropic_filter(counts, [])
+    start = (b'event: content_block_start\r\ndata: {"type":"content_block_start","index":0,'
+             b'"content_block":{"type":"text","text":""}}\r\n\r\n')
+    delta = (b'event: content_block_delta\r\ndata: {"type":"content_block_delta","index":0,'
+             b'"delta":{"type":"text_delta","text":"call 415-555-0132 now"}}\r\n\r\n')
+    odd = b"event: something_new\r\ndata: {not json at all\r\n\r\n: a comment\r\n\r\n"
+    stop = b'event: content_block_stop\r\ndata: {"type":"content_block_stop","index":0}\r\n\r\n'
+    out = sse.feed(start + delta[:30]) + sse.feed(delta[30:] + odd + stop) + sse.close()
+    assert b"415-555" not in out
+    assert odd in out and start in out and out.endswith(stop)
+    assert counts == {"phone_number": 1}
+
+
+def test_thinking_and_signature_deltas_pass_unchanged() -> None:
+    sse = _anthropic_filter(Counter(), [])
+    events = [
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"thinking","thinking":""}}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"thinking_delta","thinking":"the key sk-ant-api03-abcdefghijklmnopqrstuv"}}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"signature_delta","signature":"EqQBCkYIARgCIkD"}}\n\n',
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    ]
+    assert b"".join(sse.feed(e) for e in events) + sse.close() == b"".join(events)

@@ -295,3 +295,9 @@ def test_switched_off_sections_are_still_checked() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"request_validation": {"enabled": False, "blocked_patterns": ["(?<=x)"]}})
     assert caught.value.path == "security.request_validation.blocked_patterns[0]"
+
+
+def test_json_reply_that_is_not_json_is_masked_as_text() -> None:
+    body = b"oops sk-proj-abcdefghijklmnopqrstuvwxyz \xff tail"
+    out = _filter_out(LAYER, make_ctx(messages_body()), {b"content-type": b"application/json"}, body)
+    assert out == b"oops [REDACTED_API_KEY] \xff tail"
