@@ -198,3 +198,26 @@ def test_handshake_deadline_and_idle_timeout_on_real_sockets(daemon) -> None:
     kept.settimeout(5)
     assert kept.recv(1) == b""  # the idle keep-alive connection is closed quietly
     assert 0.7 <= time.monotonic() - started <= 2.0
+
+
+def test_proxy_protocol_names_the_client_before_tls(daemon) -> None:
+    d = daemon({"security": {"ip_blacklist": {"ips": ["198.51.100.0/24"]}}})
+    # Switched on by a reload: the readiness probe at startup speaks no PROXY header.
+    config = d.config
+    config["server"].update({"proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]})
+    assert "config reloaded" in d.reload(config)
+
+    def via_balancer(client: str) -> socket.socket:
+        s = tcp(d)
+        s.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 {d.port}\r\n".encode())
+        return s
+
+    good = d.ssl_context().wrap_socket(via_balancer("203.0.113.8"), server_hostname="localhost")
+    assert get(good).startswith(b"HTTP/1.1 200")
+    bad = via_balancer("198.51.100.9")
+    bad.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello: refused before any TLS reply
+    assert refused(bad)
+    assert "connection_refused reason=ip_blacklisted ip_address=198.51.100.9" in d.log()
+    plain = tcp(d)
+    plain.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert refused(plain)  # no PROXY header: dropped
