@@ -153,9 +153,9 @@ class JsonFilter:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             # Not the JSON it claims to be: mask it as text so nothing slips through.
-            out = self.masker.mask(body.decode("utf-8", "surrogateescape"), counts)
+            out = self.masker.mask_bytes(body, counts)
             self.report(counts)
-            return out.encode("utf-8", "surrogateescape")
+            return out
         if self.api == "anthropic":
             _mask_message(value, self.masker, counts)
         else:

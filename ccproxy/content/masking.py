@@ -286,9 +286,12 @@ class Masker:
         return match.replacement
 
     def mask(self, text: str, counts: Counter[str] | None = None) -> str:
-        data = text.encode()
+        return self.mask_bytes(text.encode(), counts).decode()
+
+    def mask_bytes(self, data: bytes, counts: Counter[str] | None = None) -> bytes:
+        """Masking of UTF-8 text; bytes that are not UTF-8 never match and are kept as they are."""
         out, pos = self.apply(data, 0, len(data), counts)
-        return (b"".join(out) + data[pos:]).decode()
+        return b"".join(out) + data[pos:]
 
     def apply(self, text: bytes, pos: int, stop: int, counts: Counter[str] | None) -> tuple[list[bytes], int]:
         """Replace the matches starting before `stop`; returns the pieces and where they end."""
