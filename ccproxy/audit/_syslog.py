@@ -129,6 +129,7 @@ class SyslogSink:
         self.hostname = socket.gethostname() or "-"
         self.pid = os.getpid()
         self.queue: deque[bytes] = deque()
+        self._headers: dict[tuple[Any, Any], tuple[bytes, bytes]] = {}
         self.sent: deque[tuple[float, bytes]] = deque()
         self.spool = Spool(spec.spool_path, spec.spool_max_size)
         self.link: _Link = _TCPLink(self) if spec.protocol == "tcp" else _DatagramLink(self)
@@ -144,7 +145,13 @@ class SyslogSink:
         self.link.start()
 
     def write(self, record: dict[str, Any], body: bytes, now: float) -> None:
-        message = format_message(record, body, self.spec, self.hostname, self.pid)
+        key = (record.get("severity"), record.get("event"))
+        parts = self._headers.get(key)
+        if parts is None:  # the header differs only by its timestamp for a given event and severity
+            sample = format_message({**record, "timestamp": "\0"}, b"", self.spec, self.hostname, self.pid)
+            before, _, after = sample.partition(b"\0")
+            parts = self._headers[key] = (before, after)
+        message = parts[0] + str(record["timestamp"]).encode("ascii") + parts[1] + body.rstrip(b"\n")
         if self.spool.pending or len(self.queue) >= self.spec.queue_size:
             if not self.spool.append(message):
                 self.losses.add(1)
