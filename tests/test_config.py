@@ -168,3 +168,10 @@ def test_typo_reported_before_the_fault_it_causes() -> None:
     assert error_of({"server": {"tls": {"enabld": False}}}) == (
         "server.tls.enabld: unknown key (did you mean enabled?)"
     )
+
+
+def test_duplicate_keys_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("security:\n  auth: {enabled: false}\nserver:\n  port: 1\nsecurity:\n  audit: {enabled: false}\n")
+    with pytest.raises(ConfigError, match=r"key 'security' appears twice in one mapping \(line 5\)"):
+        load(str(path), environ={})

@@ -50,12 +50,32 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise ConfigError("", f"{path}: {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError("", f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
     return parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = None) -> Config:
