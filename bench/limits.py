@@ -1,7 +1,7 @@
 """Rate limits: the cost of one decision (memory and Redis), and proxy requests/s with limits off,
 on (memory) and on (Redis), in one run.
 
-    python bench/limits.py [--seconds 10] [--connections 50] [--decisions 50000]
+    python bench/limits.py [--seconds 10] [--connections 50] [--decisions 50000] [--rounds 2]
 
 Needs redis-server, nginx (Debian: nginx-light) and wrk. Every limit of the seed is on (global and
 per-IP minute and hour limits, auto_block; per-key tier, daily quota and the key's own limit in the
@@ -93,20 +93,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--decisions", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         redis = RedisServer(work).start()
         try:
             costs = _run_in_child(redis.url, args.decisions)
-            proxy = proxy_throughput(work, redis.url, args.seconds, args.connections)
+            proxy = proxy_throughput(work, redis.url, args.seconds, args.connections, args.rounds)
         finally:
             redis.stop()
     print(f"\n== decision cost, whole limits layer, 7 limits + auto_block, {args.decisions} decisions ==")
     print(f"memory                              {costs['memory']:8.1f} us/decision")
     print(f"redis, one at a time (latency)      {costs['redis_sequential']:8.1f} us/decision")
     print(f"redis, 64 in flight (throughput)    {costs['redis_concurrent']:8.1f} us/decision")
-    print(f"\n== proxy, wrk -t1 -c{args.connections}, {args.seconds:g}s each, POST /v1/messages over TLS ==")
+    print(f"\n== proxy, wrk -t1 -c{args.connections}, {args.seconds:g}s each, best of {args.rounds} interleaved rounds, "
+          "POST /v1/messages over TLS ==")
     for name, r in proxy.items():
         print(row(name, r))
     off = proxy["limits off"]["rps"]
@@ -125,7 +127,10 @@ def _run_in_child(redis_url: str, n: int) -> dict[str, float]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def proxy_throughput(work: Path, redis_url: str, seconds: float, connections: int) -> dict[str, dict[str, float]]:
+def proxy_throughput(work: Path, redis_url: str, seconds: float, connections: int,
+                     rounds: int) -> dict[str, dict[str, float]]:
+    """Each variant `rounds` times, interleaved so that load from elsewhere hits all alike; the best
+    round of each is kept."""
     with ccproxy(work, "http://127.0.0.1:1") as probe:
         cert, key = probe["cert"], probe["key"]
     variants = {
@@ -136,10 +141,13 @@ def proxy_throughput(work: Path, redis_url: str, seconds: float, connections: in
     results: dict[str, dict[str, float]] = {}
     with nginx(work, cert, key) as ports:
         upstream = f"http://127.0.0.1:{ports['http']}"
-        for name, extra in variants.items():
-            with ccproxy(work, upstream, extra) as proxy:
-                wrk(proxy["url"] + "/v1/messages", connections, 2)  # warm-up
-                results[name] = wrk(proxy["url"] + "/v1/messages", connections, seconds)
+        for _ in range(rounds):
+            for name, extra in variants.items():
+                with ccproxy(work, upstream, extra) as proxy:
+                    wrk(proxy["url"] + "/v1/messages", connections, 2)  # warm-up
+                    r = wrk(proxy["url"] + "/v1/messages", connections, seconds)
+                if name not in results or r["rps"] > results[name]["rps"]:
+                    results[name] = r
     return results
 
 
