@@ -12,7 +12,6 @@ must not happen while twistd is still choosing one.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 from twisted.internet import defer
