@@ -12,7 +12,7 @@ from twisted.internet import task
 from twisted.logger import globalLogPublisher
 
 from ccproxy.auth import AuthLayer, build_layer
-from ccproxy.auth._keys import EXPIRES_HEADER, find_key, ip_allowed
+from ccproxy.auth._keys import EXPIRES_HEADER, find_key, index_keys, ip_allowed
 from ccproxy.config._reader import parse_network
 from ccproxy.config.auth import ApiKey
 from ccproxy.errors import ApiError
@@ -69,9 +69,10 @@ def layer_at(when: str, cfg: Any = None, previous: Any = None) -> tuple[AuthLaye
 def test_find_key_compares_digests() -> None:
     keys = (ApiKey("a", Secret(hashlib.sha256(b"one-key-000000000").hexdigest())),
             ApiKey("b", Secret(hashlib.sha256(b"two-key-000000000").hexdigest())))
-    assert find_key(keys, "two-key-000000000") is keys[1]
-    assert find_key(keys, "two-key-00000000") is None
-    assert find_key(keys, "") is None
+    index = index_keys(keys)
+    assert find_key(index, "two-key-000000000") is keys[1]
+    assert find_key(index, "two-key-00000000") is None
+    assert find_key(index, "") is None
 
 
 @pytest.mark.parametrize(("ip", "allowed"), [
