@@ -108,7 +108,7 @@ def filter_cost(events: int) -> None:
         per_event: list[list[float]] = [[] for _ in stream_events]
         for _ in range(7):
             counts: Counter[str] = Counter()
-            sse = SseFilter(AnthropicStream(lambda j, c=counts, p=prompt: StreamMasker(Masker(rules, p, j), c)),  # type: ignore[misc]
+            sse = SseFilter(AnthropicStream(lambda c=counts, p=prompt: StreamMasker(Masker(rules, p), c)),  # type: ignore[misc]
                             counts, lambda c: None)
             for i, event in enumerate(stream_events):
                 start = time.perf_counter()

@@ -180,7 +180,7 @@ def _byte_chunks(draw: st.DrawFn, body: bytes) -> list[bytes]:
 
 def _anthropic_filter(counts: Counter[str], reported: list[Counter[str]]) -> SseFilter:
     m = masker(SYSTEM)
-    stream = AnthropicStream(lambda json_source: StreamMasker(Masker(m.rules, m.prompt, json_source), counts))
+    stream = AnthropicStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts))
     return SseFilter(stream, counts, reported.append)
 
 
@@ -221,7 +221,7 @@ def test_openai_sse_split_secrets_never_reach_the_client(case: tuple[str, list[s
     upstream = b"".join(openai_stream(deltas))
     counts: Counter[str] = Counter()
     m = masker(SYSTEM)
-    sse = SseFilter(OpenAIStream(lambda j: StreamMasker(Masker(m.rules, m.prompt, j), counts)), counts, lambda c: None)
+    sse = SseFilter(OpenAIStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts)), counts, lambda c: None)
     sent = b"".join(sse.feed(c) for c in _byte_chunks(data.draw, upstream)) + sse.close()
     for secret in secrets:
         assert secret.encode() not in sent
@@ -244,7 +244,7 @@ def test_held_tail_is_only_what_could_grow() -> None:
 def test_tool_input_json_stays_valid() -> None:
     counts: Counter[str] = Counter()
     m = masker()
-    stream = AnthropicStream(lambda j: StreamMasker(Masker(m.rules, m.prompt, j), counts))
+    stream = AnthropicStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts))
     source = json.dumps({"to": "jane@example.com", "note": 'say "hi"'})
     events = [
         b'event: content_block_start\ndata: {"type":"content_block_start","index":1,'
@@ -305,7 +305,7 @@ def test_brace_quantifier_re2_reads_literally_is_not_analysed() -> None:
 def _openai_filter() -> SseFilter:
     counts: Counter[str] = Counter()
     m = masker()
-    return SseFilter(OpenAIStream(lambda j: StreamMasker(Masker(m.rules, m.prompt, j), counts)), counts, lambda c: None)
+    return SseFilter(OpenAIStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts)), counts, lambda c: None)
 
 
 def test_openai_stream_without_finish_reason_flushes_before_done() -> None:
@@ -346,3 +346,37 @@ def test_thinking_and_signature_deltas_pass_unchanged() -> None:
         b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
     ]
     assert b"".join(sse.feed(e) for e in events) + sse.close() == b"".join(events)
+
+
+def _json_split_mask(source: str, pieces: list[str]) -> str:
+    from ccproxy.content.masking import JsonStringMasker
+
+    counts: Counter[str] = Counter()
+    m = masker(SYSTEM)
+    json_masker = JsonStringMasker(lambda: StreamMasker(Masker(m.rules, m.prompt), counts))
+    return "".join(json_masker.feed(p) for p in pieces) + json_masker.close()
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), planted().map(lambda c: c[0]), FILLER),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["to", "body", "path", "x"]), inner, max_size=3)),
+    max_leaves=6,
+)
+
+
+@given(JSON_VALUES, st.booleans(), st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_streamed_tool_input_masks_every_string_and_stays_json(value: object, ascii_only: bool,
+                                                               data: st.DataObject) -> None:
+    from ccproxy.content.masking import mask_strings
+
+    source = json.dumps({"input": value}, ensure_ascii=ascii_only)  # \\uXXXX escapes, surrogate pairs
+    out = _json_split_mask(source, split(data.draw, source))
+    assert json.loads(out) == mask_strings({"input": value}, masker(SYSTEM), Counter())
+
+
+def test_tool_input_secret_after_an_escape_is_found() -> None:
+    source = json.dumps({"content": "line one\nsk-ant-api03-abcdefghijklmnopqrstuvwxyz\tAKIAIOSFODNN7EXAMPLE"})
+    out = _json_split_mask(source, [source[i : i + 3] for i in range(0, len(source), 3)])
+    assert json.loads(out) == {"content": "line one\n[REDACTED_API_KEY]\t[REDACTED_API_KEY]"}

@@ -84,8 +84,8 @@ class ContentLayer(Layer):
         if is_sse:
             rules = self.rules
 
-            def new_masker(json_source: bool) -> StreamMasker:
-                return StreamMasker(Masker(rules, prompt, json_source), counts)
+            def new_masker() -> StreamMasker:
+                return StreamMasker(Masker(rules, prompt), counts)
 
             stream = AnthropicStream(new_masker) if ctx.api == "anthropic" else OpenAIStream(new_masker)
             return SseFilter(stream, counts, report)

@@ -241,12 +241,9 @@ def rule_set(rules: tuple[Rule, ...]) -> RuleSet:
 class Masker:
     """Whole-text masking with a rule set and, optionally, a system prompt's runs."""
 
-    def __init__(self, rules: RuleSet, prompt: PromptRuns | None = None, json_source: bool = False) -> None:
+    def __init__(self, rules: RuleSet, prompt: PromptRuns | None = None) -> None:
         self.rules = rules
         self.prompt = prompt
-        # In JSON source text (streamed tool input) a match may not take in a quote or a backslash,
-        # and replacements are written as JSON string content: the JSON stays valid.
-        self.json_source = json_source
         # The last answer of each finder: a leftmost search from further on in the same text gives
         # the same answer while it lies ahead, and asking again would rescan the text to its end.
         self._last: list[tuple[bytes, int, Match | None] | None] = [None, None]
@@ -261,18 +258,12 @@ class Masker:
 
     def next_match(self, text: bytes, pos: int) -> Match | None:
         """The leftmost match at or after `pos`; text before `pos` is context (`\\b`, `^`)."""
-        while True:
-            found = self._find(0, self.rules.search, text, pos)
-            if self.prompt is not None:
-                run = self._find(1, self.prompt.search, text, pos)
-                if run is not None and (found is None or run.start <= found.start):
-                    found = run
-            if found is None or not self.json_source:
-                return found
-            piece = text[found.start : found.end]
-            if b'"' not in piece and b"\\" not in piece:
-                return found
-            pos = found.start + 1
+        found = self._find(0, self.rules.search, text, pos)
+        if self.prompt is not None:
+            run = self._find(1, self.prompt.search, text, pos)
+            if run is not None and (found is None or run.start <= found.start):
+                found = run
+        return found
 
     def viable(self, text: bytes, pos: int) -> int:
         at = self.rules.viable(text, pos)
@@ -281,8 +272,6 @@ class Masker:
         return max(_char_floor(text, at), pos)
 
     def replacement(self, match: Match) -> bytes:
-        if self.json_source:
-            return json.dumps(match.replacement.decode(), ensure_ascii=False)[1:-1].encode()
         return match.replacement
 
     def mask(self, text: str, counts: Counter[str] | None = None) -> str:
@@ -360,6 +349,93 @@ class StreamMasker:
         self.pending = b""
         self.context = text[_char_floor(text, len(text) - 1) :] if text else b""
         return (b"".join(out) + text[pos:]).decode()
+
+
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class JsonStringMasker:
+    """Masks every string of a JSON text that arrives in pieces (streamed tool input).
+
+    The strings are decoded (escapes included, even when split between pieces), masked by a
+    StreamMasker each, and written back JSON-escaped; everything outside strings passes as it is.
+    So a secret is found as the JSON value holds it (after a `\\n`, across a `\\u` escape) and the
+    joined output is always valid JSON when the input was.
+    """
+
+    def __init__(self, new_masker: Callable[[], StreamMasker]) -> None:
+        self.new_masker = new_masker
+        self.string: StreamMasker | None = None
+        self.escape = ""  # an escape sequence begun but not complete
+        self.high = ""  # a high surrogate waiting for its low half
+
+    def feed(self, piece: str) -> str:
+        out: list[str] = []
+        decoded: list[str] = []
+        for ch in piece:
+            if self.string is None:
+                out.append(ch)
+                if ch == '"':
+                    self.string = self.new_masker()
+            elif self.escape:
+                self.escape += ch
+                if self.escape[1] != "u" or len(self.escape) == 6:
+                    decoded.append(self._unescape())
+            elif ch == "\\":
+                self.escape = ch
+            elif ch == '"':
+                out.append(self._end(decoded))
+                decoded = []
+                out.append(ch)
+            else:
+                decoded.append(self._pending_high() + ch)
+        if self.string is not None and decoded:
+            out.append(_json_text(self.string.feed("".join(decoded))))
+        return "".join(out)
+
+    def close(self) -> str:
+        if self.string is None:
+            return ""
+        # The JSON stopped inside a string: send what was held, masked; drop a half escape.
+        return self._end([])
+
+    def _end(self, decoded: list[str]) -> str:
+        assert self.string is not None
+        decoded.append(self._pending_high())
+        self.escape = ""
+        text = self.string.feed("".join(decoded)) + self.string.close()
+        self.string = None
+        return _json_text(text)
+
+    def _unescape(self) -> str:
+        sequence, self.escape = self.escape, ""
+        if sequence[1] != "u":
+            return self._pending_high() + _ESCAPES.get(sequence[1], "\ufffd")
+        try:
+            unit = chr(int(sequence[2:], 16))
+        except ValueError:
+            return self._pending_high() + "\ufffd"
+        if "\ud800" <= unit <= "\udbff":
+            held, self.high = self._pending_high(), unit
+            return held
+        if "\udc00" <= unit <= "\udfff":
+            if self.high:
+                pair = (self.high + unit).encode("utf-16", "surrogatepass").decode("utf-16")
+                self.high = ""
+                return pair
+            return "\ufffd"
+        return self._pending_high() + unit
+
+    def _pending_high(self) -> str:
+        # A high surrogate not followed by its low half is not a character: it becomes U+FFFD.
+        if not self.high:
+            return ""
+        self.high = ""
+        return "\ufffd"
+
+
+def _json_text(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def built_in_rules(api_keys: bool, emails: bool, phones: bool) -> tuple[Rule, ...]:

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ccproxy.content.masking import StreamMasker
+from ccproxy.content.masking import JsonStringMasker, StreamMasker
 
 _ANTHROPIC_TEXT_EVENTS = (b"content_block_start", b"content_block_delta", b"content_block_stop")
 
@@ -70,7 +70,7 @@ def _dump(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-MaskerFactory = Callable[[bool], StreamMasker]
+MaskerFactory = Callable[[], StreamMasker]
 
 
 class AnthropicStream:
@@ -79,7 +79,7 @@ class AnthropicStream:
     def __init__(self, new_masker: MaskerFactory) -> None:
         self.new_masker = new_masker
         # index -> (masker, delta type, delta field)
-        self.blocks: dict[int, tuple[StreamMasker, str, str]] = {}
+        self.blocks: dict[int, tuple[StreamMasker | JsonStringMasker, str, str]] = {}
 
     def event(self, raw: bytes) -> bytes:
         if not any(name in raw for name in _ANTHROPIC_TEXT_EVENTS):
@@ -108,13 +108,13 @@ class AnthropicStream:
         if not isinstance(block, dict):
             return raw
         if block.get("type") == "text":
-            self.blocks[index] = (self.new_masker(False), "text_delta", "text")
+            self.blocks[index] = (self.new_masker(), "text_delta", "text")
             text = block.get("text")
             if isinstance(text, str) and text:
                 block["text"] = self.blocks[index][0].feed(text)
                 return self._render(event)
         elif block.get("type") in ("tool_use", "server_tool_use"):
-            self.blocks[index] = (self.new_masker(True), "input_json_delta", "partial_json")
+            self.blocks[index] = (JsonStringMasker(self.new_masker), "input_json_delta", "partial_json")
         return raw
 
     def _delta(self, raw: bytes, event: dict[str, Any]) -> bytes:
@@ -188,7 +188,7 @@ class OpenAIStream:
         if isinstance(piece, str):
             masker = self.choices.get(index)
             if masker is None:
-                masker = self.choices[index] = self.new_masker(False)
+                masker = self.choices[index] = self.new_masker()
             out = masker.feed(piece)
         if choice.get("finish_reason") is not None and index in self.choices:
             tail = self.choices.pop(index).close()
