@@ -270,3 +270,21 @@ class RedisStoreTests(_StoreTests, unittest.TestCase):
         self.assertIsNot(self.store._pool._factory, factory)
         d = yield self.decide(T0, [rate("m", 10, 60.0, 10)])
         self.assertEqual(d.remaining, 8)
+
+
+def test_planner_matches_limits_for() -> None:
+    """The cached plan is exactly the plain one, for every kind of caller and across a day's end."""
+    from ccproxy.context import Identity
+    from ccproxy.limits._plan import Planner, limits_for, probe_for
+    from tests.support.limits import limits_config
+
+    config = limits_config({"global": {"requests_per_minute": 100, "requests_per_hour": 1000},
+                            "per_ip": {"requests_per_minute": 10},
+                            "per_key": {"default": {"requests_per_minute": 50, "daily_quota": 100}}},
+                           {"enabled": True, "threshold": 20, "duration": "1m"})
+    planner = Planner(config)
+    midnight = (T0 // DAY + 1) * DAY
+    for now in (midnight - 1, midnight - 1, midnight, midnight + 5):
+        for ip in ("10.0.0.1", "10.0.0.2"):
+            for identity in (None, Identity("k1"), Identity("k1", rate_limit=5), Identity("k2", tier="x")):
+                assert planner.plan(ip, identity, now) == (limits_for(config, ip, identity, now), probe_for(config, ip))

@@ -106,23 +106,33 @@ _PLAN_CACHE = 8192
 
 
 class Planner:
-    """`limits_for` and `probe_for` with the answers of recent clients remembered: a request's plan
-    depends only on its address, its key and the day, and building it is a good part of a
-    decision's cost. The cache is cleared when full, so it stays small under a flood of addresses."""
+    """`limits_for` and `probe_for`, built from parts: the global limits once, each address's and
+    each key's limits remembered for recent clients (building them is a good part of a decision's
+    cost). Each cache is cleared when full, so it stays small under a flood of addresses."""
 
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
-        self._cache: dict[tuple[object, ...], tuple[list[Limit], AutoBlockProbe | None]] = {}
+        on = config.enabled
+        self._global = window_rates("global", "*", config.global_) if on and config.global_ else []
+        self._by_ip: dict[str, tuple[list[Limit], AutoBlockProbe | None]] = {}
+        self._by_key: dict[tuple[object, ...], list[Limit]] = {}
 
     def plan(self, ip: str, identity: Identity | None, now: float) -> tuple[list[Limit], AutoBlockProbe | None]:
-        day = math.floor((now - self.config.daily_reset) / DAY)
-        if identity is None:
-            key: tuple[object, ...] = (ip, day)
-        else:
-            key = (ip, day, identity.key_id, identity.tier, identity.rate_limit)
-        found = self._cache.get(key)
+        found = self._by_ip.get(ip)
         if found is None:
-            if len(self._cache) >= _PLAN_CACHE:
-                self._cache.clear()
-            found = self._cache[key] = (limits_for(self.config, ip, identity, now), probe_for(self.config, ip))
-        return found
+            if len(self._by_ip) >= _PLAN_CACHE:
+                self._by_ip.clear()
+            config = self.config
+            rates = window_rates("per_ip", ip, config.per_ip) if config.enabled and config.per_ip else []
+            found = self._by_ip[ip] = (rates, probe_for(config, ip))
+        ip_rates, probe = found
+        if identity is None or not self.config.enabled:
+            return self._global + ip_rates, probe
+        day = math.floor((now - self.config.daily_reset) / DAY)
+        key = (identity.key_id, identity.tier, identity.rate_limit, day)
+        key_limits = self._by_key.get(key)
+        if key_limits is None:
+            if len(self._by_key) >= _PLAN_CACHE:
+                self._by_key.clear()
+            key_limits = self._by_key[key] = tier_limits(self.config, identity, now)
+        return self._global + ip_rates + key_limits, probe
