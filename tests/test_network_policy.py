@@ -353,3 +353,37 @@ def test_security_header_injection_refused(headers: dict[str, str]) -> None:
 def test_client_header_injection_refused() -> None:
     c = Conn().send(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX-Inject: a\r\r\nSet-Cookie: b\r\n\r\n")
     assert c.output.startswith(b"HTTP/1.1 400") and c.resource.seen == []
+
+
+# -- the client named by X-Forwarded-For meets the lists per request
+
+
+def _check(layer: NetworkLayer, peer: str, client: str) -> Any:
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 1))
+    ctx = SimpleNamespace(request=SimpleNamespace(channel=SimpleNamespace(transport=transport)),
+                          client_ip=client, request_id="req_x")
+    failures: list[Failure] = []
+    defer.ensureDeferred(layer.check(ctx)).addErrback(failures.append)  # type: ignore[arg-type]
+    return failures[0].value if failures else None
+
+
+def test_forwarded_client_meets_lists_and_auto_blocks(refused: list[dict[str, Any]]) -> None:
+    from ccproxy.errors import ApiError
+
+    clock = Clock()
+    deps = attrs.make_class("Deps", ["reactor", "blocklist"])(clock, BlockList())
+    network = NetworkConfig(blacklist=IPListConfig(True, nets("198.51.100.0/24")),
+                            trusted_proxies=nets("127.0.0.0/8"))
+    layer = NetworkLayer(network, deps)
+    assert _check(layer, "127.0.0.1", "127.0.0.1") is None  # judged at accept already
+    assert _check(layer, "127.0.0.1", "203.0.113.1") is None
+    error = _check(layer, "127.0.0.1", "198.51.100.7")
+    assert isinstance(error, ApiError) and error.status == 403
+    deps.blocklist.block("203.0.113.1", until=60)
+    assert _check(layer, "127.0.0.1", "203.0.113.1").status == 403
+    assert [(e["reason"], e["ip_address"]) for e in refused] == [
+        ("ip_blacklisted", "198.51.100.7"), ("ip_auto_blocked", "203.0.113.1")]

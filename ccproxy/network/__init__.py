@@ -14,9 +14,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from ccproxy import events
 from ccproxy.config import Config
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import Layer, RequestContext
+from ccproxy.errors import ApiError
+from ccproxy.network.addresses import AccessPolicy, canonical, parse_ip
 from ccproxy.network.channel import HardenedChannel
 from ccproxy.network.gate import Gate
 
@@ -24,13 +27,33 @@ __all__ = ["Gate", "HardenedChannel", "NetworkLayer", "build_layer", "listener_f
 
 
 class NetworkLayer(Layer):
-    """Security headers on every response; the upstream's own same-named header wins unless told."""
+    """Security headers on every response; the upstream's own same-named header wins unless told.
 
-    def __init__(self, config: NetworkConfig) -> None:
+    Behind a trusted proxy the gate only saw the proxy's address at accept: the client named by
+    X-Forwarded-For meets the same IP lists and auto-blocks here, per request (403).
+    """
+
+    def __init__(self, config: NetworkConfig, deps: Any = None) -> None:
         settings = config.security_headers
         self.override = settings.override_upstream
         self.headers = [(name.encode(), value.encode(), name.lower() == "strict-transport-security")
                         for name, value in settings.headers]
+        self.access = AccessPolicy(config.whitelist, config.blacklist)
+        self.deps = deps
+
+    async def check(self, ctx: RequestContext) -> None:
+        transport = getattr(getattr(ctx.request, "channel", None), "transport", None)
+        peer = transport.getPeer() if transport is not None else None
+        if peer is None or canonical(getattr(peer, "host", "")) == ctx.client_ip:
+            return  # the gate has already judged this address
+        reason = self.access.refusal(parse_ip(ctx.client_ip))
+        if reason is None and self.deps is not None:
+            if self.deps.blocklist.is_blocked(ctx.client_ip, self.deps.reactor.seconds()):
+                reason = "ip_auto_blocked"
+        if reason is not None:
+            events.emit("connection_refused", "warning", reason=reason, ip_address=ctx.client_ip,
+                        request_id=ctx.request_id, via="x-forwarded-for")
+            raise ApiError(403, "requests from this client address are not allowed")
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
         secure = request.isSecure()
@@ -43,7 +66,7 @@ class NetworkLayer(Layer):
 
 def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
     """`deps` is a ccproxy.runtime.Deps (reactor, blocklist)."""
-    return NetworkLayer(config.network)
+    return NetworkLayer(config.network, deps)
 
 
 def listener_factory(site: Any, tls: Any, holder: Any, reactor: Any) -> Gate:
