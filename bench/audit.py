@@ -32,17 +32,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def audit_config(work: Path, syslog: Rsyslog) -> dict[str, Any]:
+def audit_config(work: Path, syslog: Rsyslog, kinds: set[str]) -> dict[str, Any]:
     def tcp(app: str, records: str) -> dict[str, Any]:
         return {"type": "syslog", "protocol": "tcp", "host": "127.0.0.1", "port": syslog.tcp_port,
                 "app_name": app, "records": records, "spool_path": str(work / f"spool-{app}")}
 
-    return {"security": {"audit": {"enabled": True, "hmac_key": "bench-audit-hmac-key-0123456789", "outputs": [
-        {"type": "file", "path": str(work / "audit.log")},
-        {"type": "file", "path": str(work / "access.log"), "records": "access"},
-        tcp("ccp-audit", "audit"),
-        tcp("ccp-access", "access"),
-    ]}}}
+    outputs: list[dict[str, Any]] = []
+    if "file" in kinds:
+        outputs += [{"type": "file", "path": str(work / "audit.log")},
+                    {"type": "file", "path": str(work / "access.log"), "records": "access"}]
+    if "syslog" in kinds:
+        outputs += [tcp("ccp-audit", "audit"), tcp("ccp-access", "access")]
+    return {"security": {"audit": {"enabled": True, "hmac_key": "bench-audit-hmac-key-0123456789",
+                                   "outputs": outputs}}}
 
 
 def main() -> None:
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--outputs", default="file,syslog", help="file, syslog or file,syslog (default)")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"audit off": [], "audit on": []}
     cpu_ms: dict[str, list[float]] = {"audit off": [], "audit on": []}
@@ -61,7 +64,8 @@ def main() -> None:
                 cert, key = probe["cert"], probe["key"]
             with nginx(work, cert, key) as ports:
                 upstream = f"http://127.0.0.1:{ports['http']}"
-                with ccproxy(work, upstream) as off, ccproxy(work, upstream, audit_config(work, syslog)) as on:
+                with ccproxy(work, upstream) as off, ccproxy(
+                        work, upstream, audit_config(work, syslog, set(args.outputs.split(",")))) as on:
                     targets = {"audit off": off, "audit on": on}
                     for proxy in targets.values():
                         wrk(proxy["url"] + "/v1/messages", args.connections, 2)  # warm-up
@@ -72,7 +76,8 @@ def main() -> None:
                             used = cpu_seconds(proxy["pid"]) - before
                             runs[name].append(result)
                             cpu_ms[name].append(1000 * used / (result["rps"] * args.seconds))
-            access_lines = sum(1 for _ in open(work / "access.log", "rb"))
+            access = work / "access.log"
+            access_lines = sum(1 for _ in open(access, "rb")) if access.exists() else 0
             received = len(syslog.lines())
         finally:
             syslog.stop()

@@ -32,8 +32,11 @@ def rfc3339(seconds: float) -> str:
     return f"{_second[1]}{int((seconds - whole) * 1000):03d}Z"
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # built once: json.dumps builds one per call
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
