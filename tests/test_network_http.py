@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
@@ -318,3 +320,24 @@ def test_twisted_has_the_known_smuggling_fixes() -> None:
 
     major, minor = (int(x) for x in twisted.__version__.split(".")[:2])
     assert (major, minor) >= (24, 7)
+
+
+# -- whatever arrives, the answer is a clean 4xx or a normal response, never a crash
+
+
+_PIECES = [b"GET ", b"POST ", b"/v1/messages", b" HTTP/1.1", b" HTTP/1.0", b"\r\n", b"\n", b"\r", b" ", b"\t",
+           b"Host: a", b"Content-Length: ", b"Transfer-Encoding: chunked", b"5", b"0", b"ff", b"-1", b":",
+           b"hello", b"\x00", b"\xff", b";ext", b"X-A: b"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.integers(min_value=1, max_value=7))
+def test_arbitrary_input_never_crashes(pieces: list[bytes], split: int) -> None:
+    data = b"".join(pieces)
+    c = Conn(config(max_request_size=64, max_header_size=256))
+    for i in range(0, len(data), split):
+        c.send(data[i : i + split])
+    c.clock.advance(3600)  # every deadline passes
+    statuses = [int(line[9:12]) for line in c.output.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert set(statuses) <= {200, 400, 408, 413, 431}
+    assert c.closed or not c.output or statuses[-1] == 200
