@@ -128,6 +128,9 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
     assert file_records == _by_app(rsyslog, "ccp-tcp")  # the same sealed records everywhere
     assert verify([str(tmp_path / "audit.log")], HMAC_KEY.encode()).ok
     assert verify([str(rsyslog.out)], HMAC_KEY.encode()).ok is False  # mixed apps in one file: not one chain
+    received = tmp_path / "received-tcp.log"  # what the receiver wrote for one output, header and all
+    received.write_text("".join(f"{'|'.join(f)}\n" for f in rsyslog.lines() if f[3] == "ccp-tcp"))
+    assert verify([str(received)], HMAC_KEY.encode()).ok
     _scan_for_secrets(tmp_path, [HMAC_KEY, UPSTREAM_KEY, CLIENT_KEY, WRONG_KEY])
 
 
