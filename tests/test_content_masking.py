@@ -380,3 +380,12 @@ def test_tool_input_secret_after_an_escape_is_found() -> None:
     source = json.dumps({"content": "line one\nsk-ant-api03-abcdefghijklmnopqrstuvwxyz\tAKIAIOSFODNN7EXAMPLE"})
     out = _json_split_mask(source, [source[i : i + 3] for i in range(0, len(source), 3)])
     assert json.loads(out) == {"content": "line one\n[REDACTED_API_KEY]\t[REDACTED_API_KEY]"}
+
+
+def test_deltas_without_a_block_start_are_still_masked() -> None:
+    sse = _anthropic_filter(Counter(), [])
+    events = [e for e in anthropic_stream(["key sk-ant-api03-", "abcdefghijklmnopqrstuvwxyz done"])
+              if b"content_block_start" not in e]
+    out = b"".join(sse.feed(e) for e in events) + sse.close()
+    assert b"abcdefghijklmnop" not in out
+    assert _client_text_anthropic(out)[0] == "key [REDACTED_API_KEY] done"

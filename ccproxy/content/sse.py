@@ -118,10 +118,19 @@ class AnthropicStream:
         return raw
 
     def _delta(self, raw: bytes, event: dict[str, Any]) -> bytes:
-        held = self.blocks.get(event["index"])
         delta = event.get("delta")
-        if held is None or not isinstance(delta, dict):
+        if not isinstance(delta, dict):
             return raw
+        held = self.blocks.get(event["index"])
+        if held is None:
+            # No content_block_start came for this block: its text is masked all the same.
+            if delta.get("type") == "text_delta":
+                held = self.blocks[event["index"]] = (self.new_masker(), "text_delta", "text")
+            elif delta.get("type") == "input_json_delta":
+                held = (JsonStringMasker(self.new_masker), "input_json_delta", "partial_json")
+                self.blocks[event["index"]] = held
+            else:
+                return raw
         masker, delta_type, field = held
         piece = delta.get(field)
         if delta.get("type") != delta_type or not isinstance(piece, str):
@@ -174,12 +183,12 @@ class OpenAIStream:
         self.last = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
         changed = False
         for choice in chunk["choices"]:
-            if isinstance(choice, dict) and isinstance(choice.get("index"), int):
+            if isinstance(choice, dict) and isinstance(choice.get("index", 0), int):
                 changed = self._choice(choice) or changed
         return b"data: " + _dump(chunk) + b"\n\n" if changed else raw
 
     def _choice(self, choice: dict[str, Any]) -> bool:
-        index = choice["index"]
+        index = choice.get("index", 0)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return False
