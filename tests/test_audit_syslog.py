@@ -220,3 +220,28 @@ def test_a_partial_line_left_in_the_spool_by_a_crash_is_cut(tmp_path: Path) -> N
     net.accept()
     assert net.seqs() == [1, 2, 3, 4]
     sink2.stop()
+
+
+def test_a_reload_that_changes_the_output_keeps_its_queued_records(tmp_path: Path) -> None:
+    from ccproxy import events
+    from ccproxy.audit import AuditTrail
+    from tests.support.audit import Holder, Runtime, config, sync
+
+    def audit(app: str) -> dict[str, Any]:
+        return {"outputs": [{"type": "syslog", "protocol": "tcp", "host": "127.0.0.1", "port": 514, "app_name": app,
+                             "queue_size": 2, "spool_path": str(tmp_path / "spool")}]}
+
+    reactor = MemoryReactorClock()
+    holder = Holder(config(audit("before")))
+    trail = AuditTrail(holder, reactor, run_in_thread=sync).start()
+    try:
+        for i in range(5):
+            events.emit("invalid_request", "notice", n=i)  # the receiver is away: queued and spooled
+        holder.current = Runtime(config(audit("after")))
+        events.emit("configuration_change", "notice", changed=["security.audit.outputs"])
+        net = Receiver(reactor)
+        net.accept()
+        assert net.seqs() == [1, 2, 3, 4, 5, 6]
+        assert all(b" after " in m for m in net.messages()[5:])
+    finally:
+        trail.stop()

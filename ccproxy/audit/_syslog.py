@@ -160,6 +160,8 @@ class SyslogSink:
         self.pump()
 
     def pump(self) -> None:
+        if self.stopping:
+            return
         now = self.reactor.seconds()
         while self.link.ready():
             if not self.queue:
@@ -182,15 +184,12 @@ class SyslogSink:
         self.sent.clear()
 
     def stop(self) -> defer.Deferred[None]:
+        """Save what is unsent at once (a reload may open the same spool next), then close the link."""
         self.stopping = True
         self.losses.stop()
-        d = self.link.stop()
-
-        def save(_: object) -> None:
-            self.spool.save(list(self.queue))
-            self.queue.clear()
-
-        return d.addBoth(save)
+        self.spool.save(list(self.queue))
+        self.queue.clear()
+        return self.link.stop()
 
     @property
     def lost(self) -> int:
