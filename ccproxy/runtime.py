@@ -20,7 +20,6 @@ from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
 
 
-
 @attrs.frozen
 class Deps:
     """What layers share and what outlives a reload."""
