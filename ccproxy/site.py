@@ -26,6 +26,9 @@ DEFAULT_IDLE_TIMEOUT = 75.0
 
 
 class ProxyRequest(Request):
+    # Bodies are forwarded, never read as HTML form fields: skip twisted.web's form parsing, which
+    # parses the Content-Type of every POST with the email package (a large share of a request's time).
+    _parsePOSTFormSubmission = False
     _body_size = 0
     _client: IAddress | None = None
 
