@@ -245,3 +245,28 @@ def test_a_reload_that_changes_the_output_keeps_its_queued_records(tmp_path: Pat
         assert all(b" after " in m for m in net.messages()[5:])
     finally:
         trail.stop()
+
+
+def test_with_syslog_outputs_only_the_chain_continues_after_a_restart(tmp_path: Path) -> None:
+    import json
+
+    from ccproxy import events
+    from ccproxy.audit import AuditTrail
+    from tests.support.audit import Holder, config, sync
+
+    audit = {"outputs": [{"type": "syslog", "protocol": "tcp", "host": "127.0.0.1", "port": 514,
+                          "spool_path": str(tmp_path / "spool")}]}
+    received = []
+    for _ in range(2):
+        reactor = MemoryReactorClock()
+        trail = AuditTrail(Holder(config(audit)), reactor, run_in_thread=sync).start()
+        net = Receiver(reactor)
+        net.accept()
+        try:
+            events.emit("invalid_request", "notice")
+            events.emit("invalid_request", "notice")
+        finally:
+            trail.stop()
+        received += [json.loads(HEADER.match(m).group(7)) for m in net.messages()]  # type: ignore[union-attr]
+    assert [r["seq"] for r in received] == [1, 2, 3, 4]
+    assert received[2]["prev"] == received[1]["hash"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,7 @@ class AuditTrail:
     def stop(self) -> defer.Deferred[Any]:
         self.stopped = True
         self.publisher.removeObserver(self)
+        self._save_chain_heads()
         waits = [defer.maybeDeferred(sink.stop) for sink in self.sinks.values()]
         self.sinks = {}
         return defer.DeferredList(waits, consumeErrors=True)
@@ -133,13 +136,37 @@ class AuditTrail:
         current = self.chains.get(stream)
         if current is not None:
             return Chain(key, current.seq, current.last_hash)
-        for spec in self.audit.outputs:
-            if isinstance(spec, FileOutput) and spec.records == stream:
-                last = resume_point(spec.path)
-                if last is not None and isinstance(last.get("seq"), int) and isinstance(last.get("hash"), str):
-                    return Chain(key, last["seq"], last["hash"])
-                break
+        last: Any = None
+        files = [s for s in self.audit.outputs if isinstance(s, FileOutput) and s.records == stream]
+        if files:
+            last = resume_point(files[0].path)
+        else:  # syslog outputs only: the head saved beside the spool at the last stop
+            for spec in self.audit.outputs:
+                if isinstance(spec, SyslogSpec) and spec.records == stream and last is None:
+                    last = _read_json(spec.spool_path + ".chain")
+        if isinstance(last, dict) and isinstance(last.get("seq"), int) and isinstance(last.get("hash"), str):
+            return Chain(key, last["seq"], last["hash"])
         return Chain(key, 0, GENESIS)
+
+    def _save_chain_heads(self) -> None:
+        for spec in self.audit.outputs if self.audit.enabled else ():
+            chain = self.chains.get(spec.records)
+            if isinstance(spec, SyslogSpec) and chain is not None and chain.seq:
+                path = spec.spool_path + ".chain"
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"seq": chain.seq, "hash": chain.last_hash}, f)
+                except OSError as e:
+                    log.error("audit chain head {path} not saved: {error}", path=path, error=e.strerror)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _describe(spec: Output) -> str:
