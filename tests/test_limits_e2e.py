@@ -157,3 +157,35 @@ def test_auto_block_by_one_instance_is_refused_at_accept_by_both(
         time.sleep(0.2)
     assert refused == 2
     assert len(upstream.requests) == 3
+
+
+def test_per_key_tiers_and_own_limits_with_authentication(daemon: Any, upstream: FakeUpstream) -> None:
+    d = daemon({
+        "upstreams": {"anthropic": {"api_key": "sk-ant-upstream-key-000000000000f3a9"}},
+        "security": {
+            "auth": {"enabled": True, "type": "api_key", "api_keys": [
+                {"key": "client-premium-key-0001", "id": "k-premium", "tier": "premium"},
+                {"key": "client-own-limit-key-02", "id": "k-own", "rate_limit": 10},
+            ]},
+            "rate_limiting": {"per_key": {"default": {"requests_per_minute": 100, "daily_quota": 1000},
+                                          "premium": {"requests_per_minute": 1000, "daily_quota": 2}}},
+        },
+    })
+    premium = anthropic_client(d, "client-premium-key-0001", max_retries=0)
+    own = anthropic_client(d, "client-own-limit-key-02", max_retries=0)
+
+    def ask(client: anthropic.Anthropic) -> Any:
+        return client.messages.with_raw_response.create(
+            model="claude-sonnet-4-6", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+
+    assert ask(premium).headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert ask(premium).headers["anthropic-ratelimit-requests-limit"] == "2"
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        ask(premium)
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    # The other key has its own allowance: its rate_limit of 10/minute (burst 1).
+    assert ask(own).headers["anthropic-ratelimit-requests-limit"] == "10"
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        ask(own)
+    assert caught.value.response.headers["retry-after"] == "6"
+    assert len(upstream.requests) == 3

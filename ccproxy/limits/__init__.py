@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from ccproxy.config import Config
 from ccproxy.context import Layer
 from ccproxy.limits._layer import LimitsLayer, build
@@ -11,7 +13,14 @@ from ccproxy.limits._layer import LimitsLayer, build
 
 def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
     """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); `previous` keeps counters across reloads."""
-    return build(config.limits, deps, previous)
+    limits = config.limits
+    if limits.enabled and limits.per_key and not getattr(config.auth, "enabled", False):
+        _log.warn("security.rate_limiting.per_key is set but security.auth is off: without a key, "
+                  "per-key limits and daily quotas apply to nobody")
+    return build(limits, deps, previous)
+
+
+_log = Logger()
 
 
 __all__ = ["LimitsLayer", "build_layer"]
