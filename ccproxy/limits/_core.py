@@ -86,12 +86,6 @@ def quota_outcome(quota: Quota, used: float | None, now: float) -> Outcome:
     return Outcome(True, int(quota.count - count - 1), left, 0.0, count + 1)
 
 
-def outcome(limit: Limit, state: float | None, now: float) -> Outcome:
-    if isinstance(limit, Rate):
-        return rate_outcome(limit, state, now)
-    return quota_outcome(limit, state, now)
-
-
 def combine(limits: list[Limit], outcomes: list[Outcome]) -> Decision:
     """One answer for all limits: refused by the one that keeps the client waiting longest,
     otherwise reported by the one with the fewest requests left."""
@@ -105,8 +99,3 @@ def combine(limits: list[Limit], outcomes: list[Outcome]) -> Decision:
     i = min(range(len(limits)), key=lambda j: (outcomes[j].remaining, -outcomes[j].reset_after))
     o = outcomes[i]
     return Decision(True, limits[i], o.remaining, o.reset_after, 0.0)
-
-
-def expiry(limit: Limit, state: float, now: float) -> float:
-    """When a stored state means nothing any more (a full bucket, a finished day)."""
-    return state if isinstance(limit, Rate) else limit.reset_at

@@ -14,8 +14,15 @@ def whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds - EPS))
 
 
+_last_rfc3339: tuple[int, str] = (0, "")
+
+
 def rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(math.ceil(when - EPS), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    global _last_rfc3339
+    second = math.ceil(when - EPS)
+    if _last_rfc3339[0] != second:  # most responses in a second share their reset time
+        _last_rfc3339 = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return _last_rfc3339[1]
 
 
 def go_duration(seconds: float) -> str:
