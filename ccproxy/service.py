@@ -42,6 +42,7 @@ class ProxyService(Service):
     def startService(self) -> None:
         super().startService()
         config = self.config
+        _apply_privacy(config)
         site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
@@ -70,6 +71,7 @@ class ProxyService(Service):
             events.emit("configuration_change", "error", outcome="refused", reason=str(e))
             return False
         self.holder.current = build(new, self.deps, self.holder.current.forwarder, self.holder.current)
+        _apply_privacy(new)
         if self.tls is not None and options is not None:
             self.tls.swap(options)
         changed = sorted(changed_paths(old.effective(), new.effective()))
@@ -86,6 +88,18 @@ class ProxyService(Service):
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
         return defer.DeferredList(waits, consumeErrors=True)
+
+
+def _apply_privacy(config: Config) -> None:
+    """With anonymised logs, the daemon's own log shows client addresses anonymised too."""
+    from ccproxy.audit._scrub import Anonymizer
+
+    audit = config.audit
+    if not audit.anonymize_logs:
+        events.set_address_filter(None)
+        return
+    key = audit.anonymize_key.reveal().encode() if audit.anonymize_key else b""
+    events.set_address_filter(Anonymizer(audit.anonymize_method, key).address)
 
 
 def changed_paths(old: Any, new: Any, path: str = "") -> list[str]:

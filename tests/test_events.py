@@ -1,0 +1,38 @@
+"""Security events as the daemon log shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import formatEvent, globalLogPublisher
+
+from ccproxy import events
+from ccproxy.audit._scrub import Anonymizer
+
+
+def capture(**fields: Any) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        events.emit("connection_refused", "warning", **fields)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    return next(e for e in seen if e.get("ccproxy_event") == "connection_refused")
+
+
+def test_event_fields_in_log_text() -> None:
+    event = capture(ip_address="203.0.113.7", reason="ip_blacklisted")
+    assert formatEvent(event) == "connection_refused ip_address=203.0.113.7 reason=ip_blacklisted"
+    assert event["severity"] == "warning"
+
+
+def test_anonymised_addresses_in_log_text_raw_value_kept_for_audit() -> None:
+    events.set_address_filter(Anonymizer("truncate").address)
+    try:
+        event = capture(ip_address="203.0.113.7", client_ip="2001:db8:1:2::5", reason="x")
+    finally:
+        events.set_address_filter(None)
+    text = formatEvent(event)
+    assert "203.0.113.7" not in text and "203.0.113.0" in text
+    assert "2001:db8:1:2::5" not in text and "2001:db8:1::" in text
+    assert event["ip_address"] == "203.0.113.7"  # the audit trail applies its own anonymisation
