@@ -12,14 +12,17 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from ccproxy.config.network import NetworkConfig
 from ccproxy.network.addresses import NetworkSet, canonical, client_from_forwarded
 
-access_log = Logger(namespace="ccproxy.access")
+# Access lines have a publisher of their own: they reach only the outputs that ask for them
+# (an audit output with `records: access`), never the daemon log or syslog by default.
+ACCESS_PUBLISHER = LogPublisher()
+access_log = Logger(namespace="ccproxy.access", observer=ACCESS_PUBLISHER)
 
 # Idle time allowed on a kept-alive connection between requests.
 DEFAULT_IDLE_TIMEOUT = 75.0

@@ -272,14 +272,22 @@ def test_self_signed_dev_certificate_made_on_first_start(tmp_path, upstream: Fak
         d.stop()
 
 
-def test_every_response_has_request_id_and_logs_carry_it(daemon, upstream: FakeUpstream) -> None:
-    d = daemon()
-    upstream.expect(Script(body=b"{}", headers={"content-type": "application/json"}))
+def test_every_response_has_request_id_and_logs_carry_it(daemon, upstream: FakeUpstream, tmp_path) -> None:
+    access = tmp_path / "access.log"
+    d = daemon({"security": {"audit": {"enabled": True, "outputs": [
+        {"type": "file", "path": str(access), "records": "access", "flush_interval": "50ms"}]}}})
+    upstream.expect(Script(body=b"{}", headers={"content-type": "application/json", "request-id": "req_up_7"}))
     _, headers, _ = raw_request(d, "POST", "/v1/messages", {}, b"{}")
+    assert headers["request-id"] == "req_up_7"  # the upstream's own id, passed through
+    _, headers, _ = raw_request(d, "GET", "/nowhere")
     ours = headers["request-id"]
     assert ours.startswith("req_ccp_")
-    time.sleep(0.2)
-    assert ours in d.log()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and ours not in (access.read_text() if access.exists() else ""):
+        time.sleep(0.05)
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert ours in [line["request_id"] for line in lines]
+    assert ours not in d.log()  # per-request lines stay out of the daemon log (and so out of syslog)
 
 
 

@@ -19,6 +19,7 @@ from ccproxy.audit._scrub import Anonymizer, Scrubber, config_secrets
 from ccproxy.audit._syslog import SyslogSink
 from ccproxy.config.audit import AuditConfig, FileOutput, Output
 from ccproxy.config.audit import SyslogOutput as SyslogSpec
+from ccproxy.site import ACCESS_PUBLISHER
 
 ACCESS_NAMESPACE = "ccproxy.access"
 log = Logger(namespace="ccproxy.audit")
@@ -49,11 +50,13 @@ class AuditTrail:
     def start(self) -> AuditTrail:
         self._reconfigure(self.holder.current.config, strict=True)
         self.publisher.addObserver(self)
+        ACCESS_PUBLISHER.addObserver(self)
         return self
 
     def stop(self) -> defer.Deferred[Any]:
         self.stopped = True
         self.publisher.removeObserver(self)
+        ACCESS_PUBLISHER.removeObserver(self)
         self._save_chain_heads()
         waits = [defer.maybeDeferred(sink.stop) for sink in self.sinks.values()]
         self.sinks = {}
