@@ -35,6 +35,17 @@ _STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
+def no_delay(transport: object) -> None:
+    """Send small writes (an SSE event, a response head) at once instead of waiting on Nagle's
+    algorithm for the previous segment's ACK, which costs up to ~40 ms per event."""
+    while transport is not None:
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+            return
+        transport = getattr(transport, "transport", None)  # TLS: the TCP transport beneath
+
+
 class UpstreamProtocolError(Exception):
     """The upstream answered with something that is not HTTP/1.1 as ccproxy reads it."""
 
@@ -81,6 +92,9 @@ class _Connection(Protocol):
         self.key = key
         self.connected_ok = True
         self._reset()
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def _reset(self) -> None:
         self._buffer = b""

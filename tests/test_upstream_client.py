@@ -218,3 +218,22 @@ def test_stale_reused_connection_retried_only_for_safe_methods() -> None:
         else:
             with pytest.raises(ResponseNeverReceived):
                 pool_result(d2)
+
+
+def test_no_delay_reaches_the_tcp_transport_under_tls() -> None:
+    from ccproxy.upstream import no_delay
+
+    class TCP:
+        nodelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.nodelay = enabled
+
+    class TLS:
+        def __init__(self, transport: TCP) -> None:
+            self.transport = transport
+
+    tcp = TCP()
+    no_delay(TLS(tcp))
+    assert tcp.nodelay
+    no_delay(StringTransport())  # nothing to set: no error

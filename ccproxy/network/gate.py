@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip
+from ccproxy.upstream import no_delay
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
@@ -143,6 +144,7 @@ class _Counted(ProtocolWrapper):
     def makeConnection(self, transport: ITransport) -> None:
         self.gate.opened(self.host)
         self.counted = True
+        no_delay(transport)
         super().makeConnection(transport)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
