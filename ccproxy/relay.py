@@ -39,6 +39,7 @@ class Relay(Protocol):
         sse: bool,
         body_filter: BodyFilter | None = None,
         buffered: bool = False,
+        on_broken: Callable[[ApiError], None] | None = None,
     ) -> None:
         self.request = request
         self.clock = clock
@@ -48,6 +49,7 @@ class Relay(Protocol):
         self.sse = sse
         self.filter = body_filter
         self.buffered = buffered
+        self.on_broken = on_broken
         self._chunks: list[bytes] = []
         self._size = 0
         self._timer: IDelayedCall | None = None
@@ -104,6 +106,8 @@ class Relay(Protocol):
         self.done.callback(None)
 
     def _broken(self, error: ApiError) -> None:
+        if self.on_broken is not None:
+            self.on_broken(error)
         # A held-back tail is never flushed here: it may be the start of a secret.
         if self.sse and not self.buffered:
             self.request.write(sse_error_event(self.api, error))

@@ -14,6 +14,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ccproxy import events
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import end_to_end, upstream_headers
@@ -94,7 +95,13 @@ class ProxyResource(Resource):
     async def _forward(self, ctx: RequestContext, runtime: Runtime) -> None:
         request, target = ctx.request, ctx.route
         headers = upstream_headers(request.requestHeaders, target.upstream, target.api)
-        response = await runtime.forwarder.send(request.method, target, headers, ctx.body)
+        try:
+            response = await runtime.forwarder.send(request.method, target, headers, ctx.body)
+        except ApiError as e:
+            _upstream_error(ctx, e.status, e.message)
+            raise
+        if response.code >= 500:
+            _upstream_error(ctx, response.code, f"upstream answered {response.code}")
         upstream_id = response.headers.getRawHeaders(b"request-id") or response.headers.getRawHeaders(
             b"x-request-id"
         )
@@ -111,6 +118,7 @@ class ProxyResource(Resource):
             sse=content_type.startswith(b"text/event-stream"),
             body_filter=body_filter,
             buffered=bool(body_filter is not None and getattr(body_filter, "buffered", False)),
+            on_broken=lambda error: _upstream_error(ctx, error.status, error.message),
         )
         response.deliverBody(relay)
         await relay.done
@@ -174,3 +182,16 @@ def _loggable(uri: bytes) -> str:
 
 def _peer_host(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", ""))
+
+
+def _upstream_error(ctx: RequestContext, status: int, reason: str) -> None:
+    events.emit(
+        "upstream_error",
+        "error" if status in (502, 504) else "warning",
+        request_id=ctx.request_id,
+        ip_address=ctx.client_ip,
+        api_key_id=ctx.identity.key_id if ctx.identity is not None else None,
+        upstream=ctx.route.upstream.name,
+        status=status,
+        reason=reason,
+    )

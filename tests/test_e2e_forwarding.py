@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import threading
 import time
@@ -127,6 +128,7 @@ def test_unreachable_upstream_is_502_in_api_shape(daemon, upstream: FakeUpstream
     assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.InternalServerError):
         openai_client(d).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert re.search(r"upstream_error .*upstream=anthropic status=502 reason=anthropic upstream unreachable", d.log())
 
 
 def test_slow_upstream_is_504(daemon, upstream: FakeUpstream) -> None:
@@ -150,6 +152,7 @@ def test_upstream_cut_mid_stream_gives_error_event_then_clean_close(daemon, upst
     assert tail.startswith(b"event: error\ndata: ")
     error = json.loads(tail.split(b"data: ", 1)[1])
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "upstream_error" in d.log() and "mid-response" in d.log()
 
 
 def test_client_disconnect_cancels_upstream(daemon, upstream: FakeUpstream) -> None:
