@@ -288,3 +288,52 @@ def test_planner_matches_limits_for() -> None:
         for ip in ("10.0.0.1", "10.0.0.2"):
             for identity in (None, Identity("k1"), Identity("k1", rate_limit=5), Identity("k2", tier="x")):
                 assert planner.plan(ip, identity, now) == (limits_for(config, ip, identity, now), probe_for(config, ip))
+
+
+class RedisBatchTests(unittest.TestCase):
+    """Concurrent decisions share script calls; each is still decided alone, in order."""
+
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = Path(unittest.TestCase().mktemp())
+        cls.tmp.mkdir(parents=True, exist_ok=True)
+        cls.server = RedisServer(cls.tmp).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+
+    def setUp(self) -> None:
+        self.server.command("FLUSHALL")
+        self.store = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
+        self.store.connect()
+
+    def tearDown(self) -> Any:
+        return self.store.stop()
+
+    @defer.inlineCallbacks
+    def test_concurrent_decisions_match_sequential_ones(self) -> Any:
+        memory = MemoryStore(100_000)
+        calls: list[int] = []
+        evalsha = self.store._pool.evalsha
+
+        def counting(sha: str, keys: list[str], args: list[str]) -> Any:
+            calls.append(args[0].count(";") + 1)
+            return evalsha(sha, keys, args)
+
+        self.store._pool.evalsha = counting
+        requests = []
+        for i in range(150):  # more than one batch
+            ip = f"10.0.0.{i % 3}"
+            limits: list[Limit] = [rate("global_minute", 100, 60.0, 100, "*"), rate("per_ip_minute", 60, 60.0, 40, ip)]
+            probe = AutoBlockProbe(ip, rate("auto_block", 60, 60.0, 60, ip), 60.0) if i % 3 == 2 else None
+            requests.append((limits, probe, ip))
+        want = [memory.decide(T0, limits, probe) for limits, probe, _ in requests]
+        got = yield defer.gatherResults([defer.ensureDeferred(self.store.decide(T0, limits, probe, ip))
+                                         for limits, probe, ip in requests])
+        self.assertEqual([(d.allowed, d.limit, d.remaining, d.blocked_until) for d in got],
+                         [(d.allowed, d.limit, d.remaining, d.blocked_until) for d in want])
+        self.assertEqual(sum(d.allowed for d in got), 100)
+        self.assertEqual(calls, [64, 64, 22])

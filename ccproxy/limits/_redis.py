@@ -1,9 +1,11 @@
-"""Limits shared by every ccproxy instance through one Redis: one Lua script per request.
+"""Limits shared by every ccproxy instance through one Redis: one Lua script (EVALSHA) decides.
 
 The script does what `MemoryStore.decide` does, atomically inside Redis, with the caller's clock
-passed in (so instances agree as far as their clocks do, and tests stay deterministic). Blocks live
-in Redis as `block:<ip>` keys (refused by the script on every instance) and in the sorted set
-`blocks` (ip by end time) that every instance polls to refuse blocked addresses at accept.
+passed in (so instances agree as far as their clocks do, and tests stay deterministic). Requests
+that arrive in the same reactor turn share one call, each still decided on its own, atomically, in
+arrival order: one round trip for many, which is most of Redis's cost here. Blocks live in Redis as
+`block:<ip>` keys (refused by the script on every instance) and in the sorted set `blocks` (ip by
+end time) that every instance polls to refuse blocked addresses at accept.
 
 txredisapi is imported inside `connect()` only: importing it installs the default reactor, which
 must not happen while twistd is still choosing one.
@@ -26,24 +28,19 @@ BLOCKS = PREFIX + "blocks"
 # than Redis's own.
 _MARGIN_MS = 60_000
 
-# KEYS: block key, blocks zset, auto-block key ('' slot if none), then one key per limit.
-# ARGV: one string, space-separated (one argument encodes far faster in txredisapi than 30):
-#       now, ip, probe(0|1), probe interval, probe depth, block duration, margin, then per limit:
-#       kind ('r'|'q'), interval|count, depth|reset_at.
-# Returns one string (one bulk reply parses far faster than an array): "status until" for a block
-# (status 2: already blocked, 3: blocked now), or "1|0" then per limit "allowed remaining
-# reset_after retry_after", space-separated.
+# One call decides a batch of requests (those that arrived in the same reactor turn), each one
+# atomically and in order, as if each had its own call: one round trip and one script run for many.
+# ARGV[1]: the requests, separated by ';'. Each is space-separated: now, ip, probe(0|1), probe
+#          interval, probe depth, block duration, key margin (ms), then per limit: kind ('r'|'q'),
+#          interval|count, depth|reset_at. (One string encodes far faster in txredisapi than many.)
+# KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit.
+# Returns one string, the requests' answers separated by ';' (one bulk reply parses far faster than
+# an array): "status until" for a block (2: already blocked, 3: blocked now), or "1|0" then per limit
+# "allowed remaining reset_after retry_after", space-separated.
 SCRIPT = """
-local A = {}
-for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
-local now = tonumber(A[1])
-local margin = tonumber(A[7])
 local function f(x) return string.format('%.17g', x) end
-local blocked = redis.call('GET', KEYS[1])
-if blocked and tonumber(blocked) > now then
-  return '2 ' .. blocked
-end
-local function gcra(key, interval, depth)
+
+local function gcra(key, interval, depth, now)
   local tat = tonumber(redis.call('GET', key) or '')
   local start = now
   if tat ~= nil and tat >= now then start = tat end
@@ -54,55 +51,80 @@ local function gcra(key, interval, depth)
   end
   return {1, math.floor((depth - ahead) / interval + 1e-6), ahead, 0, new_tat}
 end
-if A[3] == '1' then
-  local o = gcra(KEYS[3], tonumber(A[4]), tonumber(A[5]))
-  if o[1] == 0 then
-    local until_ = now + tonumber(A[6])
-    local ms = math.ceil(tonumber(A[6]) * 1000)
-    redis.call('SET', KEYS[1], f(until_), 'PX', ms)
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', f(now))
-    redis.call('ZADD', KEYS[2], f(until_), A[2])
-    redis.call('DEL', KEYS[3])
-    return '3 ' .. f(until_)
+
+local function one(K, A)
+  local now = tonumber(A[1])
+  local margin = tonumber(A[7])
+  local blocked = redis.call('GET', K[1])
+  if blocked and tonumber(blocked) > now then
+    return '2 ' .. blocked
   end
-  redis.call('SET', KEYS[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
-end
-local out = {1}
-local new = {}
-local ok = true
-local n = (#A - 7) / 3
-for i = 1, n do
-  local kind, a, b = A[5 + 3 * i], tonumber(A[6 + 3 * i]), tonumber(A[7 + 3 * i])
-  local key = KEYS[3 + i]
-  local o
-  if kind == 'r' then
-    o = gcra(key, a, b)
-  else
-    local used = tonumber(redis.call('GET', key) or '0')
-    local left = b - now
-    if used + 1 > a then o = {0, 0, left, left, used} else o = {1, a - used - 1, left, 0, used + 1} end
+  if A[3] == '1' then
+    local o = gcra(K[3], tonumber(A[4]), tonumber(A[5]), now)
+    if o[1] == 0 then
+      local until_ = now + tonumber(A[6])
+      redis.call('SET', K[1], f(until_), 'PX', math.ceil(tonumber(A[6]) * 1000))
+      redis.call('ZREMRANGEBYSCORE', K[2], '-inf', f(now))
+      redis.call('ZADD', K[2], f(until_), A[2])
+      redis.call('DEL', K[3])
+      return '3 ' .. f(until_)
+    end
+    redis.call('SET', K[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
   end
-  if o[1] == 0 then ok = false end
-  new[i] = o
-  out[#out + 1] = o[1]
-  out[#out + 1] = o[2]
-  out[#out + 1] = f(o[3])
-  out[#out + 1] = f(o[4])
-end
-if not ok then
-  out[1] = 0
+  local out = {1}
+  local new = {}
+  local ok = true
+  local n = (#A - 7) / 3
+  for i = 1, n do
+    local kind, a, b = A[5 + 3 * i], tonumber(A[6 + 3 * i]), tonumber(A[7 + 3 * i])
+    local o
+    if kind == 'r' then
+      o = gcra(K[3 + i], a, b, now)
+    else
+      local used = tonumber(redis.call('GET', K[3 + i]) or '0')
+      local left = b - now
+      if used + 1 > a then o = {0, 0, left, left, used} else o = {1, a - used - 1, left, 0, used + 1} end
+    end
+    if o[1] == 0 then ok = false end
+    new[i] = o
+    out[#out + 1] = o[1]
+    out[#out + 1] = o[2]
+    out[#out + 1] = f(o[3])
+    out[#out + 1] = f(o[4])
+  end
+  if not ok then
+    out[1] = 0
+    return table.concat(out, ' ')
+  end
+  for i = 1, n do
+    redis.call('SET', K[3 + i], f(new[i][5]), 'PX', math.ceil(new[i][3] * 1000) + margin)
+  end
   return table.concat(out, ' ')
 end
-for i = 1, n do
-  local ttl = new[i][3]
-  redis.call('SET', KEYS[3 + i], f(new[i][5]), 'PX', math.ceil(ttl * 1000) + margin)
+
+local replies = {}
+local used = 0
+for request in string.gmatch(ARGV[1], '[^;]+') do
+  local A = {}
+  for word in string.gmatch(request, '%S+') do A[#A + 1] = word end
+  local count = 3 + (#A - 7) / 3
+  local K = {}
+  for i = 1, count do K[i] = KEYS[used + i] end
+  used = used + count
+  replies[#replies + 1] = one(K, A)
 end
-return table.concat(out, ' ')
+return table.concat(replies, ';')
 """
 
 
 _SCRIPT_BYTES = SCRIPT.encode()
 _SHA = hashlib.sha1(_SCRIPT_BYTES).hexdigest()
+
+
+# Requests decided by one script call at most; more in one reactor turn make several calls.
+MAX_BATCH = 64
+# (keys, arguments, the request's Deferred answer)
+_Pending = tuple[list[str], str, "defer.Deferred[str]"]
 
 
 class RedisUnavailable(Exception):
@@ -114,6 +136,8 @@ class RedisStore:
         self.settings = settings
         self.reactor = reactor
         self._pool: Any = None
+        self._pending: list[_Pending] = []
+        self._flush_call: Any = None
 
     def connect(self) -> None:
         import txredisapi  # lazily: see the module docstring
@@ -150,10 +174,12 @@ class RedisStore:
     async def decide(
         self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None, ip: str = ""
     ) -> Decision:
+        if self._pool is None:
+            raise RedisUnavailable("not connected")
         ip = probe.ip if probe is not None else ip
         keys = [PREFIX + "block:" + ip, BLOCKS, PREFIX + (probe.rate.key if probe else "none")]
-        # Never empty and never with a space: the arguments travel as one space-separated string.
-        args: list[str] = [repr(now), "".join(ip.split()) or "-"]
+        # Never empty and never with a space or ';': the arguments travel as one string.
+        args: list[str] = [repr(now), "".join(ip.replace(";", "").split()) or "-"]
         if probe is not None:
             args += ["1", repr(probe.rate.interval), repr(probe.rate.depth), repr(probe.duration)]
         else:
@@ -165,19 +191,49 @@ class RedisStore:
                 args += ["r", repr(limit.interval), repr(limit.depth)]
             else:
                 args += ["q", str(limit.count), repr(limit.reset_at)]
-        reply = await self._eval(keys, [" ".join(args)])
-        return _decision(reply, now, limits, probe)
-
-    async def _eval(self, keys: list[str], args: list[str]) -> Any:
-        if self._pool is None:
-            raise RedisUnavailable("not connected")
         try:
-            return await self._call(defer.ensureDeferred(self._evalsha(keys, args)))
+            reply = await self._call(self._submit(keys, " ".join(args)))
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
-        except Exception as e:  # txredisapi raises its own connection and protocol errors
+        return _decision(reply, now, limits, probe)
+
+    def _submit(self, keys: list[str], args: str) -> defer.Deferred[str]:
+        """Queue one request's decision for the next batch (sent at the end of this reactor turn)."""
+        d: defer.Deferred[str] = defer.Deferred()
+        self._pending.append((keys, args, d))
+        if len(self._pending) >= MAX_BATCH:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        keys = [key for item in batch for key in item[0]]
+        call = self._call(defer.ensureDeferred(self._evalsha(keys, [";".join(item[1] for item in batch)])))
+        call.addCallbacks(self._deliver, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _deliver(self, reply: Any, batch: list[_Pending]) -> None:
+        answers = _text(reply).split(";")
+        for (_, _, d), answer in zip(batch, answers, strict=True):
+            if not d.called:  # a request already timed out (or went away) is not answered twice
+                d.callback(answer)
+
+    def _failed(self, failure: Any, batch: list[_Pending]) -> None:
+        if failure.check(defer.TimeoutError):
+            error = RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms")
+        else:
             self._heal()
-            raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+            error = RedisUnavailable(f"{failure.type.__name__}: {failure.value}")
+        for _, _, d in batch:
+            if not d.called:
+                d.errback(error)
 
     async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
         """EVALSHA; the script itself only when Redis does not know it (first use, restart)."""
@@ -201,6 +257,13 @@ class RedisStore:
         return [(_text(ip), float(score)) for ip, score in rows]
 
     def stop(self) -> Any:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, self._pending = self._pending, []
+        for _, _, d in pending:
+            if not d.called:
+                d.errback(RedisUnavailable("stopped"))
         pool, self._pool = self._pool, None
         if pool is not None:
             return pool.disconnect()
@@ -211,8 +274,8 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decision(reply: Any, now: float, limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
-    fields = _text(reply).split()
+def _decision(reply: str, now: float, limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
+    fields = reply.split()
     status = int(fields[0])
     if status in (2, 3):
         until = float(fields[1])
