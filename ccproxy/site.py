@@ -29,9 +29,6 @@ DEFAULT_IDLE_TIMEOUT = 75.0
 
 
 class ProxyRequest(Request):
-    # Bodies are forwarded, never read as HTML form fields: skip twisted.web's form parsing, which
-    # parses the Content-Type of every POST with the email package (a large share of a request's time).
-    _parsePOSTFormSubmission = False
     _body_size = 0
     _client: IAddress | None = None
 
@@ -70,7 +67,9 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
 
     def __init__(self, resource: Resource, clock: IReactorTime, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
-        super().__init__(resource, timeout=timeout, reactor=clock)
+        # Bodies are forwarded, never read as HTML form fields: skip twisted.web's form parsing, which
+        # parses the Content-Type of every POST with the email package (a large share of a request's time).
+        super().__init__(resource, timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
         self._reactor = clock
         # The network settings new connections take; the listener points this at the live config.
