@@ -24,10 +24,12 @@ def mask(value: str) -> str:
 class Secret:
     """A string that must never be printed: only `reveal()` gives it back."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_digest", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        # Secrets sit inside config values used as dict keys on the request path: hash once.
+        self._digest = hashlib.sha256(value.encode()).digest()
 
     def reveal(self) -> str:
         return self._value
@@ -36,7 +38,7 @@ class Secret:
         return mask(self._value)
 
     def digest(self) -> bytes:
-        return hashlib.sha256(self._value.encode()).digest()
+        return self._digest
 
     def __repr__(self) -> str:
         return f"Secret({self.masked()!r})"

@@ -6,6 +6,7 @@ matched as the IPv4 address it carries, so one IPv4 entry covers both spellings.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -25,6 +26,7 @@ def parse_ip(text: str) -> Address | None:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)  # called per request with the same few peers: parse each once
 def canonical(text: str) -> str:
     """One spelling per client, so per-IP counts and blocks cannot be split by notation."""
     addr = parse_ip(text)
