@@ -83,7 +83,7 @@ class ProxyResource(Resource):
                 body=content.read(),
             )
             request.ccproxy_ctx = ctx
-            for layer in runtime.layers:
+            for layer in runtime.checkers:
                 await layer.check(ctx)
             await self._forward(ctx, runtime)
         except ApiError as e:

@@ -45,9 +45,18 @@ class Runtime:
     layers: tuple[Layer, ...]
     forwarder: Forwarder
     deps: Deps
+    # The layers that take part in each step: a layer that does not override a step costs nothing there.
+    checkers: tuple[Layer, ...] = attrs.field(init=False)
+    filterers: tuple[Layer, ...] = attrs.field(init=False)
+    decorators: tuple[Layer, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.checkers = _overriding(self.layers, "check")
+        self.filterers = _overriding(self.layers, "response_filter")
+        self.decorators = _overriding(self.layers, "decorate")
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
-        filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.layers) if f]
+        filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.filterers) if f]
         if not filters:
             return None
         if len(filters) > 1:
@@ -55,13 +64,17 @@ class Runtime:
         return filters[0]
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
-        for layer in self.layers:
+        for layer in self.decorators:
             layer.decorate(ctx, request, headers)
 
     def stop(self) -> defer.Deferred[Any]:
         return defer.gatherResults(
             [defer.maybeDeferred(layer.stop) for layer in self.layers], consumeErrors=True
         )
+
+
+def _overriding(layers: tuple[Layer, ...], step: str) -> tuple[Layer, ...]:
+    return tuple(layer for layer in layers if getattr(type(layer), step) is not getattr(Layer, step))
 
 
 def build(config: Config, deps: Deps, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:
