@@ -82,6 +82,16 @@ class _StoreTests:
         self.assertTrue(d.allowed)
 
     @defer.inlineCallbacks
+    def test_a_late_clock_loses_no_allowance(self) -> Any:
+        # Two instances whose clocks differ by a second, or requests decided out of arrival order:
+        # the earlier stamp takes the latest time already seen, so the limit still admits exactly 2.
+        hour = rate("h", 2, 3600.0, 2)
+        first = yield self.decide(T0 + 1, [hour])
+        second = yield self.decide(T0, [hour])
+        third = yield self.decide(T0, [hour])
+        self.assertEqual([first.allowed, second.allowed, third.allowed], [True, True, False])
+
+    @defer.inlineCallbacks
     def test_refusal_consumes_nothing_from_other_limits(self) -> Any:
         glob = rate("global_minute", 5, 60.0, 5, "*")
         ip_a, ip_b = rate("per_ip_minute", 60, 60.0, 2, "a"), rate("per_ip_minute", 60, 60.0, 2, "b")
@@ -316,6 +326,8 @@ class RedisBatchTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_concurrent_decisions_match_sequential_ones(self) -> Any:
         memory = MemoryStore(100_000)
+        # Load the script first: batches that both meet NOSCRIPT may run in either order.
+        yield defer.ensureDeferred(self.store.decide(T0, [rate("warm-up", 1, 60.0, 1)]))
         calls: list[int] = []
         evalsha = self.store._pool.evalsha
 

@@ -26,6 +26,7 @@ class MemoryStore:
         # from the front of a plain dict skips every slot freed there before, which grows.
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         self.evicted = 0
+        self._clock = 0.0
 
     def __len__(self) -> int:
         return len(self._table)
@@ -37,6 +38,10 @@ class MemoryStore:
 
     def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None) -> Decision:
         """Count the request for auto-blocking, then admit it against every limit or none."""
+        # Time never runs backwards here (as in Redis): a clock stepped back loses no allowance.
+        if now < self._clock:
+            now = self._clock
+        self._clock = now
         self._sweep(now)
         if probe is not None:
             blocked = self._count_for_block(now, probe)

@@ -24,6 +24,7 @@ from ccproxy.limits._plan import AutoBlockProbe
 
 PREFIX = "ccproxy:rl:"
 BLOCKS = PREFIX + "blocks"
+CLOCK = PREFIX + "clock"
 # Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
 # than Redis's own.
 _MARGIN_MS = 60_000
@@ -33,7 +34,8 @@ _MARGIN_MS = 60_000
 # ARGV[1]: the requests, separated by ';'. Each is space-separated: now, ip, probe(0|1), probe
 #          interval, probe depth, block duration, key margin (ms), then per limit: kind ('r'|'q'),
 #          interval|count, depth|reset_at. (One string encodes far faster in txredisapi than many.)
-# KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit.
+# KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit; last,
+#       the clock key (the latest time any request was decided at).
 # Returns one string, the requests' answers separated by ';' (one bulk reply parses far faster than
 # an array): "status until" for a block (2: already blocked, 3: blocked now), or "1|0" then per limit
 # "allowed remaining reset_after retry_after", space-separated.
@@ -52,8 +54,13 @@ local function gcra(key, interval, depth, now)
   return {1, math.floor((depth - ahead) / interval + 1e-6), ahead, 0, new_tat}
 end
 
+-- Time never runs backwards here: a request stamped earlier than one already decided (another
+-- instance's clock, or a batch's order) takes the latest time seen, so no allowance is lost to it.
+local clock = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+
 local function one(K, A)
-  local now = tonumber(A[1])
+  local now = math.max(tonumber(A[1]), clock)
+  clock = now
   local margin = tonumber(A[7])
   local blocked = redis.call('GET', K[1])
   if blocked and tonumber(blocked) > now then
@@ -113,6 +120,7 @@ for request in string.gmatch(ARGV[1], '[^;]+') do
   used = used + count
   replies[#replies + 1] = one(K, A)
 end
+redis.call('SET', KEYS[#KEYS], f(clock), 'PX', 86400000)
 return table.concat(replies, ';')
 """
 
@@ -148,7 +156,8 @@ class RedisStore:
             port=s.port,
             # db 0 needs no SELECT: one handshake step fewer that could fail (see `_heal`).
             dbid=s.db or None,
-            poolsize=4,
+            # One connection: batches already pipeline, and one connection keeps them in order.
+            poolsize=1,
             reconnect=True,
             password=s.password.reveal() if s.password else None,
             connectTimeout=max(1.0, s.timeout),
@@ -216,6 +225,7 @@ class RedisStore:
         if not batch:
             return
         keys = [key for item in batch for key in item[0]]
+        keys.append(CLOCK)
         call = self._call(defer.ensureDeferred(self._evalsha(keys, [";".join(item[1] for item in batch)])))
         call.addCallbacks(self._deliver, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
