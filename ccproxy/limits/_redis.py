@@ -204,7 +204,11 @@ class RedisStore:
             reply = await self._call(self._submit(keys, " ".join(args)))
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
-        return _decision(reply, now, limits, probe)
+        try:
+            return _decision(reply, now, limits, probe)
+        except (ValueError, IndexError):
+            # Not ours (another program's script under our name?): the on_error policy applies.
+            raise RedisUnavailable(f"unexpected reply from the script: {reply[:80]!r}") from None
 
     def _submit(self, keys: list[str], args: str) -> defer.Deferred[str]:
         """Queue one request's decision for the next batch (sent at the end of this reactor turn)."""
