@@ -233,9 +233,16 @@ class RedisLayerTests(_LayerTests, unittest.TestCase):
         yield defer.ensureDeferred(self.refuse(a))
         self.assertFalse(b_deps.blocklist.is_blocked("10.1.1.1", self.clock.seconds()))
         assert b.limiter is not None
-        yield b.limiter.tick()  # the periodic poll
+        yield b.limiter.tick()  # the periodic poll: the first reads every block
         self.assertTrue(b_deps.blocklist.is_blocked("10.1.1.1", self.clock.seconds()))
         self.assertEqual(len(self.events.named("ip_auto_blocked")), 1)
+        # Later polls read only the blocks made since.
+        self.clock.advance(1)
+        yield defer.ensureDeferred(self.admit(a, make_ctx(ip="10.1.1.2")))
+        yield defer.ensureDeferred(self.refuse(a, make_ctx(ip="10.1.1.2")))
+        yield b.limiter.tick()
+        self.assertIsNotNone(b.limiter.synced_at)
+        self.assertTrue(b_deps.blocklist.is_blocked("10.1.1.2", self.clock.seconds()))
 
     @defer.inlineCallbacks
     def test_redis_down_fail_open_then_recovers(self) -> Any:

@@ -257,6 +257,10 @@ class RedisStoreTests(_StoreTests, unittest.TestCase):
             self.assertEqual(blocks, [("10.0.0.7", T0 + 600.0)])
             gone = yield defer.ensureDeferred(other.active_blocks(T0 + 600.0))
             self.assertEqual(gone, [])
+            made = yield defer.ensureDeferred(other.blocks_made_since(T0 - 10))
+            self.assertEqual(made, [("10.0.0.7", T0 + 600.0)])
+            none = yield defer.ensureDeferred(other.blocks_made_since(T0 + 1))
+            self.assertEqual(none, [])
         finally:
             yield other.stop()
 

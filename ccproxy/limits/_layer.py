@@ -26,6 +26,8 @@ log = Logger()
 BACKOFF = 1.0
 # How often blocks are expired (and, with Redis, learned from other instances).
 TICK = 1.0
+# A poll for new blocks reaches this far before the previous one (instances' clocks differ a little).
+SYNC_SLACK = 10.0
 # While Redis stays down, the backend event is repeated at most this often.
 REPEAT_EVENT = 60.0
 
@@ -50,6 +52,8 @@ class Limiter:
         self.blocks: dict[str, float] = {}
         self.own_blocks: dict[str, float] = {}
         self.down_until = 0.0
+        # When blocks were last read from Redis (None: read them all next time).
+        self.synced_at: float | None = None
         self.down_reported = 0.0
         self.failures = 0
         self._tick = task.LoopingCall(self.tick)
@@ -129,11 +133,18 @@ class Limiter:
         """Learn the blocks other instances made, so the listener refuses them at accept too."""
         assert isinstance(self.store, RedisStore)
         try:
-            blocks = await self.store.active_blocks(now)
+            if self.synced_at is None:
+                blocks = await self.store.active_blocks(now)
+            else:
+                # Only what was made since the last poll (with slack for clocks a little apart).
+                blocks = await self.store.blocks_made_since(self.synced_at - SYNC_SLACK)
         except RedisUnavailable:
+            self.synced_at = None  # after an outage, read every block again
             return  # requests report the outage; the next tick tries again
+        self.synced_at = now
         for ip, until in blocks:
-            self.block(ip, until, new=False)
+            if until > now:
+                self.block(ip, until, new=False)
 
     def stop(self) -> Any:
         if self._tick.running:

@@ -24,6 +24,7 @@ from ccproxy.limits._plan import AutoBlockProbe
 
 PREFIX = "ccproxy:rl:"
 BLOCKS = PREFIX + "blocks"
+BLOCKS_MADE = BLOCKS + ":made"  # written by the script (a key it derives: see "Cluster" in the docs)
 CLOCK = PREFIX + "clock"
 # Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
 # than Redis's own.
@@ -73,6 +74,9 @@ local function one(K, A)
       redis.call('SET', K[1], f(until_), 'PX', math.ceil(tonumber(A[6]) * 1000))
       redis.call('ZREMRANGEBYSCORE', K[2], '-inf', f(now))
       redis.call('ZADD', K[2], f(until_), A[2])
+      -- What other instances poll: blocks by the time they were made, kept two minutes.
+      redis.call('ZADD', K[2] .. ':made', f(now), A[2] .. ' ' .. f(until_))
+      redis.call('ZREMRANGEBYSCORE', K[2] .. ':made', '-inf', f(now - 120))
       redis.call('DEL', K[3])
       return '3 ' .. f(until_)
     end
@@ -260,15 +264,28 @@ class RedisStore:
 
     async def active_blocks(self, now: float) -> list[tuple[str, float]]:
         """Every address blocked by any instance, with the end of its block."""
-        if self._pool is None:
+        rows = await self._query(self._pool and self._pool.zrangebyscore(BLOCKS, f"({now!r}", "+inf", withscores=True))
+        return [(_text(ip), float(score)) for ip, score in rows]
+
+    async def blocks_made_since(self, since: float) -> list[tuple[str, float]]:
+        """The blocks made at or after `since` (kept two minutes): what a poll needs, however many
+        addresses are blocked in all."""
+        rows = await self._query(self._pool and self._pool.zrangebyscore(BLOCKS_MADE, repr(since), "+inf"))
+        out = []
+        for row in rows:
+            ip, _, until = _text(row).rpartition(" ")
+            out.append((ip, float(until)))
+        return out
+
+    async def _query(self, call: defer.Deferred[Any] | None) -> Any:
+        if call is None:
             raise RedisUnavailable("not connected")
         try:
-            rows = await self._call(self._pool.zrangebyscore(BLOCKS, f"({now!r}", "+inf", withscores=True))
+            return await self._call(call)
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
         except Exception as e:
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
-        return [(_text(ip), float(score)) for ip, score in rows]
 
     def stop(self) -> Any:
         if self._flush_call is not None and self._flush_call.active():
