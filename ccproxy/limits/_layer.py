@@ -73,10 +73,6 @@ class Limiter:
         if isinstance(self.store, MemoryStore):
             self.store.resize(state.max_entries)
 
-    @property
-    def shared(self) -> bool:
-        return isinstance(self.store, RedisStore)
-
     async def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
         """Raises RedisUnavailable when Redis does not answer (at once while backing off)."""
         if isinstance(self.store, MemoryStore):
