@@ -19,6 +19,7 @@ from ccproxy.errors import ApiError
 from ccproxy.limits._layer import LimitsLayer, build
 from ccproxy.routes import route
 from ccproxy.runtime import Deps
+from tests.support.authkit import Events
 from tests.support.limits import FakeTime, deps, limits_config
 from tests.support.redis import RedisServer
 
@@ -31,18 +32,6 @@ def make_ctx(path: bytes = b"/v1/messages", ip: str = "10.1.1.1", identity: Iden
     request.path = path
     return RequestContext(request=request, request_id="req_test", route=route(path, _UPSTREAMS), client_ip=ip,
                           started=0.0, body=b"{}", identity=identity)
-
-
-class Events:
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("ccproxy_event"):
-            self.seen.append(event)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.seen if e["ccproxy_event"] == name]
 
 
 class _LayerTests:

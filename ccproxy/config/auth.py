@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ccproxy.config._reader import ConfigError, Section, join, parse_network
+from ccproxy.config.server import is_loopback
 from ccproxy.secrets import Secret
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -303,18 +304,9 @@ def _url(s: Section, key: str, required: bool = False) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(s.at(key), f"expected an https URL, got {value!r}")
-    if parts.scheme == "http" and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigError(s.at(key), "must be https (plain http only to a loopback address)")
     return str(value)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_public_key(path: str, where: str) -> Any:
