@@ -1,11 +1,15 @@
 """Security events: every policy layer reports through here; the audit trail listens.
 
-An event is a twisted.logger event with `ccproxy_event` set to its name, so tests can observe it and
-any log observer can pick it up without the emitter knowing who listens.
+Every event goes, whole and unthrottled, to the observers added with `add_observer` (the audit
+trail). The daemon's own log (twisted.logger, so syslog under systemd) gets it too, as an event with
+`ccproxy_event` set to its name, but at a bounded rate per event name: a flood of refusals must not
+become a flood of log lines that costs more than the refusals themselves. What the budget holds back
+is counted and reported on the next line of the same event (`suppressed=N`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +34,49 @@ ADDRESS_FIELDS = frozenset({"ip_address", "client_ip", "ip", "peer", "remote_ip"
 _address_filter: Callable[[str], str] | None = None
 
 
+Observer = Callable[[dict[str, Any]], None]
+_observers: list[Observer] = []
+
+
+def add_observer(observer: Observer) -> None:
+    """`observer` gets every event (a dict: ccproxy_event, severity and the fields)."""
+    _observers.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    if observer in _observers:
+        _observers.remove(observer)
+
+
+class LogBudget:
+    """Per event name, a token bucket of daemon-log lines: `rate` a second, bursts of `burst`."""
+
+    def __init__(self, clock: Callable[[], float], rate: float = 20.0, burst: float = 200.0) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.burst = burst
+        self._tokens: dict[str, tuple[float, float, int]] = {}  # name -> (tokens, at, suppressed)
+
+    def allow(self, name: str) -> tuple[bool, int]:
+        """Whether a line may be written now, and how many were held back since the last one."""
+        now = self.clock()
+        tokens, at, suppressed = self._tokens.get(name, (self.burst, now, 0))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._tokens[name] = (tokens, now, suppressed + 1)
+            return False, 0
+        self._tokens[name] = (tokens - 1.0, now, 0)
+        return True, suppressed
+
+
+_budget = LogBudget(time.monotonic)
+
+
+def set_clock(clock: Callable[[], float]) -> None:
+    """The clock the log budget counts with (the reactor's `seconds`, once the daemon runs)."""
+    _budget.clock = clock
+
+
 def set_address_filter(address_filter: Callable[[str], str] | None) -> None:
     """How addresses appear in the daemon's log text (privacy.gdpr.anonymize_logs); None: as they are."""
     global _address_filter
@@ -38,6 +85,15 @@ def set_address_filter(address_filter: Callable[[str], str] | None) -> None:
 
 def emit(name: str, severity: str = "info", **fields: Any) -> None:
     """Report security event `name`. Fields must hold no secret: pass key ids and masks only."""
+    if _observers:
+        whole = {"ccproxy_event": name, "severity": severity, **fields}
+        for observer in list(_observers):
+            observer(dict(whole))
+    allowed, suppressed = _budget.allow(name)
+    if not allowed:
+        return
+    if suppressed:
+        fields["suppressed"] = suppressed
     parts = []
     for key, value in list(fields.items()):
         if key.startswith("_"):

@@ -43,6 +43,7 @@ class ProxyService(Service):
         super().startService()
         config = self.config
         _apply_privacy(config)
+        events.set_clock(self.reactor.seconds)
         site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))

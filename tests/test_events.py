@@ -36,3 +36,34 @@ def test_anonymised_addresses_in_log_text_raw_value_kept_for_audit() -> None:
     assert "203.0.113.7" not in text and "203.0.113.0" in text
     assert "2001:db8:1:2::5" not in text and "2001:db8:1::" in text
     assert event["ip_address"] == "203.0.113.7"  # the audit trail applies its own anonymisation
+
+
+def test_daemon_log_budget_holds_back_floods_but_observers_get_every_event() -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    direct: list[dict[str, Any]] = []
+    logged: list[dict[str, Any]] = []
+
+    def log_observer(event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event") == "flood_test":
+            logged.append(event)
+
+    events.add_observer(direct.append)
+    globalLogPublisher.addObserver(log_observer)
+    saved = events._budget
+    events._budget = events.LogBudget(clock.seconds, rate=10.0, burst=5.0)
+    try:
+        for _ in range(50):
+            events.emit("flood_test", "warning", reason="x")
+        assert len([e for e in direct if e["ccproxy_event"] == "flood_test"]) == 50  # the audit trail sees all
+        assert len(logged) == 5  # the daemon log only its burst
+        clock.advance(1.0)  # ten more lines' worth of budget
+        events.emit("flood_test", "warning", reason="x")
+        assert logged[-1]["suppressed"] == 45
+        assert "suppressed=45" in formatEvent(logged[-1])
+        events.emit("other_event_test", "info")  # each event name has a budget of its own
+    finally:
+        events._budget = saved
+        events.remove_observer(direct.append)
+        globalLogPublisher.removeObserver(log_observer)

@@ -43,19 +43,24 @@ class AuditTrail:
         self.builder = RecordBuilder(Scrubber(()), None)
         self.stopped = False
         self.failed = False
+        self._from_global = _AccessOnly(self)
 
     def _thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
     def start(self) -> AuditTrail:
         self._reconfigure(self.holder.current.config, strict=True)
-        self.publisher.addObserver(self)
+        # Security events come whole from ccproxy.events (the daemon log only gets a rate-limited
+        # share of them); access lines from the site's own publisher, or the global one.
+        events.add_observer(self)
+        self.publisher.addObserver(self._from_global)
         ACCESS_PUBLISHER.addObserver(self)
         return self
 
     def stop(self) -> defer.Deferred[Any]:
         self.stopped = True
-        self.publisher.removeObserver(self)
+        events.remove_observer(self)
+        self.publisher.removeObserver(self._from_global)
         ACCESS_PUBLISHER.removeObserver(self)
         self._save_chain_heads()
         waits = [defer.maybeDeferred(sink.stop) for sink in self.sinks.values()]
@@ -181,3 +186,15 @@ def _describe(spec: Output) -> str:
 def _report_loss(count: int, output: str) -> None:
     reason = "write failed" if output.startswith("file ") else "receiver away and its queue and spool are full"
     events.emit("audit_records_lost", "error", count=count, output=output, reason=reason)
+
+
+@implementer(ILogObserver)
+class _AccessOnly:
+    """The trail's view of the global log: access lines only (security events come whole, directly)."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event") is None:
+            self.trail(event)
