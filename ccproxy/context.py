@@ -62,6 +62,8 @@ class RequestContext:
                 self._json = json.loads(self.body)
             except (ValueError, UnicodeDecodeError):
                 raise ApiError(400, "request body is not valid JSON") from None
+            except RecursionError:
+                raise ApiError(400, "request body nests JSON too deeply") from None
         return self._json
 
     def replace_json(self, value: Any) -> None:

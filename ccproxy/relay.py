@@ -73,7 +73,11 @@ class Relay(Protocol):
             self._chunks.append(data)
             return
         if self.filter is not None:
-            data = self.filter.feed(data)
+            try:
+                data = self.filter.feed(data)
+            except Exception:
+                self._filter_failed()
+                return
         if data:
             self.request.write(data)
 
@@ -91,19 +95,30 @@ class Relay(Protocol):
             self._broken(ApiError(502, "upstream connection lost mid-response"))
 
     def _complete(self) -> None:
+        try:
+            if self.buffered:
+                body = b"".join(self._chunks)
+                self._chunks = []
+                if self.filter is not None:
+                    body = self.filter.feed(body) + self.filter.close()
+            elif self.filter is not None:
+                body = self.filter.close()
+        except Exception:
+            self._filter_failed()
+            return
         if self.buffered:
-            body = b"".join(self._chunks)
-            self._chunks = []
-            if self.filter is not None:
-                body = self.filter.feed(body) + self.filter.close()
             self.write_head(len(body))
-            self.request.write(body)
-        elif self.filter is not None:
-            tail = self.filter.close()
-            if tail:
-                self.request.write(tail)
+        if self.buffered or self.filter is not None:
+            if body:
+                self.request.write(body)
         self.request.finish()
         self.done.callback(None)
+
+    def _filter_failed(self) -> None:
+        """A body filter raised: nothing it had not yet passed may reach the client unfiltered."""
+        log.failure("response filter failed; the response is cut")
+        self.filter = None
+        self._give_up(ApiError(502, "upstream response could not be inspected"))
 
     def _broken(self, error: ApiError) -> None:
         if self.on_broken is not None:

@@ -133,6 +133,11 @@ class PushRequest(DummyRequest):
     """DummyRequest only knows pull producers; the relay registers a push producer."""
 
     producer: Any = None
+    startedWriting = False
+
+    def write(self, data: bytes) -> None:
+        self.startedWriting = True
+        super().write(data)
 
     def registerProducer(self, prod: Any, streaming: bool) -> None:
         assert streaming

@@ -151,19 +151,18 @@ class JsonFilter:
         counts: Counter[str] = Counter()
         try:
             value = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            # Not the JSON it claims to be: mask it as text so nothing slips through.
+            if self.api == "anthropic":
+                _mask_message(value, self.masker, counts)
+            else:
+                _mask_completion(value, self.masker, counts)
+            out = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode() if counts else body
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # Not the JSON it claims to be, or nested beyond what can be walked: mask it as text so
+            # nothing slips through.
+            counts.clear()
             out = self.masker.mask_bytes(body, counts)
-            self.report(counts)
-            return out
-        if self.api == "anthropic":
-            _mask_message(value, self.masker, counts)
-        else:
-            _mask_completion(value, self.masker, counts)
         self.report(counts)
-        if not counts:
-            return body
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        return out
 
 
 def _mask_message(value: Any, masker: Masker, counts: Counter[str]) -> None:
@@ -200,10 +199,10 @@ def _mask_arguments(arguments: str, masker: Masker, counts: Counter[str]) -> str
     before = sum(counts.values())
     try:
         parsed = json.loads(arguments)
-    except ValueError:
+        masked = mask_strings(parsed, masker, counts)
+        return arguments if sum(counts.values()) == before else json.dumps(masked, ensure_ascii=False)
+    except (ValueError, RecursionError):
         return masker.mask(arguments, counts)
-    masked = mask_strings(parsed, masker, counts)
-    return arguments if sum(counts.values()) == before else json.dumps(masked, ensure_ascii=False)
 
 
 def _who(ctx: RequestContext) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import re2
@@ -447,13 +448,27 @@ def built_in_rules(api_keys: bool, emails: bool, phones: bool) -> tuple[Rule, ..
 
 
 def mask_strings(value: object, masker: Masker, counts: Counter[str]) -> object:
-    """Every string inside a JSON value (tool input), masked; keys are left as they are."""
+    """Every string inside a JSON value (tool input), masked in place; keys are left as they are.
+
+    A loop over an explicit stack, not recursion: an upstream's JSON may nest deeper than Python's
+    recursion limit allows a recursive walk.
+    """
     if isinstance(value, str):
         return masker.mask(value, counts)
-    if isinstance(value, list):
-        return [mask_strings(v, masker, counts) for v in value]
-    if isinstance(value, dict):
-        return {k: mask_strings(v, masker, counts) for k, v in value.items()}
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            entries: Iterable[tuple[Any, object]] = enumerate(node)
+        elif isinstance(node, dict):
+            entries = node.items()
+        else:
+            continue
+        for key, item in list(entries):
+            if isinstance(item, str):
+                node[key] = masker.mask(item, counts)
+            elif isinstance(item, list | dict):
+                stack.append(item)
     return value
 
 
