@@ -83,6 +83,8 @@ class ProxySite(Site):
         return self._trusted[1]
 
     def log(self, request: Any) -> None:
+        if not ACCESS_PUBLISHER._observers:
+            return  # no output asked for access lines: build none
         ctx = getattr(request, "ccproxy_ctx", None)
         started = getattr(request, "ccproxy_started", None)
         latency_ms = (self.clock.seconds() - started) * 1000 if started is not None else 0.0
