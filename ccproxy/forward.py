@@ -100,28 +100,28 @@ class Forwarder:
         # Idle connections close after 50 s: sooner than the upstreams' own idle timeouts, so a
         # pooled connection is rarely stale when reused.
         self.pool = pool or UpstreamPool(reactor, max_idle_per_host=256, idle_timeout=50.0)
-        self._endpoints: dict[UpstreamConfig, tuple[PoolKey, IStreamClientEndpoint]] = {}
+        self._targets: dict[UpstreamConfig, tuple[PoolKey, IStreamClientEndpoint, bytes]] = {}
 
-    def endpoint(self, upstream: UpstreamConfig) -> tuple[PoolKey, IStreamClientEndpoint]:
-        """The pool key and endpoint of an upstream: made once, not per request."""
-        found = self._endpoints.get(upstream)
+    def target(self, upstream: UpstreamConfig) -> tuple[PoolKey, IStreamClientEndpoint, bytes]:
+        """The pool key, endpoint and path prefix of an upstream: made once, not per request."""
+        found = self._targets.get(upstream)
         if found is None:
             policy = _CAFilePolicy(upstream.ca_file) if upstream.ca_file else BrowserLikePolicyForHTTPS()
             uri = URI.fromBytes(upstream.base_url.encode())
             factory = _StandardEndpointFactory(self.reactor, policy, upstream.connect_timeout, None)
             endpoint = factory.endpointForURI(uri)
             # Keyed by the upstream's settings too: a reload that changes its CA or timeout gets new connections.
-            found = ((uri.scheme, uri.host, uri.port, hash(upstream)), endpoint)
-            self._endpoints = {**self._endpoints, upstream: found}
+            key = (uri.scheme, uri.host, uri.port, hash(upstream))
+            found = (key, endpoint, urlsplit(upstream.base_url).path.encode())
+            self._targets = {**self._targets, upstream: found}
         return found
 
     async def send(self, method: bytes, route: Route, headers: Headers, body: bytes) -> UpstreamResponse:
         """The upstream's response head; ApiError 502 or 504 when it cannot be had."""
         upstream = route.upstream
-        key, endpoint = self.endpoint(upstream)
-        path = urlsplit(upstream.base_url).path.encode() + route.path
+        key, endpoint, prefix = self.target(upstream)
         content = body if body or method in (b"POST", b"PUT", b"PATCH") else None
-        d = defer.ensureDeferred(self.pool.request(key, endpoint, method, path, headers, content))
+        d = self.pool.request(key, endpoint, method, prefix + route.path, headers, content)
         timed_out = False
 
         def on_timeout() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from typing import Any
 
@@ -29,8 +30,13 @@ _PHRASES = {529: b"Overloaded"}
 _REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 
 
+# Unique, not secret: a random per-process prefix and a counter, no system call per request.
+_ID_PREFIX = "req_ccp_" + secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_ccp_" + secrets.token_hex(12)
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 class ProxyResource(Resource):

@@ -28,6 +28,8 @@ log = Logger()
 MAX_HEAD = 256 * 1024
 _NO_BODY_CODES = frozenset({204, 304})
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+# Shared: a body that ended well needs no Failure of its own (nothing reads a traceback from it).
+_DONE = Failure(ResponseDone())
 
 # What identifies the connections that can serve a request: scheme, host, port and settings.
 PoolKey = Hashable
@@ -297,7 +299,7 @@ class _Connection(Protocol):
         self._finished = True
         if extra:
             self._keep_alive = False  # bytes past the end: the connection cannot be trusted again
-        self._end(Failure(ResponseDone()))
+        self._end(_DONE)
 
     def _end(self, reason: Failure) -> None:
         if self._body is None:
@@ -336,29 +338,38 @@ class UpstreamPool:
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self._idle: dict[PoolKey, list[_Connection]] = {}
-        self._timers: dict[_Connection, IDelayedCall] = {}
+        # One sweep for all idle connections, not a timer per connection per request.
+        self._since: dict[_Connection, float] = {}
+        self._sweep: IDelayedCall | None = None
 
-    async def request(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes,
-                      path: bytes, headers: Headers, body: bytes | None) -> UpstreamResponse:
+    def request(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes,
+                path: bytes, headers: Headers, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+        """The response head; cancelling the Deferred aborts the connection or the connect."""
         conn = self._take(key)
-        if conn is not None:
-            try:
-                return await conn.send(method, path, headers, body)
-            except ResponseNeverReceived:
+        if conn is None:
+            return self._fresh(key, endpoint, method, path, headers, body)
+        d = conn.send(method, path, headers, body)
+        if method in _RETRYABLE:
+
+            def retry(failure: Failure) -> defer.Deferred[UpstreamResponse]:
                 # The upstream closed this idle connection as we reused it. Only a request that is
                 # safe to repeat is retried: a POST may have been acted on.
-                if method not in _RETRYABLE:
-                    raise
-        fresh: Any = await endpoint.connect(_ConnectionFactory(self, key))
-        return await fresh.send(method, path, headers, body)
+                failure.trap(ResponseNeverReceived)
+                return self._fresh(key, endpoint, method, path, headers, body)
+
+            d.addErrback(retry)
+        return d
+
+    def _fresh(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes, path: bytes,
+               headers: Headers, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+        connecting: defer.Deferred[Any] = endpoint.connect(_ConnectionFactory(self, key))
+        return connecting.addCallback(lambda conn: conn.send(method, path, headers, body))
 
     def _take(self, key: PoolKey) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            timer = self._timers.pop(conn, None)
-            if timer is not None and timer.active():
-                timer.cancel()
+            self._since.pop(conn, None)
             if conn.connected_ok:
                 return conn
         return None
@@ -372,28 +383,38 @@ class UpstreamPool:
             return
         conn._reset()
         idle.append(conn)
-        self._timers[conn] = self.clock.callLater(self.idle_timeout, self._expire, conn)
+        self._since[conn] = self.clock.seconds()
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(self.idle_timeout / 10, self._run_sweep)
+
+    def _run_sweep(self) -> None:
+        self._sweep = None
+        deadline = self.clock.seconds() - self.idle_timeout
+        for conn, since in list(self._since.items()):
+            if since <= deadline:
+                self._expire(conn)
+        if self._since:
+            self._sweep = self.clock.callLater(self.idle_timeout / 10, self._run_sweep)
 
     def _expire(self, conn: _Connection) -> None:
-        self._timers.pop(conn, None)
         self.forget(conn)
         conn.connected_ok = False
         if conn.transport is not None:
             conn.transport.loseConnection()
 
     def forget(self, conn: _Connection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
-        timer = self._timers.pop(conn, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._since.pop(conn, None) is not None:
+            idle = self._idle.get(conn.key)
+            if idle and conn in idle:
+                idle.remove(conn)
 
     def close(self) -> defer.Deferred[None]:
-        for idle in self._idle.values():
-            for conn in list(idle):
-                self._expire(conn)
+        for conn in list(self._since):
+            self._expire(conn)
         self._idle.clear()
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         return defer.succeed(None)
 
 

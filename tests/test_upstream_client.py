@@ -92,16 +92,17 @@ def test_chunked_body_split_anywhere() -> None:
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
     for cut in range(len(raw)):
         pool, endpoint = UpstreamPool(Clock()), Endpoint()
-        d = start(pool, endpoint)
+        got: list[Any] = []
+        start(pool, endpoint).addBoth(got.append)
         protocol, _ = endpoint.connections[0]
         body = Body()
         protocol.dataReceived(raw[:cut])
-        if d.called:
-            pool_result(d).deliverBody(body)
+        if got:
+            got[0].deliverBody(body)
             protocol.dataReceived(raw[cut:])
         else:
             protocol.dataReceived(raw[cut:])
-            pool_result(d).deliverBody(body)
+            got[0].deliverBody(body)
         assert body.data == b"hello world", cut
         assert body.reason is not None and body.reason.check(ResponseDone), cut
 

@@ -43,7 +43,7 @@ class TLSConfig:
         return cls(enabled, cert, key, min_version, suites, self_signed)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a dict key on the request path
 class UpstreamConfig:
     name: str
     base_url: str
