@@ -65,7 +65,7 @@ def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Hea
     out = Headers()
     for name, values in end_to_end(client, CREDENTIALS if key is not None else ()):
         out.setRawHeaders(name, values)
-    # Set here so the Agent does not copy the headers to add it.
+    # The Host of the upstream, not the one the client sent to ccproxy.
     out.setRawHeaders(b"host", [upstream_host(upstream)])
     if key is not None:
         if api == ANTHROPIC:
@@ -93,7 +93,7 @@ class _CAFilePolicy:
 
 
 class Forwarder:
-    """Sends requests upstream; one Agent per upstream (their timeouts differ), one pool for all."""
+    """Sends requests upstream over one pool of persistent connections, with per-upstream timeouts."""
 
     def __init__(self, reactor: IReactorTime, pool: UpstreamPool | None = None) -> None:
         self.reactor = reactor
