@@ -50,7 +50,3 @@ def route(target: bytes, upstreams: UpstreamsConfig) -> Route:
 def api_for(target: bytes) -> str:
     """Which API's error shape a request expects, even when it cannot be routed."""
     return OPENAI if target.startswith(b"/openai/") else ANTHROPIC
-
-
-def upstream_url(upstream: UpstreamConfig, path: bytes) -> bytes:
-    return upstream.base_url.encode() + path
