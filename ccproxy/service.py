@@ -22,7 +22,7 @@ from ccproxy.tls import ReloadableTLS, certificate_options
 log = Logger()
 
 # Settings a reload cannot change in place: a new listening socket would be needed.
-_RESTART_ONLY = (("server", "host"), ("server", "port"), ("server", "tls", "enabled"))
+_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled")
 
 
 class ProxyService(Service):
@@ -65,7 +65,8 @@ class ProxyService(Service):
         old = self.config
         try:
             new = load(self.config_path)
-            _check_restart_only(old, new)
+            changed = changed_paths(old.effective(), new.effective())
+            _check_restart_only(changed)
             options = certificate_options(new.server.tls) if new.server.tls.enabled else None
         except ConfigError as e:
             log.error("config reload refused, still serving the previous config: {error}", error=str(e))
@@ -75,7 +76,6 @@ class ProxyService(Service):
         _apply_privacy(new)
         if self.tls is not None and options is not None:
             self.tls.swap(options)
-        changed = sorted(changed_paths(old.effective(), new.effective()))
         log.info("config reloaded from {path}; changed: {changed}", path=self.config_path, changed=changed)
         events.emit("configuration_change", "notice", outcome="applied", changed=changed)
         return True
@@ -113,14 +113,10 @@ def changed_paths(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [path]
 
 
-def _check_restart_only(old: Config, new: Config) -> None:
-    a, b = old.effective(), new.effective()
-    for keys in _RESTART_ONLY:
-        x, y = a, b
-        for key in keys:
-            x, y = x[key], y[key]
-        if x != y:
-            raise ConfigError(".".join(keys), "cannot change on reload; restart ccproxy to apply it")
+def _check_restart_only(changed: list[str]) -> None:
+    for path in _RESTART_ONLY:
+        if path in changed:
+            raise ConfigError(path, "cannot change on reload; restart ccproxy to apply it")
 
 
 def _hostport(host: str, port: int) -> str:

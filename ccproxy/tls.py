@@ -147,12 +147,16 @@ def write_self_signed(cert_path: str, key_path: str, hosts: tuple[str, ...] = ("
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _read_certificates(path: str) -> list[x509.Certificate]:
+def _read(path: str, key: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
-        raise ConfigError("server.tls.cert_file", f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+
+
+def _read_certificates(path: str) -> list[x509.Certificate]:
+    data = _read(path, "server.tls.cert_file")
     try:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -163,11 +167,7 @@ def _read_certificates(path: str) -> list[x509.Certificate]:
 
 
 def _read_key(path: str) -> serialization.SSHPrivateKeyTypes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError("server.tls.key_file", f"cannot read {path}: {e.strerror}") from None
+    data = _read(path, "server.tls.key_file")
     try:
         return serialization.load_pem_private_key(data, password=None)  # type: ignore[return-value]
     except (ValueError, TypeError):

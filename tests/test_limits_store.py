@@ -195,7 +195,9 @@ class MemoryStoreTests(_StoreTests, unittest.TestCase):
         self.assertEqual(len(store), 1)
 
 
-class RedisStoreTests(_StoreTests, unittest.TestCase):
+class _RedisFixture:
+    """One redis-server for the class, flushed before each test, and a store connected to it."""
+
     server: RedisServer
 
     @classmethod
@@ -215,6 +217,9 @@ class RedisStoreTests(_StoreTests, unittest.TestCase):
 
     def tearDown(self) -> Any:
         return self.store.stop()
+
+
+class RedisStoreTests(_RedisFixture, _StoreTests, unittest.TestCase):
 
     def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                ip: str = "") -> defer.Deferred[Decision]:
@@ -304,28 +309,8 @@ def test_planner_matches_limits_for() -> None:
                 assert planner.plan(ip, identity, now) == (limits_for(config, ip, identity, now), probe_for(config, ip))
 
 
-class RedisBatchTests(unittest.TestCase):
+class RedisBatchTests(_RedisFixture, unittest.TestCase):
     """Concurrent decisions share script calls; each is still decided alone, in order."""
-
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = Path(unittest.TestCase().mktemp())
-        cls.tmp.mkdir(parents=True, exist_ok=True)
-        cls.server = RedisServer(cls.tmp).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-
-    def setUp(self) -> None:
-        self.server.command("FLUSHALL")
-        self.store = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
-        self.store.connect()
-
-    def tearDown(self) -> Any:
-        return self.store.stop()
 
     @defer.inlineCallbacks
     def test_concurrent_decisions_match_sequential_ones(self) -> Any:
