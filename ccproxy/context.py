@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from ccproxy.errors import ApiError
 from ccproxy.routes import Route
+
+if TYPE_CHECKING:
+    from ccproxy.network.request import ProxyRequest as Request
 
 
 @attrs.define

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -11,10 +12,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.server import Request
 
 from ccproxy.context import BodyFilter
 from ccproxy.errors import ApiError, sse_error_event
+
+if TYPE_CHECKING:
+    from ccproxy.network.request import ProxyRequest as Request
 
 log = Logger()
 
@@ -178,4 +181,4 @@ def abort_client(request: Request) -> None:
     """Drop the client connection: a reply that cannot be completed must not look complete."""
     channel = request.channel
     if channel is not None and channel.transport is not None:
-        channel.transport.abortConnection()  # type: ignore[attr-defined]  # TCP and TLS transports have it
+        channel.transport.abortConnection()

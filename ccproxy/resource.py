@@ -12,13 +12,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import events
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import end_to_end, upstream_headers
+from ccproxy.network.request import ProxyRequest as Request
 from ccproxy.relay import Relay, abort_client
 from ccproxy.routes import api_for, route
 from ccproxy.runtime import Runtime, RuntimeHolder
@@ -39,11 +39,8 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
-class ProxyResource(Resource):
-    isLeaf = True
-
+class ProxyResource:
     def __init__(self, holder: RuntimeHolder, clock: IReactorTime) -> None:
-        super().__init__()
         self.holder = holder
         self.clock = clock
 
@@ -58,7 +55,7 @@ class ProxyResource(Resource):
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        request.ccproxy_request_id = request_id
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"request-id", request_id.encode())
         self.holder.current.decorate(None, request, request.responseHeaders)
@@ -71,7 +68,7 @@ class ProxyResource(Resource):
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id  # type: ignore[attr-defined]
+        request.ccproxy_request_id = request_id
         ctx: RequestContext | None = None
         try:
             if request.method in _REFUSED_METHODS:
@@ -166,7 +163,7 @@ class ProxyResource(Resource):
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])  # type: ignore[attr-defined]
+        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])
         for name, value in error.headers.items():
             out.setRawHeaders(name.encode(), [value.encode()])
         self._finish_headers(ctx, runtime, request, out)

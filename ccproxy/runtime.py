@@ -7,17 +7,19 @@ as rate-limit counters can carry over) and swaps it in with one assignment.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
+
+if TYPE_CHECKING:
+    from ccproxy.network.request import ProxyRequest as Request
 
 
 @attrs.frozen

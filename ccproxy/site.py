@@ -1,8 +1,7 @@
-"""The twisted.web Site: access log lines of our own, no tracebacks to clients.
+"""The factory behind the listener: a HardenedChannel per connection, and the access log.
 
-The channel (connection deadlines and limits) is `ccproxy.network.channel.HardenedChannel`, installed
-by `ccproxy.network.listener_factory`; the request here counts its body against the size limit and
-names the client, behind trusted proxies, by X-Forwarded-For.
+Requests are read by `ccproxy.network.channel.HardenedChannel` and answered as
+`ccproxy.network.request.ProxyRequest`s by the site's resource (`ccproxy.resource.ProxyResource`).
 """
 
 from __future__ import annotations
@@ -10,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 from ccproxy.config.network import NetworkConfig
-from ccproxy.network.addresses import NetworkSet, canonical, client_from_forwarded
+from ccproxy.network.addresses import NetworkSet
+from ccproxy.network.channel import HardenedChannel
+from ccproxy.network.request import ProxyRequest
+
+__all__ = ["ACCESS_PUBLISHER", "ProxyRequest", "ProxySite"]
 
 # Access lines have a publisher of their own: they reach only the outputs that ask for them
 # (an audit output with `records: access`), never the daemon log or syslog by default.
@@ -28,53 +29,24 @@ access_log = Logger(namespace="ccproxy.access", observer=ACCESS_PUBLISHER)
 DEFAULT_IDLE_TIMEOUT = 75.0
 
 
-class ProxyRequest(Request):
-    _body_size = 0
-    _client: IAddress | None = None
+class ProxySite(Factory):
+    """Builds a HardenedChannel per connection and hands each request to `resource.render`."""
 
-    def process(self) -> None:
-        self.ccproxy_started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
-        super().process()
+    protocol: Any = HardenedChannel
 
-    def handleContentChunk(self, data: bytes) -> None:
-        # Counted before it is stored: a body over the limit is cut, never buffered.
-        self._body_size += len(data)
-        check = getattr(self.channel, "body_received", None)
-        if check is not None and not check(self._body_size):
-            return
-        super().handleContentChunk(data)
-
-    def getClientAddress(self) -> IAddress:
-        """The socket peer, or behind a trusted proxy the right-most untrusted X-Forwarded-For hop."""
-        if self._client is None:
-            peer = super().getClientAddress()
-            site = getattr(self.channel, "site", None)
-            host = getattr(peer, "host", None)
-            if host is not None:
-                client = canonical(host)
-                if isinstance(site, ProxySite) and site.trusted():
-                    forwarded = self.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
-                    client = client_from_forwarded(host, forwarded, site.trusted())
-                if client != host:
-                    kind = IPv6Address if ":" in client else IPv4Address
-                    peer = kind("TCP", client, getattr(peer, "port", 0))
-            self._client = peer
-        return self._client
-
-
-class ProxySite(Site):
-    displayTracebacks = False
-    requestFactory = ProxyRequest
-
-    def __init__(self, resource: Resource, clock: IReactorTime, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
-        # Bodies are forwarded, never read as HTML form fields: skip twisted.web's form parsing, which
-        # parses the Content-Type of every POST with the email package (a large share of a request's time).
-        super().__init__(resource, timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
+    def __init__(self, resource: Any, clock: IReactorTime, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        self.resource = resource
         self.clock = clock
-        self._reactor = clock
+        self.timeOut = timeout
         # The network settings new connections take; the listener points this at the live config.
         self.network: Callable[[], NetworkConfig] = NetworkConfig
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        channel = self.protocol()
+        channel.site = self
+        channel.factory = self
+        return channel
 
     def trusted(self) -> NetworkSet:
         config = self.network()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from ccproxy import events
 from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
@@ -18,6 +17,9 @@ from ccproxy.limits._headers import rate_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
 from ccproxy.limits._redis import RedisStore, RedisUnavailable
+
+if TYPE_CHECKING:
+    from ccproxy.network.request import ProxyRequest as Request
 
 log = Logger()
 
@@ -160,7 +162,7 @@ class LimitsLayer(Layer):
         if self.limiter is None:
             return
         # Marks the request as counted here, so `decorate` counts only those refused earlier.
-        ctx.request.ccproxy_limits_checked = True  # type: ignore[attr-defined]
+        ctx.request.ccproxy_limits_checked = True
         now = self.clock.seconds()
         ip = ctx.client_ip
         if self.blocklist.is_blocked(ip, now):
@@ -218,7 +220,7 @@ class LimitsLayer(Layer):
             return
         if ctx is None and request.path in _HEALTH:
             return
-        ip = ctx.client_ip if ctx is not None else request.getClientAddress().host
+        ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 

@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from ccproxy import events
 from ccproxy.config import Config
@@ -22,6 +21,9 @@ from ccproxy.errors import ApiError
 from ccproxy.network.addresses import AccessPolicy, canonical, parse_ip
 from ccproxy.network.channel import HardenedChannel
 from ccproxy.network.gate import Gate
+
+if TYPE_CHECKING:
+    from ccproxy.network.request import ProxyRequest as Request
 
 __all__ = ["Gate", "HardenedChannel", "NetworkLayer", "build_layer", "listener_factory"]
 

@@ -1,33 +1,47 @@
-"""The HTTP/1.1 channel with deadlines and limits that twisted.web's own channel lacks.
+"""The HTTP/1.1 server side: request heads checked whole, deadlines and limits, one request at a time.
 
-Every request head passes through this channel's own buffer first: it is checked whole
-(`http1.parse_head`) and only then handed to twisted.web, one request at a time, so a pipelined
-second request cannot slip past the checks. The phases of a connection:
+Every request is read into this channel's own buffer, its head checked whole (`http1.parse_head`)
+and its body read whole (declared length, or chunked with `http1.ChunkedDecoder`) before the
+resource sees it, so a pipelined second request cannot slip past the checks. The phases of a
+connection:
 
   HEAD  reading a request head: `header_timeout` runs from its first byte (not reset by later
         bytes); between requests `idle_timeout` runs instead.
-  BODY  twisted.web is reading the body: `read_timeout` runs; chunked bodies are counted.
+  BODY  reading the body: `read_timeout` runs; its size is counted as it arrives.
   BUSY  the request is being answered: no timer at all, so a long stream is never cut. Bytes the
         client sends meanwhile wait in our buffer.
   DEAD  refused: an error went out and the connection is closing; input is ignored.
 """
-
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, _ChunkedTransferDecoder, _MalformedChunkedDataError
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.errors import ApiError, error_body
 from ccproxy.network.addresses import canonical
-from ccproxy.network.http1 import Head, Malformed, has_bare_line_break, head_end, parse_head
+from ccproxy.network.http1 import (
+    ChunkedDecoder,
+    Head,
+    Malformed,
+    TooLarge,
+    has_bare_line_break,
+    head_end,
+    parse_head,
+)
+from ccproxy.network.request import ProxyRequest
 from ccproxy.routes import api_for
+
+log = Logger()
 
 HEAD, BODY, BUSY, DEAD = "head", "body", "busy", "dead"
 # Bytes a client may send ahead while a request is being answered, before we stop reading.
@@ -46,50 +60,36 @@ def security_header_lines(config: NetworkConfig, secure: bool) -> list[tuple[byt
     return out
 
 
-class _LimitedChunkedDecoder(_ChunkedTransferDecoder):
-    """Refuses a chunked body as soon as its declared chunk sizes pass the limit, before the data."""
-
-    def __init__(self, channel: HardenedChannel, data: Any, finish: Any) -> None:
-        super().__init__(data, finish)
-        self.channel = channel
-        self.declared = 0
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        went_on = super()._dataReceived_CHUNK_LENGTH()
-        if went_on and self.state == "BODY":
-            self.declared += self.length
-            if not self.channel.body_received(self.declared):
-                # The channel has answered 413; this stops twisted.web's decoding loop.
-                raise _MalformedChunkedDataError("body over the size limit")
-        return went_on
-
-
 @implementer(IHandshakeListener)
-class HardenedChannel(HTTPChannel):
+class HardenedChannel(Protocol):
     site: Any
+    transport: Any
 
     def connectionMade(self) -> None:
-        # twisted's idle timer (reset by every byte) is replaced by the deadlines below.
-        self.timeOut = None
-        super().connectionMade()
         self.config: NetworkConfig = self.site.network()
         limits = self.config.ddos
-        # Our own head check comes first; twisted.web's limits must never be the ones that trigger.
-        self.MAX_LENGTH = self.totalHeadersSize = limits.max_header_size + 1024
         self.max_request_size = limits.max_request_size
         self.phase = HEAD
         self.pending = bytearray()
-        self.body_left: int | None = None
         self.head: Head | None = None
+        self.request: ProxyRequest | None = None
+        self.persistent = True
+        self.body: list[bytes] = []
+        self.body_left = 0
+        self.chunks: ChunkedDecoder | None = None
         self.draining = False
+        self.paused = False
         self.timer: IDelayedCall | None = None
         self.linger: IDelayedCall | None = None
-        self.secure = self.isSecure()
+        self.secure = ISSLTransport.providedBy(self.transport)
         self.handshaking = self.secure and limits.tls_handshake_timeout is not None
         if self.handshaking:
             self._arm(limits.tls_handshake_timeout, self._handshake_expired)
         else:
             self._arm_idle()
+
+    def callLater(self, seconds: float, fire: Any) -> IDelayedCall:
+        return self.site.clock.callLater(seconds, fire)
 
     def handshakeCompleted(self) -> None:
         if self.handshaking:
@@ -109,8 +109,9 @@ class HardenedChannel(HTTPChannel):
             self.handshakeCompleted()
         self.pending += data
         if self.phase == BUSY:
-            if len(self.pending) > PIPELINE_BUFFER:
-                self._networkProducer.pauseProducing()
+            if len(self.pending) > PIPELINE_BUFFER and not self.paused:
+                self.paused = True
+                self.transport.pauseProducing()
             return
         self._drain()
 
@@ -127,7 +128,7 @@ class HardenedChannel(HTTPChannel):
             self.draining = False
 
     def _take_head(self) -> bool:
-        """Hand one complete request head to twisted.web; False while the head is incomplete."""
+        """Read one complete request head from the buffer; False while the head is incomplete."""
         while self.pending.startswith(b"\r\n"):
             # RFC 9112 2.2: an empty line before a request line is ignored.
             del self.pending[:2]
@@ -158,68 +159,94 @@ class HardenedChannel(HTTPChannel):
         self._disarm()
         rest = bytes(self.pending[end + 4 :])
         del self.pending[:]
+        self.persistent = head.persistent
+        if not head.has_body:
+            self.pending += rest
+            self._dispatch(b"")
+            return True
         self.phase = BODY
-        self.body_left = None if head.chunked else (head.content_length or 0)
-        if head.has_body:
-            self._arm(limits.read_timeout, self._body_expired, "body")
-        HTTPChannel.dataReceived(self, raw + b"\r\n\r\n")
-        if self.phase == BODY and rest:
+        self.body = []
+        self.body_left = head.content_length or 0
+        self.chunks = ChunkedDecoder(limits.max_request_size) if head.chunked else None
+        self._arm(limits.read_timeout, self._body_expired, "body")
+        if head.expect_continue and not rest:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if rest:
             self._feed_body(rest)
-        elif rest:
-            self.pending[:0] = rest
         return True
 
     def _feed_body(self, data: bytes) -> None:
-        if self.body_left is not None:
-            # A declared length: give twisted.web exactly that much; what follows is the next request.
-            part, extra = data[: self.body_left], data[self.body_left :]
-            self.body_left -= len(part)
-            if part:
-                HTTPChannel.dataReceived(self, part)
+        if self.chunks is not None:
+            self._feed_chunked(self.chunks, data)
+            return
+        # A declared length: exactly that much is the body; what follows is the next request.
+        part = data[: self.body_left]
+        self.body_left -= len(part)
+        self.body.append(part)
+        if self.body_left == 0:
+            extra = data[len(part) :]
             if extra:
                 self.pending += extra
-                if self.phase == HEAD:
-                    self._drain()
+            self._dispatch(b"".join(self.body))
+
+    def _feed_chunked(self, chunks: ChunkedDecoder, data: bytes) -> None:
+        try:
+            self.body += chunks.feed(data)
+        except TooLarge:
+            self._too_large("body_size", self.max_request_size, 413, "request body is larger than allowed")
             return
-        HTTPChannel.dataReceived(self, data)
-
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        ok: bool = super()._maybeChooseTransferDecoder(header, data)
-        if ok and type(self._transferDecoder) is _ChunkedTransferDecoder:
-            self._transferDecoder = _LimitedChunkedDecoder(
-                self, self.requests[-1].handleContentChunk, self._finishRequestBody
-            )
-        return ok
-
-    def _finishRequestBody(self, data: bytes) -> None:
-        # Bytes after a chunked body's last chunk belong to the next request: keep them for our check.
-        if data:
-            self.pending[:0] = data
-        self.allContentReceived()
-
-    def allContentReceived(self) -> None:
-        if self.phase == DEAD:
+        except Malformed as e:
+            self._invalid(e.reason, e.message, None)
             return
+        if chunks.done:
+            self.pending[:0] = chunks.rest
+            self.chunks = None
+            self._dispatch(b"".join(self.body))
+
+    def _dispatch(self, body: bytes) -> None:
+        """The request is whole: hand it to the resource."""
+        head = self.head
+        assert head is not None
         self._disarm()
         self.phase = BUSY
-        super().allContentReceived()
+        self.body = []
+        headers = Headers()
+        for name, value in head.headers:
+            headers.addRawHeader(name, value)
+        request = ProxyRequest(self, head.method, head.target, head.version, headers, body,
+                               self.site.clock.seconds())
+        self.request = request
+        try:
+            result = self.site.resource.render(request)
+        except Exception:
+            log.failure("unexpected error rendering {path}", path=request.path[:200].decode("latin-1"))
+            self._internal_error(request)
+            return
+        if isinstance(result, bytes):
+            request.respond(result)
 
-    def body_received(self, total: int) -> bool:
-        """Called by the request for each body chunk; False once the body is over the limit."""
-        if self.phase == DEAD:
-            return False
-        if total > self.max_request_size:
-            self._too_large("body_size", self.max_request_size, 413, "request body is larger than allowed")
-            return False
-        return True
+    def _internal_error(self, request: ProxyRequest) -> None:
+        if request.startedWriting:
+            self.transport.abortConnection()
+            return
+        self.refuse(500, "internal proxy error")
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: ProxyRequest) -> None:
+        """The response is complete: read the next request, or close."""
+        if request is not self.request:
+            return
+        self.request = None
         self.head = None
-        super().requestDone(request)
-        gone = self.transport is None or getattr(self.transport, "disconnecting", False)
-        if self.phase == DEAD or not self.persistent or gone:
+        if self.phase == DEAD or self.transport is None:
+            return
+        if not self.persistent or getattr(self.transport, "disconnecting", False):
+            self.phase = DEAD
+            self.transport.loseConnection()
             return
         self.phase = HEAD
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
         if self.pending:
             self._drain()
         else:
@@ -230,18 +257,16 @@ class HardenedChannel(HTTPChannel):
         if self.linger is not None and self.linger.active():
             self.linger.cancel()
         self.linger = None
-        if self.phase != DEAD:
-            self.phase = DEAD
-        super().connectionLost(reason)
+        self.phase = DEAD
+        request, self.request = self.request, None
+        if request is not None and not request.finished:
+            request.connectionLost(reason)
+
+    def loseConnection(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     # -- refusals
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # twisted.web found a fault of its own (e.g. a bad chunk size): same answer as ours.
-        self._invalid("malformed", "malformed request", None)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._too_large("header_size", self.config.ddos.max_header_size, 431, "request head is larger than allowed")
 
     def _invalid(self, reason: str, message: str, raw: bytes | None) -> None:
         if self.phase == DEAD:
@@ -270,6 +295,7 @@ class HardenedChannel(HTTPChannel):
             return
         self.phase = DEAD
         self._disarm()
+        self.body = []
         from ccproxy.resource import new_request_id
 
         target = self.head.target if self.head is not None else self.error_target
@@ -292,7 +318,7 @@ class HardenedChannel(HTTPChannel):
     def _abort(self) -> None:
         self.linger = None
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     # -- timers
 
@@ -335,7 +361,7 @@ class HardenedChannel(HTTPChannel):
                     limit=self.config.ddos.tls_handshake_timeout, ip_address=self._peer())
         self.phase = DEAD
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def _idle_expired(self) -> None:
         self.timer = None

@@ -1,7 +1,7 @@
-"""A strict reading of an HTTP/1.1 request head, before twisted.web parses it.
+"""A strict reading of HTTP/1.1 requests: the head in one pass, and chunked bodies.
 
 Anything two parsers could read differently (the root of request smuggling) is refused here with
-a reason, so it never reaches twisted.web, the policy layers or the upstream.
+a reason, so it never reaches the policy layers or the upstream.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class Malformed(Exception):
         self.message = message
 
 
+class TooLarge(Exception):
+    """A chunked body whose declared chunk sizes pass the limit (answered 413)."""
+
+
 @attrs.frozen
 class Head:
     method: bytes
@@ -35,6 +39,10 @@ class Head:
     version: bytes
     content_length: int | None
     chunked: bool
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    # Whether the connection may carry another request after this one.
+    persistent: bool = True
+    expect_continue: bool = False
 
     @property
     def has_body(self) -> bool:
@@ -66,9 +74,13 @@ def parse_head(head: bytes) -> Head:
     method, target, version = _request_line(lines[0])
     lengths: list[bytes] = []
     codings: list[bytes] = []
+    connection: list[bytes] = []
+    headers = []
     hosts = 0
+    expect = False
     for line in lines[1:]:
         name, value = _header(line)
+        headers.append((name, value))
         lower = name.lower()
         if lower == b"content-length":
             lengths.append(value)
@@ -76,9 +88,22 @@ def parse_head(head: bytes) -> Head:
             codings.append(value)
         elif lower == b"host":
             hosts += 1
+        elif lower == b"connection":
+            connection.append(value.lower())
+        elif lower == b"expect":
+            expect = value.lower() == b"100-continue"
     if version == b"HTTP/1.1" and hosts != 1:
         raise Malformed("host_header", "an HTTP/1.1 request needs exactly one Host header")
-    return Head(method, target, version, _content_length(lengths, codings), _chunked(codings, lengths, version))
+    chunked = _chunked(codings, lengths, version)
+    length = _content_length(lengths, codings)
+    # HTTP/1.0 keep-alive is not offered: one request per HTTP/1.0 connection.
+    persistent = version == b"HTTP/1.1" and not any(b"close" in _tokens(v) for v in connection)
+    return Head(method, target, version, length, chunked, tuple(headers), persistent,
+                expect and version == b"HTTP/1.1" and (chunked or bool(length)))
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip() for token in value.split(b",")]
 
 
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -128,3 +153,104 @@ def _chunked(codings: list[bytes], lengths: list[bytes], version: bytes) -> bool
     if len(codings) > 1 or codings[0].lower() != b"chunked":
         raise Malformed("transfer_encoding", "the only transfer coding accepted is a single 'chunked'")
     return True
+
+
+# A chunk-size line (size and extensions) longer than this is refused.
+MAX_CHUNK_LINE = 1024
+# All trailer lines of a chunked body together.
+MAX_TRAILERS = 8192
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_BAD_EXTENSION = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+
+class ChunkedDecoder:
+    """Decodes a chunked request body as it arrives (RFC 9112 section 7.1), strictly.
+
+    `feed` returns the body bytes found so far; once `done`, `rest` holds the bytes after the body
+    (the start of the next request). Raises Malformed on a fault and TooLarge as soon as the
+    declared chunk sizes pass `limit`, before that chunk's data is read.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.declared = 0
+        self.state = SIZE
+        self.remaining = 0
+        self.trailer_bytes = 0
+        self.buffer = b""
+        self.rest = b""
+
+    @property
+    def done(self) -> bool:
+        return self.state == DONE
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        buffer = self.buffer + data if self.buffer else data
+        while buffer and self.state != DONE:
+            if self.state == DATA:
+                piece = buffer[: self.remaining]
+                buffer = buffer[len(piece) :]
+                self.remaining -= len(piece)
+                out.append(piece)
+                if not self.remaining:
+                    self.state = DATA_END
+                continue
+            if self.state == DATA_END:
+                if len(buffer) < 2:
+                    if buffer != b"\r":
+                        raise Malformed("chunk_framing", "chunk data not followed by CRLF")
+                    break
+                if buffer[:2] != b"\r\n":
+                    raise Malformed("chunk_framing", "chunk data not followed by CRLF")
+                buffer = buffer[2:]
+                self.state = SIZE
+                continue
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                self._check_partial_line(buffer)
+                break
+            line, buffer = buffer[:end], buffer[end + 2 :]
+            if self.state == SIZE:
+                self._size_line(line)
+            else:
+                self._trailer_line(line)
+        if self.state == DONE:
+            self.rest, self.buffer = buffer, b""
+        else:
+            self.buffer = buffer
+        return out
+
+    def _check_partial_line(self, buffer: bytes) -> None:
+        if b"\n" in buffer or b"\r" in buffer[:-1]:
+            raise Malformed("bare_cr_or_lf", "chunked body has a bare CR or LF")
+        limit = MAX_CHUNK_LINE if self.state == SIZE else MAX_TRAILERS - self.trailer_bytes
+        if len(buffer) > limit:
+            raise Malformed("chunk_framing", "chunk-size or trailer line too long")
+
+    def _size_line(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE or b"\n" in line or b"\r" in line:
+            raise Malformed("chunk_framing", "malformed chunk-size line")
+        size, _, extension = line.partition(b";")
+        size = size.rstrip(b" \t")
+        if not size or not _HEX.issuperset(size):
+            raise Malformed("chunk_size", "chunk size is not a hexadecimal number")
+        if len(size.lstrip(b"0")) > 16:
+            raise TooLarge()
+        if _BAD_EXTENSION.search(extension):
+            raise Malformed("chunk_extension", "chunk extension holds a control character")
+        self.remaining = int(size, 16)
+        self.declared += self.remaining
+        if self.declared > self.limit:
+            raise TooLarge()
+        self.state = DATA if self.remaining else TRAILER
+
+    def _trailer_line(self, line: bytes) -> None:
+        if not line:
+            self.state = DONE
+            return
+        self.trailer_bytes += len(line) + 2
+        if self.trailer_bytes > MAX_TRAILERS or b"\n" in line or b"\r" in line:
+            raise Malformed("chunk_trailer", "chunked body trailers too large or malformed")
+        _header(line)  # trailers are read and dropped, but must be well-formed

@@ -1,0 +1,202 @@
+"""One request on a HardenedChannel, and the response to it, without twisted.web's Request.
+
+The channel reads and checks a request whole, then makes a `ProxyRequest` and hands it to the site's
+resource. The request keeps the parts of twisted.web's `Request` interface that ccproxy uses
+(`requestHeaders`, `setResponseCode`, `write`, `finish`, `notifyFinish`, `registerProducer`, ...), so
+a resource reads as it would for twisted.web; but the head is parsed once, and a response head goes
+out in the same write as the first body bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from io import BytesIO
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
+
+from ccproxy.network.addresses import canonical, client_from_forwarded
+
+_NO_BODY = frozenset({204, 304})
+
+
+class _Date:
+    """The Date header value, formatted once per second rather than once per response."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.value = second, formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+class ProxyRequest:
+    """One request read whole by the channel, and the response to it."""
+
+    # Set while the request is handled: its id, the layers' context, and whether limits counted it.
+    ccproxy_request_id = "-"
+    ccproxy_ctx: Any = None
+    ccproxy_limits_checked = False
+
+    def __init__(self, channel: Any, method: bytes, uri: bytes, version: bytes, headers: Headers,
+                 body: bytes, started: float) -> None:
+        self.channel = channel
+        self.transport = channel.transport
+        self.method = method
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+        self.clientproto = version
+        self.requestHeaders = headers
+        self.responseHeaders = Headers()
+        self.content = BytesIO(body)
+        self.code = 200
+        self.code_message = b"OK"
+        self.startedWriting = False
+        self.finished = False
+        self._disconnected = False
+        self.ccproxy_started = started
+        self._chunked = False
+        self._no_body = method == b"HEAD"
+        self._producer = False
+        self._waiters: list[defer.Deferred[None]] = []
+        self._client: IAddress | None = None
+
+    # -- what the resource reads
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def isSecure(self) -> bool:
+        return bool(self.channel.secure)
+
+    def getHost(self) -> IAddress:
+        return self.channel.transport.getHost()
+
+    def getClientAddress(self) -> IAddress:
+        """The socket peer, or behind a trusted proxy the right-most untrusted X-Forwarded-For hop."""
+        if self._client is None:
+            self._client = self._find_client()
+        return self._client
+
+    def _find_client(self) -> IAddress:
+        peer = self.channel.transport.getPeer()
+        host = getattr(peer, "host", None)
+        if host is None:
+            return peer
+        client = canonical(host)
+        trusted = self.channel.site.trusted()
+        if trusted:
+            client = client_from_forwarded(host, self.requestHeaders.getRawHeaders(b"x-forwarded-for") or [], trusted)
+        if client == host:
+            return peer
+        kind = IPv6Address if ":" in client else IPv4Address
+        return kind("TCP", client, getattr(peer, "port", 0))
+
+    # -- the response
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        self.code_message = message or RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def respond(self, body: bytes) -> None:
+        """The whole response body at once: sent with its length, in one write with the head."""
+        if not self.responseHeaders.hasHeader(b"content-length") and self.code not in _NO_BODY:
+            self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self._disconnected:
+            return
+        if not self.startedWriting:
+            self.startedWriting = True
+            head = self._head()
+            if data and not self._no_body:
+                head += self._framed(data)
+            self.channel.transport.write(head)
+            return
+        if data and not self._no_body:
+            self.channel.transport.write(self._framed(data))
+
+    def _framed(self, data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
+
+    def _head(self) -> bytes:
+        headers = self.responseHeaders
+        if self.code in _NO_BODY or self.code < 200:
+            self._no_body = True
+        elif not headers.hasHeader(b"content-length"):
+            if self.channel.persistent:
+                self._chunked = True
+                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+            # Otherwise (HTTP/1.0) the end of the body is the end of the connection.
+        if not headers.hasHeader(b"date"):
+            headers.setRawHeaders(b"date", [_Date.now()])
+        if not self.channel.persistent:
+            headers.setRawHeaders(b"connection", [b"close"])
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def finish(self) -> None:
+        if self.finished or self._disconnected:
+            return
+        if not self.startedWriting:
+            if not self.responseHeaders.hasHeader(b"content-length") and self.code not in _NO_BODY:
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+            self.write(b"")
+        elif self._chunked and not self._no_body:
+            self.channel.transport.write(b"0\r\n\r\n")
+        self.finished = True
+        if self._producer:
+            self.unregisterProducer()
+        self.channel.site.log(self)
+        self.channel.requestDone(self)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        """Fires when the response is complete; fails if the client goes away first."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self.finished:
+            waiter.callback(None)
+        elif self._disconnected:
+            waiter.errback(Failure(defer.CancelledError("client went away")))
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # A push producer (the upstream socket) paused while the client's buffers are full.
+        self._producer = True
+        self.channel.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer:
+            self._producer = False
+            self.channel.transport.unregisterProducer()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The client connection closed before the response was finished."""
+        self._disconnected = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(reason)
