@@ -48,6 +48,8 @@ class RequestContext:
     started: float
     body: bytes
     identity: Identity | None = None
+    # The connection's own peer: client_ip differs from it only behind a trusted proxy.
+    peer_ip: str = ""
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None

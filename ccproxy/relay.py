@@ -64,10 +64,16 @@ class Relay(Protocol):
         if not self.buffered:
             self.write_head(None)
         self.request.registerProducer(self.transport, True)
-        self._arm()
+
+    def watch(self) -> None:
+        """Start the idle timer, once what arrived with the head has been delivered: most small
+        bodies are whole by then and need no timer at all."""
+        if not self.done.called and not self._cancelled and self._timer is None:
+            self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        self._arm()
+        if self._timer is not None:
+            self._arm()
         if self.buffered:
             self._size += len(data)
             if self._size > MAX_BUFFERED_BODY:

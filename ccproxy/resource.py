@@ -81,7 +81,8 @@ class ProxyResource:
                 request=request,
                 request_id=request_id,
                 route=target,
-                client_ip=_peer_host(request),
+                client_ip=_client_host(request),
+                peer_ip=request.peer_host(),
                 started=self.clock.seconds(),
                 body=content.read(),
             )
@@ -124,6 +125,7 @@ class ProxyResource:
             on_broken=lambda error: _upstream_error(ctx, error.status, error.message),
         )
         response.deliverBody(relay)
+        relay.watch()
         await relay.done
 
     def _write_head(
@@ -183,7 +185,7 @@ def _loggable(uri: bytes) -> str:
     return uri.split(b"?", 1)[0].decode("latin-1")[:200]
 
 
-def _peer_host(request: Request) -> str:
+def _client_host(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", ""))
 
 

@@ -51,8 +51,12 @@ class Runtime:
     checkers: tuple[Layer, ...] = attrs.field(init=False)
     filterers: tuple[Layer, ...] = attrs.field(init=False)
     decorators: tuple[Layer, ...] = attrs.field(init=False)
+    # Whether an audit output records one line per request: if none does, none is built.
+    logs_access: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        audit = self.config.audit
+        self.logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)
         self.checkers = _overriding(self.layers, "check")
         self.filterers = _overriding(self.layers, "response_filter")
         self.decorators = _overriding(self.layers, "decorate")

@@ -45,6 +45,7 @@ class ProxyService(Service):
         _apply_privacy(config)
         events.set_clock(self.reactor.seconds)
         site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
+        site.access_wanted = lambda: self.holder.current.logs_access
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:

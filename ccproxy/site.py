@@ -41,6 +41,8 @@ class ProxySite(Factory):
         # The network settings new connections take; the listener points this at the live config.
         self.network: Callable[[], NetworkConfig] = NetworkConfig
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
+        # Whether any output records access lines; the service points this at the live config.
+        self.access_wanted: Callable[[], bool] = lambda: True
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = self.protocol()
@@ -55,7 +57,7 @@ class ProxySite(Factory):
         return self._trusted[1]
 
     def log(self, request: Any) -> None:
-        if not ACCESS_PUBLISHER._observers:
+        if not ACCESS_PUBLISHER._observers or not self.access_wanted():
             return  # no output asked for access lines: build none
         ctx = getattr(request, "ccproxy_ctx", None)
         started = getattr(request, "ccproxy_started", None)

@@ -23,6 +23,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ccproxy.sockets import no_delay, send_now
+
 log = Logger()
 
 MAX_HEAD = 256 * 1024
@@ -35,17 +37,6 @@ _DONE = Failure(ResponseDone())
 PoolKey = Hashable
 _STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-def no_delay(transport: object) -> None:
-    """Send small writes (an SSE event, a response head) at once instead of waiting on Nagle's
-    algorithm for the previous segment's ACK, which costs up to ~40 ms per event."""
-    while transport is not None:
-        set_no_delay = getattr(transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
-            return
-        transport = getattr(transport, "transport", None)  # TLS: the TCP transport beneath
 
 
 class UpstreamProtocolError(Exception):
@@ -130,7 +121,7 @@ class _Connection(Protocol):
         if body:
             lines.append(body)
         assert self.transport is not None
-        self.transport.write(b"".join(lines))
+        send_now(self.transport, b"".join(lines))
         return self._waiting
 
     def _cancel(self, _: defer.Deferred[UpstreamResponse]) -> None:

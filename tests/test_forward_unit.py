@@ -153,6 +153,7 @@ def make_relay(clock: Clock, **kw: Any) -> tuple[Relay, PushRequest, list[int | 
     relay = Relay(request, clock, 5.0, heads.append, ANTHROPIC, **kw)
     producer = FakeProducer()
     relay.makeConnection(producer)  # type: ignore[arg-type]
+    relay.watch()
     return relay, request, heads, producer
 
 

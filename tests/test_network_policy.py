@@ -363,9 +363,7 @@ def _check(layer: NetworkLayer, peer: str, client: str) -> Any:
 
     from twisted.internet import defer
 
-    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 1))
-    ctx = SimpleNamespace(request=SimpleNamespace(channel=SimpleNamespace(transport=transport)),
-                          client_ip=client, request_id="req_x")
+    ctx = SimpleNamespace(peer_ip=peer, client_ip=client, request_id="req_x")
     failures: list[Failure] = []
     defer.ensureDeferred(layer.check(ctx)).addErrback(failures.append)  # type: ignore[arg-type]
     return failures[0].value if failures else None

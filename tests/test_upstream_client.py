@@ -222,7 +222,7 @@ def test_stale_reused_connection_retried_only_for_safe_methods() -> None:
 
 
 def test_no_delay_reaches_the_tcp_transport_under_tls() -> None:
-    from ccproxy.upstream import no_delay
+    from ccproxy.sockets import no_delay
 
     class TCP:
         nodelay = False

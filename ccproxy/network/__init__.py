@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.web.http_headers import Headers
 
 from ccproxy import events
@@ -18,7 +18,7 @@ from ccproxy.config import Config
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
-from ccproxy.network.addresses import AccessPolicy, canonical, parse_ip
+from ccproxy.network.addresses import AccessPolicy, parse_ip
 from ccproxy.network.channel import HardenedChannel
 from ccproxy.network.gate import Gate
 
@@ -44,9 +44,7 @@ class NetworkLayer(Layer):
         self.deps = deps
 
     async def check(self, ctx: RequestContext) -> None:
-        transport = getattr(getattr(ctx.request, "channel", None), "transport", None)
-        peer = transport.getPeer() if transport is not None else None
-        if peer is None or canonical(getattr(peer, "host", "")) == ctx.client_ip:
+        if not ctx.peer_ip or ctx.peer_ip == ctx.client_ip:
             return  # the gate has already judged this address
         reason = self.access.refusal(parse_ip(ctx.client_ip))
         if reason is None and self.deps is not None:
@@ -77,5 +75,13 @@ def listener_factory(site: Any, tls: Any, holder: Any, reactor: Any) -> Gate:
     # The channel keeps its own deadlines; twisted's idle timer (reset by every byte) is not used.
     site.timeOut = None
     site.network = lambda: holder.current.config.network
-    inner = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+    inner = site if tls is None else _tls_factory(tls, site)
     return Gate(inner, holder, reactor)
+
+
+def _tls_factory(tls: Any, site: Any) -> TLSMemoryBIOFactory:
+    factory = TLSMemoryBIOFactory(tls, False, site)
+    # Twisted's default TLS protocol holds small writes back for a reactor turn to merge them; each
+    # response already leaves in one write, so the wait (a timer per response) buys nothing here.
+    factory.protocol = TLSMemoryBIOProtocol
+    return factory

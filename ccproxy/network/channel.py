@@ -8,8 +8,9 @@ connection:
   HEAD  reading a request head: `header_timeout` runs from its first byte (not reset by later
         bytes); between requests `idle_timeout` runs instead.
   BODY  reading the body: `read_timeout` runs; its size is counted as it arrives.
-  BUSY  the request is being answered: no timer at all, so a long stream is never cut. Bytes the
-        client sends meanwhile wait in our buffer.
+  BUSY  the request is being answered: no deadline, so a long stream is never cut (the idle timer
+        may run on, but acts only on an idle connection). Bytes the client sends meanwhile wait
+        in our buffer.
   DEAD  refused: an error went out and the connection is closing; input is ignored.
 """
 from __future__ import annotations
@@ -135,10 +136,10 @@ class HardenedChannel(Protocol):
         if not self.pending:
             return False
         limits = self.config.ddos
-        if self.timer is None or self.timer_kind != "header":
-            self._arm(limits.header_timeout, self._header_expired, "header")
         end = head_end(self.pending, limits.max_header_size)
         if end == -1:
+            if self.timer_kind != "header":
+                self._arm(limits.header_timeout, self._header_expired, "header")
             if has_bare_line_break(self.pending):
                 # Without this a head ended by bare LFs would wait for the deadline, never complete.
                 self._invalid("bare_cr_or_lf", "request head has a bare CR or LF", None)
@@ -156,7 +157,7 @@ class HardenedChannel(Protocol):
         if head.content_length is not None and head.content_length > limits.max_request_size:
             self._too_large("content_length", limits.max_request_size, 413, "request body is larger than allowed")
             return False
-        self._disarm()
+        self._disarm_deadline()
         rest = bytes(self.pending[end + 4 :])
         del self.pending[:]
         self.persistent = head.persistent
@@ -168,11 +169,13 @@ class HardenedChannel(Protocol):
         self.body = []
         self.body_left = head.content_length or 0
         self.chunks = ChunkedDecoder(limits.max_request_size) if head.chunked else None
-        self._arm(limits.read_timeout, self._body_expired, "body")
         if head.expect_continue and not rest:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if rest:
             self._feed_body(rest)
+        if self.phase == BODY and self.head is head:
+            # Armed only for a body still to come: most arrive with their head.
+            self._arm(limits.read_timeout, self._body_expired, "body")
         return True
 
     def _feed_body(self, data: bytes) -> None:
@@ -207,7 +210,7 @@ class HardenedChannel(Protocol):
         """The request is whole: hand it to the resource."""
         head = self.head
         assert head is not None
-        self._disarm()
+        self._disarm_deadline()
         self.phase = BUSY
         self.body = []
         headers = Headers()
@@ -332,7 +335,17 @@ class HardenedChannel(Protocol):
             self.timer_kind = kind
 
     def _arm_idle(self) -> None:
-        self._arm(self.config.ddos.idle_timeout, self._idle_expired, "idle")
+        seconds = self.config.ddos.idle_timeout
+        if seconds is not None and self.timer_kind == "idle" and self.timer is not None and self.timer.active():
+            self.timer.reset(seconds)  # moving a timer later is cheaper than a new one
+            return
+        self._arm(seconds, self._idle_expired, "idle")
+
+    def _disarm_deadline(self) -> None:
+        """Stop the head or body deadline. An idle timer may run on through the request: it does
+        nothing unless the connection is idle, and is pushed back when the response is done."""
+        if self.timer_kind != "idle":
+            self._disarm()
 
     def _disarm(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -365,11 +378,25 @@ class HardenedChannel(Protocol):
 
     def _idle_expired(self) -> None:
         self.timer = None
+        self.timer_kind = ""
         if self.phase == HEAD and not self.pending and self.transport is not None:
             self.phase = DEAD
             self.loseConnection()
             self.linger = self.callLater(LINGER, self._abort)
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        return canonical(getattr(peer, "host", "-"))
+        return self.peer_host() if self.transport is not None else "-"
+
+    _peer_address: Any = None
+    _peer_host = ""
+
+    def peer_address(self) -> Any:
+        """The socket peer (or the client a PROXY protocol header named), looked up once."""
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()
+            self._peer_host = canonical(getattr(self._peer_address, "host", "-"))
+        return self._peer_address
+
+    def peer_host(self) -> str:
+        self.peer_address()
+        return self._peer_host

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip
-from ccproxy.upstream import no_delay
+from ccproxy.sockets import no_delay, send_now
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
@@ -146,6 +146,12 @@ class _Counted(ProtocolWrapper):
         self.counted = True
         no_delay(transport)
         super().makeConnection(transport)
+
+    def write(self, data: bytes) -> None:
+        send_now(self.transport, data)
+
+    def writeSequence(self, data: Any) -> None:
+        send_now(self.transport, b"".join(data))
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.counted:

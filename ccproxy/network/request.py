@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
-from ccproxy.network.addresses import canonical, client_from_forwarded
+from ccproxy.network.addresses import client_from_forwarded
 
 _NO_BODY = frozenset({204, 304})
 
@@ -89,12 +89,16 @@ class ProxyRequest:
             self._client = self._find_client()
         return self._client
 
+    def peer_host(self) -> str:
+        """The address of the connection's peer, before any X-Forwarded-For."""
+        return str(self.channel.peer_host())
+
     def _find_client(self) -> IAddress:
-        peer = self.channel.transport.getPeer()
+        peer = self.channel.peer_address()
         host = getattr(peer, "host", None)
         if host is None:
             return peer
-        client = canonical(host)
+        client = self.channel.peer_host()
         trusted = self.channel.site.trusted()
         if trusted:
             client = client_from_forwarded(host, self.requestHeaders.getRawHeaders(b"x-forwarded-for") or [], trusted)
