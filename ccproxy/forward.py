@@ -42,18 +42,27 @@ HOP_BY_HOP = frozenset(
 # Set by the transport layer on the way out, never copied from the other side.
 _FRAMING = frozenset({b"host", b"content-length"})
 CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
+_SKIP = HOP_BY_HOP | _FRAMING
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
+# The usual Connection values name nothing beyond the hop-by-hop set: no parsing needed.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    values = headers.getRawHeaders(b"connection")
+    if not values or (len(values) == 1 and values[0] in _PLAIN_CONNECTION):
+        return frozenset()
     tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
+    return frozenset(tokens)
 
 
 def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The end-to-end headers of a message: hop-by-hop ones, and those `Connection` names, removed."""
-    skip = HOP_BY_HOP | _FRAMING | _connection_tokens(headers) | frozenset(drop)
+    named = _connection_tokens(headers)
+    skip = _SKIP | named | frozenset(drop) if named or drop else _SKIP
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip:
             yield name, values

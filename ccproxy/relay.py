@@ -58,17 +58,22 @@ class Relay(Protocol):
         self._timer: IDelayedCall | None = None
         self._timed_out = False
         self._cancelled = False
+        self._registered = False
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         if not self.buffered:
             self.write_head(None)
-        self.request.registerProducer(self.transport, True)
 
     def watch(self) -> None:
-        """Start the idle timer, once what arrived with the head has been delivered: most small
-        bodies are whole by then and need no timer at all."""
-        if not self.done.called and not self._cancelled and self._timer is None:
+        """Called once what arrived with the head has been delivered: a body still to come gets
+        back-pressure (the upstream paused while the client's buffers are full) and the idle
+        timer. Most small bodies are whole by then and need neither."""
+        if self.done.called or self._cancelled:
+            return
+        self.request.registerProducer(self.transport, True)
+        self._registered = True
+        if self._timer is None:
             self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -95,7 +100,7 @@ class Relay(Protocol):
         self._unregister()
         if self._cancelled or self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             self._complete()
         elif self._timed_out:
             self._broken(ApiError(504, f"upstream sent nothing for {self.idle_timeout:g}s"))
@@ -170,6 +175,9 @@ class Relay(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]  # a TransportProxyProducer
 
     def _unregister(self) -> None:
+        if not self._registered:
+            return
+        self._registered = False
         # Fails once the client channel is gone; nothing is left to unregister then.
         try:
             self.request.unregisterProducer()

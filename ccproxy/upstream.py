@@ -37,6 +37,8 @@ _DONE = Failure(ResponseDone())
 PoolKey = Hashable
 _STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FRAMING_HEADERS = frozenset({b"connection", b"transfer-encoding", b"content-length"})
 
 
 class UpstreamProtocolError(Exception):
@@ -166,7 +168,7 @@ class _Connection(Protocol):
                 self._body_data(b"")
 
     def _read_head(self, head: bytes) -> UpstreamResponse | None:
-        status, *lines = head.split(b"\r\n")
+        status, _, fields = head.partition(b"\r\n")
         match = _STATUS_RE.match(status)
         if match is None:
             raise UpstreamProtocolError(f"bad status line {status[:80]!r}")
@@ -174,22 +176,31 @@ class _Connection(Protocol):
         if 100 <= code < 200 and code != 101:
             return None
         headers = Headers()
-        for line in lines:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN_RE.match(name):
-                raise UpstreamProtocolError(f"bad header line {line[:80]!r}")
-            headers.addRawHeader(name, value.strip(b" \t"))
-        self._choose_framing(code, minor, headers)
+        framing: dict[bytes, list[bytes]] = {}
+        if fields:
+            # One match checks every line (as a well-behaved upstream sends them); otherwise line by line.
+            lines = fields.split(b"\r\n")
+            well_formed = _FIELDS_RE.fullmatch(fields + b"\r\n") is not None
+            for line in lines:
+                name, sep, value = line.partition(b":")
+                if not well_formed and (not sep or not _TOKEN_RE.match(name)):
+                    raise UpstreamProtocolError(f"bad header line {line[:80]!r}")
+                value = value.strip(b" \t")
+                headers.addRawHeader(name, value)
+                lower = name.lower()
+                if lower in _FRAMING_HEADERS:
+                    framing.setdefault(lower, []).append(value)
+        self._choose_framing(code, minor, framing)
         length: int | object = self._remaining if self._framing == "length" else UNKNOWN_LENGTH
         if self._framing == "none":
             length = 0
         return UpstreamResponse(self, minor, code, phrase, headers, length)
 
-    def _choose_framing(self, code: int, minor: bytes, headers: Headers) -> None:
-        connection = b",".join(headers.getRawHeaders(b"connection", [])).lower()
+    def _choose_framing(self, code: int, minor: bytes, framing: dict[bytes, list[bytes]]) -> None:
+        connection = b",".join(framing.get(b"connection", [])).lower()
         self._keep_alive = minor == b"1" and b"close" not in connection
-        encodings = b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower()
-        lengths = headers.getRawHeaders(b"content-length", [])
+        encodings = b",".join(framing.get(b"transfer-encoding", [])).lower()
+        lengths = framing.get(b"content-length", [])
         if self._method == b"HEAD" or code in _NO_BODY_CODES or code == 101:
             self._framing = "none"
         elif encodings:
@@ -299,7 +310,7 @@ class _Connection(Protocol):
             return
         body, self._body = self._body, None
         self._finished = True
-        reusable = reason.check(ResponseDone) is not None and self._keep_alive and self.connected_ok
+        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.connected_ok
         if reusable:
             self.pool.release(self)
         elif self.transport is not None and self.connected_ok:

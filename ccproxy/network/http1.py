@@ -7,8 +7,7 @@ a reason, so it never reaches the policy layers or the upstream.
 from __future__ import annotations
 
 import re
-
-import attrs
+from typing import NamedTuple
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A request target in origin form: visible ASCII only, no space, no control byte.
@@ -32,8 +31,7 @@ class TooLarge(Exception):
     """A chunked body whose declared chunk sizes pass the limit (answered 413)."""
 
 
-@attrs.frozen
-class Head:
+class Head(NamedTuple):
     method: bytes
     target: bytes
     version: bytes
@@ -65,22 +63,53 @@ def has_bare_line_break(partial: bytes | bytearray) -> bool:
     return _BARE.search(partial) is not None
 
 
+# A well-formed head in one match: the request line, then header lines with token names and values
+# free of control bytes. Most requests are read by this alone; any other head is read line by line
+# below, which names the fault.
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_WELL_FORMED = re.compile(
+    rb"(" + _TOKEN_CHARS + rb"+) (/[\x21-\x7e]*) (HTTP/1\.[01])\r\n"
+    rb"((?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+)
+_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
+
+
 def parse_head(head: bytes) -> Head:
     """Check a request head (without its final CRLF CRLF); raises Malformed."""
+    match = _WELL_FORMED.fullmatch(head + b"\r\n")
+    if match is None:
+        return _parse_head_by_line(head)
+    method, target, version, fields = match.groups()
+    headers = []
+    special = []
+    for line in fields.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        if name.lower() in _SPECIAL:
+            special.append((name, value))
+    return _head(method, target, version, headers, special)
+
+
+def _parse_head_by_line(head: bytes) -> Head:
     stripped = head.replace(b"\r\n", b"")
     if b"\r" in stripped or b"\n" in stripped:
         raise Malformed("bare_cr_or_lf", "request head has a bare CR or LF")
     lines = head.split(b"\r\n")
     method, target, version = _request_line(lines[0])
+    headers = [_header(line) for line in lines[1:]]
+    return _head(method, target, version, headers, headers)
+
+
+def _head(method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]],
+          special: list[tuple[bytes, bytes]]) -> Head:
+    """The Head of checked lines; `special` holds at least the headers that frame the message."""
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    headers = []
     hosts = 0
     expect = False
-    for line in lines[1:]:
-        name, value = _header(line)
-        headers.append((name, value))
+    for name, value in special:
         lower = name.lower()
         if lower == b"content-length":
             lengths.append(value)
