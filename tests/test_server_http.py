@@ -1,0 +1,261 @@
+"""The server side of HTTP/1.1 that replaced twisted.web's: framing, persistence, the request object."""
+
+from __future__ import annotations
+
+import gc
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.web.server import NOT_DONE_YET
+
+from ccproxy.network.http1 import ChunkedDecoder, Malformed, TooLarge, _parse_head_by_line, parse_head
+from ccproxy.network.request import ProxyRequest
+from ccproxy.service import settle_heap
+from tests.support.hardening import Conn, config
+
+GOOD = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n"
+
+
+class Scripted:
+    """A resource whose answer is a function of the request; keeps every request it saw."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.seen: list[ProxyRequest] = []
+
+    def render(self, request: ProxyRequest) -> Any:
+        self.seen.append(request)
+        return self.answer(request)
+
+
+def streamed(request: ProxyRequest) -> Any:
+    request.setHeader(b"content-type", b"text/plain")
+    request.write(b"hello ")
+    request.write(b"world")
+    request.finish()
+    return NOT_DONE_YET
+
+
+def dechunk(body: bytes) -> bytes:
+    decoder = ChunkedDecoder(1 << 20)
+    out = b"".join(decoder.feed(body))
+    assert decoder.done and decoder.rest == b""
+    return out
+
+
+def split_response(output: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = output.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+    return status, headers, body
+
+
+# -- response framing
+
+
+def test_a_response_written_in_pieces_is_chunked_and_the_connection_kept() -> None:
+    c = Conn(resource=Scripted(streamed)).send(GOOD)
+    status, headers, body = split_response(c.output)
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"transfer-encoding"] == b"chunked" and b"content-length" not in headers
+    assert dechunk(body) == b"hello world"
+    assert headers[b"date"].endswith(b"GMT")
+    assert not c.closed
+
+
+def test_a_whole_body_gets_its_length_and_goes_out_in_one_write() -> None:
+    c = Conn(resource=Scripted(lambda r: b"0123456789"))
+    writes: list[bytes] = []
+    c.transport.write = writes.append  # type: ignore[method-assign]
+    c.send(GOOD)
+    assert len(writes) == 1
+    _status, headers, body = split_response(writes[0])
+    assert headers[b"content-length"] == b"10" and body == b"0123456789"
+
+
+def test_head_requests_get_headers_but_no_body() -> None:
+    c = Conn(resource=Scripted(streamed)).send(b"HEAD /v1/models HTTP/1.1\r\nHost: a\r\n\r\n" + GOOD)
+    first, second = c.output.split(b"HTTP/1.1 200 OK")[1:]
+    assert first.endswith(b"\r\n\r\n")  # the HEAD response has no body, not even a last chunk
+    assert dechunk(split_response(b"HTTP/1.1 200 OK" + second)[2]) == b"hello world"
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_no_body_statuses_send_no_body(code: int) -> None:
+    def answer(request: ProxyRequest) -> Any:
+        request.setResponseCode(code)
+        request.write(b"ignored")
+        request.finish()
+        return NOT_DONE_YET
+
+    c = Conn(resource=Scripted(answer)).send(GOOD + GOOD)
+    assert c.output.count(b"HTTP/1.1 %d" % code) == 2
+    assert b"ignored" not in c.output and b"transfer-encoding" not in c.output.lower()
+
+
+def test_http10_gets_a_body_ended_by_close() -> None:
+    c = Conn(resource=Scripted(streamed)).send(b"GET /v1/models HTTP/1.0\r\n\r\n")
+    _status, headers, body = split_response(c.output)
+    assert headers[b"connection"] == b"close" and b"transfer-encoding" not in headers
+    assert body == b"hello world" and c.closed
+
+
+def test_connection_close_is_honoured_after_the_response() -> None:
+    c = Conn().send(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GOOD)
+    assert c.output.count(b"HTTP/1.1 200") == 1 and c.closed
+    assert split_response(c.output)[1][b"connection"] == b"close"
+
+
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    c = Conn().send(b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert c.output == b"HTTP/1.1 100 Continue\r\n\r\n"
+    c.send(b"hello")
+    assert c.output.count(b"HTTP/1.1 200") == 1 and c.resource.seen[0][2] == b"hello"
+
+
+def test_a_resource_that_raises_gets_a_500_in_the_api_shape() -> None:
+    def broken(request: ProxyRequest) -> Any:
+        raise ValueError("bug")
+
+    c = Conn(resource=Scripted(broken)).send(b"GET /openai/v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _headers, body = split_response(c.output)
+    assert status.startswith(b"HTTP/1.1 500")
+    assert json.loads(body)["error"]["message"] == "internal proxy error"
+    assert b"bug" not in c.output
+
+
+# -- the request object
+
+
+def test_notify_finish_fails_when_the_client_goes_away() -> None:
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    c = Conn(resource=resource).send(GOOD)
+    outcome: list[Any] = []
+    resource.seen[0].notifyFinish().addBoth(outcome.append)
+    c.channel.connectionLost()
+    assert len(outcome) == 1 and outcome[0].check(Exception)
+    resource.seen[0].write(b"late")  # writing to a gone client is ignored, not an error
+    resource.seen[0].finish()
+
+
+def test_notify_finish_fires_on_finish_and_the_next_request_follows() -> None:
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    Conn(resource=resource).send(GOOD + GOOD)
+    done: list[Any] = []
+    resource.seen[0].notifyFinish().addBoth(done.append)
+    assert len(resource.seen) == 1  # the second waits its turn
+    resource.seen[0].finish()
+    assert done == [None] and len(resource.seen) == 2
+
+
+def test_request_fields() -> None:
+    resource = Scripted(lambda r: b"")
+    Conn(resource=resource).send(b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: a\r\nX-Twice: 1\r\nx-twice: 2\r\n"
+                                 b"Content-Length: 2\r\n\r\n{}")
+    request = resource.seen[0]
+    assert (request.method, request.uri, request.path) == (b"POST", b"/v1/messages?beta=true", b"/v1/messages")
+    assert request.requestHeaders.getRawHeaders(b"x-twice") == [b"1", b"2"]
+    assert request.content.read() == b"{}"
+    assert request.peer_host() == "127.0.0.1" and request.getClientAddress().host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert not request.isSecure()
+
+
+def test_pipelined_bytes_past_the_buffer_pause_reading_until_the_response_is_done() -> None:
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    c = Conn(resource=resource).send(GOOD)
+    c.send(GOOD * 2000)  # 80 KB while the first request is answered
+    assert c.transport.producerState == "paused"
+    resource.seen[0].finish()
+    assert c.transport.producerState == "producing"
+
+
+def test_the_idle_deadline_runs_from_the_end_of_the_last_response() -> None:
+    c = Conn(config(idle_timeout=10, header_timeout=1))
+    c.send(GOOD)
+    c.clock.advance(9)
+    c.send(GOOD)  # served at t=9: idle from then on
+    c.clock.advance(9)
+    assert not c.closed
+    c.clock.advance(1.1)
+    assert c.closed
+
+
+# -- the two readings of a head agree
+
+_LINE = st.sampled_from([
+    b"GET /v1/models HTTP/1.1", b"POST /v1/messages?beta=true HTTP/1.1", b"GET / HTTP/1.0", b"GET  /v1 HTTP/1.1",
+    b"GET /v1 HTTP/2", b"GET http://x/ HTTP/1.1", b"G(T /v1 HTTP/1.1", b"GET /v\x7f HTTP/1.1",
+])
+_FIELD = st.sampled_from([
+    b"Host: a", b"host:a", b"Host: b", b"Content-Length: 5", b"Content-Length: 5, 5", b"Content-Length: +5",
+    b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip", b"Connection: close", b"Connection: keep-alive",
+    b"Expect: 100-continue", b"X-A:\tb\t", b"X-B: a\x00b", b"X-C: a\x7fb", b"X-D: \xff\xfe", b"X(E): 1",
+    b" folded", b"\tfolded", b"no colon", b"X-F: a\rb", b"X-G: a\nb", b"X-H:", b": empty name", b"X-I: \x0bx",
+])
+
+
+@settings(max_examples=500, deadline=None)
+@given(_LINE, st.lists(_FIELD, max_size=6))
+def test_fast_and_line_by_line_readings_agree(line: bytes, fields: list[bytes]) -> None:
+    head = b"\r\n".join([line, *fields])
+    outcomes = []
+    for read in (parse_head, _parse_head_by_line):
+        try:
+            outcomes.append(read(head))
+        except Malformed as e:
+            outcomes.append(e.reason)  # type: ignore[arg-type]
+    fast, slow = outcomes
+    if isinstance(slow, str):
+        assert isinstance(fast, str)  # the fast path never accepts what the careful one refuses
+    else:
+        assert fast == slow
+
+
+def test_fast_reading_of_a_typical_head() -> None:
+    head = parse_head(b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Api-Key:  k \r\n"
+                      b"Connection: keep-alive, close")
+    assert head.content_length == 12 and not head.chunked and not head.persistent
+    assert head.headers[2] == (b"X-Api-Key", b"k")
+
+
+# -- chunked request bodies
+
+
+def test_chunked_decoder_byte_by_byte_with_extensions_and_trailers() -> None:
+    wire = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT"
+    decoder = ChunkedDecoder(100)
+    out = b"".join(b"".join(decoder.feed(wire[i : i + 1])) for i in range(len(wire)) if not decoder.done)
+    assert out == b"hello world" and decoder.done
+    whole = ChunkedDecoder(100)
+    assert b"".join(whole.feed(wire)) == b"hello world" and whole.rest == b"NEXT"
+
+
+@pytest.mark.parametrize("wire", [b"5\nhello\r\n", b"5\r\nhello\n0\r\n\r\n", b"0\r\nBad Trailer\r\n\r\n",
+                                  b"0\r\n" + b"X-T: " + b"a" * 9000 + b"\r\n\r\n"])
+def test_chunked_decoder_refuses_malformed_framing(wire: bytes) -> None:
+    with pytest.raises(Malformed):
+        ChunkedDecoder(1 << 20).feed(wire)
+
+
+def test_chunked_decoder_refuses_before_the_data_when_sizes_pass_the_limit() -> None:
+    decoder = ChunkedDecoder(10)
+    assert decoder.feed(b"a\r\n0123456789\r\n") == [b"0123456789"]
+    with pytest.raises(TooLarge):
+        decoder.feed(b"1\r\n")
+
+
+# -- the heap
+
+
+def test_settle_heap_freezes_what_start_built() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
