@@ -104,8 +104,9 @@ def ccproxy(workdir: Path, upstream_url: str, extra: dict[str, Any] | None = Non
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(f"https://127.0.0.1:{port}/ready", proc, workdir / f"ccproxy-{port}.log")
-        yield {"port": port, "url": f"https://127.0.0.1:{port}", "pid": proc.pid, "workdir": workdir,
+        scheme = "https" if config["server"].get("tls", {}).get("enabled", True) else "http"
+        _wait_ready(f"{scheme}://127.0.0.1:{port}/ready", proc, workdir / f"ccproxy-{port}.log")
+        yield {"port": port, "url": f"{scheme}://127.0.0.1:{port}", "pid": proc.pid, "workdir": workdir,
                "cert": workdir / "cert.pem", "key": workdir / "key.pem"}
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -172,6 +172,7 @@ class ProxyRequest:
         if self._producer:
             self.unregisterProducer()
         self.channel.site.log(self)
+        self.ccproxy_ctx = None  # the context points back here: without this, every request is a cycle for the GC
         self.channel.requestDone(self)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -201,6 +202,7 @@ class ProxyRequest:
     def connectionLost(self, reason: Failure) -> None:
         """The client connection closed before the response was finished."""
         self._disconnected = True
+        self.ccproxy_ctx = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(reason)
