@@ -97,5 +97,10 @@ class Layer:
         """Add headers to every response ccproxy sends, its own errors included."""
         return None
 
+    def idle(self) -> frozenset[str]:
+        """The steps ("check", "response_filter", "decorate") this layer, as configured, has
+        nothing to do in: the runtime skips them for every request."""
+        return frozenset()
+
     def stop(self) -> Any:
         return None

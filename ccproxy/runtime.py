@@ -80,7 +80,10 @@ class Runtime:
 
 
 def _overriding(layers: tuple[Layer, ...], step: str) -> tuple[Layer, ...]:
-    return tuple(layer for layer in layers if getattr(type(layer), step) is not getattr(Layer, step))
+    return tuple(
+        layer for layer in layers
+        if getattr(type(layer), step) is not getattr(Layer, step) and step not in layer.idle()
+    )
 
 
 def build(config: Config, deps: Deps, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:

@@ -43,6 +43,14 @@ class ContentLayer(Layer):
         if self.sanitization.enabled:
             self.rules = rule_set(_rules(self.sanitization))
 
+    def idle(self) -> frozenset[str]:
+        steps = set()
+        if self.rules is None:
+            steps.add("response_filter")
+            if self.validator is None:
+                steps.add("check")
+        return frozenset(steps)
+
     async def check(self, ctx: RequestContext) -> None:
         if ctx.route.kind not in _VALIDATED:
             return

@@ -158,6 +158,11 @@ class LimitsLayer(Layer):
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
 
+    def idle(self) -> frozenset[str]:
+        if self.limiter is None:
+            return frozenset({"check", "decorate"})
+        return frozenset() if self.config.auto_block.enabled else frozenset({"decorate"})
+
     async def check(self, ctx: RequestContext) -> None:
         if self.limiter is None:
             return

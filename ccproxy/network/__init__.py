@@ -42,6 +42,15 @@ class NetworkLayer(Layer):
                         for name, value in settings.headers]
         self.access = AccessPolicy(config.whitelist, config.blacklist)
         self.deps = deps
+        self.trusted_proxies = bool(config.trusted_proxies)
+
+    def idle(self) -> frozenset[str]:
+        steps = set()
+        if not self.trusted_proxies:
+            steps.add("check")  # the client is the peer the gate judged at accept
+        if not self.headers:
+            steps.add("decorate")
+        return frozenset(steps)
 
     async def check(self, ctx: RequestContext) -> None:
         if not ctx.peer_ip or ctx.peer_ip == ctx.client_ip:
