@@ -68,20 +68,34 @@ def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[b
             yield name, values
 
 
-def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Headers:
+# Header fields as the upstream client writes them: (name, values) pairs.
+Fields = list[tuple[bytes, Sequence[bytes]]]
+
+
+def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Fields:
     """Client headers as the upstream should see them: our key in place of the client's."""
     key = upstream.api_key
-    out = Headers()
-    for name, values in end_to_end(client, CREDENTIALS if key is not None else ()):
-        out.setRawHeaders(name, values)
     # The Host of the upstream, not the one the client sent to ccproxy.
-    out.setRawHeaders(b"host", [upstream_host(upstream)])
+    out: Fields = [(b"Host", [upstream_host(upstream)])]
+    out.extend(end_to_end(client, CREDENTIALS if key is not None else ()))
     if key is not None:
         if api == ANTHROPIC:
-            out.setRawHeaders(b"x-api-key", [key.reveal().encode()])
+            out.append((b"X-Api-Key", [key.reveal().encode()]))
         else:
-            out.setRawHeaders(b"authorization", [b"Bearer " + key.reveal().encode()])
+            out.append((b"Authorization", [b"Bearer " + key.reveal().encode()]))
     return out
+
+
+def response_headers(upstream: Headers, keep_length: bool) -> Headers:
+    """The upstream's response headers, made fit for the client in place: hop-by-hop ones, and
+    those `Connection` names, removed; Content-Length too unless the body goes through unchanged."""
+    named = _connection_tokens(upstream)
+    drop = [name for name, _ in upstream.getAllRawHeaders()
+            if (lower := name.lower()) in HOP_BY_HOP or lower in named or lower == b"host"
+            or (lower == b"content-length" and not keep_length)]
+    for name in drop:
+        upstream.removeHeader(name)
+    return upstream
 
 
 @lru_cache(maxsize=64)
@@ -125,7 +139,7 @@ class Forwarder:
             self._targets = {**self._targets, upstream: found}
         return found
 
-    async def send(self, method: bytes, route: Route, headers: Headers, body: bytes) -> UpstreamResponse:
+    async def send(self, method: bytes, route: Route, headers: Fields, body: bytes) -> UpstreamResponse:
         """The upstream's response head; ApiError 502 or 504 when it cannot be had."""
         upstream = route.upstream
         key, endpoint, prefix = self.target(upstream)

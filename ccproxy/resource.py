@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 from ccproxy import events
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError, error_body
-from ccproxy.forward import end_to_end, upstream_headers
+from ccproxy.forward import response_headers, upstream_headers
 from ccproxy.network.request import ProxyRequest as Request
 from ccproxy.relay import Relay, abort_client
 from ccproxy.routes import api_for, route
@@ -133,13 +133,15 @@ class ProxyResource:
     ) -> None:
         request = ctx.request
         request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        for name, values in end_to_end(response.headers):
-            out.setRawHeaders(name, values)
+        # The upstream's headers become the response's (no copy); what ccproxy set before stays
+        # only where the upstream sent no header of that name.
+        out = response_headers(response.headers, keep_length=not filtered and response.length is not UNKNOWN_LENGTH)
+        for name, values in request.responseHeaders.getAllRawHeaders():
+            if not out.hasHeader(name):
+                out.setRawHeaders(name, values)
+        request.responseHeaders = out
         if length is not None:
             out.setRawHeaders(b"content-length", [str(length).encode()])
-        elif not filtered and response.length is not UNKNOWN_LENGTH:
-            out.setRawHeaders(b"content-length", response.headers.getRawHeaders(b"content-length") or [])
         if not out.hasHeader(b"request-id"):
             out.setRawHeaders(b"request-id", [(ctx.upstream_request_id or ctx.request_id).encode()])
         self._finish_headers(ctx, runtime, request, out)

@@ -9,7 +9,7 @@ protocol `IResponse.deliverBody` takes, so the relay works with either.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +33,8 @@ _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # Shared: a body that ended well needs no Failure of its own (nothing reads a traceback from it).
 _DONE = Failure(ResponseDone())
 
+# Request header fields as (name, values) pairs, the shape of Headers.getAllRawHeaders().
+Fields = Iterable[tuple[bytes, Sequence[bytes]]]
 # What identifies the connections that can serve a request: scheme, host, port and settings.
 PoolKey = Hashable
 _STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
@@ -108,13 +110,14 @@ class _Connection(Protocol):
     # Requests
 
     def send(
-        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
+        self, method: bytes, path: bytes, headers: Headers | Fields, body: bytes | None
     ) -> defer.Deferred[UpstreamResponse]:
         self._reset()
         self._method = method
         self._waiting = defer.Deferred(self._cancel)
         lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
-        for name, values in headers.getAllRawHeaders():
+        fields = headers.getAllRawHeaders() if isinstance(headers, Headers) else headers
+        for name, values in fields:
             for value in values:
                 lines.append(b"%s: %s\r\n" % (name, value))
         if body is not None:
@@ -345,7 +348,7 @@ class UpstreamPool:
         self._sweep: IDelayedCall | None = None
 
     def request(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes,
-                path: bytes, headers: Headers, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+                path: bytes, headers: Headers | Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         """The response head; cancelling the Deferred aborts the connection or the connect."""
         conn = self._take(key)
         if conn is None:
@@ -363,7 +366,7 @@ class UpstreamPool:
         return d
 
     def _fresh(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes, path: bytes,
-               headers: Headers, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+               headers: Headers | Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         connecting: defer.Deferred[Any] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(lambda conn: conn.send(method, path, headers, body))
 

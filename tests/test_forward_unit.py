@@ -14,7 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.config import parse
 from ccproxy.errors import ANTHROPIC, OPENAI, ApiError, error_body, sse_error_event
-from ccproxy.forward import end_to_end, upstream_headers
+from ccproxy.forward import end_to_end, response_headers, upstream_headers
 from ccproxy.relay import Relay
 from ccproxy.routes import CHAT_COMPLETIONS, COUNT_TOKENS, MESSAGES, OTHER, route
 
@@ -63,18 +63,18 @@ def client_headers(**extra: str) -> Headers:
 
 def test_upstream_headers_swap_credentials_and_drop_hop_by_hop() -> None:
     ups = upstreams(api_key=KEY)
-    out = upstream_headers(client_headers(), ups.anthropic, ANTHROPIC)
+    out = Headers(dict(upstream_headers(client_headers(), ups.anthropic, ANTHROPIC)))
     names = {k.lower() for k, _ in out.getAllRawHeaders()}
     assert names == {b"content-type", b"anthropic-version", b"anthropic-beta", b"x-api-key", b"host"}
     assert out.getRawHeaders(b"x-api-key") == [KEY.encode()]
     assert out.getRawHeaders(b"host") == [b"a.example:8443"]
-    openai_out = upstream_headers(client_headers(), ups.openai, OPENAI)
+    openai_out = Headers(dict(upstream_headers(client_headers(), ups.openai, OPENAI)))
     assert openai_out.getRawHeaders(b"authorization") == [b"Bearer sk-proj-openaiopenaiopenai-0000"]
     assert not openai_out.hasHeader(b"x-api-key")
 
 
 def test_upstream_headers_pass_client_credentials_without_key() -> None:
-    out = upstream_headers(client_headers(), upstreams().anthropic, ANTHROPIC)
+    out = Headers(dict(upstream_headers(client_headers(), upstreams().anthropic, ANTHROPIC)))
     assert out.getRawHeaders(b"x-api-key") == [b"client-key"]
     assert out.getRawHeaders(b"authorization") == [b"Bearer client-token"]
     assert not out.hasHeader(b"x-hop")
@@ -84,6 +84,18 @@ def test_response_end_to_end_headers() -> None:
     h = Headers({b"request-id": [b"req_1"], b"transfer-encoding": [b"chunked"], b"content-length": [b"5"],
                  b"retry-after": [b"3"], b"connection": [b"close"], b"set-cookie": [b"a=b"]})
     assert dict(end_to_end(h)) == {b"Request-Id": [b"req_1"], b"Retry-After": [b"3"], b"Set-Cookie": [b"a=b"]}
+
+
+def test_response_headers_strip_in_place_and_keep_the_length_only_when_asked() -> None:
+    def upstream() -> Headers:
+        return Headers({b"request-id": [b"req_1"], b"content-length": [b"5"], b"connection": [b"keep-alive, x-hop"],
+                        b"x-hop": [b"1"], b"keep-alive": [b"timeout=5"], b"set-cookie": [b"a=b", b"c=d"]})
+
+    kept = upstream()
+    assert response_headers(kept, keep_length=True) is kept
+    assert dict(kept.getAllRawHeaders()) == {b"Request-Id": [b"req_1"], b"Content-Length": [b"5"],
+                                             b"Set-Cookie": [b"a=b", b"c=d"]}
+    assert not response_headers(upstream(), keep_length=False).hasHeader(b"content-length")
 
 
 def test_error_shapes() -> None:
