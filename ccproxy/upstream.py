@@ -164,11 +164,13 @@ class _Connection(Protocol):
                 continue
             waiting, self._waiting = self._waiting, None
             rest, self._buffer = self._buffer, b""
-            waiting.callback(response)
+            # The body bytes that came with the head are taken in first (held until deliverBody):
+            # a small response is then whole when its reader arrives, and needs no waiting.
             if rest:
                 self._body_data(rest)
             elif self._framing == "none" or (self._framing == "length" and self._remaining == 0):
                 self._body_data(b"")
+            waiting.callback(response)
 
     def _read_head(self, head: bytes) -> UpstreamResponse | None:
         status, _, fields = head.partition(b"\r\n")
