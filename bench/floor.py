@@ -5,7 +5,8 @@
 Runs, in one go against the same nginx upstream, a bare forwarder (a twisted.web Site that relays
 each request with `ccproxy.upstream`, nothing else) and the real ccproxy daemon, and prints
 requests/s and CPU per request for both. The difference is what ccproxy's own layers cost; the bare
-figure is what twisted.web's server side and TLS leave for them.
+figure is what twisted.web's server side and TLS leave for them. A third row runs ccproxy with every
+request-path policy on (API-key auth, rate limits, auto-blocking, validation, masking).
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ reactor.run()
 '''
 
 
+# Every request-path policy on, as a deployment would run it (limits high enough never to refuse):
+# API-key auth, per-IP and per-key rate limits with auto-blocking, request validation, response masking.
+POLICIES = {
+    "security": {
+        "auth": {"enabled": True, "type": "api_key", "api_keys": [{"key": "${BENCH_CLIENT_KEY}", "name": "bench"}]},
+        "rate_limiting": {"enabled": True, "per_ip": {"requests_per_minute": 10_000_000},
+                          "per_key": {"default": {"requests_per_minute": 10_000_000}}},
+        "ip_blacklist": {"auto_block": {"enabled": True, "threshold": 10_000_000, "duration": "1h"}},
+        "request_validation": {"enabled": True},
+        "response_sanitization": {"enabled": True, "mask_api_keys": True, "mask_emails": True,
+                                  "mask_phone_numbers": True},
+    },
+}
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -78,7 +94,7 @@ def measure(name: str, url: str, pid: int, seconds: int) -> None:
     used = cpu_seconds(pid) - before
     per_request = 1e6 * used / (result["rps"] * seconds)
     print(f"{name:<22} {result['rps']:>8.0f} req/s   p50 {result['p50']:>6.2f} ms   p99 {result['p99']:>6.2f} ms"
-          f"   {per_request:>5.0f} us CPU per request")
+          f"   {per_request:>5.0f} us CPU per request   non-2xx {result['non2xx']:.0f}")
 
 
 def main() -> None:
@@ -93,6 +109,8 @@ def main() -> None:
             with ccproxy(work, upstream) as proxy:
                 cert, key = proxy["cert"], proxy["key"]
                 measure("ccproxy", proxy["url"] + "/v1/messages", proxy["pid"], args.seconds)
+            with ccproxy(work, upstream, POLICIES, env={"BENCH_CLIENT_KEY": "bench-client-key"}) as proxy:
+                measure("ccproxy, policies on", proxy["url"] + "/v1/messages", proxy["pid"], args.seconds)
             port = free_port()
             bare = subprocess.Popen([sys.executable, "-c", BARE, str(ports["http"]), str(port), str(cert), str(key)],
                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
