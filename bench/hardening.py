@@ -95,8 +95,9 @@ def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    # The latency distribution's lines only: "75.50%" in the thread stats must not match "50%".
+    p50 = re.search(r"^\s+50(?:\.000)?%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99(?:\.000)?%\s+(\S+)", out, re.M)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "p50": p50.group(1) if p50 else "?", "p99": p99.group(1) if p99 else "?",
