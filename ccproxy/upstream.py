@@ -23,6 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ccproxy.network.http1 import ChunkedDecoder, Malformed, TooLarge
 from ccproxy.sockets import no_delay, send_now
 
 log = Logger()
@@ -101,7 +102,7 @@ class _Connection(Protocol):
         self._pending: list[bytes] = []
         self._framing = ""
         self._remaining = 0
-        self._chunk_state = "size"
+        self._chunks: ChunkedDecoder | None = None
         self._keep_alive = False
         self._finished = False
         # How the body ended, kept until a body protocol is there to be told.
@@ -212,6 +213,8 @@ class _Connection(Protocol):
             if encodings.replace(b" ", b"").split(b",")[-1] != b"chunked":
                 raise UpstreamProtocolError("unsupported transfer-encoding")
             self._framing = "chunked"
+            # The same strict reader as for request bodies; an upstream body has no size limit here.
+            self._chunks = ChunkedDecoder(limit=2**64)
         elif lengths:
             values = {v.strip() for v in b",".join(lengths).split(b",")}
             if len(values) != 1 or not next(iter(values)).isdigit():
@@ -263,39 +266,16 @@ class _Connection(Protocol):
             self._complete(extra=bool(data))
 
     def _chunked(self, data: bytes) -> None:
-        self._buffer += data
-        while not self._finished:
-            if self._chunk_state == "crlf":
-                if len(self._buffer) < 2:
-                    return
-                if self._buffer[:2] != b"\r\n":
-                    return self._protocol_error("missing CRLF after chunk")
-                self._buffer, self._chunk_state = self._buffer[2:], "size"
-                continue
-            if self._chunk_state == "data":
-                if not self._buffer:
-                    return
-                take = self._buffer[: self._remaining]
-                self._buffer = self._buffer[len(take) :]
-                self._remaining -= len(take)
-                self._emit(take)
-                if self._remaining == 0:
-                    self._chunk_state = "crlf"
-                continue
-            end = self._buffer.find(b"\r\n")
-            if end < 0:
-                if len(self._buffer) > 4096:
-                    self._protocol_error("chunk line too long")
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            if self._chunk_state == "size":
-                size = line.split(b";", 1)[0].strip()
-                if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
-                    return self._protocol_error("bad chunk size")
-                self._remaining = int(size, 16)
-                self._chunk_state = "data" if self._remaining else "trailer"
-            elif not line:  # the empty line that ends the trailers
-                self._complete(extra=bool(self._buffer))
+        assert self._chunks is not None
+        try:
+            pieces = self._chunks.feed(data)
+        except (Malformed, TooLarge) as e:
+            self._protocol_error(f"bad chunked framing: {e}")
+            return
+        for piece in pieces:
+            self._emit(piece)
+        if self._chunks.done:
+            self._complete(extra=bool(self._chunks.rest))
 
     def _protocol_error(self, message: str) -> None:
         self._finished = True
