@@ -141,6 +141,22 @@ def test_notify_finish_fails_when_the_client_goes_away() -> None:
     resource.seen[0].finish()
 
 
+def test_a_producer_registered_after_the_client_left_is_stopped() -> None:
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    c = Conn(resource=resource).send(GOOD)
+    c.channel.connectionLost()
+
+    class Producer:
+        stopped = False
+
+        def stopProducing(self) -> None:
+            self.stopped = True
+
+    producer = Producer()
+    resource.seen[0].registerProducer(producer, True)
+    assert producer.stopped and c.transport.producer is None
+
+
 def test_notify_finish_fires_on_finish_and_the_next_request_follows() -> None:
     resource = Scripted(lambda r: NOT_DONE_YET)
     Conn(resource=resource).send(GOOD + GOOD)

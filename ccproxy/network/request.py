@@ -191,6 +191,9 @@ class ProxyRequest:
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         # A push producer (the upstream socket) paused while the client's buffers are full.
+        if self._disconnected:
+            producer.stopProducing()  # nobody is left to read what it would produce
+            return
         self._producer = True
         self.channel.transport.registerProducer(producer, streaming)
 
