@@ -16,9 +16,8 @@ from twisted.logger import Logger, LogPublisher
 from ccproxy.config.network import NetworkConfig
 from ccproxy.network.addresses import NetworkSet
 from ccproxy.network.channel import HardenedChannel
-from ccproxy.network.request import ProxyRequest
 
-__all__ = ["ACCESS_PUBLISHER", "ProxyRequest", "ProxySite"]
+__all__ = ["ACCESS_PUBLISHER", "ProxySite"]
 
 # Access lines have a publisher of their own: they reach only the outputs that ask for them
 # (an audit output with `records: access`), never the daemon log or syslog by default.

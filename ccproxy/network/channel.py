@@ -216,8 +216,7 @@ class HardenedChannel(Protocol):
         headers = Headers()
         for name, value in head.headers:
             headers.addRawHeader(name, value)
-        request = ProxyRequest(self, head.method, head.target, head.version, headers, body,
-                               self.site.clock.seconds())
+        request = ProxyRequest(self, head.method, head.target, headers, body, self.site.clock.seconds())
         self.request = request
         try:
             result = self.site.resource.render(request)

@@ -48,14 +48,12 @@ class ProxyRequest:
     ccproxy_ctx: Any = None
     ccproxy_limits_checked = False
 
-    def __init__(self, channel: Any, method: bytes, uri: bytes, version: bytes, headers: Headers,
-                 body: bytes, started: float) -> None:
+    def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, body: bytes,
+                 started: float) -> None:
         self.channel = channel
-        self.transport = channel.transport
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
-        self.clientproto = version
         self.requestHeaders = headers
         self.responseHeaders = Headers()
         self.content = BytesIO(body)
@@ -73,15 +71,8 @@ class ProxyRequest:
 
     # -- what the resource reads
 
-    def getHeader(self, name: bytes) -> bytes | None:
-        values = self.requestHeaders.getRawHeaders(name)
-        return values[-1] if values else None
-
     def isSecure(self) -> bool:
         return bool(self.channel.secure)
-
-    def getHost(self) -> IAddress:
-        return self.channel.transport.getHost()
 
     def getClientAddress(self) -> IAddress:
         """The socket peer, or behind a trusted proxy the right-most untrusted X-Forwarded-For hop."""
