@@ -50,3 +50,13 @@ def _idle_tcp(transport: Any) -> bool:
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
     )
+
+
+def queued_bytes(transport: Any) -> int | None:
+    """Bytes written to the TCP connection under `transport` (through TLS and wrappers) that the
+    kernel has not taken yet; None when there is no TCP connection to ask."""
+    while transport is not None and not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return None
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trustme
+from twisted.logger import globalLogPublisher
 
 from tests.support.daemon import Daemon
 from tests.support.upstream import FakeUpstream
@@ -63,3 +64,17 @@ def daemon(tmp_path: Path, certs: Certs, upstream: FakeUpstream) -> Iterator[Cal
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def seen_events() -> Iterator[list[dict[str, Any]]]:
+    """The ccproxy security events logged while the test runs."""
+    found: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event"):
+            found.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield found
+    globalLogPublisher.removeObserver(observer)

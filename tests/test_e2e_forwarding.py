@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -322,3 +323,31 @@ def test_slow_client_slows_the_upstream_read(daemon, upstream: FakeUpstream) -> 
                 break
     assert len(produced) == total
     assert received >= total * len(events[0])
+
+
+def test_a_client_that_stops_reading_is_cut_after_send_timeout(daemon, upstream: FakeUpstream) -> None:
+    """Slow read: a client that takes nothing of its stream loses the connection after send_timeout,
+    and the upstream request is stopped with it."""
+    d = daemon({"security": {"ddos_protection": {"send_timeout": "2s"}}})
+    payload = "x" * 10_000
+    total = 10_000
+    events = [f"event: content_block_delta\ndata: {{\"t\":\"{payload}\"}}\n\n".encode()] * total
+    produced: list[int] = []
+    upstream.expect(Script(events=events, headers=SSE, before_event=produced.append))
+    ctx = d.ssl_context()
+    with socket.create_connection((d.host, d.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        s.recv(1024)
+        time.sleep(6)  # reads nothing: the buffers fill, then 2 s pass with nothing taken
+        stopped_at = len(produced)
+        s.settimeout(10)
+        received = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    assert received < total * len(events[0]) // 2  # what was buffered, then the cut: not the stream
+    assert stopped_at < total // 2 and len(produced) == stopped_at  # the upstream stopped with it
+    assert "reason=send_timeout" in d.log()

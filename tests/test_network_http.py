@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,26 +11,12 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from zope.interface import directlyProvides
 
 from ccproxy.config.network import DEFAULT_SECURITY_HEADERS
 from tests.support.hardening import Conn, Recorder, config
 
 GOOD = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n"
-
-
-@pytest.fixture
-def seen_events() -> Iterator[list[dict[str, Any]]]:
-    found: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("ccproxy_event"):
-            found.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
 
 
 def body_of(output: bytes) -> Any:

@@ -278,6 +278,7 @@ def test_defaults_are_the_seed_values() -> None:
     assert (d.max_connections, d.max_connections_per_ip, d.max_request_size, d.max_header_size) == (
         10000, 100, 10485760, 8192)
     assert (d.read_timeout, d.header_timeout, d.tls_handshake_timeout, d.idle_timeout) == (30.0, 10.0, 10.0, 75.0)
+    assert d.send_timeout == 60.0
     assert net({}).security_headers.headers[0] == ("X-Content-Type-Options", "nosniff")
 
 
@@ -289,20 +290,21 @@ def test_seed_snippets_parse() -> None:
             "ddos_protection": {"enabled": True, "max_connections": 10000, "max_connections_per_ip": 100,
                                 "max_request_size": 10485760, "max_header_size": 8192,
                                 "read_timeout": "30s", "header_timeout": "10s",
-                                "tls_handshake_timeout": "5s", "idle_timeout": "2m"},
+                                "tls_handshake_timeout": "5s", "idle_timeout": "2m", "send_timeout": "90s"},
             "ip_whitelist": {"enabled": True, "ips": ["10.0.0.0/8", "172.16.0.0/12", "192.168.1.0/24"]},
             "ip_blacklist": {"enabled": True, "ips": ["1.2.3.4"]},
         },
     })
-    assert n.ddos.idle_timeout == 120.0 and n.ddos.tls_handshake_timeout == 5.0
+    assert n.ddos.idle_timeout == 120.0 and n.ddos.tls_handshake_timeout == 5.0 and n.ddos.send_timeout == 90.0
     assert len(n.whitelist.ips) == 3 and n.blacklist.ips == nets("1.2.3.4/32")
     assert n.security_headers.headers == (("X-Frame-Options", "DENY"),)
     assert n.proxy_protocol and n.trusted_proxies == nets("10.0.0.0/8")
 
 
 def test_disabled_protection_keeps_ceilings() -> None:
-    d = net({"security": {"ddos_protection": {"enabled": False}}}).ddos
+    d = net({"security": {"ddos_protection": {"enabled": False, "send_timeout": "30s"}}}).ddos
     assert d.max_connections is None and d.header_timeout is None
+    assert d.send_timeout == 30.0  # it only reclaims connections nobody reads from: it stays
     assert d.max_request_size == 32 * 1024 * 1024
 
 

@@ -275,3 +275,96 @@ def test_settle_heap_freezes_what_start_built() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# -- a client that takes nothing of its response
+
+
+class Upstream:
+    """Stands for the upstream socket a relay registers as producer."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+def streaming_request(send_timeout: float = 5) -> tuple[Conn, ProxyRequest, Upstream]:
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    c = Conn(config(send_timeout=send_timeout), resource=resource).send(GOOD)
+    request, upstream = resource.seen[0], Upstream()
+    request.write(b"data: 1\n\n")
+    request.registerProducer(upstream, True)
+    return c, request, upstream
+
+
+def test_a_client_taking_nothing_for_send_timeout_is_cut(seen_events: list[dict[str, Any]]) -> None:
+    c, request, upstream = streaming_request()
+    c.transport.producer.pauseProducing()  # the client's buffers are full
+    assert upstream.calls == ["pause"]
+    c.clock.advance(4.9)
+    assert not c.transport.disconnecting
+    c.clock.advance(0.2)
+    assert c.transport.disconnecting  # aborted: StringTransport records an abort as disconnecting
+    assert seen_events[-1]["ccproxy_event"] == "request_timeout" and seen_events[-1]["reason"] == "send_timeout"
+    c.channel.connectionLost()
+    assert request._disconnected
+
+
+def test_a_client_that_drains_in_time_keeps_its_stream() -> None:
+    c, request, _ = streaming_request()
+    for _ in range(10):  # paused and resumed again and again: each pause gets its own deadline
+        c.transport.producer.pauseProducing()
+        c.clock.advance(4)
+        c.transport.producer.resumeProducing()
+    assert not c.transport.disconnecting
+    request.unregisterProducer()
+    c.transport.producer = None
+    request.finish()
+    assert c.clock.getDelayedCalls() and all(call.getTime() > c.clock.seconds() + 60 for call in c.clock.getDelayedCalls())
+
+
+def test_a_slow_but_reading_client_pushes_the_deadline_back() -> None:
+    from ccproxy.network.request import SendWatch
+
+    class Channel:
+        def __init__(self) -> None:
+            from tests.support.hardening import Clock
+
+            self.clock = Clock()
+            self.config = config(send_timeout=5)
+            self.transport = Tcp()
+            self.stalled = 0
+
+        def callLater(self, seconds: float, fire: Any) -> Any:
+            return self.clock.callLater(seconds, fire)
+
+        def send_stalled(self) -> None:
+            self.stalled += 1
+
+    from tests.test_sockets import Conn as Tcp_
+    from tests.test_sockets import FakeSocket
+
+    class Tcp(Tcp_):
+        def __init__(self) -> None:
+            super().__init__(FakeSocket())
+            self._tempDataLen = 1000
+
+    channel = Channel()
+    watch = SendWatch(Upstream(), channel)
+    watch.pauseProducing()  # 1000 bytes wait for the client
+    channel.clock.advance(4)
+    channel.transport._tempDataLen = 400  # it takes 600 of them
+    channel.clock.advance(1)
+    assert channel.stalled == 0  # slow, not stalled: a new deadline from here
+    channel.clock.advance(4.9)
+    assert channel.stalled == 0
+    channel.clock.advance(0.2)  # and then it took nothing for a whole send_timeout
+    assert channel.stalled == 1

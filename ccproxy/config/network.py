@@ -54,6 +54,8 @@ class DDoSConfig:
     read_timeout: float | None = 30.0
     tls_handshake_timeout: float | None = 10.0
     idle_timeout: float | None = 75.0
+    # How long a client may take none of a response it is sent before the connection is cut.
+    send_timeout: float | None = 60.0
 
     @classmethod
     def parse(cls, s: Section) -> DDoSConfig:
@@ -67,13 +69,15 @@ class DDoSConfig:
         read_timeout = _deadline(s, "read_timeout", d.read_timeout)
         handshake = _deadline(s, "tls_handshake_timeout", d.tls_handshake_timeout)
         idle = _deadline(s, "idle_timeout", d.idle_timeout)
+        send = _deadline(s, "send_timeout", d.send_timeout)
         if not enabled:
-            # Off: no caps and no request deadlines; sizes keep their hard ceilings. The handshake and
-            # keep-alive timers stay: they only reclaim connections nobody is using.
-            return cls(False, None, None, CEILING_REQUEST_SIZE, CEILING_HEADER_SIZE, None, None, handshake, idle)
+            # Off: no caps and no request deadlines; sizes keep their hard ceilings. The handshake,
+            # keep-alive and send timers stay: they only reclaim connections nobody is using.
+            return cls(False, None, None, CEILING_REQUEST_SIZE, CEILING_HEADER_SIZE, None, None, handshake, idle, send)
         if max_conn is not None and per_ip is not None and per_ip > max_conn:
             raise ConfigError(s.at("max_connections_per_ip"), "cannot exceed max_connections")
-        return cls(True, max_conn, per_ip, request_size, header_size, header_timeout, read_timeout, handshake, idle)
+        return cls(True, max_conn, per_ip, request_size, header_size, header_timeout, read_timeout, handshake, idle,
+                   send)
 
 
 def _deadline(s: Section, key: str, default: float | None) -> float | None:

@@ -367,6 +367,15 @@ class HardenedChannel(Protocol):
                     ip_address=self._peer(), **self._what())
         self.refuse(408, f"request not received within {limit:g}s")
 
+    def send_stalled(self) -> None:
+        """The client has taken nothing of the response for `send_timeout`: cut the connection."""
+        timeout = self.config.ddos.send_timeout
+        events.emit("request_timeout", "warning", reason="send_timeout", limit=timeout,
+                    ip_address=self._peer(), **self._what())
+        self.phase = DEAD
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def _handshake_expired(self) -> None:
         self.timer = None
         events.emit("request_timeout", "info", reason="tls_handshake_timeout",

@@ -22,6 +22,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
 from ccproxy.network.addresses import client_from_forwarded
+from ccproxy.sockets import queued_bytes
 
 _NO_BODY = frozenset({204, 304})
 
@@ -65,7 +66,7 @@ class ProxyRequest:
         self.ccproxy_started = started
         self._chunked = False
         self._no_body = method == b"HEAD"
-        self._producer = False
+        self._producer: SendWatch | None = None
         self._waiters: list[defer.Deferred[None]] = []
         self._client: IAddress | None = None
 
@@ -160,7 +161,7 @@ class ProxyRequest:
         elif self._chunked and not self._no_body:
             self.channel.transport.write(b"0\r\n\r\n")
         self.finished = True
-        if self._producer:
+        if self._producer is not None:
             self.unregisterProducer()
         self.channel.site.log(self)
         self.ccproxy_ctx = None  # the context points back here: without this, every request is a cycle for the GC
@@ -185,12 +186,13 @@ class ProxyRequest:
         if self._disconnected:
             producer.stopProducing()  # nobody is left to read what it would produce
             return
-        self._producer = True
-        self.channel.transport.registerProducer(producer, streaming)
+        self._producer = SendWatch(producer, self.channel)
+        self.channel.transport.registerProducer(self._producer, streaming)
 
     def unregisterProducer(self) -> None:
-        if self._producer:
-            self._producer = False
+        if self._producer is not None:
+            self._producer.cancel()
+            self._producer = None
             self.channel.transport.unregisterProducer()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -200,3 +202,49 @@ class ProxyRequest:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(reason)
+
+
+class SendWatch:
+    """Stands between the client connection and the producer feeding it (the upstream socket).
+
+    The connection pauses the producer when the client takes its bytes slower than they come. A
+    client that then takes nothing at all for `send_timeout` (a slow-read attack, or a client gone
+    without a FIN) would hold the connection, its buffers and an upstream connection for ever: the
+    channel cuts it. A client that is slow but still reading only pushes the deadline back.
+    """
+
+    def __init__(self, producer: Any, channel: Any) -> None:
+        self.producer = producer
+        self.channel = channel
+        self.timer: Any = None
+        self.queued: int | None = None
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+        timeout = self.channel.config.ddos.send_timeout
+        if timeout is not None and self.timer is None:
+            self.queued = queued_bytes(self.channel.transport)
+            self.timer = self.channel.callLater(timeout, self._expired)
+
+    def resumeProducing(self) -> None:
+        self.cancel()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.cancel()
+        self.producer.stopProducing()
+
+    def cancel(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        queued = queued_bytes(self.channel.transport)
+        if queued is not None and self.queued is not None and queued < self.queued:
+            # Some was taken since: slow, not stalled.
+            self.queued = queued
+            self.timer = self.channel.callLater(self.channel.config.ddos.send_timeout, self._expired)
+            return
+        self.channel.send_stalled()
