@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
@@ -9,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -295,50 +297,50 @@ def test_every_response_has_request_id_and_logs_carry_it(daemon, upstream: FakeU
 
 
 
-def test_slow_client_slows_the_upstream_read(daemon, upstream: FakeUpstream) -> None:
-    """Back-pressure: with a client that does not read, the proxy stops reading the upstream
-    instead of buffering the stream in memory."""
-    d = daemon()
-    payload = "x" * 10_000
-    total = 10_000  # 100 MB of events
-    events = [f"event: content_block_delta\ndata: {{\"t\":\"{payload}\"}}\n\n".encode()] * total
-    produced: list[int] = []
-    upstream.expect(Script(events=events, headers=SSE, before_event=produced.append))
+# 100 MB of SSE events, for clients that do not read them.
+BIG_EVENT = ("event: content_block_delta\ndata: {\"t\":\"" + "x" * 10_000 + "\"}\n\n").encode()
+BIG_STREAM = 10_000
+
+
+@contextlib.contextmanager
+def unread_stream(d: Any, upstream: FakeUpstream, produced: list[int]) -> Iterator[ssl.SSLSocket]:
+    """A TLS client that asks for the big stream, reads the first bytes, then nothing for now."""
+    upstream.expect(Script(events=[BIG_EVENT] * BIG_STREAM, headers=SSE, before_event=produced.append))
     ctx = d.ssl_context()
     with socket.create_connection((d.host, d.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         s.recv(1024)
+        yield s
+
+
+def test_slow_client_slows_the_upstream_read(daemon, upstream: FakeUpstream) -> None:
+    """Back-pressure: with a client that does not read, the proxy stops reading the upstream
+    instead of buffering the stream in memory."""
+    d = daemon()
+    produced: list[int] = []
+    whole = BIG_STREAM * len(BIG_EVENT)
+    with unread_stream(d, upstream, produced) as s:
         time.sleep(3)  # the client reads nothing
         stalled_at = len(produced)
-        assert stalled_at < total // 2, f"upstream produced {stalled_at} of {total} events to a client not reading"
+        assert stalled_at < BIG_STREAM // 2, f"upstream produced {stalled_at} events to a client not reading"
         received = 0
         s.settimeout(30)
-        while True:
+        while received < whole:
             chunk = s.recv(1 << 20)
             if not chunk:
                 break
             received += len(chunk)
-            if received >= total * len(events[0]):
-                break
-    assert len(produced) == total
-    assert received >= total * len(events[0])
+    assert len(produced) == BIG_STREAM
+    assert received >= whole
 
 
 def test_a_client_that_stops_reading_is_cut_after_send_timeout(daemon, upstream: FakeUpstream) -> None:
     """Slow read: a client that takes nothing of its stream loses the connection after send_timeout,
     and the upstream request is stopped with it."""
     d = daemon({"security": {"ddos_protection": {"send_timeout": "2s"}}})
-    payload = "x" * 10_000
-    total = 10_000
-    events = [f"event: content_block_delta\ndata: {{\"t\":\"{payload}\"}}\n\n".encode()] * total
     produced: list[int] = []
-    upstream.expect(Script(events=events, headers=SSE, before_event=produced.append))
-    ctx = d.ssl_context()
-    with socket.create_connection((d.host, d.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        s.recv(1024)
+    with unread_stream(d, upstream, produced) as s:
         time.sleep(6)  # reads nothing: the buffers fill, then 2 s pass with nothing taken
         stopped_at = len(produced)
         s.settimeout(10)
@@ -348,6 +350,6 @@ def test_a_client_that_stops_reading_is_cut_after_send_timeout(daemon, upstream:
                 received += len(chunk)
         except (ConnectionResetError, ssl.SSLError):
             pass
-    assert received < total * len(events[0]) // 2  # what was buffered, then the cut: not the stream
-    assert stopped_at < total // 2 and len(produced) == stopped_at  # the upstream stopped with it
+    assert received < BIG_STREAM * len(BIG_EVENT) // 2  # what was buffered, then the cut: not the stream
+    assert stopped_at < BIG_STREAM // 2 and len(produced) == stopped_at  # the upstream stopped with it
     assert "reason=send_timeout" in d.log()
