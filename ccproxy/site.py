@@ -24,19 +24,14 @@ __all__ = ["ACCESS_PUBLISHER", "ProxySite"]
 ACCESS_PUBLISHER = LogPublisher()
 access_log = Logger(namespace="ccproxy.access", observer=ACCESS_PUBLISHER)
 
-# Idle time allowed on a kept-alive connection between requests.
-DEFAULT_IDLE_TIMEOUT = 75.0
-
-
 class ProxySite(Factory):
     """Builds a HardenedChannel per connection and hands each request to `resource.render`."""
 
     protocol: Any = HardenedChannel
 
-    def __init__(self, resource: Any, clock: IReactorTime, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(self, resource: Any, clock: IReactorTime) -> None:
         self.resource = resource
         self.clock = clock
-        self.timeOut = timeout
         # The network settings new connections take; the listener points this at the live config.
         self.network: Callable[[], NetworkConfig] = NetworkConfig
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))

@@ -80,9 +80,6 @@ def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
 
 def listener_factory(site: Any, tls: Any, holder: Any, reactor: Any) -> Gate:
     """The factory the listening port uses: the gate, then TLS (if on), then the site."""
-    site.protocol = HardenedChannel
-    # The channel keeps its own deadlines; twisted's idle timer (reset by every byte) is not used.
-    site.timeOut = None
     site.network = lambda: holder.current.config.network
     inner = site if tls is None else _tls_factory(tls, site)
     return Gate(inner, holder, reactor)

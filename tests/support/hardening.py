@@ -11,7 +11,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ccproxy.config.network import DDoSConfig, NetworkConfig
-from ccproxy.network.channel import HardenedChannel
 from ccproxy.site import ProxySite
 
 
@@ -42,8 +41,6 @@ class Conn:
         self.clock = Clock()
         self.resource = resource if resource is not None else Recorder()
         self.site = ProxySite(self.resource, self.clock)
-        self.site.protocol = HardenedChannel
-        self.site.timeOut = None
         cfg = config if config is not None else NetworkConfig()
         self.site.network = lambda: cfg
         addr = IPv4Address("TCP", peer, 40000)
