@@ -28,7 +28,6 @@ import sys
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from ccproxy.config.server import TLSConfig
@@ -49,7 +48,7 @@ class Forward(Resource):
     isLeaf = True
     def render(self, request):
         body = request.content.read()
-        headers = Headers({b"host": [b"upstream"], b"content-type": [b"application/json"]})
+        headers = [(b"Host", [b"upstream"]), (b"Content-Type", [b"application/json"])]
         def relay(response):
             request.setResponseCode(response.code)
             for name, values in response.headers.getAllRawHeaders():

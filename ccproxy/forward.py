@@ -22,7 +22,7 @@ from zope.interface import implementer
 from ccproxy.config.server import UpstreamConfig
 from ccproxy.errors import ANTHROPIC, ApiError
 from ccproxy.routes import Route
-from ccproxy.upstream import PoolKey, UpstreamPool, UpstreamResponse
+from ccproxy.upstream import Fields, PoolKey, UpstreamPool, UpstreamResponse
 
 log = Logger()
 
@@ -68,15 +68,11 @@ def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[b
             yield name, values
 
 
-# Header fields as the upstream client writes them: (name, values) pairs.
-Fields = list[tuple[bytes, Sequence[bytes]]]
-
-
-def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> Fields:
+def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> list[tuple[bytes, Sequence[bytes]]]:
     """Client headers as the upstream should see them: our key in place of the client's."""
     key = upstream.api_key
     # The Host of the upstream, not the one the client sent to ccproxy.
-    out: Fields = [(b"Host", [upstream_host(upstream)])]
+    out: list[tuple[bytes, Sequence[bytes]]] = [(b"Host", [upstream_host(upstream)])]
     out.extend(end_to_end(client, CREDENTIALS if key is not None else ()))
     if key is not None:
         if api == ANTHROPIC:

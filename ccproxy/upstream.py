@@ -111,14 +111,13 @@ class _Connection(Protocol):
     # Requests
 
     def send(
-        self, method: bytes, path: bytes, headers: Headers | Fields, body: bytes | None
+        self, method: bytes, path: bytes, headers: Fields, body: bytes | None
     ) -> defer.Deferred[UpstreamResponse]:
         self._reset()
         self._method = method
         self._waiting = defer.Deferred(self._cancel)
         lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
-        fields = headers.getAllRawHeaders() if isinstance(headers, Headers) else headers
-        for name, values in fields:
+        for name, values in headers:
             for value in values:
                 lines.append(b"%s: %s\r\n" % (name, value))
         if body is not None:
@@ -330,7 +329,7 @@ class UpstreamPool:
         self._sweep: IDelayedCall | None = None
 
     def request(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes,
-                path: bytes, headers: Headers | Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+                path: bytes, headers: Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         """The response head; cancelling the Deferred aborts the connection or the connect."""
         conn = self._take(key)
         if conn is None:
@@ -348,7 +347,7 @@ class UpstreamPool:
         return d
 
     def _fresh(self, key: PoolKey, endpoint: IStreamClientEndpoint, method: bytes, path: bytes,
-               headers: Headers | Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
+               headers: Fields, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         connecting: defer.Deferred[Any] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(lambda conn: conn.send(method, path, headers, body))
 

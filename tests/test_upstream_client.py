@@ -13,7 +13,6 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 
 from ccproxy.upstream import UpstreamPool, UpstreamResponse
 
@@ -46,7 +45,7 @@ class Body(Protocol):
 
 def start(pool: UpstreamPool, endpoint: Endpoint, method: bytes = b"POST",
           body: bytes | None = b"{}") -> defer.Deferred[UpstreamResponse]:
-    headers = Headers({b"host": [b"up.example"], b"x-api-key": [b"k"]})
+    headers = [(b"Host", [b"up.example"]), (b"X-Api-Key", [b"k"])]
     return defer.ensureDeferred(pool.request("key", endpoint, method, b"/v1/messages", headers, body))  # type: ignore[arg-type]
 
 
