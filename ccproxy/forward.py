@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
 _FRAMING = frozenset({b"host", b"content-length"})
 CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
 _SKIP = HOP_BY_HOP | _FRAMING
+_SKIP_KEEPING_LENGTH = _SKIP - {b"content-length"}
 
 
 # The usual Connection values name nothing beyond the hop-by-hop set: no parsing needed.
@@ -59,10 +60,15 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _not_passed_on(headers: Headers, base: frozenset[bytes] = _SKIP, also: Iterable[bytes] = ()) -> frozenset[bytes]:
+    """Lower-case names of `headers` that do not cross the proxy: `base`, those `Connection` names, `also`."""
+    named = _connection_tokens(headers)
+    return base | named | frozenset(also) if named or also else base
+
+
 def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The end-to-end headers of a message: hop-by-hop ones, and those `Connection` names, removed."""
-    named = _connection_tokens(headers)
-    skip = _SKIP | named | frozenset(drop) if named or drop else _SKIP
+    skip = _not_passed_on(headers, also=drop)
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip:
             yield name, values
@@ -85,11 +91,8 @@ def upstream_headers(client: Headers, upstream: UpstreamConfig, api: str) -> lis
 def response_headers(upstream: Headers, keep_length: bool) -> Headers:
     """The upstream's response headers, made fit for the client in place: hop-by-hop ones, and
     those `Connection` names, removed; Content-Length too unless the body goes through unchanged."""
-    named = _connection_tokens(upstream)
-    drop = [name for name, _ in upstream.getAllRawHeaders()
-            if (lower := name.lower()) in HOP_BY_HOP or lower in named or lower == b"host"
-            or (lower == b"content-length" and not keep_length)]
-    for name in drop:
+    skip = _not_passed_on(upstream, _SKIP_KEEPING_LENGTH if keep_length else _SKIP)
+    for name in [name for name, _ in upstream.getAllRawHeaders() if name.lower() in skip]:
         upstream.removeHeader(name)
     return upstream
 
