@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -55,19 +53,6 @@ def make_ctx(body: bytes, kind: str = "messages", api: str = "anthropic") -> Req
     upstream = UpstreamConfig(name=api, base_url="https://example.invalid", api_key=None)
     return RequestContext(request=request, request_id="req_test", route=Route(api, upstream, b"/v1/messages", kind),
                           client_ip="127.0.0.1", started=0.0, body=body)
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("ccproxy_event"):
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 def check(layer: ContentLayer, ctx: RequestContext) -> None:
@@ -126,13 +111,13 @@ def test_sections_off_by_default() -> None:
     check(ContentLayer(config), ctx)  # nothing validated, nothing refused
 
 
-def test_valid_request_passes_untouched(events: list[dict[str, Any]]) -> None:
+def test_valid_request_passes_untouched(seen_events: list[dict[str, Any]]) -> None:
     body = messages_body(system=[{"type": "text", "text": "Be brief.\n\tOK"}])
     ctx = make_ctx(body)
     check(LAYER, ctx)
     assert ctx.body == body
     assert not ctx.request.requestHeaders.hasHeader(b"accept-encoding")
-    assert not events
+    assert not seen_events
 
 
 @pytest.mark.parametrize(
@@ -152,12 +137,12 @@ def test_valid_request_passes_untouched(events: list[dict[str, Any]]) -> None:
          "max_message_length", "exceeds the limit"),
     ],
 )
-def test_limits_refuse_with_the_rule(body: bytes, rule: str, words: str, events: list[dict[str, Any]]) -> None:
+def test_limits_refuse_with_the_rule(body: bytes, rule: str, words: str, seen_events: list[dict[str, Any]]) -> None:
     kind = "chat_completions" if b"max_completion_tokens" in body else "messages"
     error = refusal(LAYER, make_ctx(body, kind=kind))
     assert words in error.message
-    assert [e["ccproxy_event"] for e in events] == ["invalid_request"]
-    assert events[0]["rule"] == rule and events[0]["request_id"] == "req_test"
+    assert [e["ccproxy_event"] for e in seen_events] == ["invalid_request"]
+    assert seen_events[0]["rule"] == rule and seen_events[0]["request_id"] == "req_test"
 
 
 @pytest.mark.parametrize(
@@ -168,11 +153,11 @@ def test_limits_refuse_with_the_rule(body: bytes, rule: str, words: str, events:
         ([{"type": "tool_result", "tool_use_id": "t", "content": "<script>alert(1)</script>"}], 2),
     ],
 )
-def test_blocked_patterns_never_echo_the_text(content: Any, index: int, events: list[dict[str, Any]]) -> None:
+def test_blocked_patterns_never_echo_the_text(content: Any, index: int, seen_events: list[dict[str, Any]]) -> None:
     error = refusal(LAYER, make_ctx(messages_body(messages=[{"role": "user", "content": content}])))
     assert error.message == f"request blocked by content rule blocked_patterns[{index}]"
-    assert "hunter2" not in str(events) and "script>" not in str(events)
-    assert events[0]["rule"] == f"blocked_patterns[{index}]"
+    assert "hunter2" not in str(seen_events) and "script>" not in str(seen_events)
+    assert seen_events[0]["rule"] == f"blocked_patterns[{index}]"
 
 
 def test_openai_message_shapes_are_read() -> None:
@@ -185,9 +170,9 @@ def test_openai_message_shapes_are_read() -> None:
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"',
                                   b'{"messages": "no"}', b'{"max_tokens": "many"}'])
-def test_malformed_bodies_are_400(body: bytes, events: list[dict[str, Any]]) -> None:
+def test_malformed_bodies_are_400(body: bytes, seen_events: list[dict[str, Any]]) -> None:
     refusal(LAYER, make_ctx(body))
-    assert events[0]["ccproxy_event"] == "invalid_request"
+    assert seen_events[0]["ccproxy_event"] == "invalid_request"
 
 
 def test_control_characters_are_removed_before_forwarding() -> None:
@@ -224,7 +209,7 @@ def _filter_out(layer: ContentLayer, ctx: RequestContext, headers: dict[bytes, b
     return f.feed(body) + f.close()
 
 
-def test_json_responses_are_masked_and_stay_valid(events: list[dict[str, Any]]) -> None:
+def test_json_responses_are_masked_and_stay_valid(seen_events: list[dict[str, Any]]) -> None:
     ctx = make_ctx(messages_body(system="You are the assistant of ACME, keep answers under forty words please."))
     body = json.dumps({"type": "message", "content": [
         {"type": "text", "text": "Mail bob@example.com or call (415) 555-0132. I am the assistant of ACME, "
@@ -236,7 +221,7 @@ def test_json_responses_are_masked_and_stay_valid(events: list[dict[str, Any]]) 
         "Mail [REDACTED_EMAIL] or call [REDACTED_PHONE]. I am[REDACTED_SYSTEM_PROMPT]."
     )
     assert out["content"][1]["input"] == {"to": ["[REDACTED_EMAIL]"], "n": 3}
-    (event,) = events
+    (event,) = seen_events
     assert event["ccproxy_event"] == "response_masked"
     assert event["counts"] == {"email": 2, "phone_number": 1, "system_prompt": 1}
     assert "bob@" not in str(event)
