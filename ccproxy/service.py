@@ -11,10 +11,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from ccproxy import audit, events, network
+from ccproxy import audit, events
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
+from ccproxy.network.listener import listener_factory
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
@@ -52,7 +53,7 @@ class ProxyService(Service):
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
-        factory = network.listener_factory(site, self.tls, self.holder, self.reactor)
+        factory = listener_factory(site, self.tls, self.holder, self.reactor)
         self.port = self.reactor.listenTCP(
             config.server.port, factory, backlog=1024, interface=config.server.host
         )

@@ -1,7 +1,7 @@
 """The factory behind the listener: a HardenedChannel per connection, and the access log.
 
-Requests are read by `ccproxy.network.channel.HardenedChannel` and answered as
-`ccproxy.network.request.ProxyRequest`s by the site's resource (`ccproxy.resource.ProxyResource`).
+Requests are read by `ccproxy.http.server.HardenedChannel` and answered as
+`ccproxy.http.request.ProxyRequest`s by the site's resource (`ccproxy.resource.ProxyResource`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from ccproxy.config.network import NetworkConfig
+from ccproxy.http.server import HardenedChannel
 from ccproxy.network.addresses import NetworkSet
-from ccproxy.network.channel import HardenedChannel
 
 __all__ = ["ACCESS_PUBLISHER", "ProxySite"]
 
