@@ -34,6 +34,10 @@ EVENT_FIELDS = {
     "response_masked": {"count": 2, "patterns": ["credit_card"]},
     "upstream_error": {"status": 502, "upstream": "anthropic", "reason": "connection refused"},
     "audit_records_lost": {"count": 3, "output": "syslog tcp 127.0.0.1:514"},
+    "audit_file_damaged": {"file": "/var/log/ccproxy/audit.log", "offset": 4096, "partial_bytes": 17},
+    "audit_file_replaced": {"file": "/var/log/ccproxy/audit.log", "found": "deleted"},
+    "audit_records_missing": {"file": "/var/log/ccproxy/audit.log", "missing_from": 9, "missing_to": 12},
+    "privacy_subject_erased": {"subject": "0f" * 16, "kind": "user_id"},
 }
 
 

@@ -31,7 +31,14 @@ KNOWN_EVENTS = (
     "response_masked",
     "upstream_error",
     "audit_records_lost",
+    "audit_file_damaged",
+    "audit_file_replaced",
+    "audit_records_missing",
+    "privacy_subject_erased",
 )
+# What the trail says about its own evidence is always written, whatever `events` filters out.
+ALWAYS = ("audit_records_lost", "audit_file_damaged", "audit_file_replaced", "audit_records_missing",
+          "privacy_subject_erased")
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
@@ -51,6 +58,7 @@ class FileOutput:
     retention: float | None = None
     flush_interval: float = 0.2
     sync_interval: float = 1.0
+    checkpoint_path: str = ""
 
 
 @attrs.frozen
@@ -79,6 +87,8 @@ class AuditConfig:
     anonymize_method: str = "truncate"
     anonymize_key: Secret | None = None
     data_retention: float | None = None
+    checkpoint_interval: float = 300.0
+    signing_key: str | None = None  # an Ed25519 private key (PEM) that signs checkpoints
 
     @classmethod
     def parse(cls, root: Section) -> AuditConfig:
@@ -96,10 +106,16 @@ class AuditConfig:
         if not outputs:
             raise ConfigError(audit.at("outputs"), "an enabled audit trail needs at least one output")
         _check_distinct(outputs, audit.at("outputs"))
+        checkpoints = audit.section("checkpoints")
+        interval = checkpoints.duration("interval", 300.0, min=1.0, max=86400.0)
+        signing_key = checkpoints.file("signing_key", None)
+        if signing_key is not None:
+            _check_signing_key(signing_key, checkpoints.at("signing_key"))
+        checkpoints.done()
         return cls(
             enabled=True, events=events, outputs=outputs, hmac_key=audit.secret("hmac_key", None),
             anonymize_logs=anonymize, anonymize_method=method, anonymize_key=anon_key,
-            data_retention=data_retention,
+            data_retention=data_retention, checkpoint_interval=interval, signing_key=signing_key,
         )
 
 
@@ -129,8 +145,8 @@ def _parse_events(audit: Section) -> tuple[str, ...]:
             hint = difflib.get_close_matches(name, KNOWN_EVENTS, n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigError(f"{audit.at('events')}[{i}]", f"unknown event {name!r}{suffix}")
-    # Losing records is always reported, whatever the filter says.
-    return tuple(dict.fromkeys((*names, "audit_records_lost")))
+    # Losing records, and what the trail finds wrong with its own files, is always reported.
+    return tuple(dict.fromkeys((*names, *ALWAYS)))
 
 
 def _parse_output(item: Any, path: str, base_dir: str) -> Output:
@@ -139,14 +155,16 @@ def _parse_output(item: Any, path: str, base_dir: str) -> Output:
     records = section.string("records", "audit", choices=("audit", "access"))
     out: Output
     if kind == "file":
+        path = section.file("path")
         out = FileOutput(
-            path=section.file("path"),
+            path=path,
             records=records,
             rotation=section.string("rotation", "daily", choices=("daily",)),
             max_size=section.size("max_size", None, min=4096),
             retention=section.duration("retention", None, min=3600.0),
             flush_interval=section.duration("flush_interval", 0.2, min=0.001, max=10.0),
             sync_interval=section.duration("sync_interval", 1.0, min=0.01, max=300.0),
+            checkpoint_path=section.file("checkpoint_path", path + ".checkpoints"),
         )
     else:
         out = _parse_syslog(section, records)
@@ -180,7 +198,19 @@ def _parse_syslog(section: Section, records: str) -> SyslogOutput:
 def _check_distinct(outputs: tuple[Output, ...], path: str) -> None:
     seen: set[str] = set()
     for i, out in enumerate(outputs):
-        key = out.path if isinstance(out, FileOutput) else out.spool_path
-        if key in seen:
-            raise ConfigError(f"{path}[{i}]", f"{key} is already used by another output")
-        seen.add(key)
+        keys = (out.path, out.checkpoint_path) if isinstance(out, FileOutput) else (out.spool_path,)
+        for key in keys:
+            if key in seen:
+                raise ConfigError(f"{path}[{i}]", f"{key} is already used by another output")
+            seen.add(key)
+
+
+def _check_signing_key(path: str, where: str) -> None:
+    from ccproxy.audit._checkpoint import load_private_key
+
+    try:
+        load_private_key(path)
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(where, f"{path}: not an unencrypted Ed25519 private key in PEM ({e})") from None
