@@ -150,7 +150,7 @@ class RecordBuilder:
             "request_id": value(_dash_none(event.get("request_id")), 0),
             "ip_address": value(event.get("client_ip"), 0),
             "api_key_id": value(_dash_none(event.get("key_id")), 0),
-            "user_id": None,
+            "user_id": value(event.get("user_id"), 0),
             "reason": None,
             "method": value(event.get("method"), 0),
             "path": value(event.get("path"), 0),

@@ -47,6 +47,9 @@ class AuditTrail:
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_call: Any = None
         self._pending: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.privacy: Any = None
+        self.sealer: Any = None  # with right_to_deletion: seals each record's personal fields
+        self._privacy_call: Any = None
         self.builder = RecordBuilder(Scrubber(()), None)
         self.stopped = False
         self.failed = False
@@ -69,9 +72,10 @@ class AuditTrail:
         if self.audit.enabled and not self.stopped:
             self.checkpoint("shutdown")
         self.stopped = True
-        if self._checkpoint_call is not None and self._checkpoint_call.active():
-            self._checkpoint_call.cancel()
-        self._checkpoint_call = None
+        for call in (self._checkpoint_call, self._privacy_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._checkpoint_call = self._privacy_call = None
         events.remove_observer(self)
         self.publisher.removeObserver(self._from_global)
         ACCESS_PUBLISHER.removeObserver(self)
@@ -173,6 +177,8 @@ class AuditTrail:
             return
         now = self.reactor.seconds()
         record = build(now)
+        if self.sealer is not None:
+            self.sealer.seal(record)
         line = self.chains[stream].seal(record)
         for _, sink in targets:
             if isinstance(sink, FileSink):
@@ -189,6 +195,7 @@ class AuditTrail:
             ip_key = audit.anonymize_key.reveal().encode() if audit.anonymize_key else b""
             anonymizer = Anonymizer(audit.anonymize_method, ip_key)
         self.builder = RecordBuilder(Scrubber(config_secrets(config)), anonymizer)
+        self._configure_privacy(config.privacy, strict)
         if audit == self.audit and not self.failed:
             return
         self.audit, self.failed = audit, False
@@ -225,6 +232,46 @@ class AuditTrail:
         self._checkpoint_call = None
         if audit.enabled:
             self._checkpoint_call = self.reactor.callLater(audit.checkpoint_interval, self._checkpoint_tick)
+
+    def _configure_privacy(self, privacy: Any, strict: bool) -> None:
+        """Open the key store the config names (once per change of its settings)."""
+        if privacy == self.privacy:
+            return
+        from ccproxy.privacy import open_store
+        from ccproxy.privacy._seal import Sealer
+
+        sealer = None
+        if privacy.right_to_deletion:
+            try:
+                sealer = Sealer(open_store(privacy))
+            except (OSError, ValueError) as e:
+                if strict:
+                    raise
+                # Keep sealing with the store in use: writing personal data in clear is not an option.
+                log.critical("privacy key store {path} unusable after a reload ({error}): the previous key "
+                             "store stays in use", path=privacy.key_store, error=str(e))
+                return
+        self.privacy, self.sealer = privacy, sealer
+        if self._privacy_call is not None and self._privacy_call.active():
+            self._privacy_call.cancel()
+        self._privacy_call = self.reactor.callLater(0, self._privacy_tick) if sealer is not None else None
+
+    def _privacy_tick(self) -> None:
+        """Once a second: drop cached keys after an erasure, and record the erasures done since."""
+        self._privacy_call = self.reactor.callLater(1.0, self._privacy_tick)
+        assert self.sealer is not None
+        store = self.sealer.store
+        try:
+            if store.changed():
+                self.sealer.forget_cached()
+            erasures = store.take_erasures()
+        except OSError as e:
+            log.error("privacy key store {path}: {error}", path=store.dir, error=e.strerror)
+            return
+        for erasure in erasures:
+            events.emit("privacy_subject_erased", "notice", subject=erasure.get("subject"),
+                        kind=erasure.get("kind"), erased_at=erasure.get("time"), had_key=erasure.get("had_key"),
+                        reason="the subject's key was destroyed: its personal data in every record is unreadable")
 
     def _sink(self, spec: Output, retention: float | None) -> Sink:
         sink: Sink

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ccproxy.audit import _checkpoint
-from ccproxy.audit._file import resume_point, rotated_files
+from ccproxy.audit._file import first_seq, resume_point, rotated_files
 from ccproxy.audit.verify import verify
 
 
@@ -24,7 +24,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--public-key", metavar="PEM", help="Ed25519 key (public, or the private one) of the checkpoints")
     p.add_argument("--received", action="store_true",
                    help="files written by a syslog receiver: each line's record starts at its first '{'")
-    p.add_argument("--config", metavar="PATH", help="the daemon's config: needed to read encrypted files")
     p.set_defaults(func=cmd_verify)
 
     p = audit_sub.add_parser("checkpoint", help="verify each file output's chain, then sign its head to its "
@@ -50,34 +49,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"--public-key: {e}", file=sys.stderr)
             return 2
     key = _env_key(args.key_env)
-    decode, problem = _decoder(args.config)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
     try:
-        report = verify(args.files, key, public, received=args.received, decode=decode)
+        report = verify(args.files, key, public, received=args.received)
     except OSError as e:
         print(f"{e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     print(report.message, file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
-
-
-def _decoder(config_path: str | None) -> tuple[Any, str]:
-    """How to read a line: plain, or decrypted with the at-rest key of the config's key store."""
-    from ccproxy.audit._record import parse_line
-
-    if not config_path:
-        return parse_line, ""
-    from ccproxy.config import ConfigError, load
-
-    try:
-        config = load(config_path)
-    except ConfigError as e:
-        return None, f"{config_path}: invalid: {e}"
-    from ccproxy.privacy import at_rest_decoder
-
-    return at_rest_decoder(config)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -103,34 +81,24 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     key = audit.hmac_key.reveal().encode() if audit.hmac_key else None
     sign = _checkpoint.signer(audit.signing_key, key)
     public = sign.private.public_key() if sign.private is not None else None
-    decode, problem = _decoder(args.config)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
     status = 0
     import time
 
     for spec in outputs:
         files = [p for _, p in rotated_files(spec.path)] + [spec.path, spec.checkpoint_path]
         files = [p for p in files if os.path.exists(p)]
-        report = verify(files, key, public, decode=decode)
+        report = verify(files, key, public)
         if not report.ok:
             print(f"{spec.path}: not signed, the chain does not verify: {report.message}", file=sys.stderr)
             status = 1
             continue
-        head = resume_point(spec.path, decode) or {}
+        head = resume_point(spec.path) or {}
         previous = _checkpoint.last(spec.checkpoint_path, spec.records)
-        first = previous["first"] if previous else _oldest(spec.path, decode)
+        first = previous["first"] if previous else (first_seq(spec.path) or 1)
         cp = _checkpoint.make(spec.records, head["seq"], head["hash"], first, time.time(), sign, "request")
         _checkpoint.append(spec.checkpoint_path, cp)
         print(f"{spec.checkpoint_path}: checkpoint seq {cp['seq']} ({cp['alg']}) at {cp['time']}")
     return status
-
-
-def _oldest(path: str, decode: Any) -> int:
-    from ccproxy.audit._file import first_seq
-
-    return first_seq(path, decode) or 1
 
 
 def cmd_gen_key(args: argparse.Namespace) -> int:

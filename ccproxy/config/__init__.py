@@ -20,6 +20,7 @@ from ccproxy.config.auth import AuthConfig
 from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
 from ccproxy.config.network import NetworkConfig
+from ccproxy.config.privacy import PrivacyConfig
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
@@ -35,6 +36,7 @@ class Config:
     limits: LimitsConfig
     content: ContentConfig
     audit: AuditConfig
+    privacy: PrivacyConfig = attrs.Factory(PrivacyConfig)
 
     def effective(self) -> dict[str, Any]:
         """The parsed config as plain data, every secret masked."""
@@ -101,6 +103,7 @@ def _build(root: Section) -> Config:
         limits=LimitsConfig.parse(root),
         content=ContentConfig.parse(root),
         audit=AuditConfig.parse(root),
+        privacy=PrivacyConfig.parse(root),
     )
 
 

@@ -124,9 +124,6 @@ def _parse_gdpr(gdpr: Section) -> tuple[bool, str, Secret | None, float | None]:
         for key in list(gdpr.keys()):
             gdpr.raw(key, None)
         return False, "truncate", None, None
-    for name in ("right_to_deletion", "data_portability"):
-        if gdpr.boolean(name, False):
-            raise ConfigError(gdpr.at(name), "not supported yet (ccproxy stores no personal data besides its logs)")
     anonymize = bool(gdpr.boolean("anonymize_logs", False))
     method = gdpr.string("anonymize_method", "truncate", choices=("truncate", "hash"))
     secret = gdpr.secret("anonymize_key", None)

@@ -1,0 +1,109 @@
+"""Crypto-shredding on a task.Clock: records sealed per subject, erasure, the key store and its master key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ccproxy import events
+from ccproxy.audit.verify import verify
+from ccproxy.privacy import KeyStore, KeyStoreError, open_sealed
+from ccproxy.privacy._keys import master_key
+from tests.support.audit import Harness
+
+MASTER = "privacy-test-master-key-000000000000000000000"
+
+
+def _harness(tmp: Path) -> Harness:
+    return Harness(tmp, {"outputs": [{"type": "file", "path": str(tmp / "audit.log")}]},
+                   privacy={"gdpr": {"right_to_deletion": True},
+                            "keys": {"store": str(tmp / "keys"), "master_key": MASTER}})
+
+
+def _store(tmp: Path) -> KeyStore:
+    return KeyStore(str(tmp / "keys"), master_key(MASTER)).open()
+
+
+def test_personal_fields_are_sealed_under_the_subject_and_open_with_its_key(tmp_path: Path) -> None:
+    h = _harness(tmp_path)
+    try:
+        events.emit("authentication_success", "info", user_id="u-1", api_key_id="k-1", ip_address="192.0.2.9",
+                    reason="login from 192.0.2.9")
+        events.emit("authentication_failure", "warning", ip_address="192.0.2.9", reason="invalid_api_key")
+        events.emit("configuration_change", "notice", outcome="applied")
+        records = h.records()
+    finally:
+        h.stop()
+    data = h.path.read_bytes()
+    for probe in (b"u-1", b"k-1", b"192.0.2.9"):
+        assert probe not in data
+    first, second, third = records
+    assert (first["user_id"], first["api_key_id"], first["ip_address"], first["reason"]) == (None, None, None, None)
+    store = _store(tmp_path)
+    assert first["subject"] == store.subject_id("user_id", "u-1")
+    assert second["subject"] == store.subject_id("ip_address", "192.0.2.9")  # no user, no key: the address
+    assert "subject" not in third and "sealed" not in third  # nothing personal: nothing sealed
+    key = store.subject_key(first["subject"], create=False)
+    assert key is not None
+    opened = open_sealed(first, key)
+    assert opened is not None
+    assert (opened["user_id"], opened["api_key_id"], opened["ip_address"], opened["reason"]) == (
+        "u-1", "k-1", "192.0.2.9", "login from 192.0.2.9")
+    assert open_sealed(second, key) is None  # another subject's key opens nothing
+    assert verify([str(h.path)]).ok
+
+
+def test_forget_destroys_the_key_and_the_trail_records_the_erasure_without_the_name(tmp_path: Path) -> None:
+    h = _harness(tmp_path)
+    try:
+        events.emit("authentication_success", "info", user_id="u-1", api_key_id="k-1")
+        h.records()
+        store = _store(tmp_path)
+        sid = store.subject_id("user_id", "u-1")
+        assert store.forget(sid, "user_id", "2026-01-01T00:00:02Z") is True
+        assert store.subject_key(sid, create=False) is None
+        h.clock.advance(1.0)  # the trail's next look at the store
+        events.emit("authentication_success", "info", user_id="u-1", api_key_id="k-1")
+        records = h.records()
+    finally:
+        h.stop()
+    erased = [r for r in records if r["event"] == "privacy_subject_erased"]
+    assert len(erased) == 1 and erased[0]["subject"] == sid and erased[0]["kind"] == "user_id"
+    assert b"u-1" not in h.path.read_bytes()
+    old, new = records[0], records[-1]
+    assert old["subject"] == new["subject"] == sid
+    fresh = _store(tmp_path).subject_key(sid, create=False)  # a new key for what came after the erasure
+    assert fresh is not None and open_sealed(old, fresh) is None
+    assert open_sealed(new, fresh) is not None
+    assert verify([str(h.path)]).ok
+
+
+def test_the_key_store_needs_the_master_key_it_was_wrapped_with(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    sid = store.subject_id("user_id", "u-2")
+    key = store.subject_key(sid)
+    other = KeyStore(str(tmp_path / "keys"), master_key("another-master-key-0000000000000000000")).open()
+    with pytest.raises(KeyStoreError, match="which is not configured"):
+        other.subject_key(sid, create=False)
+    rotated = KeyStore(str(tmp_path / "keys"), master_key("another-master-key-0000000000000000000"),
+                       [master_key(MASTER)]).open()
+    assert rotated.rewrap() == (2, 0)  # the index key and the subject key
+    assert rotated.rewrap() == (0, 2)
+    alone = KeyStore(str(tmp_path / "keys"), master_key("another-master-key-0000000000000000000")).open()
+    assert alone.subject_key(sid, create=False) == key
+    assert alone.subject_id("user_id", "u-2") == sid
+
+
+def test_files_of_the_store_are_private_and_hold_no_subject(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.subject_key(store.subject_id("user_id", "visible-name"))
+    for path in (tmp_path / "keys").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o077 == 0
+            assert b"visible-name" not in path.read_bytes()
+            if path.suffix == ".key":
+                wrapped: dict[str, Any] = json.loads(path.read_bytes())
+                assert set(wrapped) == {"v", "mk", "key"}
