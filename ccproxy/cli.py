@@ -21,6 +21,9 @@ def check_config(args: argparse.Namespace) -> int:
         return 1
     if args.quiet:
         return 0
+    from ccproxy.config.privacy import report
+
+    print("\n".join(f"# {line}" for line in report(config)))
     print(f"# {args.path}: valid. Effective configuration (secrets masked):")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0

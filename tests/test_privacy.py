@@ -107,3 +107,70 @@ def test_files_of_the_store_are_private_and_hold_no_subject(tmp_path: Path) -> N
             if path.suffix == ".key":
                 wrapped: dict[str, Any] = json.loads(path.read_bytes())
                 assert set(wrapped) == {"v", "mk", "key"}
+
+
+def _at_rest(tmp: Path, **more: Any) -> Harness:
+    return Harness(tmp, {"outputs": [{"type": "file", "path": str(tmp / "audit.log")}, *more.pop("outputs", [])]},
+                   privacy={"hipaa": {"enabled": True, "encryption_at_rest": True},
+                            "keys": {"store": str(tmp / "keys"), "master_key": MASTER}})
+
+
+def test_encryption_at_rest_writes_no_event_name_or_address_and_verify_reads_with_the_key(tmp_path: Path) -> None:
+    from ccproxy.privacy import AtRest
+
+    h = _at_rest(tmp_path)
+    try:
+        for _ in range(3):
+            events.emit("authentication_failure", "warning", ip_address="198.51.100.4", reason="invalid_api_key")
+        h.clock.advance(1.0)
+    finally:
+        h.stop()
+    data = h.path.read_bytes()
+    assert data.count(b"\ne1:") == 2 and data.startswith(b"e1:")
+    for probe in (b"authentication_failure", b"198.51.100.4", b"invalid_api_key", b"timestamp"):
+        assert probe not in data
+    decode = AtRest(_store(tmp_path).at_rest_key(create=False) or b"").decode
+    files = [str(h.path), str(tmp_path / "audit.log.checkpoints")]
+    report = verify(files, decode=decode)
+    assert report.ok and report.records == 3, report.message
+    without = verify(files)
+    assert not without.ok and "encrypted at rest (privacy.hipaa.encryption_at_rest): give --config" in without.message
+    flipped = bytearray(data)
+    flipped[40] ^= 0x01
+    h.path.write_bytes(bytes(flipped))
+    broken = verify(files, decode=decode)
+    assert not broken.ok and broken.message == (
+        f"{h.path}:1: not an audit record (cannot be decrypted: changed, or encrypted with another key): "
+        "changed or corrupted")
+
+
+def test_encryption_at_rest_covers_the_syslog_spool_and_a_restart_resumes_the_chain(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    syslog = {"type": "syslog", "protocol": "tcp", "host": "127.0.0.1", "port": 9, "spool_path": str(spool),
+              "queue_size": 1}
+    h = _at_rest(tmp_path, outputs=[syslog])
+    try:
+        for _ in range(4):
+            events.emit("authentication_failure", "warning", ip_address="198.51.100.4")
+        h.clock.advance(1.0)
+    finally:
+        h.stop()
+    data = spool.read_bytes()
+    assert data and all(line.startswith(b"e1:") for line in data.splitlines())
+    assert b"198.51.100.4" not in data and b"authentication_failure" not in data
+    h2 = _at_rest(tmp_path, outputs=[syslog])
+    try:
+        events.emit("invalid_request", "notice")
+        h2.clock.advance(1.0)
+        sink = next(s for s in h2.trail.sinks.values() if hasattr(s, "spool"))
+        assert [m.split(b" - ", 1)[1][:14] for m in sink.spool.read(10)][:2] == [b'{"timestamp":"'] * 2
+    finally:
+        h2.stop()
+    decode = _decoder(tmp_path)
+    assert [decode(line)["seq"] for line in h.path.read_bytes().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def _decoder(tmp: Path) -> Any:
+    from ccproxy.privacy import AtRest
+
+    return AtRest(_store(tmp).at_rest_key(create=False) or b"").decode

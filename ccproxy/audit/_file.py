@@ -110,8 +110,10 @@ def resume_point(path: str, decode: Decode = parse_line) -> dict[str, Any] | Non
 class FileSink:
     def __init__(self, spec: FileOutput, clock: Any, run_in_thread: RunInThread,
                  data_retention: float | None = None, report_loss: Report | None = None,
-                 notice: Notice | None = None, rotated: Callable[[list[str]], None] | None = None) -> None:
+                 notice: Notice | None = None, rotated: Callable[[list[str]], None] | None = None,
+                 decode: Decode = parse_line) -> None:
         self.spec = spec
+        self.decode = decode  # how this file's lines are read (decrypted, with encryption at rest)
         self.notice: Notice = notice or (lambda name, severity, fields: None)
         # Called after a rotation, with the files retention removed (the trail checkpoints then).
         self.rotated = rotated or (lambda removed: None)
@@ -138,7 +140,7 @@ class FileSink:
         os.makedirs(os.path.dirname(self.spec.path) or ".", mode=0o700, exist_ok=True)
         self._open()
         self._seal_partial_tail()
-        last = last_record(self.spec.path)
+        last = last_record(self.spec.path, self.decode)
         self.day = str(last["timestamp"])[:10] if last and isinstance(last.get("timestamp"), str) else day_of(now)
         if self.size and self.day != day_of(now):
             self._rotate()
@@ -216,7 +218,7 @@ class FileSink:
         partial = tail[cut:]
         self._write_all(b"\n")
         try:
-            parse_line(partial)
+            self.decode(partial)
             return  # the record is whole, only its newline was lost
         except NotCanonical:
             pass

@@ -39,6 +39,9 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
+ENCRYPTED = b"e1:"  # the prefix of a line encrypted at rest (ccproxy.privacy.AtRest)
+
+
 class NotCanonical(ValueError):
     """A line that is not exactly one record in the form the trail writes."""
 
@@ -71,6 +74,9 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     except NotCanonical:
         raise
     except ValueError:
+        if raw.startswith(ENCRYPTED):
+            raise NotCanonical("encrypted at rest (privacy.hipaa.encryption_at_rest): give --config so that the "
+                               "key store's file key can be read") from None
         raise NotCanonical("not a JSON object (bytes before or after the record, or a cut line)") from None
     if not isinstance(value, dict):
         raise NotCanonical("not a JSON object")

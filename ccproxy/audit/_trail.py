@@ -20,6 +20,7 @@ from ccproxy.audit._scrub import Anonymizer, Scrubber, config_secrets
 from ccproxy.audit._syslog import SyslogSink
 from ccproxy.config.audit import AuditConfig, FileOutput, Output
 from ccproxy.config.audit import SyslogOutput as SyslogSpec
+from ccproxy.privacy._seal import plain_decode
 from ccproxy.site import ACCESS_PUBLISHER
 
 ACCESS_NAMESPACE = "ccproxy.access"
@@ -49,6 +50,8 @@ class AuditTrail:
         self._pending: list[tuple[str, str, str, dict[str, Any]]] = []
         self.privacy: Any = None
         self.sealer: Any = None  # with right_to_deletion: seals each record's personal fields
+        self.at_rest: Any = None  # with encryption_at_rest: encrypts each line of files and spools
+        self.decode: Any = plain_decode
         self._privacy_call: Any = None
         self.builder = RecordBuilder(Scrubber(()), None)
         self.stopped = False
@@ -144,7 +147,7 @@ class AuditTrail:
 
     def _rotated(self, stream: str, path: str, removed: list[str]) -> None:
         if removed:  # our own retention moved the start of the chain: the next checkpoint says so
-            oldest = first_seq(path)
+            oldest = first_seq(path, self.decode)
             if oldest is not None:
                 self.first[stream] = oldest
         self.reactor.callLater(0, self._checkpoint_after_rotation)
@@ -180,9 +183,10 @@ class AuditTrail:
         if self.sealer is not None:
             self.sealer.seal(record)
         line = self.chains[stream].seal(record)
+        stored = self.at_rest.seal(line) if self.at_rest is not None else line
         for _, sink in targets:
             if isinstance(sink, FileSink):
-                sink.write(line, now)
+                sink.write(stored, now)
             else:
                 sink.write(record, line, now)
 
@@ -237,21 +241,27 @@ class AuditTrail:
         """Open the key store the config names (once per change of its settings)."""
         if privacy == self.privacy:
             return
-        from ccproxy.privacy import open_store
+        from ccproxy.privacy import AtRest, open_store
         from ccproxy.privacy._seal import Sealer
 
-        sealer = None
-        if privacy.right_to_deletion:
+        sealer = at_rest = None
+        if privacy.right_to_deletion or privacy.encryption_at_rest:
             try:
-                sealer = Sealer(open_store(privacy))
+                store = open_store(privacy)
+                sealer = Sealer(store) if privacy.right_to_deletion else None
+                at_rest = AtRest(store.at_rest_key() or b"") if privacy.encryption_at_rest else None
             except (OSError, ValueError) as e:
                 if strict:
                     raise
-                # Keep sealing with the store in use: writing personal data in clear is not an option.
+                # Keep the store in use: writing personal data in clear is not an option.
                 log.critical("privacy key store {path} unusable after a reload ({error}): the previous key "
                              "store stays in use", path=privacy.key_store, error=str(e))
                 return
-        self.privacy, self.sealer = privacy, sealer
+        self.privacy, self.sealer, self.at_rest = privacy, sealer, at_rest
+        self.decode = at_rest.decode if at_rest is not None else plain_decode
+        for sink in self.sinks.values():
+            if isinstance(sink, SyslogSink):
+                sink.spool.codec = at_rest
         if self._privacy_call is not None and self._privacy_call.active():
             self._privacy_call.cancel()
         self._privacy_call = self.reactor.callLater(0, self._privacy_tick) if sealer is not None else None
@@ -279,10 +289,11 @@ class AuditTrail:
             stream, path = spec.records, spec.path
             sink = FileSink(spec, self.reactor, self.run_in_thread, retention, _report_loss,
                             notice=lambda name, severity, fields: self._notice(stream, name, severity, fields),
-                            rotated=lambda removed: self._rotated(stream, path, removed))
+                            rotated=lambda removed: self._rotated(stream, path, removed), decode=self.decode)
         else:
             assert isinstance(spec, SyslogSpec)
             sink = SyslogSink(spec, self.reactor, _report_loss)
+            sink.spool.codec = self.at_rest
         sink.start()
         return sink
 
@@ -294,7 +305,7 @@ class AuditTrail:
         last: Any = None
         files = [s for s in self.audit.outputs if isinstance(s, FileOutput) and s.records == stream]
         if files:
-            last = resume_point(files[0].path)
+            last = resume_point(files[0].path, self.decode)
         else:  # syslog outputs only: the head saved beside the spool at the last stop
             for spec in self.audit.outputs:
                 if isinstance(spec, SyslogSpec) and spec.records == stream and last is None:
@@ -314,7 +325,7 @@ class AuditTrail:
         the chain, where verify finds it, and a notice says what was found.
         """
         cp = _checkpoint.last(spec.checkpoint_path, stream)
-        oldest = first_seq(spec.path)
+        oldest = first_seq(spec.path, self.decode)
         if cp is None:
             self.first[stream] = oldest if oldest is not None else seq + 1
             return seq, head

@@ -24,6 +24,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--public-key", metavar="PEM", help="Ed25519 key (public, or the private one) of the checkpoints")
     p.add_argument("--received", action="store_true",
                    help="files written by a syslog receiver: each line's record starts at its first '{'")
+    p.add_argument("--config", metavar="PATH",
+                   help="the daemon's config: its key store's file key reads files encrypted at rest")
     p.set_defaults(func=cmd_verify)
 
     p = audit_sub.add_parser("checkpoint", help="verify each file output's chain, then sign its head to its "
@@ -49,13 +51,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"--public-key: {e}", file=sys.stderr)
             return 2
     key = _env_key(args.key_env)
+    decode, problem = _decoder(args.config)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
-        report = verify(args.files, key, public, received=args.received)
+        report = verify(args.files, key, public, received=args.received, decode=decode)
     except OSError as e:
         print(f"{e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     print(report.message, file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
+
+
+def _decoder(config_path: str | None) -> tuple[Any, str]:
+    """How to read a line: as it is, or decrypted with the file key of the config's key store."""
+    from ccproxy.privacy import at_rest_decoder, plain_decode
+
+    if not config_path:
+        return plain_decode, ""
+    from ccproxy.config import ConfigError, load
+
+    try:
+        config = load(config_path)
+    except ConfigError as e:
+        return None, f"{config_path}: invalid: {e}"
+    return at_rest_decoder(config)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -81,20 +102,24 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     key = audit.hmac_key.reveal().encode() if audit.hmac_key else None
     sign = _checkpoint.signer(audit.signing_key, key)
     public = sign.private.public_key() if sign.private is not None else None
+    decode, problem = _decoder(args.config)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     status = 0
     import time
 
     for spec in outputs:
         files = [p for _, p in rotated_files(spec.path)] + [spec.path, spec.checkpoint_path]
         files = [p for p in files if os.path.exists(p)]
-        report = verify(files, key, public)
+        report = verify(files, key, public, decode=decode)
         if not report.ok:
             print(f"{spec.path}: not signed, the chain does not verify: {report.message}", file=sys.stderr)
             status = 1
             continue
-        head = resume_point(spec.path) or {}
+        head = resume_point(spec.path, decode) or {}
         previous = _checkpoint.last(spec.checkpoint_path, spec.records)
-        first = previous["first"] if previous else (first_seq(spec.path) or 1)
+        first = previous["first"] if previous else (first_seq(spec.path, decode) or 1)
         cp = _checkpoint.make(spec.records, head["seq"], head["hash"], first, time.time(), sign, "request")
         _checkpoint.append(spec.checkpoint_path, cp)
         print(f"{spec.checkpoint_path}: checkpoint seq {cp['seq']} ({cp['alg']}) at {cp['time']}")

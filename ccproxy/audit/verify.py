@@ -94,6 +94,9 @@ def verify(paths: Sequence[str], key: bytes | None = None, public_key: Ed25519Pu
     files.sort(key=_first_seq)
     entries = [e for f in files for e in f]
     if not any(e.record is not None for e in entries):
+        bad = next((e for e in entries if e.fault), None)
+        if bad is not None:
+            return Report(False, f"{bad.file}:{bad.line}: not an audit record ({bad.fault})")
         return Report(False, "no audit records found")
     stream = _stream(entries)
     marks, fault = _checkpoints(checkpoints, stream, public_key, key)

@@ -21,6 +21,7 @@ from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
 from ccproxy.config.network import NetworkConfig
 from ccproxy.config.privacy import PrivacyConfig
+from ccproxy.config.privacy import check as privacy_check
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
@@ -85,6 +86,7 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
     root = Section(data, "", base_dir)
     try:
         config = _build(root)
+        privacy_check(config)
     except ConfigError as e:
         # A misspelt key is the likelier cause of a fault found beside it: report the typo.
         raise (root.typo_near(e.path) or e) from None
@@ -94,7 +96,6 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
 
 def _build(root: Section) -> Config:
     root.unbuilt("monitoring")
-    root.section("privacy").unbuilt("hipaa")
     return Config(
         server=ServerConfig.parse(root.section("server")),
         upstreams=UpstreamsConfig.parse(root.section("upstreams")),

@@ -72,6 +72,10 @@ class SyslogOutput:
     queue_size: int = 10000
     spool_path: str = ""
     spool_max_size: int = 100 * 1024 * 1024
+    # RFC 5425: syslog over TLS (tcp only), the server checked against ca_file (default: system CAs).
+    tls: bool = False
+    ca_file: str | None = None
+    server_name: str | None = None
 
 
 Output = FileOutput | SyslogOutput
@@ -171,13 +175,22 @@ def _parse_output(item: Any, path: str, base_dir: str) -> Output:
 
 def _parse_syslog(section: Section, records: str) -> SyslogOutput:
     protocol = section.string("protocol", "udp", choices=("tcp", "udp", "unix"))
+    tls = section.section("tls")
+    use_tls = bool(tls.enabled(bool(tls.data)))
+    if use_tls and protocol != "tcp":
+        raise ConfigError(tls.path, "syslog over TLS (RFC 5425) needs protocol tcp")
+    ca_file = tls.file("ca_file", None) if use_tls else None
+    server_name = tls.string("server_name", None) if use_tls else None
+    if not use_tls:
+        for key in list(tls.keys()):
+            tls.raw(key, None)
     if protocol == "unix":
         host, port = section.file("path", "/dev/log"), 0
         section.not_supported("host", "not used with protocol unix (set path)")
         section.not_supported("port", "not used with protocol unix (set path)")
     else:
         host = section.string("host")
-        port = section.integer("port", 514, min=1, max=65535)
+        port = section.integer("port", 6514 if use_tls else 514, min=1, max=65535)
         section.not_supported("path", "only used with protocol unix")
     facility = section.string("facility", "auth", choices=tuple(FACILITIES))
     app_name = section.string("app_name", "ccproxy")
@@ -189,6 +202,7 @@ def _parse_syslog(section: Section, records: str) -> SyslogOutput:
         app_name=app_name, queue_size=section.integer("queue_size", 10000, min=1),
         spool_path=section.file("spool_path", default_spool),
         spool_max_size=section.size("spool_max_size", 100 * 1024 * 1024, min=0),
+        tls=use_tls, ca_file=ca_file, server_name=server_name,
     )
 
 

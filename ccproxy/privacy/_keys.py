@@ -3,6 +3,7 @@
 Layout under `privacy.keys.store` (directory 0700, files 0600):
 
     index.key             the key of subject ids (HMAC), wrapped
+    at-rest.key           the key of whole-record encryption at rest (HIPAA), wrapped
     subjects/<sid>.key    one subject's key, wrapped
     generation            bumped by every erasure: the daemon drops its cached keys when it changes
     erasures.pending      erasures the daemon has not yet recorded in the audit trail
@@ -119,6 +120,9 @@ class KeyStore:
             self._index = key
         return self._index
 
+    def at_rest_key(self, create: bool = True) -> bytes | None:
+        return self._get("at-rest.key", create)
+
     def subject_id(self, kind: str, value: str) -> str:
         """A keyed digest of the subject: stable, and naming no one without the key store."""
         return hmac.new(self.index_key(), f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -199,8 +203,9 @@ class KeyStore:
     # Master key rotation -------------------------------------------------------------------------
 
     def names(self) -> Iterator[str]:
-        if os.path.exists(self._path("index.key")):
-            yield "index.key"
+        for name in ("index.key", "at-rest.key"):
+            if os.path.exists(self._path(name)):
+                yield name
         subjects = self._path("subjects")
         for entry in sorted(os.listdir(subjects)) if os.path.isdir(subjects) else ():
             if entry.endswith(".key"):

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ccproxy.audit._record import ENCRYPTED, NotCanonical, parse_line
 from ccproxy.privacy._keys import KeyStore
 
 # Fields that name or locate a person, wherever an event puts them.
@@ -84,3 +85,38 @@ def open_sealed(record: dict[str, Any], key: bytes) -> dict[str, Any] | None:
     out = {k: v for k, v in record.items() if k != "sealed"}
     out.update(personal)
     return out
+
+
+class AtRest:
+    """Whole-record encryption of file lines and spool entries: `e1:` + base64(nonce + AES-256-GCM).
+
+    A line without the prefix is read as it is (written before encryption was turned on): the
+    chain, not the cipher, is what proves a line belongs.
+    """
+
+    PREFIX = ENCRYPTED
+
+    def __init__(self, key: bytes) -> None:
+        self.aead = AESGCM(key)
+
+    def seal(self, line: bytes) -> bytes:
+        """A line (with or without its newline) in, the encrypted line with a newline out."""
+        nonce = os.urandom(12)
+        body = line[:-1] if line.endswith(b"\n") else line
+        return self.PREFIX + base64.b64encode(nonce + self.aead.encrypt(nonce, body, b"ccproxy at rest")) + b"\n"
+
+    def open(self, raw: bytes) -> bytes:
+        if not raw.startswith(self.PREFIX):
+            return raw
+        try:
+            blob = base64.b64decode(raw[len(self.PREFIX):], validate=True)
+            return self.aead.decrypt(blob[:12], blob[12:], b"ccproxy at rest")
+        except (InvalidTag, ValueError):
+            raise NotCanonical("cannot be decrypted: changed, or encrypted with another key") from None
+
+    def decode(self, raw: bytes) -> dict[str, Any]:
+        return parse_line(self.open(raw))
+
+
+# Reading without the key: parse_line says what an encrypted line is.
+plain_decode = parse_line

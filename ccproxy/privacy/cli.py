@@ -116,14 +116,17 @@ def _since(text: str | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ccproxy.audit._record import parse_line
-    from ccproxy.privacy import open_sealed
+    from ccproxy.privacy import at_rest_decoder, open_sealed
 
     config = _load(args.config)
     if config is None:
         return 1
     if not config.privacy.data_portability:
         print("privacy.gdpr.data_portability is off: turn it on to export a subject's records", file=sys.stderr)
+        return 1
+    decode, problem = at_rest_decoder(config)
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     kind, value = _subject(args)
     store = _store(config) if config.privacy.right_to_deletion else None
@@ -138,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 try:
-                    record = parse_line(raw.rstrip(b"\n"))
+                    record = decode(raw.rstrip(b"\n"))
                 except NotCanonical:
                     continue  # verify is the tool that judges damaged lines
                 if _checkpoint.is_checkpoint(record) or str(record.get("timestamp", "")) < since:
