@@ -15,12 +15,11 @@ from zope.interface import implementer
 from ccproxy import events
 from ccproxy.audit import _checkpoint
 from ccproxy.audit._file import FileSink, RunInThread, first_seq, resume_point
-from ccproxy.audit._record import GENESIS, Chain, RecordBuilder
+from ccproxy.audit._record import GENESIS, Chain, RecordBuilder, parse_line
 from ccproxy.audit._scrub import Anonymizer, Scrubber, config_secrets
 from ccproxy.audit._syslog import SyslogSink
 from ccproxy.config.audit import AuditConfig, FileOutput, Output
 from ccproxy.config.audit import SyslogOutput as SyslogSpec
-from ccproxy.privacy._seal import plain_decode
 from ccproxy.site import ACCESS_PUBLISHER
 
 ACCESS_NAMESPACE = "ccproxy.access"
@@ -51,7 +50,7 @@ class AuditTrail:
         self.privacy: Any = None
         self.sealer: Any = None  # with right_to_deletion: seals each record's personal fields
         self.at_rest: Any = None  # with encryption_at_rest: encrypts each line of files and spools
-        self.decode: Any = plain_decode
+        self.decode: Any = parse_line
         self._privacy_call: Any = None
         self.builder = RecordBuilder(Scrubber(()), None)
         self.stopped = False
@@ -258,7 +257,7 @@ class AuditTrail:
                              "store stays in use", path=privacy.key_store, error=str(e))
                 return
         self.privacy, self.sealer, self.at_rest = privacy, sealer, at_rest
-        self.decode = at_rest.decode if at_rest is not None else plain_decode
+        self.decode = at_rest.decode if at_rest is not None else parse_line
         for sink in self.sinks.values():
             if isinstance(sink, SyslogSink):
                 sink.spool.codec = at_rest
