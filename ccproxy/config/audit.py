@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import attrs
@@ -180,6 +181,8 @@ def _parse_syslog(section: Section, records: str) -> SyslogOutput:
     if use_tls and protocol != "tcp":
         raise ConfigError(tls.path, "syslog over TLS (RFC 5425) needs protocol tcp")
     ca_file = tls.file("ca_file", None) if use_tls else None
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigError(tls.at("ca_file"), f"cannot read {ca_file}")
     server_name = tls.string("server_name", None) if use_tls else None
     if not use_tls:
         for key in list(tls.keys()):

@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ccproxy.audit._record import ENCRYPTED, NotCanonical, parse_line
+from ccproxy.audit._record import ENCRYPTED, NotCanonical, _dumps, parse_line
 from ccproxy.privacy._keys import KeyStore
 
 # Fields that name or locate a person, wherever an event puts them.
@@ -61,16 +61,17 @@ class Sealer:
             assert subject_key is not None
             aead = self._aead[sid] = AESGCM(subject_key)
         personal = {k: record[k] for k in PERSONAL if record.get(k) is not None}
-        values = [str(v) for v in personal.values() if isinstance(v, str | int) and len(str(v)) >= 3]
+        values = [v for v in map(str, personal.values()) if len(v) >= 3]
         for field, value in record.items():  # free text that repeats a personal value is personal too
-            if field not in _STRUCTURE and field not in personal and value is not None and values:
-                text = json.dumps(value) if not isinstance(value, str) else value
-                if any(v in text for v in values):
-                    personal[field] = value
+            if field in _STRUCTURE or field in personal or not isinstance(value, str | dict | list):
+                continue
+            text = value if isinstance(value, str) else _dumps(value).decode()
+            if any(v in text for v in values):
+                personal[field] = value
         for field in personal:
             record[field] = None
         nonce = os.urandom(12)
-        data = json.dumps(personal, separators=(",", ":")).encode()
+        data = _dumps(personal)
         record["subject"] = sid
         record["sealed"] = base64.b64encode(nonce + aead.encrypt(nonce, data, sid.encode())).decode()
 
