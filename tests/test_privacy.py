@@ -174,3 +174,19 @@ def _decoder(tmp: Path) -> Any:
     from ccproxy.privacy import AtRest
 
     return AtRest(_store(tmp).at_rest_key(create=False) or b"").decode
+
+
+def test_the_privacy_commands_refuse_what_the_config_does_not_allow(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ccproxy.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"server": {"tls": {"enabled": False}},
+                                "security": {"audit": {"outputs": [{"type": "file",
+                                                                   "path": str(tmp_path / "audit.log")}]}}}))
+    assert main(["privacy", "forget", "--config", str(path), "--user-id", "u-1"]) == 1
+    assert "privacy.gdpr.right_to_deletion is off" in capsys.readouterr().err
+    assert main(["privacy", "export", "--config", str(path), "--ip", "192.0.2.1"]) == 1
+    assert "privacy.gdpr.data_portability is off" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["privacy", "export", "--config", str(path), "--ip", "192.0.2.1", "--user-id", "u-1"])
