@@ -389,3 +389,32 @@ def test_checkpoint_helpers_refuse_a_wrong_key_type(tmp_path: Path) -> None:
     (tmp_path / "ec.pem").write_bytes(pem)
     with pytest.raises(ValueError, match="not an Ed25519"):
         _checkpoint.load_private_key(str(tmp_path / "ec.pem"))
+
+
+def test_an_access_file_deleted_under_the_daemon_explains_itself_in_its_own_chain(tmp_path: Path) -> None:
+    from twisted.logger import Logger
+
+    access = tmp_path / "access.log"
+    h = Harness(tmp_path, {"outputs": [{"type": "file", "path": str(tmp_path / "audit.log")},
+                                       {"type": "file", "path": str(access), "records": "access"}]})
+
+    def request() -> None:
+        Logger(namespace="ccproxy.access").info("{status}", method="GET", path="/v1/models", status=200,
+                                                latency_ms=1.0, key_id="-", request_id="r", client_ip="192.0.2.1")
+
+    try:
+        request()
+        request()
+        h.records(access)
+        os.remove(access)
+        h.clock.advance(1.0)
+        request()
+        records = h.records(access)
+        audit = h.records()
+    finally:
+        h.stop()
+    assert [(r["seq"], r["event"]) for r in records] == [(3, "audit_file_replaced"), (4, "http_request")]
+    assert [(r["event"], r["stream"]) for r in audit] == [("audit_file_replaced", "access")]
+    # The access chain's checkpoints are the ones verify holds the access file to.
+    report = verify([str(access), str(tmp_path / "access.log.checkpoints")])
+    assert not report.ok and report.message.startswith("records seq 1 to 2 are missing"), report.message

@@ -190,3 +190,32 @@ def test_the_privacy_commands_refuse_what_the_config_does_not_allow(
     assert "privacy.gdpr.data_portability is off" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["privacy", "export", "--config", str(path), "--ip", "192.0.2.1", "--user-id", "u-1"])
+
+
+def test_export_reads_rotated_files_and_filters_by_date(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ccproxy.cli import main
+
+    audit = {"outputs": [{"type": "file", "path": str(tmp_path / "audit.log")}]}
+    privacy = {"gdpr": {"right_to_deletion": True, "data_portability": True},
+               "keys": {"store": str(tmp_path / "keys"), "master_key": MASTER}}
+    h = Harness(tmp_path, audit, privacy=privacy)
+    try:
+        for day in range(3):
+            events.emit("authentication_success", "info", user_id="u-9", api_key_id="k-9", n=day)
+            events.emit("authentication_success", "info", user_id="someone-else", n=day)
+            h.clock.advance(86400.0)
+        h.records()
+    finally:
+        h.stop()
+    assert len(list(tmp_path.glob("audit.log.2026-*"))) == 3
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"server": {"tls": {"enabled": False}}, "security": {"audit": audit},
+                                "privacy": privacy}))
+    assert main(["privacy", "export", "--config", str(path), "--user-id", "u-9"]) == 0
+    out = capsys.readouterr()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [(e["record"]["n"], e["record"]["user_id"], Path(e["file"]).name) for e in lines] == [
+        (0, "u-9", "audit.log.2026-01-01"), (1, "u-9", "audit.log.2026-01-02"), (2, "u-9", "audit.log.2026-01-03")]
+    assert "exported 3 records" in out.err
+    assert main(["privacy", "export", "--config", str(path), "--user-id", "u-9", "--since", "2026-01-02"]) == 0
+    assert [json.loads(line)["record"]["n"] for line in capsys.readouterr().out.splitlines()] == [1, 2]

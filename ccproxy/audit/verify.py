@@ -171,10 +171,9 @@ def verify(paths: Sequence[str], key: bytes | None = None, public_key: Ed25519Pu
 
 
 def _stream(entries: list[Entry]) -> str:
-    for entry in entries:
-        if entry.record is not None and "event" in entry.record:
-            return "access" if entry.record["event"] == "http_request" else "audit"
-    return "audit"
+    """Access chains hold http_request records (and at most a few notices about their files)."""
+    found = any(e.record is not None and e.record.get("event") == "http_request" for e in entries)
+    return "access" if found else "audit"
 
 
 def _checkpoints(found: list[tuple[Entry, dict[str, Any]]], stream: str, public: Ed25519PublicKey | None,
