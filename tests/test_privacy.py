@@ -219,3 +219,23 @@ def test_export_reads_rotated_files_and_filters_by_date(tmp_path: Path, capsys: 
     assert "exported 3 records" in out.err
     assert main(["privacy", "export", "--config", str(path), "--user-id", "u-9", "--since", "2026-01-02"]) == 0
     assert [json.loads(line)["record"]["n"] for line in capsys.readouterr().out.splitlines()] == [1, 2]
+
+
+def test_files_the_commands_write_as_root_belong_to_the_store_owner(tmp_path: Path) -> None:
+    import os
+
+    from ccproxy.audit import _checkpoint
+
+    store = _store(tmp_path)
+    sid = store.subject_id("user_id", "u-3")
+    store.subject_key(sid)
+    daemon_user = 65534 if os.geteuid() == 0 else os.geteuid()  # root gives files away; others keep them
+    for path in [tmp_path / "keys", *(tmp_path / "keys").rglob("*")]:
+        os.chown(path, daemon_user, daemon_user)
+    os.chown(tmp_path, daemon_user, daemon_user)
+    assert store.forget(sid, "user_id", "2026-01-01T00:00:00Z")
+    assert store.rewrap() == (0, 1)
+    checkpoints = tmp_path / "audit.log.checkpoints"
+    _checkpoint.append(str(checkpoints), {"type": "checkpoint"})
+    for path in (tmp_path / "keys" / "erasures.pending", tmp_path / "keys" / "generation", checkpoints):
+        assert path.stat().st_uid == daemon_user, path

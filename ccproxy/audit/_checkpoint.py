@@ -129,11 +129,25 @@ def check(record: dict[str, Any], public: Ed25519PublicKey | None, key: bytes | 
     return False
 
 
+def match_directory_owner(fd: int, path: str) -> None:
+    """Run as root, a command gives what it writes to the owner of its directory (the daemon's user).
+
+    Otherwise `ccproxy audit checkpoint` or `ccproxy privacy forget` run by root would leave files
+    0600 root that the daemon can no longer read or append to.
+    """
+    if os.geteuid() != 0:
+        return
+    st = os.stat(os.path.dirname(os.path.abspath(path)))
+    if st.st_uid != 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def append(path: str, checkpoint: dict[str, Any]) -> None:
     """One append of one line (O_APPEND: the daemon and `ccproxy audit checkpoint` may share the file)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        match_directory_owner(fd, path)
         os.write(fd, line(checkpoint))
     finally:
         os.close(fd)

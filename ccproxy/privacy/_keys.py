@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ccproxy.audit._checkpoint import match_directory_owner
+
 KINDS = {"user_id": "user", "api_key_id": "key", "ip_address": "ip"}
 
 
@@ -152,8 +154,10 @@ class KeyStore:
             os.unlink(path)
         self.cache.pop(sid, None)
         note = json.dumps({"subject": sid, "kind": kind, "time": when, "had_key": existed}) + "\n"
-        fd = os.open(self._path("erasures.pending"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        pending = self._path("erasures.pending")
+        fd = os.open(pending, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            match_directory_owner(fd, pending)
             os.write(fd, note.encode())
         finally:
             os.close(fd)
@@ -231,6 +235,7 @@ class KeyStore:
 def _write_synced(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        match_directory_owner(fd, path)
         os.write(fd, data)
         os.fsync(fd)
     finally:
