@@ -239,3 +239,20 @@ def test_files_the_commands_write_as_root_belong_to_the_store_owner(tmp_path: Pa
     _checkpoint.append(str(checkpoints), {"type": "checkpoint"})
     for path in (tmp_path / "keys" / "erasures.pending", tmp_path / "keys" / "generation", checkpoints):
         assert path.stat().st_uid == daemon_user, path
+
+
+def test_a_new_subject_key_is_synced_off_the_request_path(tmp_path: Path) -> None:
+    h = _harness(tmp_path)
+    try:
+        h.clock.advance(0)  # the store's first look
+        store = h.trail.sealer.store
+        synced: list[list[str]] = []
+        real = store.sync_new
+        store.sync_new = lambda paths: synced.append(paths) or real(paths)  # type: ignore[method-assign]
+        events.emit("authentication_success", "info", user_id="u-5")
+        assert len(store.unsynced) == 1 and synced == []  # written, not yet synced
+        h.clock.advance(1.0)
+        assert store.unsynced == [] and [Path(p).name for p in synced[0]] == [
+            store.subject_id("user_id", "u-5") + ".key"]
+    finally:
+        h.stop()

@@ -270,6 +270,10 @@ class AuditTrail:
         self._privacy_call = self.reactor.callLater(1.0, self._privacy_tick)
         assert self.sealer is not None
         store = self.sealer.store
+        new = store.take_unsynced()
+        if new:
+            self.run_in_thread(lambda: store.sync_new(new)).addErrback(
+                lambda f: log.failure("privacy key store sync", f))
         try:
             if store.changed():
                 self.sealer.forget_cached()

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ccproxy.audit._checkpoint import match_directory_owner
 
-KINDS = {"user_id": "user", "api_key_id": "key", "ip_address": "ip"}
+_CACHE_LIMIT = 100_000  # subject keys held in memory; beyond that the cache starts over
 
 
 class KeyStoreError(Exception):
@@ -51,6 +51,8 @@ class KeyStore:
         self.current = master_id(master)
         self.keks = {master_id(k): k for k in (master, *old)}
         self.cache: dict[str, bytes] = {}
+        # Subject keys made on the request path, not yet synced (that is done off the reactor).
+        self.unsynced: list[str] = []
         self._index: bytes | None = None
         self.generation = b""
 
@@ -91,14 +93,20 @@ class KeyStore:
         except FileNotFoundError:
             return None
 
-    def _create(self, name: str) -> bytes:
-        """A new random key under `name`, unless another process made one first (then that one)."""
+    def _create(self, name: str, sync: bool = True) -> bytes:
+        """A new random key under `name`, unless another process made one first (then that one).
+
+        `sync=False` leaves the fsync to `sync_new` (the daemon runs it in a thread): a new subject
+        must not make the reactor wait for the disk.
+        """
         key = os.urandom(32)
         path = self._path(name)
         tmp = f"{path}.{os.getpid()}.tmp"
-        _write_synced(tmp, self._wrap(name, key))
+        _write_synced(tmp, self._wrap(name, key), sync)
         try:
             os.link(tmp, path)  # fails if it exists: never replace a key records were sealed with
+            if not sync:
+                self.unsynced.append(path)
         except FileExistsError:
             existing = self._read(name)
             assert existing is not None
@@ -107,11 +115,32 @@ class KeyStore:
             os.unlink(tmp)
         return key
 
-    def _get(self, name: str, create: bool) -> bytes | None:
+    def _get(self, name: str, create: bool, sync: bool = True) -> bytes | None:
         key = self._read(name)
         if key is None and create:
-            key = self._create(name)
+            key = self._create(name, sync)
         return key
+
+    def take_unsynced(self) -> list[str]:
+        paths, self.unsynced = self.unsynced, []
+        return paths
+
+    def sync_new(self, paths: list[str]) -> None:
+        """fsync new key files and their directory (blocking: call it in a thread)."""
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # erased in the meantime
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(self._path("subjects"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # Keys ------------------------------------------------------------------------------------------
 
@@ -129,11 +158,13 @@ class KeyStore:
         """A keyed digest of the subject: stable, and naming no one without the key store."""
         return hmac.new(self.index_key(), f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    def subject_key(self, sid: str, create: bool = True) -> bytes | None:
+    def subject_key(self, sid: str, create: bool = True, sync: bool = True) -> bytes | None:
         key = self.cache.get(sid)
         if key is None:
-            key = self._get(f"subjects/{sid}.key", create)
+            key = self._get(f"subjects/{sid}.key", create, sync)
             if key is not None:
+                if len(self.cache) >= _CACHE_LIMIT:
+                    self.cache.clear()
                 self.cache[sid] = key
         return key
 
@@ -232,11 +263,12 @@ class KeyStore:
         return done, kept
 
 
-def _write_synced(path: str, data: bytes) -> None:
+def _write_synced(path: str, data: bytes, sync: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         match_directory_owner(fd, path)
         os.write(fd, data)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -57,8 +57,10 @@ class Sealer:
             sid = self._sids[subject] = self.store.subject_id(*subject)
         aead = self._aead.get(sid)
         if aead is None:
-            subject_key = self.store.subject_key(sid)
+            subject_key = self.store.subject_key(sid, sync=False)
             assert subject_key is not None
+            if len(self._aead) > 100_000:
+                self._aead.clear()
             aead = self._aead[sid] = AESGCM(subject_key)
         personal = {k: record[k] for k in PERSONAL if record.get(k) is not None}
         values = [v for v in map(str, personal.values()) if len(v) >= 3]
