@@ -116,6 +116,12 @@ def _apply_privacy(config: Config) -> None:
     from ccproxy.audit._scrub import Anonymizer
 
     audit = config.audit
+    if config.privacy.right_to_deletion:
+        # Erasure must reach the daemon's log too: personal fields are not written there at all.
+        from ccproxy.privacy import PERSONAL
+
+        events.set_address_filter(lambda value: "[personal]", frozenset(PERSONAL))
+        return
     if not audit.anonymize_logs:
         events.set_address_filter(None)
         return

@@ -63,6 +63,7 @@ class ProxySite(Factory):
             status=request.code,
             latency_ms=latency_ms,
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
+            user_id=ctx.identity.user_id if ctx is not None and ctx.identity is not None else None,
             request_id=getattr(request, "ccproxy_request_id", "-"),
             client_ip=ctx.client_ip if ctx is not None else request.getClientAddress().host,
         )

@@ -132,7 +132,6 @@ def test_self_signed_only_on_loopback() -> None:
 
 def test_unbuilt_sections_refused_loudly() -> None:
     assert error_of({**plain(), "monitoring": {"security_alerts": []}}) == "monitoring: not supported yet"
-    assert error_of({**plain(), "privacy": {"hipaa": {"enabled": True}}}) == "privacy.hipaa: not supported yet"
 
 
 def test_relative_files_from_config_dir(tmp_path: Path) -> None:

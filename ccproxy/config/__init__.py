@@ -20,6 +20,8 @@ from ccproxy.config.auth import AuthConfig
 from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
 from ccproxy.config.network import NetworkConfig
+from ccproxy.config.privacy import PrivacyConfig
+from ccproxy.config.privacy import check as privacy_check
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
@@ -35,6 +37,7 @@ class Config:
     limits: LimitsConfig
     content: ContentConfig
     audit: AuditConfig
+    privacy: PrivacyConfig = attrs.Factory(PrivacyConfig)
 
     def effective(self) -> dict[str, Any]:
         """The parsed config as plain data, every secret masked."""
@@ -83,6 +86,7 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
     root = Section(data, "", base_dir)
     try:
         config = _build(root)
+        privacy_check(config)
     except ConfigError as e:
         # A misspelt key is the likelier cause of a fault found beside it: report the typo.
         raise (root.typo_near(e.path) or e) from None
@@ -92,7 +96,6 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
 
 def _build(root: Section) -> Config:
     root.unbuilt("monitoring")
-    root.section("privacy").unbuilt("hipaa")
     return Config(
         server=ServerConfig.parse(root.section("server")),
         upstreams=UpstreamsConfig.parse(root.section("upstreams")),
@@ -101,6 +104,7 @@ def _build(root: Section) -> Config:
         limits=LimitsConfig.parse(root),
         content=ContentConfig.parse(root),
         audit=AuditConfig.parse(root),
+        privacy=PrivacyConfig.parse(root),
     )
 
 
