@@ -61,8 +61,8 @@ def per_record(count: int, rounds: int = 7) -> None:
 
     from ccproxy.audit._record import Chain, RecordBuilder
     from ccproxy.audit._scrub import Scrubber
-    from ccproxy.privacy import AtRest, KeyStore, Sealer
-    from ccproxy.privacy._keys import master_key
+    from ccproxy.audit.privacy import AtRest, KeyStore, Sealer
+    from ccproxy.audit.privacy._keys import master_key
 
     with tempfile.TemporaryDirectory() as tmp:
         store = KeyStore(tmp, master_key("bench-master-key-0123456789abcdef0123")).open()

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=gen_cert)
 
     from ccproxy.audit.cli import add_parser as add_audit_parser
-    from ccproxy.privacy.cli import add_parser as add_privacy_parser
+    from ccproxy.audit.privacy.cli import add_parser as add_privacy_parser
 
     add_audit_parser(sub)
     add_privacy_parser(sub)

@@ -118,7 +118,7 @@ def _apply_privacy(config: Config) -> None:
     audit = config.audit
     if config.privacy.right_to_deletion:
         # Erasure must reach the daemon's log too: personal fields are not written there at all.
-        from ccproxy.privacy import PERSONAL
+        from ccproxy.audit.privacy import PERSONAL
 
         events.set_address_filter(lambda value: "[personal]", frozenset(PERSONAL))
         return

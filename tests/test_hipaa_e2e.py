@@ -17,8 +17,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from ccproxy.privacy import AtRest, KeyStore
-from ccproxy.privacy._keys import master_key
+from ccproxy.audit.privacy import AtRest, KeyStore
+from ccproxy.audit.privacy._keys import master_key
 from tests.support.clients import _httpx
 from tests.support.daemon import Daemon, free_port
 

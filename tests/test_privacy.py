@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from ccproxy import events
+from ccproxy.audit.privacy import KeyStore, KeyStoreError, open_sealed
+from ccproxy.audit.privacy._keys import master_key
 from ccproxy.audit.verify import verify
-from ccproxy.privacy import KeyStore, KeyStoreError, open_sealed
-from ccproxy.privacy._keys import master_key
 from tests.support.audit import Harness
 
 MASTER = "privacy-test-master-key-000000000000000000000"
@@ -116,7 +116,7 @@ def _at_rest(tmp: Path, **more: Any) -> Harness:
 
 
 def test_encryption_at_rest_writes_no_event_name_or_address_and_verify_reads_with_the_key(tmp_path: Path) -> None:
-    from ccproxy.privacy import AtRest
+    from ccproxy.audit.privacy import AtRest
 
     h = _at_rest(tmp_path)
     try:
@@ -171,7 +171,7 @@ def test_encryption_at_rest_covers_the_syslog_spool_and_a_restart_resumes_the_ch
 
 
 def _decoder(tmp: Path) -> Any:
-    from ccproxy.privacy import AtRest
+    from ccproxy.audit.privacy import AtRest
 
     return AtRest(_store(tmp).at_rest_key(create=False) or b"").decode
 

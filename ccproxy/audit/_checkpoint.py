@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ccproxy.audit._record import NotCanonical, _dumps, parse_line, rfc3339
+from ccproxy.config.audit import load_private_key
 
 ED25519 = "ed25519"
 HMAC = "hmac-sha256"
@@ -39,14 +40,6 @@ class Signer:
         if self.key:
             return hmac.new(self.key, data, hashlib.sha256).hexdigest()
         return hashlib.sha256(data).hexdigest()
-
-
-def load_private_key(path: str) -> Ed25519PrivateKey:
-    with open(path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
-    return key
 
 
 def load_public_key(path: str) -> Ed25519PublicKey:

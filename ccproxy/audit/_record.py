@@ -39,7 +39,7 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
-ENCRYPTED = b"e1:"  # the prefix of a line encrypted at rest (ccproxy.privacy.AtRest)
+ENCRYPTED = b"e1:"  # the prefix of a line encrypted at rest (ccproxy.audit.privacy.AtRest)
 
 
 class NotCanonical(ValueError):

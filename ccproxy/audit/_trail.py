@@ -240,8 +240,8 @@ class AuditTrail:
         """Open the key store the config names (once per change of its settings)."""
         if privacy == self.privacy:
             return
-        from ccproxy.privacy import AtRest, open_store
-        from ccproxy.privacy._seal import Sealer
+        from ccproxy.audit.privacy import AtRest, open_store
+        from ccproxy.audit.privacy._seal import Sealer
 
         sealer = at_rest = None
         if privacy.right_to_deletion or privacy.encryption_at_rest:

@@ -66,7 +66,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _decoder(config_path: str | None) -> tuple[Any, str]:
     """How to read a line: as it is, or decrypted with the file key of the config's key store."""
-    from ccproxy.privacy import at_rest_decoder, plain_decode
+    from ccproxy.audit.privacy import at_rest_decoder, plain_decode
 
     if not config_path:
         return plain_decode, ""

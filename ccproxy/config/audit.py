@@ -7,6 +7,8 @@ import os
 from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ccproxy.config._reader import ConfigError, Section
 from ccproxy.secrets import Secret
@@ -220,11 +222,18 @@ def _check_distinct(outputs: tuple[Output, ...], path: str) -> None:
 
 
 def _check_signing_key(path: str, where: str) -> None:
-    from ccproxy.audit._checkpoint import load_private_key
-
     try:
         load_private_key(path)
     except OSError as e:
         raise ConfigError(where, f"cannot read {path}: {e.strerror}") from None
     except ValueError as e:
         raise ConfigError(where, f"{path}: not an unencrypted Ed25519 private key in PEM ({e})") from None
+
+
+def load_private_key(path: str) -> Ed25519PrivateKey:
+    """The checkpoint signing key: read here so that the config can check it without the audit code."""
+    with open(path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key

@@ -14,7 +14,7 @@ import attrs
 from ccproxy.config._reader import ConfigError, Section
 from ccproxy.secrets import Secret
 
-DEFAULT_KEY_STORE = "/var/lib/ccproxy/privacy"
+DEFAULT_KEY_STORE = "/var/lib/ccproxy/audit/privacy"
 
 
 STRICT, STANDARD, COMPREHENSIVE = "strict", "standard", "comprehensive"

@@ -62,7 +62,7 @@ def _subject(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _store(config: Any) -> Any:
-    from ccproxy.privacy import KeyStoreError, open_store
+    from ccproxy.audit.privacy import KeyStoreError, open_store
 
     try:
         return open_store(config.privacy)
@@ -116,7 +116,7 @@ def _since(text: str | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ccproxy.privacy import at_rest_decoder, open_sealed
+    from ccproxy.audit.privacy import at_rest_decoder, open_sealed
 
     config = _load(args.config)
     if config is None:
@@ -165,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from ccproxy.privacy import KeyStoreError
+    from ccproxy.audit.privacy import KeyStoreError
 
     config = _load(args.config)
     if config is None:

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ccproxy.audit._record import ENCRYPTED, NotCanonical, _dumps, parse_line
-from ccproxy.privacy._keys import KeyStore
+from ccproxy.audit.privacy._keys import KeyStore
 
 # Fields that name or locate a person, wherever an event puts them.
 PERSONAL = ("ip_address", "user_id", "api_key_id", "client_ip", "ip", "peer", "remote_ip", "source_ip",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccproxy.privacy._keys import KeyStore, KeyStoreError, master_key
-from ccproxy.privacy._seal import PERSONAL, AtRest, Sealer, open_sealed, plain_decode, subject_of
+from ccproxy.audit.privacy._keys import KeyStore, KeyStoreError, master_key
+from ccproxy.audit.privacy._seal import PERSONAL, AtRest, Sealer, open_sealed, plain_decode, subject_of
 
 __all__ = ["PERSONAL", "AtRest", "KeyStore", "KeyStoreError", "Sealer", "at_rest_decoder", "open_sealed",
            "open_store", "plain_decode", "subject_of"]
