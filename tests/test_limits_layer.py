@@ -283,8 +283,10 @@ class RedisLayerTests(_LayerTests, unittest.TestCase):
             started = time.monotonic()
             ctx = yield defer.ensureDeferred(self.admit(layer))  # fail_open: admitted, unlimited
             waited = time.monotonic() - started
+            # Held for the timeout (a hung Redis would hold it forever): the event below names the 300 ms
+            # deadline as the cause, and a slow runner can only make the wait longer.
             self.assertGreaterEqual(waited, 0.29)
-            self.assertLess(waited, 1.5)
+            self.assertLess(waited, 10.0)
             self.assertEqual(ctx.extra_headers, {})
             self.assertIn("no answer within 300 ms", self.events.named("rate_limit_backend_unavailable")[0]["reason"])
         finally:
