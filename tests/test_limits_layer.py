@@ -4,7 +4,6 @@ and (Redis) outages."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
@@ -21,7 +20,7 @@ from ccproxy.routes import route
 from ccproxy.runtime import Deps
 from tests.support.authkit import Events
 from tests.support.limits import FakeTime, deps, limits_config
-from tests.support.redis import RedisServer
+from tests.support.redis import ClassRedis
 
 _UPSTREAMS = parse({"server": {"tls": {"enabled": False}}}).upstreams
 
@@ -190,25 +189,7 @@ class MemoryLayerTests(_LayerTests, unittest.TestCase):
             self.assertEqual(ctx.extra_headers, {})
 
 
-class RedisLayerTests(_LayerTests, unittest.TestCase):
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        tmp = Path(unittest.TestCase().mktemp())
-        tmp.mkdir(parents=True, exist_ok=True)
-        cls.server = RedisServer(tmp).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-
-    def setUp(self) -> None:
-        if self.server.proc is None:
-            self.server.start()
-        self.server.command("FLUSHALL")
-        super().setUp()
-
+class RedisLayerTests(ClassRedis, _LayerTests, unittest.TestCase):
     def state(self, on_error: str = "fail_open") -> dict[str, Any]:
         return {"backend": "redis", "redis": {"url": self.server.url, "timeout": "1s", "on_error": on_error}}
 

@@ -7,7 +7,6 @@ takes the caller's clock), so burst, refill, window edges and daily resets are e
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -20,7 +19,7 @@ from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import DAY, AutoBlockProbe, day_quota, default_burst, window_rates
 from ccproxy.limits._redis import RedisStore
 from tests.support.limits import T0
-from tests.support.redis import RedisServer
+from tests.support.redis import ClassRedis
 
 
 def rate(name: str, count: int, period: float, burst: int, subject: str = "s") -> Rate:
@@ -195,23 +194,11 @@ class MemoryStoreTests(_StoreTests, unittest.TestCase):
         self.assertEqual(len(store), 1)
 
 
-class _RedisFixture:
+class _RedisFixture(ClassRedis):
     """One redis-server for the class, flushed before each test, and a store connected to it."""
 
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = Path(unittest.TestCase().mktemp())
-        cls.tmp.mkdir(parents=True, exist_ok=True)
-        cls.server = RedisServer(cls.tmp).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-
     def setUp(self) -> None:
-        self.server.command("FLUSHALL")
+        super().setUp()
         self.store = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
         self.store.connect()
 
