@@ -17,25 +17,9 @@ from ccproxy.content.layer import ContentLayer
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError
 from ccproxy.routes import Route
+from tests.support.content import seed_content
 
-SEED = {
-    "request_validation": {
-        "enabled": True,
-        "max_tokens": 100000,
-        "max_messages": 100,
-        "max_message_length": 50000,
-        "blocked_patterns": ["(?i)api[_-]?key", "(?i)password", "<script"],
-    },
-    "response_sanitization": {
-        "enabled": True,
-        "remove_system_prompts": True,
-        "mask_api_keys": True,
-        "mask_emails": True,
-        "mask_phone_numbers": True,
-        "mask_patterns": [{"name": "credit_card", "pattern": r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b",
-                           "replacement": "XXXX-XXXX-XXXX-XXXX"}],
-    },
-}
+SEED = seed_content()
 
 
 def parse(security: dict[str, Any]) -> ContentConfig:

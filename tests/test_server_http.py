@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 from ccproxy.network.http1 import ChunkedDecoder, Malformed, TooLarge, _parse_head_by_line, parse_head
 from ccproxy.network.request import ProxyRequest
 from ccproxy.service import settle_heap
+from tests.support.fake_tcp import FakeSocket, TcpConnection
 from tests.support.hardening import Conn, config
 
 GOOD = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -375,10 +376,7 @@ def test_a_slow_but_reading_client_pushes_the_deadline_back() -> None:
         def send_stalled(self) -> None:
             self.stalled += 1
 
-    from tests.test_sockets import Conn as Tcp_
-    from tests.test_sockets import FakeSocket
-
-    class Tcp(Tcp_):
+    class Tcp(TcpConnection):
         def __init__(self) -> None:
             super().__init__(FakeSocket())
             self._tempDataLen = 1000

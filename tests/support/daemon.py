@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from tests.support import process
+
 ROOT = Path(__file__).resolve().parents[2]
 # twistd as its script runs it. When the test run is measured (COVERAGE_PROCESS_START, see
 # [tool.coverage] in pyproject.toml), coverage starts in the daemon at interpreter start-up; its data
@@ -130,13 +132,4 @@ class Daemon:
         raise AssertionError(f"no reload answer in the log:\n{self.log()}")
 
     def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return process.stop(self.proc)
