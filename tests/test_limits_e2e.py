@@ -71,6 +71,7 @@ def test_sdks_see_a_rate_limit_error_they_understand(daemon: Any, upstream: Fake
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.timeout(300)  # 200 TLS requests at once on two loaded cores: slow, never wrong
 def test_two_instances_sharing_redis_admit_exactly_the_limit(
     daemon: Any, upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
@@ -80,12 +81,18 @@ def test_two_instances_sharing_redis_admit_exactly_the_limit(
                                                    "on_error": "fail_closed"}})
     first, second = daemon(config), daemon(json.loads(json.dumps(config)))
     statuses: list[int] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
     go = threading.Event()
 
     def one(target: Any) -> None:
         go.wait()
-        status, _ = post(target)
+        try:
+            status, _ = post(target, timeout=240)
+        except Exception as e:  # counted, not lost in a thread
+            with lock:
+                errors.append(e)
+            return
         with lock:
             statuses.append(status)
 
@@ -94,7 +101,8 @@ def test_two_instances_sharing_redis_admit_exactly_the_limit(
         t.start()
     go.set()
     for t in threads:
-        t.join(60)
+        t.join()
+    assert errors == []
     outage = [line for d in (first, second) for line in d.log().splitlines() if "backend_unavailable" in line]
     assert sorted(set(statuses)) == [200, 429], (sorted(set(statuses)), outage)
     assert statuses.count(200) == 100
