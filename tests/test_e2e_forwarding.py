@@ -171,8 +171,9 @@ def test_client_disconnect_cancels_upstream(daemon, upstream: FakeUpstream) -> N
     while not upstream.aborted and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.aborted, "the upstream kept streaming to a client that was gone"
-    # The upstream wrote events every 50 ms: its first failed write shows it was cut off promptly.
-    assert upstream.aborted[0] - closed_at < 2
+    # The upstream wrote events every 50 ms for 10 s: its first failed write shows it was cut off
+    # promptly, long before its stream would have ended (a slow runner only delays the cut).
+    assert upstream.aborted[0] - closed_at < 8
 
 
 def test_headers_query_and_bodies_kept_faithfully(daemon, upstream: FakeUpstream) -> None:

@@ -250,7 +250,9 @@ class RedisLayerTests(ClassRedis, _LayerTests, unittest.TestCase):
         for _ in range(10):
             error = yield defer.ensureDeferred(self.refuse(layer))
             self.assertEqual((error.status, error.headers["retry-after"]), (503, "1"))
-        self.assertLess(time.monotonic() - started, 2.0)
+        # Ten refusals, none waiting for the 1 s timeout (that would take 10 s): a refused connection
+        # is an answer at once.
+        self.assertLess(time.monotonic() - started, 5.0)
         self.assertEqual(self.events.named("rate_limit_backend_unavailable")[0]["policy"], "fail_closed")
 
     @defer.inlineCallbacks
