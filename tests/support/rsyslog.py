@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import process
 from tests.support.daemon import free_port
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
@@ -74,13 +74,7 @@ class Rsyslog:
         raise RuntimeError("rsyslogd did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.stop(self.proc)
         self.proc = None
         if self._holder is not None:
             self._holder.close()
