@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
 from ccproxy.errors import ANTHROPIC, ApiError
-from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse
+from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse, protocol_error
 from ccproxy.routes import Route
 
 log = Logger()
@@ -178,5 +178,9 @@ def classify(failure: Exception, upstream: UpstreamConfig) -> ApiError:
         return ApiError(502, f"{name} upstream unreachable: host name not found")
     if isinstance(failure, error.ConnectError):
         return ApiError(502, f"{name} upstream unreachable: connection failed")
+    broken = protocol_error(failure)
+    if broken is not None:
+        log.warn("upstream {name} sent an invalid response: {error}", name=name, error=str(broken))
+        return ApiError(502, f"{name} upstream sent an invalid response: {broken}")
     log.warn("upstream {name} failed before answering: {failure!r}", name=name, failure=failure)
     return ApiError(502, f"{name} upstream closed the connection without answering")

@@ -14,7 +14,7 @@ from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ccproxy.http.client import UpstreamPool, UpstreamResponse
+from ccproxy.http.client import UpstreamPool, UpstreamResponse, protocol_error
 
 
 class Endpoint:
@@ -139,15 +139,24 @@ def test_connection_close_not_reused() -> None:
     b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
     b"SMTP ready\r\n\r\n",
     b"HTTP/1.1 2000 OK\r\n\r\n",
+    # The same rules as for request heads: no CR, LF or NUL where they could split or hide a line.
+    b"HTTP/1.1 200 OK\rSet-Cookie: injected=1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
 ])
 def test_malformed_heads_fail_and_close(reply: bytes) -> None:
     pool, endpoint = UpstreamPool(Clock()), Endpoint()
     d = start(pool, endpoint)
     protocol, transport = endpoint.connections[0]
     protocol.dataReceived(reply)
-    with pytest.raises(ResponseFailed):
+    with pytest.raises(ResponseFailed) as e:
         pool_result(d)
+    assert protocol_error(e.value) is not None
     assert transport.disconnecting or getattr(transport, "disconnected", False)
+    start(pool, endpoint)
+    assert len(endpoint.connections) == 2
 
 
 @pytest.mark.parametrize("chunks", [b"zz\r\n", b"5\r\nhelloXX", b"1" * 5000])

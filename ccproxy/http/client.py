@@ -8,7 +8,6 @@ protocol `IResponse.deliverBody` takes, so the relay works with either.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -23,13 +22,22 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from ccproxy.http.http1 import ChunkedDecoder, Malformed, TooLarge
+from ccproxy.http.http1 import (
+    CHUNKED,
+    LENGTH,
+    MAX_INFORMATIONAL,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ChunkedDecoder,
+    Malformed,
+    TooLarge,
+    parse_response_head,
+)
 from ccproxy.http.sockets import no_delay, send_now
 
 log = Logger()
 
 MAX_HEAD = 256 * 1024
-_NO_BODY_CODES = frozenset({204, 304})
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # Shared: a body that ended well needs no Failure of its own (nothing reads a traceback from it).
 _DONE = Failure(ResponseDone())
@@ -38,14 +46,18 @@ _DONE = Failure(ResponseDone())
 Fields = Iterable[tuple[bytes, Sequence[bytes]]]
 # What identifies the connections that can serve a request: scheme, host, port and settings.
 PoolKey = Hashable
-_STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_FRAMING_HEADERS = frozenset({b"connection", b"transfer-encoding", b"content-length"})
 
 
 class UpstreamProtocolError(Exception):
     """The upstream answered with something that is not HTTP/1.1 as ccproxy reads it."""
+
+
+def protocol_error(failure: BaseException) -> UpstreamProtocolError | None:
+    """The protocol fault behind a failed request, if that is why it failed."""
+    for reason in getattr(failure, "reasons", None) or ():
+        if isinstance(reason.value, UpstreamProtocolError):
+            return reason.value
+    return None
 
 
 class UpstreamResponse:
@@ -104,6 +116,7 @@ class _Connection(Protocol):
         self._remaining = 0
         self._chunks: ChunkedDecoder | None = None
         self._keep_alive = False
+        self._informational = 0
         self._finished = False
         # How the body ended, kept until a body protocol is there to be told.
         self._outcome: Failure | None = None
@@ -168,59 +181,35 @@ class _Connection(Protocol):
             # a small response is then whole when its reader arrives, and needs no waiting.
             if rest:
                 self._body_data(rest)
-            elif self._framing == "none" or (self._framing == "length" and self._remaining == 0):
+            elif self._framing == NO_BODY or (self._framing == LENGTH and self._remaining == 0):
                 self._body_data(b"")
             waiting.callback(response)
 
     def _read_head(self, head: bytes) -> UpstreamResponse | None:
-        status, _, fields = head.partition(b"\r\n")
-        match = _STATUS_RE.match(status)
-        if match is None:
-            raise UpstreamProtocolError(f"bad status line {status[:80]!r}")
-        minor, code, phrase = match.group(1), int(match.group(2)), match.group(3) or b""
-        if 100 <= code < 200 and code != 101:
+        try:
+            parsed = parse_response_head(head, self._method)
+        except Malformed as e:
+            raise UpstreamProtocolError(f"invalid response head ({e.reason}): {e.message}") from None
+        if parsed.informational:
+            self._informational += 1
+            if self._informational > MAX_INFORMATIONAL:
+                raise UpstreamProtocolError("too many informational responses")
             return None
-        headers = Headers()
-        framing: dict[bytes, list[bytes]] = {}
-        if fields:
-            # One match checks every line (as a well-behaved upstream sends them); otherwise line by line.
-            lines = fields.split(b"\r\n")
-            well_formed = _FIELDS_RE.fullmatch(fields + b"\r\n") is not None
-            for line in lines:
-                name, sep, value = line.partition(b":")
-                if not well_formed and (not sep or not _TOKEN_RE.match(name)):
-                    raise UpstreamProtocolError(f"bad header line {line[:80]!r}")
-                value = value.strip(b" \t")
-                headers.addRawHeader(name, value)
-                lower = name.lower()
-                if lower in _FRAMING_HEADERS:
-                    framing.setdefault(lower, []).append(value)
-        self._choose_framing(code, minor, framing)
-        length: int | object = self._remaining if self._framing == "length" else UNKNOWN_LENGTH
-        if self._framing == "none":
-            length = 0
-        return UpstreamResponse(self, minor, code, phrase, headers, length)
-
-    def _choose_framing(self, code: int, minor: bytes, framing: dict[bytes, list[bytes]]) -> None:
-        connection = b",".join(framing.get(b"connection", [])).lower()
-        self._keep_alive = minor == b"1" and b"close" not in connection
-        encodings = b",".join(framing.get(b"transfer-encoding", [])).lower()
-        lengths = framing.get(b"content-length", [])
-        if self._method == b"HEAD" or code in _NO_BODY_CODES or code == 101:
-            self._framing = "none"
-        elif encodings:
-            if encodings.replace(b" ", b"").split(b",")[-1] != b"chunked":
-                raise UpstreamProtocolError("unsupported transfer-encoding")
-            self._framing = "chunked"
+        # After a 1xx the connection is not reused: how the two heads were framed is one more
+        # thing two parsers could disagree on.
+        self._keep_alive = parsed.persistent and not self._informational
+        self._framing = parsed.framing
+        if parsed.framing == CHUNKED:
             # The same strict reader as for request bodies; an upstream body has no size limit here.
             self._chunks = ChunkedDecoder(limit=2**64)
-        elif lengths:
-            values = {v.strip() for v in b",".join(lengths).split(b",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                raise UpstreamProtocolError("bad content-length")
-            self._framing, self._remaining = "length", int(values.pop())
-        else:
-            self._framing, self._keep_alive = "close", False
+        elif parsed.framing == LENGTH:
+            assert parsed.length is not None
+            self._remaining = parsed.length
+        headers = Headers()
+        for name, value in parsed.headers:
+            headers.addRawHeader(name, value)
+        length: int | object = UNKNOWN_LENGTH if parsed.length is None else parsed.length
+        return UpstreamResponse(self, parsed.version[-1:], parsed.code, parsed.phrase, headers, length)
 
     def _fail_head(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, None
@@ -251,15 +240,15 @@ class _Connection(Protocol):
     def _body_data(self, data: bytes) -> None:
         if self._finished:
             return
-        if self._framing == "length":
+        if self._framing == LENGTH:
             take = data[: self._remaining]
             self._remaining -= len(take)
             self._emit(take)
             if self._remaining == 0:
                 self._complete(extra=len(data) > len(take))
-        elif self._framing == "chunked":
+        elif self._framing == CHUNKED:
             self._chunked(data)
-        elif self._framing == "close":
+        elif self._framing == UNTIL_CLOSE:
             self._emit(data)
         else:
             self._complete(extra=bool(data))
@@ -310,7 +299,7 @@ class _Connection(Protocol):
             waiting, self._waiting = self._waiting, None
             waiting.errback(Failure(ResponseNeverReceived([reason])))
         elif not self._finished and self._framing:
-            if self._framing == "close":
+            if self._framing == UNTIL_CLOSE:
                 self._end(Failure(PotentialDataLoss()))
             else:
                 self._end(Failure(ResponseFailed([reason])))
