@@ -14,7 +14,7 @@ from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ccproxy.http.client import UpstreamPool, UpstreamResponse, protocol_error
+from ccproxy.http.client import State, UpstreamPool, UpstreamResponse, protocol_error
 
 
 class Endpoint:
@@ -246,3 +246,128 @@ def test_no_delay_reaches_the_tcp_transport_under_tls() -> None:
     no_delay(TLS(tcp))
     assert tcp.nodelay
     no_delay(StringTransport())  # nothing to set: no error
+
+
+# -- the connection's lifecycle: the lessons of twisted's _newclient
+
+
+class PausingBody(Body):
+    """Pauses its producer on the first bytes, as the relay does when the client's buffers fill."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+
+def reused(pool: UpstreamPool, endpoint: Endpoint) -> bool:
+    """Whether the next request goes out on the first connection (and is answered on it)."""
+    d = start(pool, endpoint)
+    if len(endpoint.connections) != 1:
+        return False
+    protocol, _ = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    body = Body()
+    pool_result(d).deliverBody(body)
+    return body.data == b"ok"
+
+
+def test_states_of_one_exchange() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    protocol, _ = endpoint.connections[0]
+    assert protocol.state is State.AWAITING_HEAD
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    assert protocol.state is State.READING_BODY
+    body = Body()
+    pool_result(d).deliverBody(body)
+    protocol.dataReceived(b"cd")
+    assert protocol.state is State.IDLE and body.data == b"abcd"
+    protocol.connectionLost(Failure(Exception("closed")))
+    assert protocol.state is State.DEAD
+
+
+def test_a_connection_paused_as_its_body_ends_is_resumed_before_it_is_pooled() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    protocol, transport = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    body = PausingBody()
+    pool_result(d).deliverBody(body)
+    protocol.dataReceived(b"3\r\nabc\r\n0\r\n\r\n")  # the reader pauses on "abc"; the body ends in the same read
+    assert body.data == b"abc" and body.reason is not None and body.reason.check(ResponseDone)
+    assert transport.producerState == "producing"
+    assert reused(pool, endpoint)
+
+
+def test_the_body_producer_is_detached_when_the_body_ends() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    protocol, transport = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    body = Body()
+    pool_result(d).deliverBody(body)
+    # The client connection may pause or stop the producer it still holds: the pooled connection
+    # must not feel it.
+    body.transport.pauseProducing()  # type: ignore[union-attr]
+    body.transport.stopProducing()  # type: ignore[union-attr]
+    assert transport.producerState == "producing" and not transport.disconnecting
+    assert protocol.state is State.IDLE
+    assert reused(pool, endpoint)
+
+
+def test_a_byte_on_an_idle_connection_closes_it_and_drops_it_from_the_pool() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    exchange_on(pool, endpoint, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    protocol, transport = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected")
+    assert transport.disconnecting and protocol.state is State.DEAD
+    assert not reused(pool, endpoint)
+    assert len(endpoint.connections) == 2
+
+
+def exchange_on(pool: UpstreamPool, endpoint: Endpoint, reply: bytes, method: bytes = b"POST") -> Body:
+    d = start(pool, endpoint, method)
+    protocol, _ = endpoint.connections[-1]
+    protocol.dataReceived(reply)
+    body = Body()
+    pool_result(d).deliverBody(body)
+    return body
+
+
+@pytest.mark.parametrize("reply,keep", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", False),  # bytes past the end
+])
+def test_when_a_connection_is_kept_alive(reply: bytes, keep: bool) -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    body = exchange_on(pool, endpoint, reply)
+    assert body.data == b"ok" and body.reason is not None and body.reason.check(ResponseDone)
+    protocol, transport = endpoint.connections[0]
+    assert (protocol.state is State.IDLE) is keep and transport.disconnecting is not keep
+    assert reused(pool, endpoint) is keep
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_searched_once() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    protocol, _ = endpoint.connections[0]
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n"
+
+    class Counting(bytearray):
+        examined = 0
+
+        def find(self, sub: Any, start: Any = 0, *args: Any) -> int:
+            Counting.examined += len(self) - start
+            return super().find(sub, start, *args)
+
+    protocol._buffer = Counting()
+    for i in range(len(head)):
+        protocol.dataReceived(head[i : i + 1])
+    assert pool_result(d).code == 200
+    assert Counting.examined < 4 * len(head)

@@ -4,10 +4,17 @@ Twisted's Agent spends most of a small request's time in machinery a proxy does 
 machine per request, a line parser per header, a Response object per body). This client writes a
 request in one call, parses a response head in one pass, and hands the body to the same kind of
 protocol `IResponse.deliverBody` takes, so the relay works with either.
+
+Each connection is an explicit state machine (`State`) and keeps the lifecycle rules Twisted's own
+client learnt the hard way: a connection goes back to the pool only reading (never paused by the
+last reader's back-pressure), with the last body's producer detached; any byte on an idle connection
+closes it; it is not reused after a response that was framed two ways (Transfer-Encoding with
+Content-Length), followed a 1xx, or came from HTTP/1.0 without keep-alive.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -76,41 +83,64 @@ class UpstreamResponse:
         self._conn.deliver_body(protocol)
 
 
+class State(enum.Enum):
+    """Where a connection is in its exchange; every event is handled according to it."""
+
+    IDLE = "idle"  # in the pool (or just connected), no request on it
+    SENDING = "sending"  # the request is being written
+    AWAITING_HEAD = "awaiting head"  # written; the response head is not complete yet
+    READING_BODY = "reading body"  # the head is out; the body is read (or held for its reader)
+    DEAD = "dead"  # closed, closing, or not to be trusted again: never reused
+
+
 class _BodyProducer:
-    """What the body protocol sees as its transport: pausing it pauses the upstream socket."""
+    """What the body protocol sees as its transport: pausing it pauses the upstream socket.
+
+    It is detached when the body ends: the reader (and the client connection it registered this
+    producer with) may still pause or stop it afterwards, and that must not reach a connection
+    that is back in the pool or already carrying another request.
+    """
 
     def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
+        self._conn: _Connection | None = conn
+
+    def detach(self) -> None:
+        self._conn = None
 
     def pauseProducing(self) -> None:
-        if self._conn.transport is not None:
-            self._conn.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self._conn is not None:
+            self._conn.pause()
 
     def resumeProducing(self) -> None:
-        if self._conn.transport is not None:
-            self._conn.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._conn is not None:
+            self._conn.resume()
 
     def stopProducing(self) -> None:
-        self._conn.abort()
+        if self._conn is not None:
+            self._conn.abort()
 
 
 class _Connection(Protocol):
-    """One upstream connection, carrying one request at a time."""
+    """One upstream connection, carrying one request at a time, as an explicit state machine."""
 
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.connected_ok = True
+        self.state = State.IDLE
+        self._paused = False
         self._reset()
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
 
     def _reset(self) -> None:
-        self._buffer = b""
+        # The head as it arrives, and how far it has been searched for its end (each byte once).
+        self._buffer = bytearray()
+        self._scanned = 0
         self._waiting: defer.Deferred[UpstreamResponse] | None = None
         self._method = b""
         self._body: Protocol | None = None
+        self._producer: _BodyProducer | None = None
         self._pending: list[bytes] = []
         self._framing = ""
         self._remaining = 0
@@ -126,7 +156,11 @@ class _Connection(Protocol):
     def send(
         self, method: bytes, path: bytes, headers: Fields, body: bytes | None
     ) -> defer.Deferred[UpstreamResponse]:
+        if self.state is not State.IDLE:
+            busy = UpstreamProtocolError(f"connection is {self.state.value}")
+            return defer.fail(ResponseNeverReceived([Failure(busy)]))
         self._reset()
+        self.state = State.SENDING
         self._method = method
         self._waiting = defer.Deferred(self._cancel)
         lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
@@ -140,6 +174,8 @@ class _Connection(Protocol):
             lines.append(body)
         assert self.transport is not None
         send_now(self.transport, b"".join(lines))
+        if self.state is State.SENDING:  # (a write may have failed and closed it meanwhile)
+            self.state = State.AWAITING_HEAD
         return self._waiting
 
     def _cancel(self, _: defer.Deferred[UpstreamResponse]) -> None:
@@ -147,27 +183,56 @@ class _Connection(Protocol):
         self.abort()
 
     def abort(self) -> None:
-        self.connected_ok = False
+        if self.state is not State.DEAD:
+            self._die()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _die(self) -> None:
+        self.state = State.DEAD
+        self.pool.forget(self)
+        if self._producer is not None:
+            self._producer.detach()
+            self._producer = None
+
+    # Back-pressure from the reader of the body
+
+    def pause(self) -> None:
+        if self.state is State.READING_BODY and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # Responses
 
     def dataReceived(self, data: bytes) -> None:
-        if self._waiting is not None:
+        state = self.state
+        if state is State.READING_BODY:
+            self._body_data(data)
+        elif state is State.AWAITING_HEAD or state is State.SENDING:
             self._buffer += data
             self._parse_head()
-        else:
-            self._body_data(data)
+        elif state is State.IDLE:
+            # Nothing was asked: whatever this is (a late part of the last response, an error page,
+            # an attack), the connection can no longer be read in step with its requests.
+            log.warn("upstream sent {n} bytes on an idle connection; it is closed", n=len(data))
+            self.abort()
 
     def _parse_head(self) -> None:
         while self._waiting is not None:
-            end = self._buffer.find(b"\r\n\r\n")
+            end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
             if end < 0:
+                self._scanned = len(self._buffer)
                 if len(self._buffer) > MAX_HEAD:
                     self._fail_head(UpstreamProtocolError("response head too large"))
                 return
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            head = bytes(self._buffer[:end])
+            del self._buffer[: end + 4]
+            self._scanned = 0
             try:
                 response = self._read_head(head)
             except UpstreamProtocolError as e:
@@ -176,7 +241,8 @@ class _Connection(Protocol):
             if response is None:  # an informational 1xx: the real head follows
                 continue
             waiting, self._waiting = self._waiting, None
-            rest, self._buffer = self._buffer, b""
+            rest, self._buffer = bytes(self._buffer), bytearray()
+            self.state = State.READING_BODY
             # The body bytes that came with the head are taken in first (held until deliverBody):
             # a small response is then whole when its reader arrives, and needs no waiting.
             if rest:
@@ -220,8 +286,11 @@ class _Connection(Protocol):
     # Bodies
 
     def deliver_body(self, protocol: Protocol) -> None:
+        if self._body is not None or self._producer is not None:
+            raise RuntimeError("the body of a response is delivered once")
         self._body = protocol
-        protocol.makeConnection(_BodyProducer(self))  # type: ignore[arg-type,unused-ignore]
+        self._producer = _BodyProducer(self)
+        protocol.makeConnection(self._producer)  # type: ignore[arg-type,unused-ignore]
         pending, self._pending = self._pending, []
         for data in pending:
             protocol.dataReceived(data)
@@ -239,6 +308,8 @@ class _Connection(Protocol):
 
     def _body_data(self, data: bytes) -> None:
         if self._finished:
+            # Bytes past the end of a body not yet handed to its reader.
+            self._keep_alive = self._keep_alive and not data
             return
         if self._framing == LENGTH:
             take = data[: self._remaining]
@@ -277,23 +348,32 @@ class _Connection(Protocol):
         self._end(_DONE)
 
     def _end(self, reason: Failure) -> None:
+        """The body is over: tell its reader, after the connection is pooled again or closed."""
         if self._body is None:
             if self._outcome is None:
                 self._outcome = reason
             return
         body, self._body = self._body, None
         self._finished = True
-        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.connected_ok
+        if self._producer is not None:
+            self._producer.detach()
+            self._producer = None
+        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.state is State.READING_BODY
         if reusable:
+            # A connection paused by the reader's back-pressure as its body ended would stall the
+            # next request on it: it goes back to the pool reading.
+            self.resume()
+            self.state = State.IDLE
             self.pool.release(self)
-        elif self.transport is not None and self.connected_ok:
-            self.connected_ok = False
-            self.transport.loseConnection()
-        if body is not None:
-            body.connectionLost(reason)
+        elif self.state is not State.DEAD:
+            self._die()
+            if self.transport is not None:
+                self.transport.loseConnection()
+        body.connectionLost(reason)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        self.connected_ok = False
+        if self.state is not State.DEAD:
+            self._die()
         self.pool.forget(self)
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
@@ -345,16 +425,14 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             self._since.pop(conn, None)
-            if conn.connected_ok:
+            if conn.state is State.IDLE:
                 return conn
         return None
 
     def release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self.max_idle_per_host:
-            conn.connected_ok = False
-            if conn.transport is not None:
-                conn.transport.loseConnection()
+            self._expire(conn)
             return
         conn._reset()
         idle.append(conn)
@@ -373,7 +451,7 @@ class UpstreamPool:
 
     def _expire(self, conn: _Connection) -> None:
         self.forget(conn)
-        conn.connected_ok = False
+        conn.state = State.DEAD
         if conn.transport is not None:
             conn.transport.loseConnection()
 
