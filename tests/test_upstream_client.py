@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -15,32 +14,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ccproxy.http.client import State, UpstreamPool, UpstreamResponse, protocol_error
-
-
-class Endpoint:
-    """Connects instantly to a StringTransport; remembers every connection made."""
-
-    def __init__(self) -> None:
-        self.connections: list[tuple[Any, StringTransport]] = []
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return defer.succeed(protocol)
-
-
-class Body(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        self.reason = reason
+from tests.support.wire import Body, Endpoint
 
 
 def start(pool: UpstreamPool, endpoint: Endpoint, method: bytes = b"POST",
