@@ -1,7 +1,7 @@
 """Every use of a private name of a dependency, in one place.
 
 ccproxy reaches past the public API of Twisted, txredisapi and google-re2 in a few spots where the
-public API has no equivalent. Each such use is a function or alias here, and each has a canary in
+public API has no equivalent (and pyOpenSSL in one). Each such use is a function or alias here, and each has a canary in
 tests/test_compat.py that fails when the dependency renames or changes what it relies on; the
 versions tested are capped in pyproject.toml. Nothing else in the package may name a private
 attribute of a dependency (tests/test_compat.py checks that too).
@@ -21,6 +21,7 @@ __all__ = [
     "redis_disconnect_called",
     "redis_gave_up",
     "redis_handshake",
+    "set_groups",
     "tcp_queued_bytes",
     "tcp_write_queue_empty",
 ]
@@ -70,3 +71,17 @@ def redis_disconnect_called(pool: Any) -> bool:
 
 # The type of a compiled pattern; the module exports no public name for it.
 Re2Pattern = re2._Regexp
+
+
+# -- pyOpenSSL: the key-exchange groups of a context
+
+
+def set_groups(context: Any, names: list[str]) -> None:
+    """Offer exactly these key-exchange groups (OpenSSL names, most preferred first) on a
+    pyOpenSSL Context; raises ValueError if the linked OpenSSL refuses the list. pyOpenSSL has only
+    `set_tmp_ecdh`, which sets a single elliptic curve (and no X25519 or hybrid group)."""
+    from OpenSSL._util import lib
+
+    if lib.SSL_CTX_set1_curves_list(context._context, ":".join(names).encode()) != 1:
+        lib.ERR_clear_error()  # or the refusal surfaces as the error of some later call
+        raise ValueError(f"OpenSSL refuses the groups {':'.join(names)}")

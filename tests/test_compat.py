@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import re2
 from twisted.internet import defer, tcp
 from twisted.internet import reactor as real_reactor
@@ -101,6 +102,21 @@ def test_re2_pattern_type() -> None:
     assert isinstance(re2.compile("a+"), _compat.Re2Pattern)
 
 
+# -- pyOpenSSL: a context's key-exchange groups
+
+
+def test_set_groups_sets_and_refuses_without_leaving_an_error_behind() -> None:
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+
+    context = SSL.Context(SSL.TLS_METHOD)
+    _compat.set_groups(context, ["X25519", "P-256"])
+    with pytest.raises(ValueError):
+        _compat.set_groups(context, ["X25519", "no-such-group"])
+    assert lib.ERR_peek_error() == 0  # a stale error would be reported by some later, unrelated call
+    # (that the groups set are the ones offered is shown by handshakes in tests/test_tls_groups.py)
+
+
 # -- Python's own regular-expression parser (content/prefix.py reads its syntax trees)
 
 
@@ -119,7 +135,7 @@ def test_python_re_parser_gives_the_trees_prefix_patterns_read() -> None:
 
 
 _PRIVATE_NAMES = ("_observers", "_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "_StandardEndpointFactory",
-                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp")
+                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util")
 
 
 # Python's standard library is not capped in pyproject.toml: its private names (re._parser) have
