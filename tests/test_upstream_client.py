@@ -344,3 +344,14 @@ def test_a_head_trickled_a_byte_at_a_time_is_searched_once() -> None:
         protocol.dataReceived(head[i : i + 1])
     assert pool_result(d).code == 200
     assert Counting.examined < 4 * len(head)
+
+
+def test_a_body_is_delivered_once() -> None:
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    endpoint.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+    response = pool_result(d)
+    response.deliverBody(Body())
+    assert reused(pool, endpoint)  # the connection now carries another exchange
+    with pytest.raises(RuntimeError):
+        response.deliverBody(Body())

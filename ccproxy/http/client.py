@@ -71,7 +71,7 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection, version: bytes, code: int, phrase: bytes, headers: Headers,
                  length: int | object) -> None:
-        self._conn = conn
+        self._conn: _Connection | None = conn
         self.version = (b"HTTP", 1, int(version))
         self.code = code
         self.phrase = phrase
@@ -79,7 +79,11 @@ class UpstreamResponse:
         self.length = length
 
     def deliverBody(self, protocol: Protocol) -> None:
-        self._conn.deliver_body(protocol)
+        conn, self._conn = self._conn, None
+        if conn is None:
+            # Once only: by a second call the connection may be carrying another response.
+            raise RuntimeError("the body of a response is delivered once")
+        conn.deliver_body(protocol)
 
 
 class State(enum.Enum):
@@ -285,8 +289,6 @@ class _Connection(Protocol):
     # Bodies
 
     def deliver_body(self, protocol: Protocol) -> None:
-        if self._body is not None or self._producer is not None:
-            raise RuntimeError("the body of a response is delivered once")
         self._body = protocol
         self._producer = _BodyProducer(self)
         protocol.makeConnection(self._producer)  # type: ignore[arg-type,unused-ignore]
