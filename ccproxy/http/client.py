@@ -96,6 +96,9 @@ class State(enum.Enum):
     DEAD = "dead"  # closed, closing, or not to be trusted again: never reused
 
 
+IDLE, SENDING, AWAITING_HEAD, READING_BODY, DEAD = State
+
+
 class _BodyProducer:
     """What the body protocol sees as its transport: pausing it pauses the upstream socket.
 
@@ -129,7 +132,7 @@ class _Connection(Protocol):
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.state = State.IDLE
+        self.state = IDLE
         self._paused = False
         self._reset()
 
@@ -138,7 +141,7 @@ class _Connection(Protocol):
 
     def _reset(self) -> None:
         # The head as it arrives, and how far it has been searched for its end (each byte once).
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""
         self._scanned = 0
         self._waiting: defer.Deferred[UpstreamResponse] | None = None
         self._method = b""
@@ -159,11 +162,11 @@ class _Connection(Protocol):
     def send(
         self, method: bytes, path: bytes, headers: Fields, body: bytes | None
     ) -> defer.Deferred[UpstreamResponse]:
-        if self.state is not State.IDLE:
+        if self.state is not IDLE:
             busy = UpstreamProtocolError(f"connection is {self.state.value}")
             return defer.fail(ResponseNeverReceived([Failure(busy)]))
         self._reset()
-        self.state = State.SENDING
+        self.state = SENDING
         self._method = method
         self._waiting = defer.Deferred(self._cancel)
         lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
@@ -177,8 +180,8 @@ class _Connection(Protocol):
             lines.append(body)
         assert self.transport is not None
         send_now(self.transport, b"".join(lines))
-        if self.state is State.SENDING:  # (a write may have failed and closed it meanwhile)
-            self.state = State.AWAITING_HEAD
+        if self.state is SENDING:  # (a write may have failed and closed it meanwhile)
+            self.state = AWAITING_HEAD
         return self._waiting
 
     def _cancel(self, _: defer.Deferred[UpstreamResponse]) -> None:
@@ -186,13 +189,13 @@ class _Connection(Protocol):
         self.abort()
 
     def abort(self) -> None:
-        if self.state is not State.DEAD:
+        if self.state is not DEAD:
             self._die()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _die(self) -> None:
-        self.state = State.DEAD
+        self.state = DEAD
         self.pool.forget(self)
         if self._producer is not None:
             self._producer.detach()
@@ -201,7 +204,7 @@ class _Connection(Protocol):
     # Back-pressure from the reader of the body
 
     def pause(self) -> None:
-        if self.state is State.READING_BODY and not self._paused and self.transport is not None:
+        if self.state is READING_BODY and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -214,16 +217,51 @@ class _Connection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
-        if state is State.READING_BODY:
+        if state is READING_BODY:
             self._body_data(data)
-        elif state is State.AWAITING_HEAD or state is State.SENDING:
-            self._buffer += data
+        elif state is AWAITING_HEAD or state is SENDING:
+            if self._buffer:
+                self._buffer += data
+            elif self._head_in_one_read(data):
+                return
+            else:
+                self._buffer = bytearray(data)
             self._parse_head()
-        elif state is State.IDLE:
+        elif state is IDLE:
             # Nothing was asked: whatever this is (a late part of the last response, an error page,
             # an attack), the connection can no longer be read in step with its requests.
             log.warn("upstream sent {n} bytes on an idle connection; it is closed", n=len(data))
             self.abort()
+
+    def _head_in_one_read(self, data: bytes) -> bool:
+        """The usual case, a whole head in the first read: taken without copying it into the
+        buffer. False (nothing done) when the read holds no whole head."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        try:
+            response = self._read_head(data[:end])
+        except UpstreamProtocolError as e:
+            self._fail_head(e)
+            return True
+        if response is None:  # an informational 1xx: the real head follows
+            self._buffer = bytearray(memoryview(data)[end + 4 :])
+            self._parse_head()
+        else:
+            self._deliver_head(response, data[end + 4 :])
+        return True
+
+    def _deliver_head(self, response: UpstreamResponse, rest: bytes) -> None:
+        waiting, self._waiting = self._waiting, None
+        assert waiting is not None
+        self.state = READING_BODY
+        # The body bytes that came with the head are taken in first (held until deliverBody):
+        # a small response is then whole when its reader arrives, and needs no waiting.
+        if rest:
+            self._body_data(rest)
+        elif self._framing == NO_BODY or (self._framing == LENGTH and self._remaining == 0):
+            self._body_data(b"")
+        waiting.callback(response)
 
     def _parse_head(self) -> None:
         while self._waiting is not None:
@@ -233,8 +271,10 @@ class _Connection(Protocol):
                 if len(self._buffer) > MAX_HEAD:
                     self._fail_head(UpstreamProtocolError("response head too large"))
                 return
-            head = bytes(self._buffer[:end])
-            del self._buffer[: end + 4]
+            buffer = self._buffer
+            assert isinstance(buffer, bytearray)
+            head = bytes(buffer[:end])
+            del buffer[: end + 4]
             self._scanned = 0
             try:
                 response = self._read_head(head)
@@ -243,16 +283,8 @@ class _Connection(Protocol):
                 return
             if response is None:  # an informational 1xx: the real head follows
                 continue
-            waiting, self._waiting = self._waiting, None
-            rest, self._buffer = bytes(self._buffer), bytearray()
-            self.state = State.READING_BODY
-            # The body bytes that came with the head are taken in first (held until deliverBody):
-            # a small response is then whole when its reader arrives, and needs no waiting.
-            if rest:
-                self._body_data(rest)
-            elif self._framing == NO_BODY or (self._framing == LENGTH and self._remaining == 0):
-                self._body_data(b"")
-            waiting.callback(response)
+            rest, self._buffer = bytes(self._buffer), b""
+            self._deliver_head(response, rest)
 
     def _read_head(self, head: bytes) -> UpstreamResponse | None:
         try:
@@ -359,21 +391,22 @@ class _Connection(Protocol):
         if self._producer is not None:
             self._producer.detach()
             self._producer = None
-        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.state is State.READING_BODY
+        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.state is READING_BODY
         if reusable:
             # A connection paused by the reader's back-pressure as its body ended would stall the
             # next request on it: it goes back to the pool reading.
-            self.resume()
-            self.state = State.IDLE
+            if self._paused:
+                self.resume()
+            self.state = IDLE
             self.pool.release(self)
-        elif self.state is not State.DEAD:
+        elif self.state is not DEAD:
             self._die()
             if self.transport is not None:
                 self.transport.loseConnection()
         body.connectionLost(reason)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if self.state is not State.DEAD:
+        if self.state is not DEAD:
             self._die()
         self.pool.forget(self)
         if self._waiting is not None:
@@ -426,7 +459,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             self._since.pop(conn, None)
-            if conn.state is State.IDLE:
+            if conn.state is IDLE:
                 return conn
         return None
 
@@ -435,7 +468,6 @@ class UpstreamPool:
         if len(idle) >= self.max_idle_per_host:
             self._expire(conn)
             return
-        conn._reset()
         idle.append(conn)
         self._since[conn] = self.clock.seconds()
         if self._sweep is None:
@@ -452,7 +484,7 @@ class UpstreamPool:
 
     def _expire(self, conn: _Connection) -> None:
         self.forget(conn)
-        conn.state = State.DEAD
+        conn.state = DEAD
         if conn.transport is not None:
             conn.transport.loseConnection()
 
