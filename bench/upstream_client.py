@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 
 from ccproxy.http.client import UpstreamPool
 from ccproxy.http.request import ProxyRequest
+from tests.support.wire import FakeChannel
 
 REPLY = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 14:00:00 GMT\r\n"
          b"Content-Type: application/json\r\nContent-Length: 300\r\nConnection: keep-alive\r\n"
@@ -67,28 +68,8 @@ def client_exchanges(n: int) -> None:
         responses[0].deliverBody(_Discard())
 
 
-class _Site:
-    def trusted(self) -> None:
-        return None
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-class _Channel:
-    persistent = True
-    secure = True
-
-    def __init__(self) -> None:
-        self.transport = StringTransport()
-        self.site = _Site()
-
-    def requestDone(self, request: Any) -> None:
-        pass
-
-
 def written_heads(n: int) -> None:
-    channel = _Channel()
+    channel = FakeChannel()
     for _ in range(n):
         request = ProxyRequest(channel, b"POST", b"/v1/messages", Headers(), b"", 0.0)
         request.setResponseCode(200, b"OK")

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import StringTransport
 
 from ccproxy.http.http1 import (
     CHUNKED,
@@ -24,6 +23,7 @@ from ccproxy.http.http1 import (
 )
 from ccproxy.http.request import ProxyRequest
 from tests.support.upstream import FakeUpstream, Script
+from tests.support.wire import FakeChannel
 
 
 def reason(head: bytes, method: bytes = b"GET") -> str:
@@ -128,30 +128,10 @@ def test_fast_and_line_by_line_readings_of_responses_agree(status: bytes, fields
 # -- what ProxyRequest writes
 
 
-class _Site:
-    def trusted(self) -> Any:
-        return None
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-class _Channel:
-    persistent = True
-    secure = True
-
-    def __init__(self) -> None:
-        self.transport = StringTransport()
-        self.site = _Site()
-
-    def requestDone(self, request: Any) -> None:
-        pass
-
-
 def written(code: int, phrase: bytes | None, headers: list[tuple[bytes, bytes]]) -> bytes:
     from twisted.web.http_headers import Headers
 
-    channel = _Channel()
+    channel = FakeChannel()
     request = ProxyRequest(channel, b"GET", b"/v1/models", Headers(), b"", 0.0)
     request.setResponseCode(code, phrase)
     for name, value in headers:

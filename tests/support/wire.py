@@ -46,3 +46,26 @@ class Body(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self.reason = reason
+
+
+class _Site:
+    def trusted(self) -> None:
+        return None
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class FakeChannel:
+    """What a ProxyRequest needs of its channel: a StringTransport to write to, a site that logs
+    nothing and trusts no proxy."""
+
+    persistent = True
+    secure = True
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.site = _Site()
+
+    def requestDone(self, request: Any) -> None:
+        pass
