@@ -51,6 +51,14 @@ CORPUS = [
     Case("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", method=b"HEAD", close=False),
     Case("HEAD, chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", method=b"HEAD", close=False),
     Case("100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    Case("103 then 200", b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    Case("SSE, chunked", b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+         + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"event: ping\ndata: {}\n\n", b"data: [DONE]\n\n"))
+         + b"0\r\n\r\n", close=False),
+    Case("HTTP/1.0 keep-alive", b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+         method=b"GET", close=False),
+    Case("obs-text in a value", b"HTTP/1.1 200 OK\r\nX-Name: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n", close=False),
     Case("no reason phrase", b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok"),
     Case("429 with retry-after", b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\n{}"),
     Case("several set-cookie", b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n"),
