@@ -358,3 +358,17 @@ def test_a_body_is_delivered_once() -> None:
     assert reused(pool, endpoint)  # the connection now carries another exchange
     with pytest.raises(RuntimeError):
         response.deliverBody(Body())
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_head_over_the_limit_is_refused_even_when_whole(pieces: int) -> None:
+    from ccproxy.http.client import MAX_HEAD
+
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEAD + b"\r\nContent-Length: 0\r\n\r\n"
+    pool, endpoint = UpstreamPool(Clock()), Endpoint()
+    d = start(pool, endpoint)
+    step = len(head) // pieces + 1
+    for i in range(0, len(head), step):
+        endpoint.protocol.dataReceived(head[i : i + step])
+    with pytest.raises(ResponseFailed):
+        pool_result(d)

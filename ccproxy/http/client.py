@@ -236,7 +236,7 @@ class _Connection(Protocol):
     def _head_in_one_read(self, data: bytes) -> bool:
         """The usual case, a whole head in the first read: taken without copying it into the
         buffer. False (nothing done) when the read holds no whole head."""
-        end = data.find(b"\r\n\r\n")
+        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             return False
         try:
@@ -265,10 +265,10 @@ class _Connection(Protocol):
 
     def _parse_head(self) -> None:
         while self._waiting is not None:
-            end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+            end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3), MAX_HEAD + 4)
             if end < 0:
                 self._scanned = len(self._buffer)
-                if len(self._buffer) > MAX_HEAD:
+                if len(self._buffer) >= MAX_HEAD + 4:
                     self._fail_head(UpstreamProtocolError("response head too large"))
                 return
             buffer = self._buffer
