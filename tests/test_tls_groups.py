@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 from OpenSSL import SSL
 
 from ccproxy._compat import set_groups
@@ -137,3 +138,20 @@ def test_s_client_against_configured_groups(daemon: Any) -> None:
     d = daemon(groups=["P-384"])
     assert negotiated(s_client(d, "-groups", "P-384"))
     assert not negotiated(s_client(d, "-groups", "X25519:P-256"))
+
+
+def test_groups_change_on_reload(daemon: Any) -> None:
+    d = daemon()
+    assert negotiated(s_client(d, "-groups", "X25519"))
+    config = yaml.safe_load(d.config_path.read_text())
+    config["server"]["tls"]["groups"] = ["secp384r1"]
+    assert "config reloaded" in d.reload(config)
+    assert not negotiated(s_client(d, "-groups", "X25519"))
+    assert negotiated(s_client(d, "-groups", "P-384"))
+    config["server"]["tls"]["groups"] = ["X448"]  # a known name, but not one worth offering by default: accepted when asked
+    assert "config reloaded" in d.reload(config)
+    assert negotiated(s_client(d, "-groups", "X448"))
+    config["server"]["tls"]["groups"] = ["no-such-group"]
+    line = d.reload(config)
+    assert "server.tls.groups[0]" in line and "unknown or unsupported key-exchange group" in line
+    assert negotiated(s_client(d, "-groups", "X448"))  # the running settings stay
