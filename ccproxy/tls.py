@@ -1,4 +1,4 @@
-"""TLS for the listening side: certificate loading, protocol floor, cipher suites, hot swap."""
+"""TLS for the listening side: certificate loading, protocol floor, cipher suites, groups, hot swap."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from ccproxy._compat import set_groups
 from ccproxy.config._reader import ConfigError
-from ccproxy.config._tls_names import DEFAULT_TLS12, TLS12_SUITES, TLS13_SUITES
+from ccproxy.config._tls_names import DEFAULT_TLS12, TLS12_SUITES, TLS13_SUITES, openssl_groups
 from ccproxy.config.server import TLSConfig
 
 
@@ -45,6 +46,8 @@ def certificate_options(config: TLSConfig) -> CertificateOptions:
     context = options.getContext()
     if tls13:
         context.set_tls13_ciphersuites(":".join(tls13).encode())
+    # OpenSSL's own default offers X448 and P-521 too; the list is checked when the config is read.
+    set_groups(context, openssl_groups(config.groups))
     return options
 
 
