@@ -14,7 +14,9 @@ from twisted.logger import Logger
 from ccproxy import audit, events, network
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
+from ccproxy.drain import drain
 from ccproxy.forward import Forwarder
+from ccproxy.notify import Notifier
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
@@ -35,6 +37,9 @@ class ProxyService(Service):
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
+        self.site: ProxySite | None = None
+        self.notifier = Notifier()
+        self.url = ""
 
     @property
     def config(self) -> Config:
@@ -45,7 +50,7 @@ class ProxyService(Service):
         config = self.config
         _apply_privacy(config)
         events.set_clock(self.reactor.seconds)
-        site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
+        site = self.site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         site.access_wanted = lambda: self.holder.current.logs_access
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
@@ -58,12 +63,22 @@ class ProxyService(Service):
         )
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
-        log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
+        self.url = f"{scheme}://{_hostport(address.host, address.port)}"
+        log.info("ccproxy listening on {url}", url=self.url)
         self.holder.ready = True
         settle_heap()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.notifier.ready(f"listening on {self.url}")
 
     def reload(self) -> bool:
+        """Re-read the config file, telling the service manager when it starts and ends."""
+        self.notifier.reloading(f"reloading {self.config_path}")
+        applied = self._reload()
+        what = "config reloaded" if applied else "config reload refused, previous config serving (see the log)"
+        self.notifier.ready(f"listening on {self.url}; {what}")
+        return applied
+
+    def _reload(self) -> bool:
         """Re-read the config file; a bad one is refused and the running config keeps serving."""
         old = self.config
         try:
@@ -86,13 +101,27 @@ class ProxyService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop accepting, drain what is under way, then close the rest; the audit trail closes last."""
         self.holder.ready = False
-        waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
-        if self.audit is not None:
-            waits.append(defer.maybeDeferred(self.audit.stop))
+        timeout = self.config.server.drain_timeout
+        self.notifier.stopping(f"stopping: draining for up to {timeout:g}s")
         if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-        return defer.DeferredList(waits, consumeErrors=True)
+            await defer.maybeDeferred(self.port.stopListening)
+        if self.site is not None:
+            finished, cut = await drain(self.site, self.reactor, timeout, self.notifier.status)
+            if cut:
+                log.warn("shutdown: {cut} request(s) still under way after drain_timeout={timeout}s were cut; "
+                         "{finished} finished", cut=cut, finished=finished, timeout=timeout)
+            elif finished:
+                log.info("shutdown: {finished} request(s) under way finished during the drain", finished=finished)
+        self.notifier.status("stopping: closing upstream connections and the audit trail")
+        await defer.DeferredList([self.holder.current.forwarder.close(), self.holder.current.stop()],
+                                 consumeErrors=True)
+        if self.audit is not None:
+            await defer.DeferredList([defer.maybeDeferred(self.audit.stop)], consumeErrors=True)
 
 
 def settle_heap() -> None:
