@@ -14,10 +14,18 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def check_config(args: argparse.Namespace) -> int:
+    from ccproxy import preflight
+
     try:
         config = load(args.path)
     except ConfigError as e:
         print(f"{args.path}: invalid: {e}", file=sys.stderr)
+        return 1
+    # Run as the daemon's user (the unit's ExecStartPre does): files it could not read or write.
+    faults = preflight.check(config)
+    for fault in faults:
+        print(f"{args.path}: unusable: {fault}", file=sys.stderr)
+    if faults:
         return 1
     if args.quiet:
         return 0
@@ -69,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=audit_verify)
 
     from ccproxy.auth.keygen import add_parser as add_keys_parser
+    from ccproxy.examples import add_parser as add_example_parser
 
     add_keys_parser(sub)
+    add_example_parser(sub)
     return parser
 
 

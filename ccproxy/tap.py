@@ -16,10 +16,17 @@ class Options(usage.Options):
     optParameters = [["config", "c", DEFAULT_CONFIG, "Path to the YAML config file."]]
 
     def postOptions(self) -> None:
+        from ccproxy import preflight
+
         try:
-            self["parsed"] = load(self["config"])
+            config = load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid config {self['config']}: {e}") from None
+        # Files this user must read or write: refused now, in one line each, not by a traceback later.
+        faults = preflight.check(config)
+        if faults:
+            raise usage.UsageError("\n".join(f"unusable config {self['config']}: {e}" for e in faults))
+        self["parsed"] = config
 
 
 def makeService(options: Options) -> IService:

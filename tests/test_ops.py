@@ -165,3 +165,21 @@ def test_drain_with_nothing_under_way_ends_at_once(timeout: float) -> None:
     c.channel.connectionLost()
     c.clock.advance(0.1)
     assert done.result == (0, 0)
+
+
+# -- shipped examples
+
+
+def test_example_writes_the_shipped_files_and_keeps_an_existing_one(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from ccproxy.cli import main
+    from tests.support.daemon import ROOT
+
+    target = tmp_path / "config.yaml"
+    assert main(["example", "config", "-o", str(target)]) == 0
+    assert target.read_bytes() == (ROOT / "etc/ccproxy/config.yaml").read_bytes()
+    target.write_text("mine")
+    assert main(["example", "config", "-o", str(target)]) == 1
+    assert target.read_text() == "mine" and "--force" in capsys.readouterr().err
+    assert main(["example", "unit", "-o", str(target), "--force"]) == 0
+    assert target.read_bytes() == (ROOT / "systemd/ccproxy.service").read_bytes()
