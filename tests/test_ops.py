@@ -183,3 +183,35 @@ def test_example_writes_the_shipped_files_and_keeps_an_existing_one(tmp_path: Pa
     assert target.read_text() == "mine" and "--force" in capsys.readouterr().err
     assert main(["example", "unit", "-o", str(target), "--force"]) == 0
     assert target.read_bytes() == (ROOT / "systemd/ccproxy.service").read_bytes()
+
+
+def test_the_sdist_carries_what_the_tests_need(tmp_path: Path) -> None:
+    """Build the sdist from the tracked files, unpack it, and run tests from the unpacked tree."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    from tests.support.daemon import ROOT
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout (an unpacked sdist, say): nothing to compare with")
+    tree = tmp_path / "tree"
+    for name in tracked.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    built = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_sdist('dist'))"],
+                           cwd=tree, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    with tarfile.open(tree / "dist" / built.stdout.split()[-1]) as tar:
+        tar.extractall(tmp_path / "sdist", filter="data")
+    unpacked = next((tmp_path / "sdist").iterdir())
+    for needed in ("tests/conftest.py", "tests/support/daemon.py", "etc/ccproxy/config.yaml", "systemd/ccproxy.service",
+                   "docs/operations.md", "packaging/install.sh", "twisted/plugins/ccproxy_plugin.py", ".ci/run"):
+        assert (unpacked / needed).is_file(), needed
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py",
+                          "-k", "not sdist", "tests/test_e2e_smoke.py"], cwd=unpacked, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
