@@ -13,10 +13,25 @@ DEFAULT_CONFIG = "/etc/ccproxy/config.yaml"
 
 
 class Options(usage.Options):
-    optParameters = [["config", "c", DEFAULT_CONFIG, "Path to the YAML config file."]]
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "Path to the YAML config file."],
+        ["log-format", None, "auto", "journal (sd-daemon <N> priority prefixes on stdout, for systemd), "
+         "text, or auto: journal when stdout is the journal's stream ($JOURNAL_STREAM). "
+         "twistd's --syslog logs to syslog instead (facility daemon, with the PID)."],
+    ]
 
     def postOptions(self) -> None:
-        from ccproxy import preflight
+        from ccproxy import logs, preflight
+
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger") and parent.get("logfile") in (None, "", "-"):
+            # twistd's own observers neither escape nor grade lines; ours do. twistd reads this
+            # option (a name to import) once every option is parsed.
+            prefix = parent.get("prefix")
+            logs.choose(self["log-format"], bool(parent.get("syslog")), None if prefix == "twisted" else prefix)
+            parent["logger"] = "ccproxy.logs.observer"
 
         try:
             config = load(self["config"])
