@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from ccproxy.config import ConfigError, load
+from ccproxy.logs import escape
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -19,7 +20,8 @@ def check_config(args: argparse.Namespace) -> int:
     try:
         config = load(args.path)
     except ConfigError as e:
-        print(f"{args.path}: invalid: {e}", file=sys.stderr)
+        for fault in e.faults:
+            print(f"{args.path}: invalid: {escape(str(fault))}", file=sys.stderr)
         return 1
     # Run as the daemon's user (the unit's ExecStartPre does): files it could not read or write.
     faults = preflight.check(config)
@@ -29,7 +31,11 @@ def check_config(args: argparse.Namespace) -> int:
         return 1
     if args.quiet:
         return 0
+    # In the file's own schema, defaults filled in: it can be saved and used as a config file. Secrets
+    # appear as the `${VAR}` they came from (their masked values below) or, written in the file, masked.
     print(f"# {args.path}: valid. Effective configuration (secrets masked):")
+    for path, masked in config.secrets_shown:
+        print(f"# {path}: {escape(masked)}")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0
 

@@ -87,8 +87,9 @@ class ProxyService(Service):
             _check_restart_only(changed)
             options = certificate_options(new.server.tls) if new.server.tls.enabled else None
         except ConfigError as e:
-            log.error("config reload refused, still serving the previous config: {error}", error=str(e))
-            events.emit("configuration_change", "error", outcome="refused", reason=str(e))
+            reason = "; ".join(str(fault) for fault in e.faults)
+            log.error("config reload refused, still serving the previous config: {error}", error=reason)
+            events.emit("configuration_change", "error", outcome="refused", reason=reason)
             return False
         self.holder.current = build(new, self.deps, self.holder.current.forwarder, self.holder.current)
         _apply_privacy(new)

@@ -36,7 +36,8 @@ class Options(usage.Options):
         try:
             config = load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(f"invalid config {self['config']}: {e}") from None
+            raise usage.UsageError("\n".join(f"invalid config {self['config']}: {logs.escape(str(fault))}"
+                                             for fault in e.faults)) from None
         # Files this user must read or write: refused now, in one line each, not by a traceback later.
         faults = preflight.check(config)
         if faults:

@@ -85,20 +85,24 @@ def test_journal_is_chosen_when_stdout_is_the_journal_stream(tmp_path: Path) -> 
 
 
 def test_the_daemon_under_systemd_writes_priority_prefixed_lines(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, {"server": {"tls": {"enabled": False}}})
+    d = Daemon(tmp_path, {"server": {"tls": {"enabled": False}}, "security": {"auth": {
+        "enabled": True, "api_keys": [{"id": "key-1", "key": "ccp-test-client-key-0123456789abcdef"}]}}})
     d.log_path.touch()
     st = os.stat(d.log_path)
     d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     d.start()
     with socket.create_connection((d.host, d.port), timeout=5) as sock:
-        sock.sendall(b"GET /v1/\x1b[2Kmodels HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+        # An unknown key whose last characters (shown by the key mask) are C1 controls.
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: sk-ant-api03-ABCDEFGHIJKLMNOP\x85\x9b\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 401 ")
     assert d.stop() == -signal.SIGTERM
     lines = d.log().splitlines()
     assert lines and all(re.match(r"<[2-7]>", line) for line in lines), lines
     assert any(line.startswith("<4>") and "TLS is disabled" in line for line in lines)
     assert any(line.startswith("<6>") and "ccproxy listening on" in line for line in lines)
-    assert "\x1b" not in d.log()
+    failure = [line for line in lines if "authentication_failure" in line]
+    assert failure and failure[0].startswith("<4>") and "\\x85\\x9b" in failure[0], lines
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", d.log())
 
 
 def test_local_socket_format_is_what_syslog3_writes() -> None:
