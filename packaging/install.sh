@@ -49,8 +49,11 @@ if [ ! -x "$PREFIX/bin/python" ]; then
     "$PYTHON" -m venv ${CCPROXY_VENV_ARGS:-} "$PREFIX" || die "python -m venv failed (Debian: apt-get install python3-venv)"
 fi
 say "installing $SOURCE into $PREFIX"
+# The dependencies at the versions CI tested and audited (packaging/requirements.lock), when at hand.
+lock=""
+[ -f "$here/requirements.lock" ] && lock="$here/requirements.lock"
 # shellcheck disable=SC2086
-"$PREFIX/bin/python" -m pip install --quiet --upgrade ${CCPROXY_PIP_ARGS:-} "$SOURCE"
+"$PREFIX/bin/python" -m pip install --quiet --upgrade ${lock:+-c "$lock"} ${CCPROXY_PIP_ARGS:-} "$SOURCE"
 
 # 2. Twisted's plugin cache, written while we are root.
 "$PREFIX/bin/python" - <<'EOF'

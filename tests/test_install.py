@@ -11,6 +11,7 @@ the package index pip is configured with.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -23,8 +24,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
+import yaml
 
 from tests.support.daemon import ROOT, free_port
 
@@ -219,3 +223,125 @@ def test_a_config_the_user_cannot_act_on_is_refused_in_one_line_each(host: Host)
         out = start.stdout + start.stderr
         assert "Traceback" not in out
         assert re.findall(r"unusable config \S+: (\S+):", out) == paths, out
+
+
+# -- the container image's entrypoint, without a container runtime
+
+
+def _dockerfile() -> dict[str, Any]:
+    """ENTRYPOINT, CMD, VOLUME and USER of the runtime stage, as the image would carry them."""
+    text = (ROOT / "Dockerfile").read_text()
+    runtime = text[text.rindex("\nFROM "):]
+    out: dict[str, Any] = {}
+    for name in ("ENTRYPOINT", "CMD", "VOLUME"):
+        match = re.search(rf"^{name} (\[.*\])$", runtime, re.M)
+        assert match is not None, name
+        out[name] = json.loads(match.group(1))
+    user = re.search(r"^USER (\d+):(\d+)$", runtime, re.M)
+    assert user is not None
+    out["USER"] = (user.group(1), user.group(2))
+    return out
+
+
+def _manifest() -> dict[str, Any]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text())}
+
+
+def test_the_manifest_runs_the_image_as_the_seed_asks() -> None:
+    manifest = _manifest()
+    assert {"Deployment", "Service", "ConfigMap", "Secret"} <= set(manifest)
+    pod = manifest["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    container = pod["containers"][0]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["limits"] == {"memory": "1Gi", "cpu": "1000m"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/ccproxy"]["readOnly"] is True
+    assert set(_dockerfile()["VOLUME"]) <= set(mounts)
+    drain = yaml.safe_load(manifest["ConfigMap"]["data"]["config.yaml"])["server"]["drain_timeout"]
+    assert pod["terminationGracePeriodSeconds"] > int(drain.rstrip("s"))
+
+
+def test_the_image_entrypoint_runs_on_a_read_only_root_with_only_its_volumes_writable(host: Host) -> None:
+    """The image's exact command, as its user, in a root filesystem made read-only (an overlay of this
+    host's, so nothing here is changed), the venv at /opt/ccproxy, the manifest's config mounted
+    read-only at /etc/ccproxy, and tmpfs only at the image's volumes and /tmp."""
+    image = _dockerfile()
+    uid, gid = image["USER"]
+    work = Path(tempfile.mkdtemp(prefix="ccproxy-image-"))
+    work.chmod(0o755)
+    try:
+        conf = work / "etc-ccproxy"
+        (conf / "tls").mkdir(parents=True)
+        port = free_port("0.0.0.0")
+        config = yaml.safe_load(_manifest()["ConfigMap"]["data"]["config.yaml"])
+        config["server"]["port"] = port  # the only change: this host's network is shared
+        (conf / "config.yaml").write_text(yaml.safe_dump(config))
+        ca = trustme.CA(key_type=trustme.KeyType.RSA)
+        cert = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+        cert.cert_chain_pems[0].write_to_path(str(conf / "tls" / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(conf / "tls" / "tls.key"))
+        ca.cert_pem.write_to_path(str(work / "ca.pem"))
+        for path in (conf, conf / "tls", conf / "config.yaml", conf / "tls" / "tls.crt", conf / "tls" / "tls.key"):
+            os.chown(path, 0, int(gid))
+            path.chmod(0o750 if path.is_dir() else 0o440)  # as the projected volume: group-readable only
+        # The venv as the image holds it: at /opt/ccproxy, its scripts' interpreter line saying so.
+        venv = work / "venv"
+        shutil.copytree(host.prefix, venv, symlinks=True)
+        for script_path in (venv / "bin").iterdir():
+            if script_path.is_file() and not script_path.is_symlink():
+                data = script_path.read_bytes()
+                if data.startswith(b"#!" + str(host.prefix).encode()):
+                    script_path.write_bytes(b"#!/opt/ccproxy" + data[2 + len(str(host.prefix)):])
+        root = work / "root"
+        writable = [*image["VOLUME"], "/tmp"]
+        script = "\n".join([
+            "set -e",
+            f'mkdir -p "{work}/ov" "{root}"',
+            f'mount -t tmpfs tmpfs "{work}/ov"',
+            f'mkdir -p "{work}/ov/upper" "{work}/ov/work"',
+            f'mount -t overlay overlay -o "lowerdir=/,upperdir={work}/ov/upper,workdir={work}/ov/work" "{root}"',
+            f'mkdir -p "{root}/opt/ccproxy" "{root}/etc/ccproxy"',
+            f'mount --bind "{venv}" "{root}/opt/ccproxy"',
+            f'mount --bind "{conf}" "{root}/etc/ccproxy"',
+            f'mount -o remount,bind,ro "{root}/etc/ccproxy"',
+            *[f'mkdir -p "{root}{path}" && mount -t tmpfs -o mode=0750,uid={uid},gid={gid} tmpfs "{root}{path}"'
+              for path in writable],
+            f'mount -t proc proc "{root}/proc"',
+            f'mount --rbind /dev "{root}/dev"',
+            f'mount -o remount,ro "{root}"',
+            f'cd "{root}"',
+            'exec chroot . "$@"',
+        ])
+        drop = ["setpriv", "--reuid", uid, "--regid", gid, "--clear-groups", "--no-new-privs",
+                "--inh-caps=-all", "--bounding-set=-all", "--"]
+        command = [*image["ENTRYPOINT"], *image["CMD"]]
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                                 "sh", "-c", 'cd /var/lib/ccproxy && exec "$@"', "sh", *drop, *command],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+                                     "CCPROXY_AUDIT_HMAC_KEY": "k" * 32})
+        try:
+            try:
+                _wait_ready(port, work / "ca.pem", proc)
+            except AssertionError:
+                proc.kill()
+                raise AssertionError(proc.communicate(timeout=30)[0].decode()) from None
+            ctx = ssl.create_default_context(cafile=str(work / "ca.pem"))
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx, timeout=5) as r:
+                assert r.status == 200
+            # What the image may not write, it did not: the overlay's upper layer holds only the
+            # mount points made before the root went read-only.
+            upper = {str(p.relative_to(work / "ov" / "upper")) for p in (work / "ov" / "upper").rglob("*")}
+            assert upper <= {"opt", "opt/ccproxy", "etc", "etc/ccproxy", "var", "var/lib", "var/lib/ccproxy",
+                             "var/log", "var/log/ccproxy", "tmp"}, upper
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=60)[0].decode()
+        assert "Traceback" not in out and "Read-only file system" not in out, out
+        assert f"listening on https://0.0.0.0:{port}" in out, out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
