@@ -215,3 +215,64 @@ def test_the_sdist_carries_what_the_tests_need(tmp_path: Path) -> None:
                           "-k", "not sdist", "tests/test_e2e_smoke.py"], cwd=unpacked, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+# -- dependency audit
+
+
+def _fake_pip_audit(tmp: Path, report: dict[str, Any] | None) -> dict[str, str]:
+    """A stand-in for pip-audit's command line at the boundary: writes the given JSON report."""
+    import json
+    import os
+
+    package = tmp / "fake" / "pip_audit"
+    package.mkdir(parents=True)
+    body = ("import sys\nargs = sys.argv\nout = args[args.index('--output') + 1]\n"
+            f"report = {json.dumps(report)!r}\n"
+            "if report == 'null':\n    print('connection refused', file=sys.stderr); sys.exit(1)\n"
+            "open(out, 'w').write(report)\nsys.exit(0)\n")
+    (package / "__main__.py").write_text(body)
+    (package / "__init__.py").write_text("")
+    return {**os.environ, "PYTHONPATH": str(tmp / "fake")}
+
+
+@pytest.mark.parametrize("report, code, said", [
+    ({"dependencies": [{"name": "pyyaml", "version": "5.3", "vulns": [
+        {"id": "PYSEC-2021-142", "fix_versions": ["5.4"]}]}]}, 1, "PYSEC-2021-142 (fixed in: 5.4)"),
+    ({"dependencies": [{"name": "attrs", "version": "26.1.0", "vulns": []}]}, 0, "1 package(s) audited, 0"),
+    ({"dependencies": [{"name": "attrs", "version": "26.1.0", "skip_reason": "not found"}]}, 0,
+     "could not be audited"),
+    (None, 0, "could not be had"),
+])
+def test_dependency_audit_fails_only_on_a_known_vulnerability(tmp_path: Path, report: Any, code: int,
+                                                              said: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.daemon import ROOT
+
+    env = _fake_pip_audit(tmp_path, report)
+    run = subprocess.run([sys.executable, str(ROOT / "packaging" / "audit_deps.py")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == code, run
+    assert said in run.stdout + run.stderr
+
+
+def test_the_lock_pins_every_runtime_dependency_within_its_range() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from tests.support.daemon import ROOT
+
+    pins = {}
+    for line in (ROOT / "packaging/requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for spec in map(Requirement, declared):
+        name = canonicalize_name(spec.name)
+        assert name in pins, f"{spec.name} is not in packaging/requirements.lock: run python packaging/lock.py"
+        assert spec.specifier.contains(pins[name], prereleases=True), (spec, pins[name])
