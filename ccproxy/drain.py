@@ -41,8 +41,18 @@ def busy(channel: Any) -> bool:
     return request is not None and not request.finished
 
 
+class Hurry:
+    """Lets the drain be cut short (a second SIGTERM or SIGINT): `now()` makes it cut at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def now(self) -> None:
+        self.asked = True
+
+
 async def drain(site: Any, clock: IReactorTime, timeout: float,
-                status: Callable[[str], None] = lambda _: None) -> tuple[int, int]:
+                status: Callable[[str], None] = lambda _: None, hurry: Hurry | None = None) -> tuple[int, int]:
     """Drain `site`'s connections; returns (requests finished during the drain, requests cut)."""
     site.draining = True
     channels = open_channels(site)
@@ -53,7 +63,7 @@ async def drain(site: Any, clock: IReactorTime, timeout: float,
     announced = -1
     while True:
         left = [c for c in open_channels(site) if busy(c)]
-        if not left or clock.seconds() >= deadline:
+        if not left or clock.seconds() >= deadline or (hurry is not None and hurry.asked):
             break
         if len(left) != announced:
             announced = len(left)

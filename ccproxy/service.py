@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from ccproxy import audit, events, network
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
-from ccproxy.drain import drain
+from ccproxy.drain import Hurry, drain
 from ccproxy.forward import Forwarder
 from ccproxy.notify import Notifier
 from ccproxy.resource import ProxyResource
@@ -109,10 +109,19 @@ class ProxyService(Service):
         self.holder.ready = False
         timeout = self.config.server.drain_timeout
         self.notifier.stopping(f"stopping: draining for up to {timeout:g}s")
+        # A second SIGTERM or SIGINT (an impatient operator) cuts what is left at once.
+        hurry = Hurry()
+
+        def again(*_: Any) -> None:
+            log.warn("second stop signal: cutting the requests still under way")
+            hurry.now()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.reactor.callFromThread(again))
         if self.port is not None:
             await defer.maybeDeferred(self.port.stopListening)
         if self.site is not None:
-            finished, cut = await drain(self.site, self.reactor, timeout, self.notifier.status)
+            finished, cut = await drain(self.site, self.reactor, timeout, self.notifier.status, hurry)
             if cut:
                 log.warn("shutdown: {cut} request(s) still under way after drain_timeout={timeout}s were cut; "
                          "{finished} finished", cut=cut, finished=finished, timeout=timeout)

@@ -138,22 +138,27 @@ def test_ten_streams_survive_sigterm_while_new_connections_are_refused(
     assert verify([str(tmp_path / "access.log")], HMAC_KEY.encode()).ok
 
 
+@pytest.mark.parametrize("second_signal", [False, True], ids=["drain_timeout", "second_sigterm"])
 def test_streams_that_overstay_drain_timeout_are_cut_and_recorded(
-        daemon: Callable[..., Daemon], upstream: FakeUpstream, tmp_path: Path) -> None:
+        daemon: Callable[..., Daemon], upstream: FakeUpstream, tmp_path: Path, second_signal: bool) -> None:
     never = threading.Event()
     upstream.expect(*[Script(headers={"content-type": "text/event-stream"}, events=anthropic_stream(["x"]),
-                             before_event=lambda i: i >= 1 and never.wait(30)) for _ in range(2)])
-    d = daemon(_audit(tmp_path, drain="1s"), env=_env())
+                             before_event=lambda i: i >= 1 and never.wait(60)) for _ in range(2)])
+    d = daemon(_audit(tmp_path, drain="60s" if second_signal else "1s"), env=_env())
     streams = [Stream(d) for _ in range(2)]
     for s in streams:
         assert s.first.wait(20), s.error
     assert d.proc is not None
     started = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
+    if second_signal:
+        _wait(lambda: _refused(d), 10)  # draining
+        d.proc.send_signal(signal.SIGTERM)  # an impatient operator: cut now, not in 60s
     assert d.proc.wait(20) == STOPPED
     took = time.monotonic() - started
     never.set()
-    assert took >= 1.0  # the drain waited its whole timeout first
+    if not second_signal:
+        assert took >= 1.0  # the drain waited its whole timeout first
     for s in streams:
         s.thread.join(10)
         assert s.events[-1] != "message_stop"
