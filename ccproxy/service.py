@@ -57,6 +57,8 @@ class ProxyService(Service):
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
+        # Before anything says we are up: a SIGHUP that comes first must reload, not kill.
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         factory = network.listener_factory(site, self.tls, self.holder, self.reactor)
         self.port = self.reactor.listenTCP(
             config.server.port, factory, backlog=1024, interface=config.server.host
@@ -67,7 +69,6 @@ class ProxyService(Service):
         log.info("ccproxy listening on {url}", url=self.url)
         self.holder.ready = True
         settle_heap()
-        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self.notifier.ready(f"listening on {self.url}")
 
     def reload(self) -> bool:

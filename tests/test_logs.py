@@ -157,3 +157,70 @@ def test_logger_events_reach_the_observer_escaped() -> None:
     observer = logs.JournalObserver(out)
     Logger(observer=observer).info("jwt sub={sub}", sub="\r\x1b[2Kroot")
     assert out.getvalue() == "<6>[tests.test_logs] jwt sub=\\x0d\\x1b[2Kroot\n"
+
+
+def test_twistd_syslog_lines_have_facility_daemon_their_severity_and_the_pid(tmp_path: Path) -> None:
+    """`twistd --syslog --prefix=ccproxy`, with a datagram socket of the test's standing in for /dev/log
+    (bind-mounted there in a private mount namespace, over an overlay of /dev: the host's is untouched)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.daemon import ROOT, TWISTD, free_port
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            raise AssertionError("needs root (a mount namespace), and CI runs as root")
+        import pytest
+
+        pytest.skip("needs root: mounts in a private namespace")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "log.sock"))
+    receiver.settimeout(20)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"server:\n  port: {port}\n  tls:\n    enabled: false\n")
+    work = tmp_path / "dev"
+    script = "\n".join([
+        "set -e",
+        f'mkdir -p "{work}/ov" "{work}/dev"',
+        f'mount -t tmpfs tmpfs "{work}/ov" && mkdir "{work}/ov/u" "{work}/ov/w"',
+        f'mount -t overlay overlay -o "lowerdir=/dev,upperdir={work}/ov/u,workdir={work}/ov/w" "{work}/dev"',
+        f'touch "{work}/dev/log" && mount --bind "{tmp_path}/log.sock" "{work}/dev/log"',
+        f'mount --move "{work}/dev" /dev',
+        'exec "$@"',
+    ])
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                             sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--syslog", "--prefix=ccproxy",
+                             "ccproxy", "--config", str(config)],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        messages: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while not any(b"ccproxy listening" in m for m in messages) and time.monotonic() < deadline:
+            messages.append(receiver.recv(65536))
+        config.write_text("server: [broken\n")
+        proc.send_signal(signal.SIGHUP)
+        while not any(b"config reload refused" in m for m in messages) and time.monotonic() < deadline:
+            try:
+                messages.append(receiver.recv(65536))
+            except TimeoutError:
+                raise AssertionError(messages) from None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+        receiver.close()
+    parsed = [re.match(rb"^<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d ccproxy\[(\d+)\]: (.*)$", m, re.S)
+              for m in messages]
+    assert all(parsed), (messages, out)
+    by_text = {p.group(3): (int(p.group(1)), int(p.group(2))) for p in parsed if p}
+    assert {pid for _, pid in by_text.values()} == {proc.pid}
+
+    def pri(fragment: bytes) -> int:
+        return next(p for text, (p, _) in by_text.items() if fragment in text)
+
+    daemon = 3 * 8
+    assert pri(b"ccproxy listening") == daemon + 6  # info
+    assert pri(b"TLS is disabled") == daemon + 4  # warning
+    assert pri(b"config reload refused") == daemon + 3  # err
