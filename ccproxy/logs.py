@@ -148,24 +148,33 @@ _chosen: tuple[str, str] = ("text", "ccproxy")
 FORMATS = ("auto", "journal", "text")
 
 
-def choose(log_format: str, syslog: bool, prefix: str | None) -> str:
-    """Pick the observer for this run; returns its name (`journal`, `syslog` or `text`)."""
+def choose(log_format: str, syslog: bool, prefix: str | None, logfile: str | None = None) -> str:
+    """Pick the observer for this run; returns its name (`journal`, `syslog`, `text` or `file`).
+
+    `logfile`: where twistd would write its log (a daemonised twistd, or `--logfile`); None: stdout.
+    """
     global _chosen
     if syslog:
-        kind = "syslog"
+        kind, where = "syslog", prefix or "ccproxy"
+    elif logfile:
+        kind, where = "file", logfile
     elif log_format == "auto":
-        kind = "journal" if under_journal() else "text"
+        kind, where = ("journal" if under_journal() else "text"), ""
     else:
-        kind = log_format
-    _chosen = (kind, prefix or "ccproxy")
+        kind, where = log_format, ""
+    _chosen = (kind, where)
     return kind
 
 
 def observer() -> ILogObserver:
     """The log observer factory twistd calls (`--logger ccproxy.logs.observer`)."""
-    kind, ident = _chosen
+    kind, where = _chosen
     if kind == "journal":
         return JournalObserver(sys.stdout)
     if kind == "syslog":
-        return SyslogObserver(ident)
+        return SyslogObserver(where)
+    if kind == "file":
+        from twisted.python.logfile import LogFile
+
+        return TextObserver(LogFile.fromFullPath(where))
     return TextObserver(sys.stdout)

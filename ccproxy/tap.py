@@ -26,13 +26,18 @@ class Options(usage.Options):
         if self["log-format"] not in logs.FORMATS:
             raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
         parent = getattr(self, "parent", None)
-        if parent is not None and not parent.get("logger") and parent.get("logfile") in (None, "", "-"):
+        if parent is not None and not parent.get("logger"):
             # twistd's own observers neither escape nor grade lines; ours do. twistd reads this
             # option (a name to import) once every option is parsed.
             prefix = parent.get("prefix")
-            logs.choose(self["log-format"], bool(parent.get("syslog")), None if prefix == "twisted" else prefix)
+            logfile = parent.get("logfile") or ""
+            if logfile == "-" or (not logfile and parent.get("nodaemon")):
+                logfile = ""  # standard output
+            elif not logfile:
+                logfile = "twistd.log"  # where a daemonised twistd logs by default
+            logs.choose(self["log-format"], bool(parent.get("syslog")), None if prefix == "twisted" else prefix,
+                        logfile or None)
             parent["logger"] = "ccproxy.logs.observer"
-
         try:
             config = load(self["config"])
         except ConfigError as e:

@@ -224,3 +224,28 @@ def test_twistd_syslog_lines_have_facility_daemon_their_severity_and_the_pid(tmp
     assert pri(b"ccproxy listening") == daemon + 6  # info
     assert pri(b"TLS is disabled") == daemon + 4  # warning
     assert pri(b"config reload refused") == daemon + 3  # err
+
+
+def test_twistd_logfile_gets_the_escaped_text_lines(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.daemon import ROOT, TWISTD, free_port
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"server:\n  port: {free_port()}\n  tls:\n    enabled: false\n")
+    logfile = tmp_path / "ccproxy.log"
+    proc = subprocess.Popen([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile", str(logfile),
+                             "ccproxy", "--config", str(config)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (logfile.exists() and "ccproxy listening" in logfile.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    lines = logfile.read_text().splitlines()
+    assert any(re.match(r"^\d{4}-\d\d-\d\dT\S+ \[ccproxy\.service#warn\] TLS is disabled", line) for line in lines), lines

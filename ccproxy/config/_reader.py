@@ -371,19 +371,6 @@ class Section:
             return
         raise ConfigError(self.at(key), "not supported yet")
 
-    def typo_near(self, path: str) -> ConfigError | None:
-        """An unknown key in the sections leading to `path`: likely the cause of a fault found there."""
-        section: Section | None = self
-        while section is not None:
-            try:
-                section._check_keys(typos_only=True)
-            except ConfigError as e:
-                return e
-            section = next((c for c in section._children.values()
-                            if path == c.path or path.startswith(c.path + ".") or path.startswith(c.path + "[")),
-                           None)
-        return None
-
     def done(self) -> None:
         """Refuse keys that no parser asked for, here and in every child section."""
         run = _RUN.get()
@@ -411,11 +398,6 @@ class Section:
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             out.append(ConfigError(self.at(key), f"unknown key{suffix}"))
         return out
-
-    def _check_keys(self, typos_only: bool = False) -> None:
-        faults = self._unknown(lambda section, key: False, typos_only)
-        if faults:
-            raise faults[0]
 
 
 def _duration_text(seconds: Any) -> Any:
