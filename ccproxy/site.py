@@ -6,6 +6,7 @@ Requests are read by `ccproxy.http.server.HardenedChannel` and answered as
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +57,16 @@ class ProxySite(Factory):
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
         # Whether any output records access lines; the service points this at the live config.
         self.access_wanted: Callable[[], bool] = lambda: True
+        # Shutting down (see ccproxy.drain): channels ask this before keeping a connection open.
+        self.draining = False
+        # Every open connection's channel, for the drain to find; gone ones drop out by themselves.
+        self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = self.protocol()
         channel.site = self
         channel.factory = self
+        self.channels.add(channel)
         return channel
 
     def trusted(self) -> NetworkSet:

@@ -27,7 +27,11 @@ def certificate_options(config: TLSConfig) -> CertificateOptions:
     assert config.cert_file is not None and config.key_file is not None
     cert_path, key_path = config.cert_file, config.key_file
     if config.self_signed and not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        write_self_signed(cert_path, key_path)
+        try:
+            write_self_signed(cert_path, key_path)
+        except OSError as e:
+            raise ConfigError("server.tls.cert_file",
+                              f"self_signed cannot write {e.filename or cert_path}: {e.strerror}") from None
     chain = _read_certificates(cert_path)
     key = _read_key(key_path)
     if chain[0].public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]

@@ -109,10 +109,14 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
         assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
         assert records[2]["changed"] == ["upstreams.anthropic.read_timeout"]
     for fields in rsyslog.lines():
-        if fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix") and fields[4] == "configuration_change":
-            assert fields[:3] == ["1", "local4", "notice"]
-        elif fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix"):
-            assert fields[:3] == ["1", "local4", "info" if fields[4] == "authentication_success" else "warning"]
+        if fields[3] not in ("ccp-tcp", "ccp-udp", "ccp-unix"):
+            continue
+        event = json.loads(fields[5][fields[5].find("{"):])["event"]
+        severity = {"configuration_change": "notice", "authentication_success": "info"}.get(event, "warning")
+        # Network outputs speak RFC 5424 (version 1, the event as MSGID); the local socket the local
+        # syslog(3) format, which the receiver parses with the tag as app-name.
+        version, msgid = ("0", "-") if fields[3] == "ccp-unix" else ("1", event)
+        assert fields[:5] == [version, "local4", severity, fields[3], msgid]
     wait_until(lambda: any(r["path"] == "/v1/messages" for r in _by_app(rsyslog, "ccp-access")))
     access = [r for r in _by_app(rsyslog, "ccp-access") if r["path"] == "/v1/messages"]
     assert [(r["status"], r["api_key_id"]) for r in access] == [(200, "key-e2e"), (401, None)]

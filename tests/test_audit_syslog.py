@@ -305,7 +305,8 @@ class DatagramReceiver:
     def seqs(self, messages: list[bytes]) -> list[int]:
         import json
 
-        return [json.loads(HEADER.match(m).group(7))["seq"] for m in messages]  # type: ignore[union-attr]
+        # The local socket speaks the syslog(3) format: the record is the JSON after the tag.
+        return [json.loads(m[m.index(b"{"):])["seq"] for m in messages]
 
     def close(self) -> None:
         self.sock.close()

@@ -111,9 +111,13 @@ class ServerConfig:
     host: str
     port: int
     tls: TLSConfig
+    # At shutdown, how long requests and streams under way may run on before they are cut
+    # (ccproxy.drain). The systemd unit's TimeoutStopSec must be longer.
+    drain_timeout: float = 30.0
 
     @classmethod
     def parse(cls, s: Section) -> ServerConfig:
         host = s.string("host", DEFAULT_HOST)
         port = s.integer("port", DEFAULT_PORT, min=0, max=65535)
-        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host))
+        drain = s.duration("drain_timeout", 30.0, min=0, max=3600)
+        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host), drain_timeout=drain)
