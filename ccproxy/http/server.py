@@ -33,10 +33,9 @@ from ccproxy.errors import ApiError, error_body
 from ccproxy.http.http1 import (
     ChunkedDecoder,
     Head,
+    HeadScan,
     Malformed,
     TooLarge,
-    has_bare_line_break,
-    head_end,
     parse_head,
 )
 from ccproxy.http.request import ProxyRequest
@@ -76,7 +75,9 @@ class HardenedChannel(Protocol):
         self.head: Head | None = None
         self.request: ProxyRequest | None = None
         self.persistent = True
-        self.body: list[bytes] = []
+        self.scan = HeadScan(limits.max_header_size)
+        # The body as it arrives: one buffer, so a body costs about its size however it is framed.
+        self.body = bytearray()
         self.body_left = 0
         self.chunks: ChunkedDecoder | None = None
         self.draining = False
@@ -104,12 +105,12 @@ class HardenedChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.phase == DEAD:
             return
-        if self.phase == BODY:
-            self._feed_body(data)
-            return
         if self.handshaking:
             self.handshakeCompleted()
         self.pending += data
+        if self.phase == BODY:
+            self._feed_body()
+            return
         if self.phase == BUSY:
             if len(self.pending) > PIPELINE_BUFFER and not self.paused:
                 self.paused = True
@@ -131,24 +132,29 @@ class HardenedChannel(Protocol):
 
     def _take_head(self) -> bool:
         """Read one complete request head from the buffer; False while the head is incomplete."""
+        removed = 0
         while self.pending.startswith(b"\r\n"):
             # RFC 9112 2.2: an empty line before a request line is ignored.
             del self.pending[:2]
+            removed += 2
+        if removed:
+            self.scan.forget(removed)
         if not self.pending:
             return False
         limits = self.config.ddos
-        end = head_end(self.pending, limits.max_header_size)
+        try:
+            end = self.scan.find(self.pending)
+        except Malformed as e:
+            self._invalid(e.reason, e.message, None)
+            return False
         if end == -1:
             if self.timer_kind != "header":
                 self._arm(limits.header_timeout, self._header_expired, "header")
-            if has_bare_line_break(self.pending):
-                # Without this a head ended by bare LFs would wait for the deadline, never complete.
-                self._invalid("bare_cr_or_lf", "request head has a bare CR or LF", None)
             return False
         if end == -2:
             self._too_large("header_size", limits.max_header_size, 431, "request head is larger than allowed")
             return False
-        raw = bytes(self.pending[:end])
+        raw = bytes(memoryview(self.pending)[:end])
         try:
             head = parse_head(raw)
         except Malformed as e:
@@ -159,53 +165,57 @@ class HardenedChannel(Protocol):
             self._too_large("content_length", limits.max_request_size, 413, "request body is larger than allowed")
             return False
         self._disarm_deadline()
-        rest = bytes(self.pending[end + 4 :])
-        del self.pending[:]
+        # Taking bytes off the front of a bytearray is cheap: pipelined requests are not copied.
+        del self.pending[: end + 4]
+        self.scan.forget(end + 4)
         self.persistent = head.persistent
         if not head.has_body:
-            self.pending += rest
             self._dispatch(b"")
             return True
         self.phase = BODY
-        self.body = []
+        self.body = bytearray()
         self.body_left = head.content_length or 0
         self.chunks = ChunkedDecoder(limits.max_request_size) if head.chunked else None
-        if head.expect_continue and not rest:
+        if head.expect_continue and not self.pending:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if rest:
-            self._feed_body(rest)
+        if self.pending:
+            self._feed_body()
         if self.phase == BODY and self.head is head:
             # Armed only for a body still to come: most arrive with their head.
             self._arm(limits.read_timeout, self._body_expired, "body")
         return True
 
-    def _feed_body(self, data: bytes) -> None:
+    def _feed_body(self) -> None:
+        """Move body bytes from the input buffer to the body; what follows the body stays there."""
+        pending = self.pending
         if self.chunks is not None:
-            self._feed_chunked(self.chunks, data)
+            self._feed_chunked(self.chunks)
             return
         # A declared length: exactly that much is the body; what follows is the next request.
-        part = data[: self.body_left]
-        self.body_left -= len(part)
-        self.body.append(part)
+        take = min(self.body_left, len(pending))
+        if take == self.body_left and not self.body:
+            body = bytes(memoryview(pending)[:take])  # the whole body at once, the common case: one copy
+        else:
+            self.body += memoryview(pending)[:take]
+            body = b""
+        del pending[:take]
+        self.body_left -= take
         if self.body_left == 0:
-            extra = data[len(part) :]
-            if extra:
-                self.pending += extra
-            self._dispatch(b"".join(self.body))
+            self._dispatch(body or bytes(self.body))
 
-    def _feed_chunked(self, chunks: ChunkedDecoder, data: bytes) -> None:
+    def _feed_chunked(self, chunks: ChunkedDecoder) -> None:
         try:
-            self.body += chunks.feed(data)
+            used = chunks.feed_into(self.pending, self.body)
         except TooLarge:
             self._too_large("body_size", self.max_request_size, 413, "request body is larger than allowed")
             return
         except Malformed as e:
             self._invalid(e.reason, e.message, None)
             return
+        del self.pending[:used]
         if chunks.done:
-            self.pending[:0] = chunks.rest
             self.chunks = None
-            self._dispatch(b"".join(self.body))
+            self._dispatch(bytes(self.body))
 
     def _dispatch(self, body: bytes) -> None:
         """The request is whole: hand it to the resource."""
@@ -213,7 +223,7 @@ class HardenedChannel(Protocol):
         assert head is not None
         self._disarm_deadline()
         self.phase = BUSY
-        self.body = []
+        self.body = bytearray()
         headers = Headers()
         for name, value in head.headers:
             headers.addRawHeader(name, value)
@@ -298,7 +308,8 @@ class HardenedChannel(Protocol):
             return
         self.phase = DEAD
         self._disarm()
-        self.body = []
+        self.body = bytearray()
+        self.pending.clear()
         target = self.head.target if self.head is not None else self.error_target
         body = error_body(api_for(target), ApiError(status, message))
         lines = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]
