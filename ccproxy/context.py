@@ -93,11 +93,18 @@ class RequestContext:
 class Layer:
     """One policy layer. Override only what the layer takes part in.
 
-    Layers run in a fixed order; `check` may refuse by raising ApiError, and must not touch the
-    response itself.
+    Layers run in a fixed order; `check` and `check_body` may refuse by raising ApiError, and must
+    not touch the response itself.
     """
 
     async def check(self, ctx: RequestContext) -> None:
+        """Decide from the head alone (method, path, headers, addresses): it runs before the body
+        is read or `100 Continue` sent, so a refusal costs the client's body nothing. `ctx.body`
+        is still empty here."""
+        return None
+
+    async def check_body(self, ctx: RequestContext) -> None:
+        """Decide from the body (`ctx.body`, `ctx.json()`), once every head check has passed."""
         return None
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
@@ -108,7 +115,7 @@ class Layer:
         return None
 
     def idle(self) -> frozenset[str]:
-        """The steps ("check", "response_filter", "decorate") this layer, as configured, has
+        """The steps ("check", "check_body", "response_filter", "decorate") this layer, as configured, has
         nothing to do in: the runtime skips them for every request."""
         return frozenset()
 

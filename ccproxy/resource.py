@@ -34,8 +34,9 @@ class ProxyResource:
         self.clock = clock
 
     def render(self, request: Request) -> Any:
+        """Called when the head is complete: the body is read only once the head checks pass."""
         request.responseHeaders.setRawHeaders(b"server", [b"ccproxy"])
-        if request.path in (b"/health", b"/ready"):
+        if request.path in (b"/health", b"/ready") and request.method not in _REFUSED_METHODS:
             return self._health(request)
         d = defer.ensureDeferred(self._handle(request, self.holder.current))
         request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -63,9 +64,6 @@ class ProxyResource:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
             target = route(request.uri, runtime.config.upstreams)
-            content = request.content
-            assert content is not None
-            content.seek(0)
             ctx = RequestContext(
                 request=request,
                 request_id=request_id,
@@ -73,11 +71,15 @@ class ProxyResource:
                 client_ip=_client_host(request),
                 peer_ip=request.peer_host(),
                 started=self.clock.seconds(),
-                body=content.read(),
+                body=b"",
             )
             request.ccproxy_ctx = ctx
-            for layer in runtime.checkers:
+            for layer in runtime.head_checkers:
                 await layer.check(ctx)
+            # Only now is the body read (and `100 Continue` sent): a refusal above cost it nothing.
+            ctx.body = await request.read_body()
+            for layer in runtime.body_checkers:
+                await layer.check_body(ctx)
             await self._forward(ctx, runtime)
         except ApiError as e:
             self._send_error(request, runtime, ctx, e)

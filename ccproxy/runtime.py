@@ -15,8 +15,10 @@ from twisted.web.http_headers import Headers
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config
+from ccproxy.config.network import DDoSConfig
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
+from ccproxy.http.budget import Budget
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
@@ -28,6 +30,9 @@ class Deps:
 
     reactor: Any
     blocklist: BlockList
+    # Bytes buffered for clients across the process (request bodies; response bodies held whole
+    # for masking should take from it too): acquire before buffering, release after.
+    buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -50,7 +55,9 @@ class Runtime:
     forwarder: Forwarder
     deps: Deps
     # The layers that take part in each step: a layer that does not override a step costs nothing there.
-    checkers: tuple[Layer, ...] = attrs.field(init=False)
+    # Head checks run before the body is read; body checks after.
+    head_checkers: tuple[Layer, ...] = attrs.field(init=False)
+    body_checkers: tuple[Layer, ...] = attrs.field(init=False)
     filterers: tuple[Layer, ...] = attrs.field(init=False)
     decorators: tuple[Layer, ...] = attrs.field(init=False)
     # Whether an audit output records one line per request: if none does, none is built.
@@ -59,7 +66,8 @@ class Runtime:
     def __attrs_post_init__(self) -> None:
         audit = self.config.audit
         self.logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)
-        self.checkers = _overriding(self.layers, "check")
+        self.head_checkers = _overriding(self.layers, "check")
+        self.body_checkers = _overriding(self.layers, "check_body")
         self.filterers = _overriding(self.layers, "response_filter")
         self.decorators = _overriding(self.layers, "decorate")
 

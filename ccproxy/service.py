@@ -15,6 +15,7 @@ from ccproxy import audit, events
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
+from ccproxy.http.budget import Budget
 from ccproxy.network.listener import listener_factory
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
@@ -31,7 +32,8 @@ class ProxyService(Service):
     def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
         self.config_path = config_path
         self.reactor = reactor
-        self.deps = Deps(reactor=reactor, blocklist=BlockList())
+        self.deps = Deps(reactor=reactor, blocklist=BlockList(),
+                         buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes))
         self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
@@ -48,6 +50,7 @@ class ProxyService(Service):
         events.set_clock(self.reactor.seconds)
         site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         site.access_wanted = lambda: self.holder.current.logs_access
+        site.budget = self.deps.buffers
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from ccproxy.config.network import NetworkConfig
+from ccproxy.http.budget import Budget
 from ccproxy.http.server import HardenedChannel
 from ccproxy.network.addresses import NetworkSet
 
@@ -37,6 +38,8 @@ class ProxySite(Factory):
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
         # Whether any output records access lines; the service points this at the live config.
         self.access_wanted: Callable[[], bool] = lambda: True
+        # Request bodies held at once, all connections together; the service shares its own.
+        self.budget = Budget(lambda: self.network().ddos.max_buffered_bytes)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = self.protocol()

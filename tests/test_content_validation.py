@@ -56,7 +56,7 @@ def make_ctx(body: bytes, kind: str = "messages", api: str = "anthropic") -> Req
 
 
 def check(layer: ContentLayer, ctx: RequestContext) -> None:
-    asyncio.run(layer.check(ctx))
+    asyncio.run(layer.check_body(ctx))
 
 
 def refusal(layer: ContentLayer, ctx: RequestContext) -> ApiError:

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import tracemalloc
+from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.web.server import NOT_DONE_YET
 
+from ccproxy.blocklist import BlockList
+from ccproxy.config import parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
+from ccproxy.forward import Forwarder
 from ccproxy.http.http1 import ChunkedDecoder, HeadScan, Malformed
-from tests.support.hardening import Conn, config
+from ccproxy.resource import ProxyResource
+from ccproxy.runtime import Deps, RuntimeHolder, build
+from tests.support.authkit import UPSTREAM_KEYS
+from tests.support.hardening import Conn, Recorder, config
 
 
 def max_head(size: int) -> bytes:
@@ -127,3 +137,133 @@ def test_a_declared_length_body_in_small_reads_costs_a_small_constant_times_its_
     wire = [head] + [b"abcdefghij"] * (BODY // 10) + [b"x" * (BODY % 10)]
     ratio = peak_while_reading(wire, BODY)
     assert ratio < 3, ratio
+
+
+# -- decisions from the head
+
+KEY = "ccp_abuse-test-key-000000000000000000a1"
+
+
+def proxy(security: dict[str, Any] | None = None, **ddos: Any) -> Conn:
+    """A connection to the real resource and layers (auth by API key), with no upstream behind."""
+    sec: dict[str, Any] = {"auth": {"enabled": True, "api_keys": []},
+                           "api_keys": {"keys": [{"id": "k1", "key": KEY}]},
+                           "ddos_protection": ddos, **(security or {})}
+    cfg = parse({"server": {"tls": {"enabled": False}},
+                 "upstreams": {name: {"api_key": key} for name, key in UPSTREAM_KEYS.items()},
+                 "security": sec}, environ={})
+    clock = Clock()
+    holder = RuntimeHolder(build(cfg, Deps(clock, BlockList()), Forwarder(clock)))
+    return Conn(cfg.network, resource=ProxyResource(holder, clock))
+
+
+def large_post(length: int = 10_000_000, *extra: bytes) -> bytes:
+    return b"".join([b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n",
+                     *extra, b"Content-Length: %d\r\n\r\n" % length])
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_an_unauthenticated_large_body_is_refused_from_the_head(expect: bool) -> None:
+    c = proxy()
+    c.send(large_post(10_000_000, *([b"Expect: 100-continue\r\n"] if expect else [])))
+    assert c.status() == 401, c.output[:300]
+    assert b"100 Continue" not in c.output
+    _, headers, body = split(c.output)
+    assert headers[b"connection"] == b"close" and c.closed  # the body it may still send is not read
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert c.site.budget.used == 0
+
+
+def test_a_small_body_refused_from_the_head_is_dropped_and_the_connection_kept() -> None:
+    c = proxy()
+    c.send(large_post(2) + b"{}" + b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert c.output.count(b"HTTP/1.1 401") == 2 and not c.closed
+    assert b"connection: close" not in c.output.lower()
+
+
+def test_a_refused_body_still_coming_is_dropped_as_it_arrives() -> None:
+    c = proxy()
+    c.send(large_post(1000))
+    assert c.status() == 401 and not c.closed
+    assert c.channel.phase == "discard"
+    c.send(b"x" * 999)
+    assert c.channel.phase == "discard" and not c.channel.pending
+    c.send(b"x" + b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert c.output.count(b"HTTP/1.1 401") == 2 and c.channel.phase == "head"
+
+
+def test_an_accepted_request_gets_100_continue_then_its_body_is_checked() -> None:
+    c = proxy({"request_validation": {"enabled": True}})
+    c.send(large_post(9, b"x-api-key: " + KEY.encode() + b"\r\n", b"Expect: 100-continue\r\n"))
+    assert c.output == b"HTTP/1.1 100 Continue\r\n\r\n"
+    c.send(b"not json!")
+    assert c.output.count(b"HTTP/1.1 400") == 1  # the body check ran on the body read after the head passed
+
+
+class Deciding:
+    """A resource that takes its time over the head: the body is asked for only when told."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.bodies: list[bytes] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+    def go_on(self) -> None:
+        request = self.requests[-1]
+        request.read_body().addCallback(lambda body: (self.bodies.append(body), request.respond(b"ok")))
+
+
+def test_nothing_is_read_while_the_head_is_being_decided() -> None:
+    resource = Deciding()
+    c = Conn(resource=resource)
+    c.send(b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert c.output == b"" and c.transport.producerState == "paused"
+    resource.go_on()
+    assert c.output == b"HTTP/1.1 100 Continue\r\n\r\n" and c.transport.producerState == "producing"
+    c.send(b"hello")
+    assert resource.bodies == [b"hello"] and c.status() == 100
+
+
+# -- the process-wide buffer budget
+
+
+def split(output: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = output.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    return status, {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}, body
+
+
+MiB = 1024 * 1024
+
+
+def test_a_body_that_would_pass_the_budget_is_refused_503_before_it_is_read(
+        seen_events: list[dict[str, Any]]) -> None:
+    holding = Conn(config(max_buffered_bytes=MiB), resource=Recorder(hold=True))
+    holding.send(large_post(800_000) + b"a" * 800_000)
+    assert holding.site.budget.used == 800_000  # held while its request is answered
+    c = proxy(max_buffered_bytes="1MiB")
+    c.site.budget = holding.site.budget
+    c.send(large_post(300_000, b"x-api-key: " + KEY.encode() + b"\r\n"))
+    status, headers, body = split(c.output)
+    assert status.startswith(b"HTTP/1.1 503") and headers[b"retry-after"] == b"1" and c.closed
+    assert json.loads(body)["error"]["type"] == "overloaded_error"
+    assert any(e["ccproxy_event"] == "server_overloaded" for e in seen_events)
+    assert holding.site.budget.used == 800_000
+    holding.resource.open[0].respond(b"done")
+    assert holding.site.budget.used == 0
+    again = Conn(config(max_buffered_bytes=MiB))
+    again.site.budget = holding.site.budget
+    again.send(large_post(300_000) + b"b" * 300_000)
+    assert again.status() == 200 and again.site.budget.used == 0
+
+
+def test_a_chunked_body_is_counted_as_its_chunks_are_declared() -> None:
+    c = Conn(config(max_buffered_bytes=MiB), resource=Recorder(hold=True))
+    c.send(b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    c.send(b"80000\r\n" + b"a" * 0x80000 + b"\r\n")
+    assert c.site.budget.used == 0x80000 and c.output == b""
+    c.send(b"80001\r\n")
+    assert c.status() == 503 and c.closed and c.site.budget.used == 0

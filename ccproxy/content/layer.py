@@ -49,10 +49,10 @@ class ContentLayer(Layer):
         if self.rules is None:
             steps.add("response_filter")
             if self.validator is None:
-                steps.add("check")
+                steps.add("check_body")
         return frozenset(steps)
 
-    async def check(self, ctx: RequestContext) -> None:
+    async def check_body(self, ctx: RequestContext) -> None:
         if ctx.route.kind not in _VALIDATED:
             return
         if self.validator is not None:

@@ -1,17 +1,18 @@
 """One request on a HardenedChannel, and the response to it, without twisted.web's Request.
 
-The channel reads and checks a request whole, then makes a `ProxyRequest` and hands it to the site's
-resource. The request keeps the parts of twisted.web's `Request` interface that ccproxy uses
-(`requestHeaders`, `setResponseCode`, `write`, `finish`, `notifyFinish`, `registerProducer`, ...), so
-a resource reads as it would for twisted.web; but the head is parsed once, and a response head goes
-out in the same write as the first body bytes.
+The channel reads and checks a request head, then makes a `ProxyRequest` and hands it to the site's
+resource, which decides from the head alone whether to go on: only then does it ask for the body
+(`read_body`), so a refused request is answered before its body is read. The request keeps the
+parts of twisted.web's `Request` interface that ccproxy uses (`requestHeaders`, `setResponseCode`,
+`write`, `finish`, `notifyFinish`, `registerProducer`, ...), so a resource reads as it would for
+twisted.web; but the head is parsed once, and a response head goes out in the same write as the
+first body bytes.
 """
 
 from __future__ import annotations
 
 import time
 from email.utils import formatdate
-from io import BytesIO
 from typing import Any
 
 from twisted.internet import defer
@@ -49,15 +50,17 @@ class ProxyRequest:
     ccproxy_ctx: Any = None
     ccproxy_limits_checked = False
 
-    def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, body: bytes,
-                 started: float) -> None:
+    def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, started: float,
+                 body: bytes | None = b"") -> None:
         self.channel = channel
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
         self.requestHeaders = headers
         self.responseHeaders = Headers()
-        self.content = BytesIO(body)
+        # None until the channel has read the body: it reads it only once `read_body` asks.
+        self._body = body
+        self._body_waiter: defer.Deferred[bytes] | None = None
         self.code = 200
         self.code_message = b"OK"
         self.startedWriting = False
@@ -71,6 +74,40 @@ class ProxyRequest:
         self._client: IAddress | None = None
 
     # -- what the resource reads
+
+    def read_body(self) -> defer.Deferred[bytes]:
+        """The body, read now if it was not yet (and `100 Continue` sent if the client waits for it).
+
+        Fails with ApiError when the body cannot be taken in (the process's buffer budget is
+        spent), and with CancelledError when the client goes or its body is refused on the way.
+        """
+        if self._body is not None:
+            return defer.succeed(self._body)
+        if self._disconnected:
+            return defer.fail(defer.CancelledError("client went away"))
+        if self._body_waiter is None:
+            self._body_waiter = defer.Deferred()
+            waiter = self._body_waiter
+            try:
+                self.channel.want_body(self)
+            except Exception:
+                self._body_waiter = None
+                return defer.fail()
+            return waiter
+        return self._body_waiter
+
+    def body_arrived(self, body: bytes) -> None:
+        """The channel has the whole body."""
+        self._body = body
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None:
+            waiter.callback(body)
+
+    def body_failed(self, error: Exception) -> None:
+        """The channel cannot take the body in (`error` says why, to be answered)."""
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None:
+            waiter.errback(Failure(error))
 
     def isSecure(self) -> bool:
         return bool(self.channel.secure)
@@ -120,6 +157,7 @@ class ProxyRequest:
             return
         if not self.startedWriting:
             self.startedWriting = True
+            self.channel.answering(self)
             head = self._head()
             if data and not self._no_body:
                 head += self._framed(data)
@@ -199,6 +237,9 @@ class ProxyRequest:
         """The client connection closed before the response was finished."""
         self._disconnected = True
         self.ccproxy_ctx = None
+        body, self._body_waiter = self._body_waiter, None
+        if body is not None:
+            body.errback(Failure(defer.CancelledError("client went away")))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(reason)
