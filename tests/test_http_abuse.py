@@ -9,16 +9,21 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv6Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.web.server import NOT_DONE_YET
 
 from ccproxy.blocklist import BlockList
-from ccproxy.config import parse
+from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
 from ccproxy.forward import Forwarder
 from ccproxy.http.http1 import ChunkedDecoder, HeadScan, Malformed
+from ccproxy.network.addresses import client_key
+from ccproxy.network.gate import Gate
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
+from ccproxy.site import ProxySite
 from tests.support.authkit import UPSTREAM_KEYS
 from tests.support.hardening import Conn, Recorder, config
 
@@ -267,3 +272,58 @@ def test_a_chunked_body_is_counted_as_its_chunks_are_declared() -> None:
     assert c.site.budget.used == 0x80000 and c.output == b""
     c.send(b"80001\r\n")
     assert c.status() == 503 and c.closed and c.site.budget.used == 0
+
+
+# -- IPv6 clients are keyed by their network
+
+
+def test_client_key_groups_ipv6_by_prefix_and_leaves_ipv4_alone() -> None:
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert client_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert client_key("2001:db8::1", 48) == "2001:db8::/48"
+    assert client_key("2001:db8::1", 128) == "2001:db8::1"
+
+
+def gate_for(security: dict[str, Any]) -> Gate:
+    cfg = parse({"server": {"tls": {"enabled": False}}, "security": security}, environ={})
+    clock = Clock()
+    holder = RuntimeHolder(build(cfg, Deps(clock, BlockList()), Forwarder(clock)))
+    site = ProxySite(ProxyResource(holder, clock), clock)
+    site.network = lambda: cfg.network
+    return Gate(site, holder, clock)
+
+
+def connect(gate: Gate, host: str) -> Any:
+    addr = IPv6Address("TCP", host, 5000)
+    proto = gate.buildProtocol(addr)
+    if proto is not None:
+        proto.makeConnection(StringTransport(peerAddress=addr))
+    return proto
+
+
+@pytest.mark.parametrize("prefix", [64, 128])
+def test_the_per_ip_cap_counts_an_ipv6_network_together(prefix: int) -> None:
+    gate = gate_for({"ddos_protection": {"max_connections_per_ip": 2, "ipv6_prefix": prefix}})
+    assert connect(gate, "2001:db8::1") and connect(gate, "2001:db8::2")
+    third = connect(gate, "2001:db8::ffff")
+    assert (third is None) == (prefix == 64)
+    assert connect(gate, "2001:db8:0:1::1") is not None  # the next /64 is someone else
+
+
+def test_an_auto_block_covers_the_clients_whole_ipv6_network(seen_events: list[dict[str, Any]]) -> None:
+    gate = gate_for({"ip_blacklist": {"enabled": False,
+                                      "auto_block": {"enabled": True, "threshold": 3, "duration": "10m"}}})
+    proto = connect(gate, "2001:db8::1")
+    for _ in range(4):
+        proto.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    [blocked] = [e for e in seen_events if e["ccproxy_event"] == "ip_auto_blocked"]
+    assert blocked["ip_address"] == "2001:db8::/64"
+    assert connect(gate, "2001:db8::77") is None  # another address of the same /64, refused at accept
+    assert connect(gate, "2001:db8:0:1::1") is not None
+
+
+def test_ipv6_prefix_is_checked_with_its_path() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"server": {"tls": {"enabled": False}}, "security": {"ddos_protection": {"ipv6_prefix": 129}}})
+    assert "security.ddos_protection.ipv6_prefix" in str(e.value)

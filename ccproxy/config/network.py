@@ -82,6 +82,8 @@ class DDoSConfig:
     send_timeout: float | None = 60.0
     # Request bodies (and response bodies buffered for masking) held at once, all connections together.
     max_buffered_bytes: int = MACHINE_BUDGET
+    # IPv6 clients are counted, limited and blocked by their network of this prefix length.
+    ipv6_prefix: int = 64
 
     @classmethod
     def parse(cls, s: Section) -> DDoSConfig:
@@ -97,16 +99,17 @@ class DDoSConfig:
         idle = _deadline(s, "idle_timeout", d.idle_timeout)
         send = _deadline(s, "send_timeout", d.send_timeout)
         buffered = s.size("max_buffered_bytes", d.max_buffered_bytes, min=1024 * 1024, max=1 << 50)
+        prefix = s.integer("ipv6_prefix", d.ipv6_prefix, min=1, max=128)
         if not enabled:
             # Off: no caps and no request deadlines; sizes keep their hard ceilings. The handshake,
             # keep-alive and send timers stay: they only reclaim connections nobody is using; the
             # buffer budget stays at the machine's default (memory is never unbounded).
             return cls(False, None, None, CEILING_REQUEST_SIZE, CEILING_HEADER_SIZE, None, None, handshake, idle, send,
-                       d.max_buffered_bytes)
+                       d.max_buffered_bytes, prefix)
         if max_conn is not None and per_ip is not None and per_ip > max_conn:
             raise ConfigError(s.at("max_connections_per_ip"), "cannot exceed max_connections")
         return cls(True, max_conn, per_ip, request_size, header_size, header_timeout, read_timeout, handshake, idle,
-                   send, buffered)
+                   send, buffered, prefix)
 
 
 def _deadline(s: Section, key: str, default: float | None) -> float | None:

@@ -17,6 +17,7 @@ from ccproxy.limits._headers import rate_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
 from ccproxy.limits._redis import RedisStore, RedisUnavailable
+from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
@@ -151,8 +152,10 @@ class Limiter:
 
 
 class LimitsLayer(Layer):
-    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any) -> None:
+    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any, ipv6_prefix: int = 64) -> None:
         self.config = config
+        # An IPv6 client is limited and blocked by its network of this length (its own /64, by default).
+        self.ipv6_prefix = ipv6_prefix
         self.planner = Planner(config)
         self.limiter = limiter
         self.clock = deps.reactor
@@ -169,7 +172,7 @@ class LimitsLayer(Layer):
         # Marks the request as counted here, so `decorate` counts only those refused earlier.
         ctx.request.ccproxy_limits_checked = True
         now = self.clock.seconds()
-        ip = ctx.client_ip
+        ip = client_key(ctx.client_ip, self.ipv6_prefix)
         if self.blocklist.is_blocked(ip, now):
             raise self._blocked(ctx, now)
         limits, probe = self.planner.plan(ip, ctx.identity, now)
@@ -192,7 +195,7 @@ class LimitsLayer(Layer):
         retry = whole_seconds(decision.retry_after)
         events.emit(
             "rate_limit_exceeded", "warning",
-            request_id=ctx.request_id, ip_address=ip,
+            request_id=ctx.request_id, ip_address=ctx.client_ip,
             api_key_id=ctx.identity.key_id if ctx.identity else None,
             user_id=ctx.identity.user_id if ctx.identity else None,
             limit=decision.limit.name, retry_after=retry,
@@ -203,7 +206,7 @@ class LimitsLayer(Layer):
 
     def _blocked(self, ctx: RequestContext, now: float) -> ApiError:
         assert self.limiter is not None
-        until = self.limiter.blocks.get(ctx.client_ip, now + 1.0)
+        until = self.limiter.blocks.get(client_key(ctx.client_ip, self.ipv6_prefix), now + 1.0)
         events.emit("rate_limit_exceeded", "warning", request_id=ctx.request_id, ip_address=ctx.client_ip,
                     limit="auto_block", retry_after=whole_seconds(until - now))
         return ApiError(429, "too many requests from this address: it is blocked for a while",
@@ -226,6 +229,7 @@ class LimitsLayer(Layer):
         if ctx is None and request.path in _HEALTH:
             return
         ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
+        ip = client_key(ip, self.ipv6_prefix)
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 
@@ -248,18 +252,18 @@ class LimitsLayer(Layer):
         return self.limiter.stop() if self.limiter is not None else None
 
 
-def build(config: LimitsConfig, deps: Any, previous: Layer | None) -> LimitsLayer:
+def build(config: LimitsConfig, deps: Any, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
     old = previous.limiter if isinstance(previous, LimitsLayer) else None
     if not config.active:
         if old is not None:
             old.stop()
-        return LimitsLayer(config, None, deps)
+        return LimitsLayer(config, None, deps, ipv6_prefix)
     if old is not None and old.compatible(config.state):
         old.adopt(config.state)
-        return LimitsLayer(config, old, deps)
+        return LimitsLayer(config, old, deps, ipv6_prefix)
     limiter = Limiter(config.state, deps)
     if old is not None:
         limiter.blocks.update(old.blocks)
         limiter.own_blocks.update(old.own_blocks)
         old.stop()
-    return LimitsLayer(config, limiter, deps)
+    return LimitsLayer(config, limiter, deps, ipv6_prefix)

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.http.sockets import no_delay, send_now
-from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip
+from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, client_key, parse_ip
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
@@ -76,11 +76,12 @@ class Gate(WrappingFactory):
         inner = (self.proxied if config.proxy_protocol else self.wrappedFactory).buildProtocol(addr)
         if inner is None:
             return None
-        wrapper = _Counted(self, inner, host, count_ip=not config.proxy_protocol)
+        wrapper = _Counted(self, inner, client_key(host, config.ddos.ipv6_prefix), count_ip=not config.proxy_protocol)
         return wrapper
 
     def refusal(self, config: NetworkConfig, host: str, *, per_ip: bool = True, total: bool = True) -> str | None:
-        if self.holder.current.deps.blocklist.is_blocked(host, self.clock.seconds()):
+        key = client_key(host, config.ddos.ipv6_prefix)
+        if self.holder.current.deps.blocklist.is_blocked(key, self.clock.seconds()):
             return "ip_auto_blocked"
         reason = self.policies.update(config).access.refusal(parse_ip(host))
         if reason is not None:
@@ -88,7 +89,7 @@ class Gate(WrappingFactory):
         caps = config.ddos
         if total and caps.max_connections is not None and self.total >= caps.max_connections:
             return "too_many_connections"
-        if per_ip and caps.max_connections_per_ip is not None and self.per_ip[host] >= caps.max_connections_per_ip:
+        if per_ip and caps.max_connections_per_ip is not None and self.per_ip[key] >= caps.max_connections_per_ip:
             return "too_many_connections_per_ip"
         return None
 
@@ -198,8 +199,8 @@ class _ProxiedCheck(ProtocolWrapper):
                 self.gate.refuse(reason, host, config)
                 self.transport.abortConnection()  # type: ignore[attr-defined]
                 return
-            self.host = host
-            self.gate.per_ip[host] += 1
+            self.host = client_key(host, config.ddos.ipv6_prefix)
+            self.gate.per_ip[self.host] += 1
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
