@@ -10,7 +10,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
-from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import events
 from ccproxy.context import RequestContext, new_request_id
@@ -25,6 +24,9 @@ from ccproxy.runtime import Runtime, RuntimeHolder
 log = Logger()
 
 _PHRASES = {529: b"Overloaded"}
+# What render returns when the response will come later (twisted.web's value, without importing
+# twisted.web.server and all it brings for this one constant).
+NOT_DONE_YET = 1
 _REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 
 

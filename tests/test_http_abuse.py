@@ -6,6 +6,7 @@ import gc
 import itertools
 import json
 import tracemalloc
+import weakref
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import NOT_DONE_YET
 
+from ccproxy import service
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
@@ -23,6 +25,7 @@ from ccproxy.network.addresses import client_key
 from ccproxy.network.gate import Gate
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
+from ccproxy.service import release_heap
 from ccproxy.site import ProxySite
 from tests.support.authkit import UPSTREAM_KEYS
 from tests.support.hardening import Conn, Recorder, config
@@ -327,3 +330,45 @@ def test_ipv6_prefix_is_checked_with_its_path() -> None:
     with pytest.raises(ConfigError) as e:
         parse({"server": {"tls": {"enabled": False}}, "security": {"ddos_protection": {"ipv6_prefix": 129}}})
     assert "security.ddos_protection.ipv6_prefix" in str(e.value)
+
+
+# -- memory handed back after a burst of connections
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_release_heap_collects_cycles_left_by_closed_connections() -> None:
+    gc.collect()
+    before = gc.get_threshold()
+    gc.set_threshold(10_000, 10, 10)  # what settle_heap sets: a lone cycle is not collected by itself
+    try:
+        cycle = Cycle()
+        gone = weakref.ref(cycle)
+        del cycle
+        assert gone() is not None
+        release_heap()
+        assert gone() is None
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_memory_is_released_once_enough_connections_have_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[int] = []
+    monkeypatch.setattr(service, "release_heap", lambda: released.append(1))
+    clock = Clock()
+    svc = service.ProxyService("unused.yaml", parse({"server": {"tls": {"enabled": False}}}), clock)
+    svc.gate = Gate.__new__(Gate)
+    svc.gate.closed_count = 0
+    svc.release.start(service.RELEASE_EVERY, now=False)
+    svc.gate.closed_count = service.RELEASE_AFTER - 1
+    clock.advance(service.RELEASE_EVERY)
+    assert released == []
+    svc.gate.closed_count += 1
+    clock.advance(service.RELEASE_EVERY)
+    assert released == [1]
+    clock.advance(service.RELEASE_EVERY)
+    assert released == [1]  # nothing more has closed since
+    svc.release.stop()

@@ -52,6 +52,8 @@ class Gate(WrappingFactory):
         self.holder = holder
         self.clock = clock
         self.total = 0
+        # Connections closed since start (the service hands their memory back after a burst).
+        self.closed_count = 0
         self.per_ip: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.policies = _Policies()
@@ -120,6 +122,7 @@ class Gate(WrappingFactory):
 
     def closed(self, host: str | None) -> None:
         self.total -= 1
+        self.closed_count += 1
         if host is not None:
             self.per_ip[host] -= 1
             if self.per_ip[host] <= 0:
