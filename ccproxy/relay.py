@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -14,6 +14,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ccproxy.context import BodyFilter
+from ccproxy.deadline import Deadline
 from ccproxy.errors import ApiError, sse_error_event
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class Relay(Protocol):
         self.on_broken = on_broken
         self._chunks: list[bytes] = []
         self._size = 0
-        self._timer: IDelayedCall | None = None
+        self._timer = Deadline(clock, self._idle)
         self._timed_out = False
         self._cancelled = False
         self._registered = False
@@ -73,11 +74,11 @@ class Relay(Protocol):
             return
         self.request.registerProducer(self.transport, True)
         self._registered = True
-        if self._timer is None:
+        if not self._timer.armed:
             self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None:
+        if self._timer.armed:
             self._arm()
         if self.buffered:
             self._size += len(data)
@@ -155,18 +156,12 @@ class Relay(Protocol):
         self._stop_upstream()
 
     def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.idle_timeout)
-        else:
-            self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+        self._timer.arm(self.idle_timeout)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.cancel()
 
     def _idle(self) -> None:
-        self._timer = None
         self._timed_out = True
         self._stop_upstream()
 

@@ -19,6 +19,7 @@ from ccproxy import service
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
+from ccproxy.deadline import Deadline
 from ccproxy.forward import Forwarder
 from ccproxy.http.http1 import ChunkedDecoder, HeadScan, Malformed
 from ccproxy.network.addresses import client_key
@@ -372,3 +373,24 @@ def test_memory_is_released_once_enough_connections_have_closed(monkeypatch: pyt
     clock.advance(service.RELEASE_EVERY)
     assert released == [1]  # nothing more has closed since
     svc.release.stop()
+
+
+# -- one deadline helper
+
+
+def test_deadline_arms_pushes_back_cancels_and_fires_once() -> None:
+    clock = Clock()
+    fired: list[float] = []
+    deadline = Deadline(clock, lambda: fired.append(clock.seconds()))
+    deadline.arm(5)
+    clock.advance(3)
+    deadline.arm(5)  # pushed back: now due at 8
+    clock.advance(4)
+    assert fired == [] and deadline.armed
+    clock.advance(1)
+    assert fired == [8] and not deadline.armed
+    deadline.arm(2)
+    deadline.cancel()
+    deadline.arm(None)  # no deadline at all
+    clock.advance(10)
+    assert fired == [8] and clock.getDelayedCalls() == []

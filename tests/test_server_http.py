@@ -411,12 +411,10 @@ def test_a_slow_but_reading_client_pushes_the_deadline_back() -> None:
             from tests.support.hardening import Clock
 
             self.clock = Clock()
+            self.site = self  # what SendWatch takes its clock from
             self.config = config(send_timeout=5)
             self.transport = Tcp()
             self.stalled = 0
-
-        def callLater(self, seconds: float, fire: Any) -> Any:
-            return self.clock.callLater(seconds, fire)
 
         def send_stalled(self) -> None:
             self.stalled += 1

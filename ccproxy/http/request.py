@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
+from ccproxy.deadline import Deadline
 from ccproxy.http.sockets import queued_bytes
 from ccproxy.network.addresses import client_from_forwarded
 
@@ -257,15 +258,15 @@ class SendWatch:
     def __init__(self, producer: Any, channel: Any) -> None:
         self.producer = producer
         self.channel = channel
-        self.timer: Any = None
+        self.deadline = Deadline(channel.site.clock, self._expired)
         self.queued: int | None = None
 
     def pauseProducing(self) -> None:
         self.producer.pauseProducing()
         timeout = self.channel.config.ddos.send_timeout
-        if timeout is not None and self.timer is None:
+        if timeout is not None and not self.deadline.armed:
             self.queued = queued_bytes(self.channel.transport)
-            self.timer = self.channel.callLater(timeout, self._expired)
+            self.deadline.arm(timeout)
 
     def resumeProducing(self) -> None:
         self.cancel()
@@ -276,16 +277,13 @@ class SendWatch:
         self.producer.stopProducing()
 
     def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.deadline.cancel()
 
     def _expired(self) -> None:
-        self.timer = None
         queued = queued_bytes(self.channel.transport)
         if queued is not None and self.queued is not None and queued < self.queued:
             # Some was taken since: slow, not stalled.
             self.queued = queued
-            self.timer = self.channel.callLater(self.channel.config.ddos.send_timeout, self._expired)
+            self.deadline.arm(self.channel.config.ddos.send_timeout)
             return
         self.channel.send_stalled()

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +37,7 @@ from zope.interface import implementer
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import new_request_id
+from ccproxy.deadline import Deadline
 from ccproxy.errors import ApiError, error_body
 from ccproxy.http.http1 import (
     ChunkedDecoder,
@@ -95,17 +96,17 @@ class HardenedChannel(Protocol):
         self.reserved = 0
         self.draining = False
         self.paused = False
-        self.timer: IDelayedCall | None = None
-        self.linger: IDelayedCall | None = None
+        # The connection's one deadline (handshake, header, body or idle: `timer_kind`), and after a
+        # refusal, how long the client has to read it.
+        self.deadline = Deadline(self.site.clock, self._deadline_passed)
+        self.on_deadline: Any = None
+        self.linger = Deadline(self.site.clock, self._abort)
         self.secure = ISSLTransport.providedBy(self.transport)
         self.handshaking = self.secure and limits.tls_handshake_timeout is not None
         if self.handshaking:
             self._arm(limits.tls_handshake_timeout, self._handshake_expired)
         else:
             self._arm_idle()
-
-    def callLater(self, seconds: float, fire: Any) -> IDelayedCall:
-        return self.site.clock.callLater(seconds, fire)
 
     def handshakeCompleted(self) -> None:
         if self.handshaking:
@@ -347,7 +348,7 @@ class HardenedChannel(Protocol):
             if unread:
                 # The client may still be sending the body it was never asked for; it gets a while
                 # to read the answer, then the connection is cut.
-                self.linger = self.callLater(LINGER, self._abort)
+                self.linger.arm(LINGER)
             return
         if self.phase == WAIT and head is not None:
             self.phase = DISCARD
@@ -383,9 +384,7 @@ class HardenedChannel(Protocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self._disarm()
         self._release()
-        if self.linger is not None and self.linger.active():
-            self.linger.cancel()
-        self.linger = None
+        self.linger.cancel()
         self.phase = DEAD
         request, self.request = self.request, None
         if request is not None and not request.finished:
@@ -446,10 +445,9 @@ class HardenedChannel(Protocol):
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         self.loseConnection()
         # A client that never reads would keep the connection (and its buffers) forever.
-        self.linger = self.callLater(LINGER, self._abort)
+        self.linger.arm(LINGER)
 
     def _abort(self) -> None:
-        self.linger = None
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -459,17 +457,14 @@ class HardenedChannel(Protocol):
     error_target = b"/"
 
     def _arm(self, seconds: float | None, fire: Any, kind: str = "") -> None:
-        self._disarm()
-        if seconds is not None:
-            self.timer = self.callLater(seconds, fire)
-            self.timer_kind = kind
+        if seconds is None:
+            self._disarm()
+            return
+        self.on_deadline, self.timer_kind = fire, kind
+        self.deadline.arm(seconds)
 
     def _arm_idle(self) -> None:
-        seconds = self.config.ddos.idle_timeout
-        if seconds is not None and self.timer_kind == "idle" and self.timer is not None and self.timer.active():
-            self.timer.reset(seconds)  # moving a timer later is cheaper than a new one
-            return
-        self._arm(seconds, self._idle_expired, "idle")
+        self._arm(self.config.ddos.idle_timeout, self._idle_expired, "idle")
 
     def _disarm_deadline(self) -> None:
         """Stop the head or body deadline. An idle timer may run on through the request: it does
@@ -478,17 +473,18 @@ class HardenedChannel(Protocol):
             self._disarm()
 
     def _disarm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.timer_kind = ""
+        self.deadline.cancel()
+        self.on_deadline, self.timer_kind = None, ""
+
+    def _deadline_passed(self) -> None:
+        fire, self.on_deadline = self.on_deadline, None
+        if fire is not None:
+            fire()
 
     def _header_expired(self) -> None:
-        self.timer = None
         self._timed_out("header_timeout", self.config.ddos.header_timeout)
 
     def _body_expired(self) -> None:
-        self.timer = None
         self._timed_out("body_timeout", self.config.ddos.read_timeout)
 
     def _timed_out(self, reason: str, limit: float | None) -> None:
@@ -513,7 +509,6 @@ class HardenedChannel(Protocol):
             self.transport.abortConnection()
 
     def _handshake_expired(self) -> None:
-        self.timer = None
         events.emit("request_timeout", "info", reason="tls_handshake_timeout",
                     limit=self.config.ddos.tls_handshake_timeout, ip_address=self._peer())
         self.phase = DEAD
@@ -521,12 +516,11 @@ class HardenedChannel(Protocol):
             self.transport.abortConnection()
 
     def _idle_expired(self) -> None:
-        self.timer = None
         self.timer_kind = ""
         if self.phase == HEAD and not self.pending and self.transport is not None:
             self.phase = DEAD
             self.loseConnection()
-            self.linger = self.callLater(LINGER, self._abort)
+            self.linger.arm(LINGER)
 
     def _peer(self) -> str:
         return self.peer_host() if self.transport is not None else "-"
