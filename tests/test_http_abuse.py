@@ -394,3 +394,10 @@ def test_deadline_arms_pushes_back_cancels_and_fires_once() -> None:
     deadline.arm(None)  # no deadline at all
     clock.advance(10)
     assert fired == [8] and clock.getDelayedCalls() == []
+
+
+def test_the_date_header_comes_from_the_injected_clock() -> None:
+    c = Conn()
+    c.clock.rightNow = 1_750_000_000.0  # set, not advanced: advancing would fire the idle deadline
+    c.send(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert split(c.output)[1][b"date"] == b"Sun, 15 Jun 2025 15:06:40 GMT"

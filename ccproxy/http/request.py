@@ -11,7 +11,6 @@ first body bytes.
 
 from __future__ import annotations
 
-import time
 from email.utils import formatdate
 from typing import Any
 
@@ -36,8 +35,8 @@ class _Date:
     value = b""
 
     @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
+    def at(cls, seconds: float) -> bytes:
+        second = int(seconds)
         if second != cls.second:
             cls.second, cls.value = second, formatdate(second, usegmt=True).encode()
         return cls.value
@@ -180,7 +179,7 @@ class ProxyRequest:
                 headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
             # Otherwise (HTTP/1.0) the end of the body is the end of the connection.
         if not headers.hasHeader(b"date"):
-            headers.setRawHeaders(b"date", [_Date.now()])
+            headers.setRawHeaders(b"date", [_Date.at(self.channel.site.clock.seconds())])
         if not self.channel.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
