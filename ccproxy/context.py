@@ -63,6 +63,8 @@ class RequestContext:
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None
+    # Whether the limits layer counted this request (those refused before it count at the end).
+    limits_checked: bool = False
     _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
 
     @property

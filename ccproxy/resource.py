@@ -47,7 +47,7 @@ class ProxyResource:
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.request_id = request_id
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"request-id", request_id.encode())
         self.holder.current.decorate(None, request, request.responseHeaders)
@@ -60,7 +60,7 @@ class ProxyResource:
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.request_id = request_id
         ctx: RequestContext | None = None
         try:
             if request.method in _REFUSED_METHODS:
@@ -75,7 +75,7 @@ class ProxyResource:
                 started=self.clock.seconds(),
                 body=b"",
             )
-            request.ccproxy_ctx = ctx
+            request.ctx = ctx
             for layer in runtime.head_checkers:
                 await layer.check(ctx)
             # Only now is the body read (and `100 Continue` sent): a refusal above cost it nothing.
@@ -160,7 +160,7 @@ class ProxyResource:
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])
+        out.setRawHeaders(b"request-id", [request.request_id.encode()])
         for name, value in error.headers.items():
             out.setRawHeaders(name.encode(), [value.encode()])
         self._finish_headers(ctx, runtime, request, out)

@@ -15,6 +15,7 @@ from twisted.logger import Logger, LogPublisher
 
 from ccproxy.config.network import NetworkConfig
 from ccproxy.http.budget import Budget
+from ccproxy.http.request import ProxyRequest
 from ccproxy.http.server import HardenedChannel
 from ccproxy.network.addresses import NetworkSet
 
@@ -53,12 +54,11 @@ class ProxySite(Factory):
             self._trusted = (config, NetworkSet(config.trusted_proxies))
         return self._trusted[1]
 
-    def log(self, request: Any) -> None:
+    def log(self, request: ProxyRequest) -> None:
         if not ACCESS_PUBLISHER._observers or not self.access_wanted():
             return  # no output asked for access lines: build none
-        ctx = getattr(request, "ccproxy_ctx", None)
-        started = getattr(request, "ccproxy_started", None)
-        latency_ms = (self.clock.seconds() - started) * 1000 if started is not None else 0.0
+        ctx = request.ctx
+        latency_ms = (self.clock.seconds() - request.started) * 1000
         access_log.info(
             "{method} {path} {status} {latency_ms:.1f}ms key={key_id} request_id={request_id}",
             method=request.method.decode("latin-1"),
@@ -66,6 +66,6 @@ class ProxySite(Factory):
             status=request.code,
             latency_ms=latency_ms,
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
-            request_id=getattr(request, "ccproxy_request_id", "-"),
-            client_ip=ctx.client_ip if ctx is not None else request.getClientAddress().host,
+            request_id=request.request_id,
+            client_ip=ctx.client_ip if ctx is not None else getattr(request.getClientAddress(), "host", "-"),
         )

@@ -12,7 +12,7 @@ first body bytes.
 from __future__ import annotations
 
 from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -24,6 +24,9 @@ from twisted.web.http_headers import Headers
 from ccproxy.deadline import Deadline
 from ccproxy.http.sockets import queued_bytes
 from ccproxy.network.addresses import client_from_forwarded
+
+if TYPE_CHECKING:
+    from ccproxy.context import RequestContext
 
 _NO_BODY = frozenset({204, 304})
 
@@ -45,10 +48,9 @@ class _Date:
 class ProxyRequest:
     """One request read whole by the channel, and the response to it."""
 
-    # Set while the request is handled: its id, the layers' context, and whether limits counted it.
-    ccproxy_request_id = "-"
-    ccproxy_ctx: Any = None
-    ccproxy_limits_checked = False
+    # Set while the request is handled: its id, and the layers' context (None for /health).
+    request_id = "-"
+    ctx: RequestContext | None = None
 
     def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, started: float,
                  body: bytes | None = b"") -> None:
@@ -66,7 +68,7 @@ class ProxyRequest:
         self.startedWriting = False
         self.finished = False
         self._disconnected = False
-        self.ccproxy_started = started
+        self.started = started
         self._chunked = False
         self._no_body = method == b"HEAD"
         self._producer: SendWatch | None = None
@@ -202,7 +204,7 @@ class ProxyRequest:
         if self._producer is not None:
             self.unregisterProducer()
         self.channel.site.log(self)
-        self.ccproxy_ctx = None  # the context points back here: without this, every request is a cycle for the GC
+        self.ctx = None  # the context points back here: without this, every request is a cycle for the GC
         self.channel.requestDone(self)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -236,7 +238,7 @@ class ProxyRequest:
     def connectionLost(self, reason: Failure) -> None:
         """The client connection closed before the response was finished."""
         self._disconnected = True
-        self.ccproxy_ctx = None
+        self.ctx = None
         body, self._body_waiter = self._body_waiter, None
         if body is not None:
             body.errback(Failure(defer.CancelledError("client went away")))

@@ -170,7 +170,7 @@ class LimitsLayer(Layer):
         if self.limiter is None:
             return
         # Marks the request as counted here, so `decorate` counts only those refused earlier.
-        ctx.request.ccproxy_limits_checked = True
+        ctx.limits_checked = True
         now = self.clock.seconds()
         ip = client_key(ctx.client_ip, self.ipv6_prefix)
         if self.blocklist.is_blocked(ip, now):
@@ -224,7 +224,7 @@ class LimitsLayer(Layer):
         auto-blocking: a flood of them is what auto_block is for."""
         if self.limiter is None or not self.config.auto_block.enabled:
             return
-        if getattr(request, "ccproxy_limits_checked", False):
+        if ctx is not None and ctx.limits_checked:
             return
         if ctx is None and request.path in _HEALTH:
             return
