@@ -116,8 +116,13 @@ class Layer:
         """Add headers to every response ccproxy sends, its own errors included."""
         return None
 
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
+        """End-of-request work (counting, records), once the response to `request` is complete;
+        `ctx` is None for requests answered before one was made (/health, unknown routes)."""
+        return None
+
     def idle(self) -> frozenset[str]:
-        """The steps ("check", "check_body", "response_filter", "decorate") this layer, as configured, has
+        """The steps ("check", "check_body", "response_filter", "decorate", "completed") this layer, as configured, has
         nothing to do in: the runtime skips them for every request."""
         return frozenset()
 

@@ -45,6 +45,10 @@ class ProxyResource:
         d.addErrback(self._unexpected, request)
         return NOT_DONE_YET
 
+    def completed(self, request: Request) -> None:
+        """End-of-request hook of the layers (the site calls it when the response is complete)."""
+        self.holder.current.completed(request.ctx, request, request.code)
+
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
         request.request_id = request_id

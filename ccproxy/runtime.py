@@ -60,6 +60,7 @@ class Runtime:
     body_checkers: tuple[Layer, ...] = attrs.field(init=False)
     filterers: tuple[Layer, ...] = attrs.field(init=False)
     decorators: tuple[Layer, ...] = attrs.field(init=False)
+    completers: tuple[Layer, ...] = attrs.field(init=False)
     # Whether an audit output records one line per request: if none does, none is built.
     logs_access: bool = attrs.field(init=False)
 
@@ -70,6 +71,7 @@ class Runtime:
         self.body_checkers = _overriding(self.layers, "check_body")
         self.filterers = _overriding(self.layers, "response_filter")
         self.decorators = _overriding(self.layers, "decorate")
+        self.completers = _overriding(self.layers, "completed")
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
         filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.filterers) if f]
@@ -82,6 +84,10 @@ class Runtime:
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
         for layer in self.decorators:
             layer.decorate(ctx, request, headers)
+
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
+        for layer in self.completers:
+            layer.completed(ctx, request, status)
 
     def stop(self) -> defer.Deferred[Any]:
         return defer.gatherResults(

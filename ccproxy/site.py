@@ -34,6 +34,8 @@ class ProxySite(Factory):
     def __init__(self, resource: Any, clock: IReactorTime) -> None:
         self.resource = resource
         self.clock = clock
+        # The resource's end-of-request hook, if it has one (ccproxy's own resource does).
+        self.resource_completed: Callable[[Any], None] | None = getattr(resource, "completed", None)
         # The network settings new connections take; the listener points this at the live config.
         self.network: Callable[[], NetworkConfig] = NetworkConfig
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
@@ -53,6 +55,12 @@ class ProxySite(Factory):
         if self._trusted[0] is not config:
             self._trusted = (config, NetworkSet(config.trusted_proxies))
         return self._trusted[1]
+
+    def completed(self, request: ProxyRequest) -> None:
+        """The response to `request` is complete: the layers' end-of-request work, the access line."""
+        if self.resource_completed is not None:
+            self.resource_completed(request)
+        self.log(request)
 
     def log(self, request: ProxyRequest) -> None:
         if not ACCESS_PUBLISHER._observers or not self.access_wanted():

@@ -19,13 +19,14 @@ from ccproxy import service
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
+from ccproxy.context import Layer
 from ccproxy.deadline import Deadline
 from ccproxy.forward import Forwarder
 from ccproxy.http.http1 import ChunkedDecoder, HeadScan, Malformed
 from ccproxy.network.addresses import client_key
 from ccproxy.network.gate import Gate
 from ccproxy.resource import ProxyResource
-from ccproxy.runtime import Deps, RuntimeHolder, build
+from ccproxy.runtime import Deps, Runtime, RuntimeHolder, build
 from ccproxy.service import release_heap
 from ccproxy.site import ProxySite
 from tests.support.authkit import UPSTREAM_KEYS
@@ -401,3 +402,22 @@ def test_the_date_header_comes_from_the_injected_clock() -> None:
     c.clock.rightNow = 1_750_000_000.0  # set, not advanced: advancing would fire the idle deadline
     c.send(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
     assert split(c.output)[1][b"date"] == b"Sun, 15 Jun 2025 15:06:40 GMT"
+
+
+class Recording(Layer):
+    def __init__(self) -> None:
+        self.done: list[tuple[bytes, int, bool]] = []
+
+    def completed(self, ctx: Any, request: Any, status: int) -> None:
+        self.done.append((request.path, status, ctx is not None))
+
+
+def test_layers_hear_of_every_completed_request_with_its_status() -> None:
+    cfg = parse({"server": {"tls": {"enabled": False}}}, environ={})
+    clock = Clock()
+    recording = Recording()
+    runtime = Runtime(config=cfg, layers=(recording,), forwarder=Forwarder(clock), deps=Deps(clock, BlockList()))
+    c = Conn(cfg.network, resource=ProxyResource(RuntimeHolder(runtime), clock))
+    c.send(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
+           b"TRACE /v1/messages HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert recording.done == [(b"/health", 200, False), (b"/nowhere", 404, False), (b"/v1/messages", 405, False)]

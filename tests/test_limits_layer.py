@@ -170,7 +170,7 @@ class _LayerTests:
         layer = self.layer(auto_block={"enabled": True, "threshold": 2, "duration": "1h"})
         for _ in range(3):
             ctx = make_ctx(ip="10.9.9.9")  # e.g. refused by authentication: check() never ran
-            layer.decorate(ctx, ctx.request, ctx.request.responseHeaders)
+            layer.completed(ctx, ctx.request, 401)
         deadline = time.monotonic() + 5
         while not self.deps.blocklist.is_blocked("10.9.9.9", self.clock.seconds()) and time.monotonic() < deadline:
             yield task.deferLater(real_reactor, 0.01, lambda: None)

@@ -40,4 +40,5 @@ def test_configured_features_bring_their_layers_back() -> None:
     assert names(rt.head_checkers) == ["NetworkLayer", "LimitsLayer"]
     assert names(rt.body_checkers) == ["ContentLayer"]
     assert names(rt.filterers) == ["ContentLayer"]
-    assert names(rt.decorators) == ["LimitsLayer"]  # counting refused requests towards auto-blocks
+    assert names(rt.decorators) == []
+    assert names(rt.completers) == ["LimitsLayer"]  # counting refused requests towards auto-blocks

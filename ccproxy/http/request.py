@@ -203,7 +203,7 @@ class ProxyRequest:
         self.finished = True
         if self._producer is not None:
             self.unregisterProducer()
-        self.channel.site.log(self)
+        self.channel.site.completed(self)
         self.ctx = None  # the context points back here: without this, every request is a cycle for the GC
         self.channel.requestDone(self)
         waiters, self._waiters = self._waiters, []

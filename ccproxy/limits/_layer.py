@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from ccproxy import events
 from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
@@ -163,8 +162,8 @@ class LimitsLayer(Layer):
 
     def idle(self) -> frozenset[str]:
         if self.limiter is None:
-            return frozenset({"check", "decorate"})
-        return frozenset() if self.config.auto_block.enabled else frozenset({"decorate"})
+            return frozenset({"check", "completed"})
+        return frozenset() if self.config.auto_block.enabled else frozenset({"completed"})
 
     async def check(self, ctx: RequestContext) -> None:
         if self.limiter is None:
@@ -219,7 +218,7 @@ class LimitsLayer(Layer):
         if policy == FAIL_CLOSED:
             raise ApiError(503, "rate limiting is unavailable; try again shortly", headers={"retry-after": "1"})
 
-    def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
         """Requests refused before this layer (bad keys, unknown paths) still count towards
         auto-blocking: a flood of them is what auto_block is for."""
         if self.limiter is None or not self.config.auto_block.enabled:
