@@ -13,11 +13,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from ccproxy import events
 from ccproxy.context import BodyFilter
 from ccproxy.deadline import Deadline
 from ccproxy.errors import ApiError, sse_error_event
 
 if TYPE_CHECKING:
+    from ccproxy.http.budget import Budget
     from ccproxy.http.request import ProxyRequest as Request
 
 log = Logger()
@@ -44,6 +46,7 @@ class Relay(Protocol):
         body_filter: BodyFilter | None = None,
         buffered: bool = False,
         on_broken: Callable[[ApiError], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.request = request
         self.clock = clock
@@ -61,6 +64,12 @@ class Relay(Protocol):
         self._cancelled = False
         self._registered = False
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+        # A body held whole for its filter takes from the process's buffer budget while it is held;
+        # however the relay ends (done fires on every path), that is given back.
+        self.budget = budget
+        self._held = 0
+        if buffered and budget is not None:
+            self.done.addBoth(self._release)
 
     def connectionMade(self) -> None:
         if not self.buffered:
@@ -85,6 +94,14 @@ class Relay(Protocol):
             if self._size > MAX_BUFFERED_BODY:
                 self._give_up(ApiError(502, "upstream response too large to inspect"))
                 return
+            if self.budget is not None:
+                if not self.budget.acquire(len(data)):
+                    events.emit("server_overloaded", "warning", reason="max_buffered_bytes",
+                                limit=self.budget.limit(), buffered="response")
+                    self._give_up(ApiError(503, "ccproxy is holding as many response bodies as it may; "
+                                                "retry shortly", headers={"retry-after": "1"}))
+                    return
+                self._held += len(data)
             self._chunks.append(data)
             return
         if self.filter is not None:
@@ -178,6 +195,12 @@ class Relay(Protocol):
             self.request.unregisterProducer()
         except (AttributeError, RuntimeError):
             pass
+
+    def _release(self, result: object) -> object:
+        if self.budget is not None and self._held:
+            self.budget.release(self._held)
+            self._held = 0
+        return result
 
     def _cancel(self, _: defer.Deferred[None]) -> None:
         """The client went away: stop reading upstream at once."""

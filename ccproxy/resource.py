@@ -120,6 +120,7 @@ class ProxyResource:
             body_filter=body_filter,
             buffered=bool(body_filter is not None and getattr(body_filter, "buffered", False)),
             on_broken=lambda error: _upstream_error(ctx, error.status, error.message),
+            budget=runtime.deps.buffers,
         )
         response.deliverBody(relay)
         relay.watch()
