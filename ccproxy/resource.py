@@ -47,7 +47,9 @@ class ProxyResource:
 
     def completed(self, request: Request) -> None:
         """End-of-request hook of the layers (the site calls it when the response is complete)."""
-        self.holder.current.completed(request.ctx, request, request.code)
+        runtime = self.holder.current
+        if runtime.completers:
+            runtime.completed(request.ctx, request, request.code)
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
@@ -83,7 +85,8 @@ class ProxyResource:
             for layer in runtime.head_checkers:
                 await layer.check(ctx)
             # Only now is the body read (and `100 Continue` sent): a refusal above cost it nothing.
-            ctx.body = await request.read_body()
+            body = request.body_now()
+            ctx.body = body if body is not None else await request.read_body()
             for layer in runtime.body_checkers:
                 await layer.check_body(ctx)
             await self._forward(ctx, runtime)

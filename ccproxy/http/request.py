@@ -77,6 +77,13 @@ class ProxyRequest:
 
     # -- what the resource reads
 
+    def body_now(self) -> bytes | None:
+        """Ask for the body, and return it if it is whole at once (most bodies come with their
+        head); None if the rest is still to come (then `read_body`). Raises ApiError like it."""
+        if self._body is None and not self._disconnected:
+            self.channel.want_body(self)
+        return self._body
+
     def read_body(self) -> defer.Deferred[bytes]:
         """The body, read now if it was not yet (and `100 Continue` sent if the client waits for it).
 
