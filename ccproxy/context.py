@@ -63,6 +63,11 @@ class RequestContext:
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None
+    # The request line's method and path (without the query), and the headers that go upstream:
+    # layers read and edit these (credentials stripped, ...), not the client's request object.
+    method: bytes = b""
+    path: bytes = b""
+    headers: Headers = attrs.field(factory=Headers)
     # Whether the limits layer counted this request (those refused before it count at the end).
     limits_checked: bool = False
     _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
@@ -88,7 +93,7 @@ class RequestContext:
         self.body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
     def header(self, name: bytes) -> str | None:
-        value = self.request.requestHeaders.getRawHeaders(name)
+        value = self.headers.getRawHeaders(name)
         return value[0].decode("latin-1") if value else None
 
 

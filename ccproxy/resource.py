@@ -80,6 +80,10 @@ class ProxyResource:
                 peer_ip=request.peer_host(),
                 started=self.clock.seconds(),
                 body=b"",
+                method=request.method,
+                path=request.path,
+                # Handed over, not copied: from here on the layers and forwarding use the context's.
+                headers=request.requestHeaders,
             )
             request.ctx = ctx
             for layer in runtime.head_checkers:
@@ -98,9 +102,9 @@ class ProxyResource:
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime) -> None:
         request, target = ctx.request, ctx.route
-        headers = upstream_headers(request.requestHeaders, target.upstream, target.api)
+        headers = upstream_headers(ctx.headers, target.upstream, target.api)
         try:
-            response = await runtime.forwarder.send(request.method, target, headers, ctx.body)
+            response = await runtime.forwarder.send(ctx.method, target, headers, ctx.body)
         except ApiError as e:
             _upstream_error(ctx, e.status, e.message)
             raise

@@ -198,7 +198,7 @@ class LimitsLayer(Layer):
             api_key_id=ctx.identity.key_id if ctx.identity else None,
             user_id=ctx.identity.user_id if ctx.identity else None,
             limit=decision.limit.name, retry_after=retry,
-            method=ctx.request.method.decode("latin-1"), path=ctx.request.path.decode("latin-1")[:200],
+            method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1")[:200],
         )
         raise ApiError(429, f"rate limit exceeded ({decision.limit.name}); retry after {retry} s",
                        headers=headers)
