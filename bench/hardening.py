@@ -10,7 +10,11 @@ Python fake), then:
   3. a slowloris (`slowhttptest -H`, `--slowloris` connections) while a normal client on another
      loopback address makes requests on fresh TLS connections: success rate and latency.
      Run twice: with the default per-IP cap (100), and with the cap lifted so only the deadlines
-     protect.
+     protect;
+  4. the HTTP engine under abuse (`--sections abuse`): the daemon's CPU for one maximum-size head
+     (64KB) trickled a byte per TLS record; peak RSS while bodies sent in 2-byte chunks are read;
+     RSS idle, with `--burst` idle TLS connections, and after they close.
+`--sections` picks some of them (`throughput,slowloris,abuse`; all by default).
 Prints figures; needs wrk and slowhttptest (Debian packages) and trustme.
 """
 
@@ -206,6 +210,97 @@ def _last_status(output: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in found.items())
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field}")
+
+
+def trickled_head(d: Daemon, size: int) -> tuple[float, int]:
+    """The daemon's CPU seconds for one head of `size` bytes sent a byte per TLS record; the status."""
+    assert d.proc is not None
+    raw = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s = d.ssl_context().wrap_socket(raw, server_hostname="localhost")
+    start = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+    head = start + b"X-Pad: " + b"a" * (size - len(start) - 9) + b"\r\n\r\n"
+    before = cpu_seconds(d.proc.pid)
+    for i in range(len(head)):
+        s.send(head[i : i + 1])
+    data = s.recv(65536)
+    used = cpu_seconds(d.proc.pid) - before
+    s.close()
+    return used, int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+def chunked_upload(d: Daemon, body_size: int) -> int:
+    """POST a body of `body_size` bytes in 2-byte chunks; the status."""
+    raw = socket.create_connection(("127.0.0.1", d.port), timeout=60)
+    s = d.ssl_context().wrap_socket(raw, server_hostname="localhost")
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"2\r\nab\r\n" * 8192
+    for _ in range(body_size // 2 // 8192):
+        s.sendall(piece)
+    s.sendall(b"0\r\n\r\n")
+    data = s.recv(65536)
+    s.close()
+    return int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+def abuse(tmp: Path, tls: dict[str, Any], upstream: Upstream, burst: int) -> None:
+    (tmp / "abuse").mkdir()
+    config = bench_config(upstream.url, 100)
+    config["server"] = {"tls": tls}
+    config["security"]["ddos_protection"].update(max_header_size="64KB", header_timeout="5m", read_timeout="5m")
+    d = Daemon(tmp / "abuse", config, ca_file=str(tmp / "ca.pem")).start()
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        print("\n[4] the HTTP engine under abuse")
+        for size in (8 * 1024, 64 * 1024):
+            used, status = trickled_head(d, size)
+            print(f"    a {size // 1024}KB head trickled a byte per TLS record: {used:.2f} s of daemon CPU "
+                  f"({used / size * 1e6:.1f} us per byte), answered {status}")
+
+        time.sleep(1.0)
+        idle_rss = rss_kb(pid)
+        print(f"    RSS idle (after start and the heads above): {idle_rss / 1024:.1f} MiB")
+        started = time.monotonic()
+        conns = open_idle(d, burst, per_address=90)
+        time.sleep(1.0)
+        held = rss_kb(pid)
+        print(f"    RSS with {burst} idle TLS connections (opened in {time.monotonic() - started:.1f}s): "
+              f"{held / 1024:.1f} MiB ({(held - idle_rss) / burst:.1f} KiB each)")
+        for c in conns:
+            c.close()
+        for wait in (2, 5):
+            time.sleep(wait)
+            print(f"    RSS {wait}s after they closed: {rss_kb(pid) / 1024:.1f} MiB "
+                  f"({(rss_kb(pid) - idle_rss) / 1024:+.1f} MiB over idle)")
+
+        body = 4 * 1024 * 1024
+        before = rss_kb(pid)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(chunked_upload(d, body))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = status_kb(pid, "VmHWM")
+        print(f"    two {body >> 20}MB bodies in 2-byte chunks at once (statuses {sorted(results)}): peak RSS "
+              f"{(peak - before) / 1024:+.1f} MiB over {before / 1024:.1f} MiB, "
+              f"{(peak - before) * 1024 / (2 * body):.1f} x the bodies")
+    finally:
+        d.stop()
+
+
 def bench_config(upstream: str, per_ip: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "upstreams": {"anthropic": {"base_url": upstream}, "openai": {"base_url": upstream}},
@@ -230,7 +325,10 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--slowloris", type=int, default=500)
     parser.add_argument("--slow-length", type=int, default=30)
+    parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--sections", default="throughput,slowloris,abuse")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
     ca = trustme.CA(key_type=trustme.KeyType.RSA)
@@ -242,6 +340,19 @@ def main() -> None:
     upstream = Upstream(tmp)
     print(f"upstream: {upstream.kind}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
     try:
+        if "abuse" in sections:
+            abuse(tmp, tls, upstream, args.burst)
+        if "throughput" in sections:
+            throughput(tmp, tls, upstream, args)
+        if "slowloris" in sections:
+            slowlorises(tmp, tls, upstream, args)
+    finally:
+        upstream.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def throughput(tmp: Path, tls: dict[str, Any], upstream: Upstream, args: Any) -> None:
+    if True:
         (tmp / "a").mkdir()
         config = bench_config(upstream.url, 100)
         config["server"] = {"tls": tls}
@@ -276,6 +387,9 @@ def main() -> None:
         finally:
             d.stop()
 
+
+def slowlorises(tmp: Path, tls: dict[str, Any], upstream: Upstream, args: Any) -> None:
+    if True:
         for label, per_ip in (("default per-IP cap (100)", 100), ("per-IP cap lifted: deadlines only", 100000)):
             sub = tmp / f"s{per_ip}"
             sub.mkdir()
@@ -296,9 +410,6 @@ def main() -> None:
                   f"{r['refused_at_accept']}")
             # slowhttptest does not notice a TLS connection closed under it: its "connected" stays up.
             print(f"    slowhttptest's own tally at the end: {r['attack']}")
-    finally:
-        upstream.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

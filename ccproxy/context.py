@@ -63,6 +63,13 @@ class RequestContext:
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None
+    # The request line's method and path (without the query), and the headers that go upstream:
+    # layers read and edit these (credentials stripped, ...), not the client's request object.
+    method: bytes = b""
+    path: bytes = b""
+    headers: Headers = attrs.field(factory=Headers)
+    # Whether the limits layer counted this request (those refused before it count at the end).
+    limits_checked: bool = False
     _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
 
     @property
@@ -86,18 +93,25 @@ class RequestContext:
         self.body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
     def header(self, name: bytes) -> str | None:
-        value = self.request.requestHeaders.getRawHeaders(name)
+        value = self.headers.getRawHeaders(name)
         return value[0].decode("latin-1") if value else None
 
 
 class Layer:
     """One policy layer. Override only what the layer takes part in.
 
-    Layers run in a fixed order; `check` may refuse by raising ApiError, and must not touch the
-    response itself.
+    Layers run in a fixed order; `check` and `check_body` may refuse by raising ApiError, and must
+    not touch the response itself.
     """
 
     async def check(self, ctx: RequestContext) -> None:
+        """Decide from the head alone (method, path, headers, addresses): it runs before the body
+        is read or `100 Continue` sent, so a refusal costs the client's body nothing. `ctx.body`
+        is still empty here."""
+        return None
+
+    async def check_body(self, ctx: RequestContext) -> None:
+        """Decide from the body (`ctx.body`, `ctx.json()`), once every head check has passed."""
         return None
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
@@ -107,8 +121,13 @@ class Layer:
         """Add headers to every response ccproxy sends, its own errors included."""
         return None
 
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
+        """End-of-request work (counting, records), once the response to `request` is complete;
+        `ctx` is None for requests answered before one was made (/health, unknown routes)."""
+        return None
+
     def idle(self) -> frozenset[str]:
-        """The steps ("check", "response_filter", "decorate") this layer, as configured, has
+        """The steps ("check", "check_body", "response_filter", "decorate", "completed") this layer, as configured, has
         nothing to do in: the runtime skips them for every request."""
         return frozenset()
 

@@ -6,17 +6,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from ccproxy import events
 from ccproxy.context import BodyFilter
+from ccproxy.deadline import Deadline
 from ccproxy.errors import ApiError, sse_error_event
 
 if TYPE_CHECKING:
+    from ccproxy.http.budget import Budget
     from ccproxy.http.request import ProxyRequest as Request
 
 log = Logger()
@@ -43,6 +46,7 @@ class Relay(Protocol):
         body_filter: BodyFilter | None = None,
         buffered: bool = False,
         on_broken: Callable[[ApiError], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.request = request
         self.clock = clock
@@ -55,11 +59,17 @@ class Relay(Protocol):
         self.on_broken = on_broken
         self._chunks: list[bytes] = []
         self._size = 0
-        self._timer: IDelayedCall | None = None
+        self._timer = Deadline(clock, self._idle)
         self._timed_out = False
         self._cancelled = False
         self._registered = False
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+        # A body held whole for its filter takes from the process's buffer budget while it is held;
+        # however the relay ends (done fires on every path), that is given back.
+        self.budget = budget
+        self._held = 0
+        if buffered and budget is not None:
+            self.done.addBoth(self._release)
 
     def connectionMade(self) -> None:
         if not self.buffered:
@@ -73,17 +83,25 @@ class Relay(Protocol):
             return
         self.request.registerProducer(self.transport, True)
         self._registered = True
-        if self._timer is None:
+        if not self._timer.armed:
             self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None:
+        if self._timer.armed:
             self._arm()
         if self.buffered:
             self._size += len(data)
             if self._size > MAX_BUFFERED_BODY:
                 self._give_up(ApiError(502, "upstream response too large to inspect"))
                 return
+            if self.budget is not None:
+                if not self.budget.acquire(len(data)):
+                    events.emit("server_overloaded", "warning", reason="max_buffered_bytes",
+                                limit=self.budget.limit(), buffered="response")
+                    self._give_up(ApiError(503, "ccproxy is holding as many response bodies as it may; "
+                                                "retry shortly", headers={"retry-after": "1"}))
+                    return
+                self._held += len(data)
             self._chunks.append(data)
             return
         if self.filter is not None:
@@ -155,18 +173,12 @@ class Relay(Protocol):
         self._stop_upstream()
 
     def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.idle_timeout)
-        else:
-            self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+        self._timer.arm(self.idle_timeout)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.cancel()
 
     def _idle(self) -> None:
-        self._timer = None
         self._timed_out = True
         self._stop_upstream()
 
@@ -183,6 +195,12 @@ class Relay(Protocol):
             self.request.unregisterProducer()
         except (AttributeError, RuntimeError):
             pass
+
+    def _release(self, result: object) -> object:
+        if self.budget is not None and self._held:
+            self.budget.release(self._held)
+            self._held = 0
+        return result
 
     def _cancel(self, _: defer.Deferred[None]) -> None:
         """The client went away: stop reading upstream at once."""

@@ -10,7 +10,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
-from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import events
 from ccproxy.context import RequestContext, new_request_id
@@ -25,6 +24,9 @@ from ccproxy.runtime import Runtime, RuntimeHolder
 log = Logger()
 
 _PHRASES = {529: b"Overloaded"}
+# What render returns when the response will come later (twisted.web's value, without importing
+# twisted.web.server and all it brings for this one constant).
+NOT_DONE_YET = 1
 _REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 
 
@@ -34,17 +36,24 @@ class ProxyResource:
         self.clock = clock
 
     def render(self, request: Request) -> Any:
+        """Called when the head is complete: the body is read only once the head checks pass."""
         request.responseHeaders.setRawHeaders(b"server", [b"ccproxy"])
-        if request.path in (b"/health", b"/ready"):
+        if request.path in (b"/health", b"/ready") and request.method not in _REFUSED_METHODS:
             return self._health(request)
         d = defer.ensureDeferred(self._handle(request, self.holder.current))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(self._unexpected, request)
         return NOT_DONE_YET
 
+    def completed(self, request: Request) -> None:
+        """End-of-request hook of the layers (the site calls it when the response is complete)."""
+        runtime = self.holder.current
+        if runtime.completers:
+            runtime.completed(request.ctx, request, request.code)
+
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.request_id = request_id
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"request-id", request_id.encode())
         self.holder.current.decorate(None, request, request.responseHeaders)
@@ -57,15 +66,12 @@ class ProxyResource:
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
         request_id = new_request_id()
-        request.ccproxy_request_id = request_id
+        request.request_id = request_id
         ctx: RequestContext | None = None
         try:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
             target = route(request.uri, runtime.config.upstreams)
-            content = request.content
-            assert content is not None
-            content.seek(0)
             ctx = RequestContext(
                 request=request,
                 request_id=request_id,
@@ -73,11 +79,20 @@ class ProxyResource:
                 client_ip=_client_host(request),
                 peer_ip=request.peer_host(),
                 started=self.clock.seconds(),
-                body=content.read(),
+                body=b"",
+                method=request.method,
+                path=request.path,
+                # Handed over, not copied: from here on the layers and forwarding use the context's.
+                headers=request.requestHeaders,
             )
-            request.ccproxy_ctx = ctx
-            for layer in runtime.checkers:
+            request.ctx = ctx
+            for layer in runtime.head_checkers:
                 await layer.check(ctx)
+            # Only now is the body read (and `100 Continue` sent): a refusal above cost it nothing.
+            body = request.body_now()
+            ctx.body = body if body is not None else await request.read_body()
+            for layer in runtime.body_checkers:
+                await layer.check_body(ctx)
             await self._forward(ctx, runtime)
         except ApiError as e:
             self._send_error(request, runtime, ctx, e)
@@ -87,9 +102,9 @@ class ProxyResource:
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime) -> None:
         request, target = ctx.request, ctx.route
-        headers = upstream_headers(request.requestHeaders, target.upstream, target.api)
+        headers = upstream_headers(ctx.headers, target.upstream, target.api)
         try:
-            response = await runtime.forwarder.send(request.method, target, headers, ctx.body)
+            response = await runtime.forwarder.send(ctx.method, target, headers, ctx.body)
         except ApiError as e:
             _upstream_error(ctx, e.status, e.message)
             raise
@@ -112,6 +127,7 @@ class ProxyResource:
             body_filter=body_filter,
             buffered=bool(body_filter is not None and getattr(body_filter, "buffered", False)),
             on_broken=lambda error: _upstream_error(ctx, error.status, error.message),
+            budget=runtime.deps.buffers,
         )
         response.deliverBody(relay)
         relay.watch()
@@ -156,7 +172,7 @@ class ProxyResource:
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        out.setRawHeaders(b"request-id", [request.ccproxy_request_id.encode()])
+        out.setRawHeaders(b"request-id", [request.request_id.encode()])
         for name, value in error.headers.items():
             out.setRawHeaders(name.encode(), [value.encode()])
         self._finish_headers(ctx, runtime, request, out)

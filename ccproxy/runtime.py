@@ -15,8 +15,10 @@ from twisted.web.http_headers import Headers
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config
+from ccproxy.config.network import DDoSConfig
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
+from ccproxy.http.budget import Budget
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
@@ -28,6 +30,9 @@ class Deps:
 
     reactor: Any
     blocklist: BlockList
+    # Bytes buffered for clients across the process (request bodies; response bodies held whole
+    # for masking should take from it too): acquire before buffering, release after.
+    buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -50,18 +55,23 @@ class Runtime:
     forwarder: Forwarder
     deps: Deps
     # The layers that take part in each step: a layer that does not override a step costs nothing there.
-    checkers: tuple[Layer, ...] = attrs.field(init=False)
+    # Head checks run before the body is read; body checks after.
+    head_checkers: tuple[Layer, ...] = attrs.field(init=False)
+    body_checkers: tuple[Layer, ...] = attrs.field(init=False)
     filterers: tuple[Layer, ...] = attrs.field(init=False)
     decorators: tuple[Layer, ...] = attrs.field(init=False)
+    completers: tuple[Layer, ...] = attrs.field(init=False)
     # Whether an audit output records one line per request: if none does, none is built.
     logs_access: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         audit = self.config.audit
         self.logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)
-        self.checkers = _overriding(self.layers, "check")
+        self.head_checkers = _overriding(self.layers, "check")
+        self.body_checkers = _overriding(self.layers, "check_body")
         self.filterers = _overriding(self.layers, "response_filter")
         self.decorators = _overriding(self.layers, "decorate")
+        self.completers = _overriding(self.layers, "completed")
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
         filters = [f for f in (layer.response_filter(ctx, status, headers) for layer in self.filterers) if f]
@@ -74,6 +84,10 @@ class Runtime:
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
         for layer in self.decorators:
             layer.decorate(ctx, request, headers)
+
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
+        for layer in self.completers:
+            layer.completed(ctx, request, status)
 
     def stop(self) -> defer.Deferred[Any]:
         return defer.gatherResults(

@@ -15,6 +15,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from ccproxy.config.network import NetworkConfig
+from ccproxy.http.budget import Budget
+from ccproxy.http.request import ProxyRequest
 from ccproxy.http.server import HardenedChannel
 from ccproxy.network.addresses import NetworkSet
 
@@ -52,6 +54,8 @@ class ProxySite(Factory):
     def __init__(self, resource: Any, clock: IReactorTime) -> None:
         self.resource = resource
         self.clock = clock
+        # The resource's end-of-request hook, if it has one (ccproxy's own resource does).
+        self.resource_completed: Callable[[Any], None] | None = getattr(resource, "completed", None)
         # The network settings new connections take; the listener points this at the live config.
         self.network: Callable[[], NetworkConfig] = NetworkConfig
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
@@ -61,6 +65,8 @@ class ProxySite(Factory):
         self.draining = False
         # Every open connection's channel, for the drain to find; gone ones drop out by themselves.
         self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Request bodies held at once, all connections together; the service shares its own.
+        self.budget = Budget(lambda: self.network().ddos.max_buffered_bytes)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = self.protocol()
@@ -75,12 +81,17 @@ class ProxySite(Factory):
             self._trusted = (config, NetworkSet(config.trusted_proxies))
         return self._trusted[1]
 
-    def log(self, request: Any) -> None:
+    def completed(self, request: ProxyRequest) -> None:
+        """The response to `request` is complete: the layers' end-of-request work, the access line."""
+        if self.resource_completed is not None:
+            self.resource_completed(request)
+        self.log(request)
+
+    def log(self, request: ProxyRequest) -> None:
         if not ACCESS_PUBLISHER.observed or not self.access_wanted():
             return  # no output asked for access lines: build none
-        ctx = getattr(request, "ccproxy_ctx", None)
-        started = getattr(request, "ccproxy_started", None)
-        latency_ms = (self.clock.seconds() - started) * 1000 if started is not None else 0.0
+        ctx = request.ctx
+        latency_ms = (self.clock.seconds() - request.started) * 1000
         access_log.info(
             "{method} {path} {status} {latency_ms:.1f}ms key={key_id} request_id={request_id}",
             method=request.method.decode("latin-1"),
@@ -89,6 +100,6 @@ class ProxySite(Factory):
             latency_ms=latency_ms,
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
             user_id=ctx.identity.user_id if ctx is not None and ctx.identity is not None else None,
-            request_id=getattr(request, "ccproxy_request_id", "-"),
-            client_ip=ctx.client_ip if ctx is not None else request.getClientAddress().host,
+            request_id=request.request_id,
+            client_ip=ctx.client_ip if ctx is not None else getattr(request.getClientAddress(), "host", "-"),
         )

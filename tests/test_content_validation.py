@@ -36,11 +36,12 @@ def make_ctx(body: bytes, kind: str = "messages", api: str = "anthropic") -> Req
     request.requestHeaders.setRawHeaders(b"accept-encoding", [b"gzip, br"])
     upstream = UpstreamConfig(name=api, base_url="https://example.invalid", api_key=None)
     return RequestContext(request=request, request_id="req_test", route=Route(api, upstream, b"/v1/messages", kind),
-                          client_ip="127.0.0.1", started=0.0, body=body)
+                          client_ip="127.0.0.1", started=0.0, body=body, method=b"POST", path=b"/v1/messages",
+                          headers=request.requestHeaders)
 
 
 def check(layer: ContentLayer, ctx: RequestContext) -> None:
-    asyncio.run(layer.check(ctx))
+    asyncio.run(layer.check_body(ctx))
 
 
 def refusal(layer: ContentLayer, ctx: RequestContext) -> ApiError:

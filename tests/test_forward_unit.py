@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -12,6 +13,7 @@ from twisted.web.http_headers import Headers
 
 from ccproxy.errors import ANTHROPIC, OPENAI, ApiError, error_body, sse_error_event
 from ccproxy.forward import end_to_end, response_headers, upstream_headers
+from ccproxy.http.budget import Budget
 from ccproxy.routes import CHAT_COMPLETIONS, COUNT_TOKENS, MESSAGES, OTHER, route
 from tests.support.forwarding import make_relay, upstreams
 
@@ -170,3 +172,20 @@ def test_relay_cancel_stops_upstream() -> None:
     relay.connectionLost(Failure(ResponseFailed([Failure(Exception("aborted"))])))
     assert request.written == []
     relay.done.addErrback(lambda f: None)
+
+
+def test_relay_holds_a_buffered_body_against_the_budget_and_gives_it_back() -> None:
+    budget = Budget(lambda: 10)
+    relay, _, heads, _ = make_relay(Clock(), sse=False, body_filter=Upper(), buffered=True, budget=budget)
+    relay.dataReceived(b"hello ")
+    assert budget.used == 6
+    relay.dataReceived(b"world")  # 11 bytes would pass the budget of 10
+    assert budget.used == 0 and heads == []
+    failures: list[Any] = []
+    relay.done.addErrback(failures.append)
+    [failure] = failures
+    assert failure.value.status == 503 and failure.value.headers == {"retry-after": "1"}
+    again, _, heads, _ = make_relay(Clock(), sse=False, body_filter=Upper(), buffered=True, budget=budget)
+    again.dataReceived(b"fits")
+    again.connectionLost(Failure(ResponseDone()))
+    assert heads == [4] and budget.used == 0

@@ -30,7 +30,7 @@ def make_ctx(path: bytes = b"/v1/messages", ip: str = "10.1.1.1", identity: Iden
     request.method = b"POST"
     request.path = path
     return RequestContext(request=request, request_id="req_test", route=route(path, _UPSTREAMS), client_ip=ip,
-                          started=0.0, body=b"{}", identity=identity)
+                          started=0.0, body=b"{}", identity=identity, method=b"POST", path=path)
 
 
 class _LayerTests:
@@ -169,7 +169,7 @@ class _LayerTests:
         layer = self.layer(auto_block={"enabled": True, "threshold": 2, "duration": "1h"})
         for _ in range(3):
             ctx = make_ctx(ip="10.9.9.9")  # e.g. refused by authentication: check() never ran
-            layer.decorate(ctx, ctx.request, ctx.request.responseHeaders)
+            layer.completed(ctx, ctx.request, 401)
         deadline = time.monotonic() + 5
         while not self.deps.blocklist.is_blocked("10.9.9.9", self.clock.seconds()) and time.monotonic() < deadline:
             yield task.deferLater(real_reactor, 0.01, lambda: None)

@@ -74,6 +74,22 @@ SMUGGLING = {
                      b"5;\x01\r\nhello\r\n0\r\n\r\n",
     "chunk_missing_crlf": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                           b"5\r\nhelloXX0\r\n\r\n",
+    "chunk_size_bare_lf": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\nhello\r\n0\r\n\r\n",
+    "chunk_size_bare_cr": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\rhello\r\n0\r\n\r\n",
+    "chunk_data_bare_lf": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\n0\r\n\r\n",
+    "last_chunk_bare_lf": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n0\n\r\n",
+    "trailer_bare_lf": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"0\r\nX-T: 1\n\r\n",
+    "trailer_obs_fold": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"0\r\nX-T: 1\r\n folded\r\n\r\n",
+    "chunk_size_space_inside": b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"1 0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
+    "bare_cr_after_host": b"GET /v1/models HTTP/1.1\r\nHost: a\r\r\n\r\n",
+    "lf_then_crlf_end": b"GET /v1/models HTTP/1.1\r\nHost: a\n\r\n",
 }
 
 
@@ -88,6 +104,17 @@ def test_smuggling_corpus_is_refused_and_never_forwarded(name: str, seen_events:
     assert c.output.count(b"request-id:") == 1
     assert [e["ccproxy_event"] for e in seen_events] == ["invalid_request"]
     assert seen_events[0]["ip_address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_smuggling_corpus_trickled_a_byte_per_read_is_refused_the_same(name: str) -> None:
+    # The head scan and the chunked decoder resume where they stopped: no split hides a fault.
+    c = Conn()
+    wire = SMUGGLING[name] + GOOD
+    for i in range(len(wire)):
+        c.send(wire[i : i + 1])
+    assert c.status() == 400, c.output
+    assert c.closed and c.resource.seen == []
 
 
 def test_bad_request_after_a_good_one_in_the_same_packet() -> None:
@@ -175,7 +202,7 @@ def test_chunked_body_cut_at_limit(seen_events: list[dict[str, Any]]) -> None:
     c.send(b"3c\r\n" + b"b" * 60 + b"\r\n" + b"3c\r\n" + b"c" * 60 + b"\r\n0\r\n\r\n" + GOOD)
     assert c.status() == 413 and c.closed
     assert c.resource.seen == []
-    assert c.channel.body == []  # the refused body is dropped, nothing past the limit kept
+    assert not c.channel.body  # the refused body is dropped, nothing past the limit kept
     assert seen_events[-1]["reason"] == "body_size"
 
 

@@ -132,7 +132,7 @@ def written(code: int, phrase: bytes | None, headers: list[tuple[bytes, bytes]])
     from twisted.web.http_headers import Headers
 
     channel = FakeChannel()
-    request = ProxyRequest(channel, b"GET", b"/v1/models", Headers(), b"", 0.0)
+    request = ProxyRequest(channel, b"GET", b"/v1/models", Headers(), 0.0, b"")
     request.setResponseCode(code, phrase)
     for name, value in headers:
         request.responseHeaders.addRawHeader(name, value)

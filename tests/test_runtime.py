@@ -24,7 +24,7 @@ def names(layers: tuple[Any, ...]) -> list[str]:
 
 def test_layers_with_nothing_configured_take_no_part() -> None:
     rt = runtime()
-    assert names(rt.checkers) == []
+    assert names(rt.head_checkers) == [] and names(rt.body_checkers) == []
     assert names(rt.filterers) == []
     assert names(rt.decorators) == ["NetworkLayer"]  # the default security headers
 
@@ -36,6 +36,9 @@ def test_configured_features_bring_their_layers_back() -> None:
         "response_sanitization": {"enabled": True},
         "ip_blacklist": {"auto_block": {"enabled": True, "threshold": 100, "duration": "1h"}},
     }, trusted_proxies=["10.0.0.0/8"], security_headers={"enabled": False})
-    assert names(rt.checkers) == ["NetworkLayer", "LimitsLayer", "ContentLayer"]
+    # Addresses and limits decide from the head; only content needs the body.
+    assert names(rt.head_checkers) == ["NetworkLayer", "LimitsLayer"]
+    assert names(rt.body_checkers) == ["ContentLayer"]
     assert names(rt.filterers) == ["ContentLayer"]
-    assert names(rt.decorators) == ["LimitsLayer"]  # counting refused requests towards auto-blocks
+    assert names(rt.decorators) == []
+    assert names(rt.completers) == ["LimitsLayer"]  # counting refused requests towards auto-blocks

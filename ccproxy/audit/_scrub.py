@@ -71,6 +71,13 @@ class Anonymizer:
     key: bytes = b""
 
     def address(self, value: str) -> str:
+        if "/" in value:
+            # An IPv6 client's network, as limits and blocks key it: anonymised as its first address.
+            try:
+                network = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                return value
+            return f"{self.address(str(network.network_address))}/{network.prefixlen}"
         try:
             ip = ipaddress.ip_address(value.strip("[]"))
         except ValueError:

@@ -24,7 +24,7 @@ class AuthLayer(Layer):
         self.pool = pool
 
     async def check(self, ctx: RequestContext) -> None:
-        headers = ctx.request.requestHeaders
+        headers = ctx.headers
         presented = credential(headers)
         # The client's credential is for ccproxy: it never goes upstream, accepted or not.
         strip_credentials(headers)
@@ -65,8 +65,8 @@ def _event(ctx: RequestContext, name: str, severity: str, key_id: str | None, us
         "ip_address": ctx.client_ip,
         "api_key_id": key_id,
         "user_id": user_id,
-        "method": ctx.request.method.decode("latin-1"),
-        "path": ctx.request.uri.split(b"?", 1)[0].decode("latin-1")[:200],
+        "method": ctx.method.decode("latin-1"),
+        "path": ctx.path.decode("latin-1")[:200],
     }
     if reason is not None:
         fields["reason"] = reason

@@ -7,7 +7,9 @@ trusted proxies, the PROXY protocol.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -42,6 +44,28 @@ _FORBIDDEN_HEADERS = frozenset(
 )
 
 
+# The default body budget never goes below this, however small the machine: a few large requests fit.
+_BUDGET_FLOOR = 64 * 1024 * 1024
+
+
+def machine_budget() -> int:
+    """A quarter of the memory this process may use: the machine's, or its cgroup's if lower."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        memory = 1 << 30
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    except OSError:
+        pass
+    return max(_BUDGET_FLOOR, memory // 4)
+
+
+MACHINE_BUDGET = machine_budget()
+
+
 @attrs.frozen
 class DDoSConfig:
     enabled: bool = True
@@ -56,6 +80,10 @@ class DDoSConfig:
     idle_timeout: float | None = 75.0
     # How long a client may take none of a response it is sent before the connection is cut.
     send_timeout: float | None = 60.0
+    # Request bodies (and response bodies buffered for masking) held at once, all connections together.
+    max_buffered_bytes: int = MACHINE_BUDGET
+    # IPv6 clients are counted, limited and blocked by their network of this prefix length.
+    ipv6_prefix: int = 64
 
     @classmethod
     def parse(cls, s: Section) -> DDoSConfig:
@@ -70,14 +98,18 @@ class DDoSConfig:
         handshake = _deadline(s, "tls_handshake_timeout", d.tls_handshake_timeout)
         idle = _deadline(s, "idle_timeout", d.idle_timeout)
         send = _deadline(s, "send_timeout", d.send_timeout)
+        buffered = s.size("max_buffered_bytes", d.max_buffered_bytes, min=1024 * 1024, max=1 << 50)
+        prefix = s.integer("ipv6_prefix", d.ipv6_prefix, min=1, max=128)
         if not enabled:
             # Off: no caps and no request deadlines; sizes keep their hard ceilings. The handshake,
-            # keep-alive and send timers stay: they only reclaim connections nobody is using.
-            return cls(False, None, None, CEILING_REQUEST_SIZE, CEILING_HEADER_SIZE, None, None, handshake, idle, send)
+            # keep-alive and send timers stay: they only reclaim connections nobody is using; the
+            # buffer budget stays at the machine's default (memory is never unbounded).
+            return cls(False, None, None, CEILING_REQUEST_SIZE, CEILING_HEADER_SIZE, None, None, handshake, idle, send,
+                       d.max_buffered_bytes, prefix)
         if max_conn is not None and per_ip is not None and per_ip > max_conn:
             raise ConfigError(s.at("max_connections_per_ip"), "cannot exceed max_connections")
         return cls(True, max_conn, per_ip, request_size, header_size, header_timeout, read_timeout, handshake, idle,
-                   send)
+                   send, buffered, prefix)
 
 
 def _deadline(s: Section, key: str, default: float | None) -> float | None:

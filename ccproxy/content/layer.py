@@ -49,17 +49,17 @@ class ContentLayer(Layer):
         if self.rules is None:
             steps.add("response_filter")
             if self.validator is None:
-                steps.add("check")
+                steps.add("check_body")
         return frozenset(steps)
 
-    async def check(self, ctx: RequestContext) -> None:
+    async def check_body(self, ctx: RequestContext) -> None:
         if ctx.route.kind not in _VALIDATED:
             return
         if self.validator is not None:
             self._validate(ctx, self.validator)
         if self.rules is not None and ctx.route.kind in _SANITIZED:
             # Masking needs the plain text: ask the upstream for an unencoded body.
-            ctx.request.requestHeaders.removeHeader(b"accept-encoding")
+            ctx.headers.removeHeader(b"accept-encoding")
 
     def _validate(self, ctx: RequestContext, validator: Validator) -> None:
         try:
@@ -221,8 +221,8 @@ def _who(ctx: RequestContext) -> dict[str, Any]:
         "ip_address": ctx.client_ip,
         "api_key_id": identity.key_id if identity else None,
         "user_id": identity.user_id if identity else None,
-        "method": ctx.request.method.decode("latin-1"),
-        "path": ctx.request.path.decode("latin-1")[:200],
+        "method": ctx.method.decode("latin-1"),
+        "path": ctx.path.decode("latin-1")[:200],
     }
 
 

@@ -50,20 +50,49 @@ class Head(NamedTuple):
         return self.chunked or bool(self.content_length)
 
 
-def head_end(buffer: bytes | bytearray, limit: int) -> int:
-    """Index of the blank line ending the head in `buffer`, -1 if not there yet, -2 if it cannot fit.
+class HeadScan:
+    """Finds the end of a request head in a growing buffer, looking at each byte a bounded number of times.
 
-    The head's size is the request line and header lines with their line endings; the blank line
-    that ends it is not counted.
+    A head trickled a byte per read must not cost a scan of the whole buffer per read: `find`
+    resumes where the previous call stopped (three bytes back, so a CRLF CRLF split across reads
+    is still seen), and `examined` counts the bytes looked at, for tests and benches.
     """
-    end = buffer.find(b"\r\n\r\n", 0, limit + 2)
-    if end >= 0:
-        return end
-    return -2 if len(buffer) >= limit + 2 else -1
 
+    __slots__ = ("examined", "limit", "offset")
 
-def has_bare_line_break(partial: bytes | bytearray) -> bool:
-    return _BARE.search(partial) is not None
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # How much of the buffer is known to hold no end of head and no bare CR or LF.
+        self.offset = 0
+        self.examined = 0
+
+    def find(self, buffer: bytes | bytearray) -> int:
+        """Index of the blank line ending the head, -1 if not there yet, -2 if it cannot fit.
+
+        The head's size is the request line and header lines with their line endings; the blank
+        line that ends it is not counted. A bare CR or LF before the end raises Malformed: without
+        this a head ended by bare LFs would wait for the deadline, never complete.
+        """
+        size = len(buffer)
+        stop = min(size, self.limit + 2)
+        start = max(0, self.offset - 3)
+        end = buffer.find(b"\r\n\r\n", start, stop)
+        self.examined += max(0, (end + 4 if end >= 0 else stop) - start)
+        if end >= 0:
+            return end
+        if size >= self.limit + 2:
+            return -2
+        # One byte back: a CR that ended the last read may now be followed by something else.
+        start = max(0, self.offset - 1)
+        self.examined += size - start
+        if _BARE.search(buffer, start) is not None:
+            raise Malformed("bare_cr_or_lf", "request head has a bare CR or LF")
+        self.offset = size
+        return -1
+
+    def forget(self, removed: int) -> None:
+        """`removed` bytes were taken off the front of the buffer."""
+        self.offset = max(0, self.offset - removed)
 
 
 # A well-formed head in one match: the request line, then header lines with token names and values
@@ -193,15 +222,19 @@ MAX_CHUNK_LINE = 1024
 MAX_TRAILERS = 8192
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _BAD_EXTENSION = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+SIZE, DATA, DATA_CR, DATA_LF, TRAILER, DONE = range(6)
+_PLAIN_SIZE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
 class ChunkedDecoder:
-    """Decodes a chunked request body as it arrives (RFC 9112 section 7.1), strictly.
+    """Decodes a chunked body as it arrives (RFC 9112 section 7.1), strictly, in linear time.
 
-    `feed` returns the body bytes found so far; once `done`, `rest` holds the bytes after the body
-    (the start of the next request). Raises Malformed on a fault and TooLarge as soon as the
-    declared chunk sizes pass `limit`, before that chunk's data is read.
+    `feed_into` appends the body bytes found to one bytearray (no object per chunk, so 2-byte
+    chunks cost what their bytes do) and says how much of its input it used: once `done`, the rest
+    is the start of the next message. Each input byte is looked at a bounded number of times (a
+    line split across reads is kept, never searched again); `examined` counts them. Raises
+    Malformed on a fault, and TooLarge as soon as the declared chunk sizes pass `limit`, before that
+    chunk's data is read.
     """
 
     def __init__(self, limit: int) -> None:
@@ -210,56 +243,82 @@ class ChunkedDecoder:
         self.state = SIZE
         self.remaining = 0
         self.trailer_bytes = 0
-        self.buffer = b""
+        # A size or trailer line whose end has not arrived yet.
+        self.line = bytearray()
         self.rest = b""
+        self.examined = 0
 
     @property
     def done(self) -> bool:
         return self.state == DONE
 
     def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        buffer = self.buffer + data if self.buffer else data
-        while buffer and self.state != DONE:
-            if self.state == DATA:
-                piece = buffer[: self.remaining]
-                buffer = buffer[len(piece) :]
-                self.remaining -= len(piece)
-                out.append(piece)
-                if not self.remaining:
-                    self.state = DATA_END
-                continue
-            if self.state == DATA_END:
-                if len(buffer) < 2:
-                    if buffer != b"\r":
-                        raise Malformed("chunk_framing", "chunk data not followed by CRLF")
-                    break
-                if buffer[:2] != b"\r\n":
-                    raise Malformed("chunk_framing", "chunk data not followed by CRLF")
-                buffer = buffer[2:]
-                self.state = SIZE
-                continue
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                self._check_partial_line(buffer)
-                break
-            line, buffer = buffer[:end], buffer[end + 2 :]
-            if self.state == SIZE:
-                self._size_line(line)
-            else:
-                self._trailer_line(line)
+        """The body bytes in `data` (at most one piece); `rest` holds what follows the body."""
+        out = bytearray()
+        used = self.feed_into(data, out)
         if self.state == DONE:
-            self.rest, self.buffer = buffer, b""
-        else:
-            self.buffer = buffer
-        return out
+            self.rest = data[used:]
+        return [bytes(out)] if out else []
 
-    def _check_partial_line(self, buffer: bytes) -> None:
-        if b"\n" in buffer or b"\r" in buffer[:-1]:
-            raise Malformed("bare_cr_or_lf", "chunked body has a bare CR or LF")
+    def feed_into(self, data: bytes | bytearray, out: bytearray) -> int:
+        """Append the body bytes of `data` to `out`; return how many bytes of `data` were used."""
+        pos = 0
+        size = len(data)
+        with memoryview(data) as view:
+            while pos < size and self.state != DONE:
+                state = self.state
+                if state == DATA:
+                    take = min(self.remaining, size - pos)
+                    out += view[pos : pos + take]
+                    pos += take
+                    self.remaining -= take
+                    if not self.remaining:
+                        self.state = DATA_CR
+                elif state == DATA_CR and data.startswith(b"\r\n", pos):
+                    self.examined += 2
+                    pos += 2
+                    self.state = SIZE
+                elif state == DATA_CR or state == DATA_LF:
+                    self.examined += 1
+                    if data[pos] != (13 if state == DATA_CR else 10):
+                        raise Malformed("chunk_framing", "chunk data not followed by CRLF")
+                    pos += 1
+                    self.state = DATA_LF if state == DATA_CR else SIZE
+                elif state == SIZE and not self.line and (plain := _PLAIN_SIZE.match(data, pos)) is not None:
+                    # The usual size line, read in one step; anything else goes the long way.
+                    self.examined += plain.end() - pos
+                    self._sized(int(plain.group(1), 16))
+                    pos = plain.end()
+                else:
+                    pos = self._line(data, pos, size)
+        return pos
+
+    def _line(self, data: bytes | bytearray, pos: int, size: int) -> int:
+        """Read (part of) a size or trailer line from `pos`; return the position after what was read."""
         limit = MAX_CHUNK_LINE if self.state == SIZE else MAX_TRAILERS - self.trailer_bytes
-        if len(buffer) > limit:
-            raise Malformed("chunk_framing", "chunk-size or trailer line too long")
+        # Never search further than the longest line allowed could reach.
+        stop = min(size, pos + limit + 2 - len(self.line))
+        lf = data.find(b"\n", pos, stop)
+        self.examined += (lf + 1 if lf >= 0 else stop) - pos
+        if lf < 0:
+            piece = data[pos:stop]
+            if b"\r" in piece[:-1] or (self.line[-1:] == b"\r" and piece):
+                raise Malformed("bare_cr_or_lf", "chunked body has a bare CR or LF")
+            self.line += piece
+            if len(self.line) > limit:
+                raise Malformed("chunk_framing", "chunk-size or trailer line too long")
+            return stop
+        self.line += memoryview(data)[pos:lf]
+        line = bytes(self.line)
+        self.line.clear()
+        if not line.endswith(b"\r"):
+            raise Malformed("bare_cr_or_lf", "chunked body has a bare CR or LF")
+        line = line[:-1]
+        if self.state == SIZE:
+            self._size_line(line)
+        else:
+            self._trailer_line(line)
+        return lf + 1
 
     def _size_line(self, line: bytes) -> None:
         if len(line) > MAX_CHUNK_LINE or b"\n" in line or b"\r" in line:
@@ -272,11 +331,14 @@ class ChunkedDecoder:
             raise TooLarge()
         if _BAD_EXTENSION.search(extension):
             raise Malformed("chunk_extension", "chunk extension holds a control character")
-        self.remaining = int(size, 16)
-        self.declared += self.remaining
+        self._sized(int(size, 16))
+
+    def _sized(self, size: int) -> None:
+        self.remaining = size
+        self.declared += size
         if self.declared > self.limit:
             raise TooLarge()
-        self.state = DATA if self.remaining else TRAILER
+        self.state = DATA if size else TRAILER
 
     def _trailer_line(self, line: bytes) -> None:
         if not line:

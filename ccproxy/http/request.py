@@ -1,18 +1,18 @@
 """One request on a HardenedChannel, and the response to it, without twisted.web's Request.
 
-The channel reads and checks a request whole, then makes a `ProxyRequest` and hands it to the site's
-resource. The request keeps the parts of twisted.web's `Request` interface that ccproxy uses
-(`requestHeaders`, `setResponseCode`, `write`, `finish`, `notifyFinish`, `registerProducer`, ...), so
-a resource reads as it would for twisted.web; but the head is parsed once, and a response head goes
-out in the same write as the first body bytes.
+The channel reads and checks a request head, then makes a `ProxyRequest` and hands it to the site's
+resource, which decides from the head alone whether to go on: only then does it ask for the body
+(`read_body`), so a refused request is answered before its body is read. The request keeps the
+parts of twisted.web's `Request` interface that ccproxy uses (`requestHeaders`, `setResponseCode`,
+`write`, `finish`, `notifyFinish`, `registerProducer`, ...), so a resource reads as it would for
+twisted.web; but the head is parsed once, and a response head goes out in the same write as the
+first body bytes.
 """
 
 from __future__ import annotations
 
-import time
 from email.utils import formatdate
-from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -22,9 +22,13 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
+from ccproxy.deadline import Deadline
 from ccproxy.http.http1 import valid_field, valid_reason, valid_written_head
 from ccproxy.http.sockets import queued_bytes
 from ccproxy.network.addresses import client_from_forwarded
+
+if TYPE_CHECKING:
+    from ccproxy.context import RequestContext
 
 log = Logger()
 
@@ -38,8 +42,8 @@ class _Date:
     value = b""
 
     @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
+    def at(cls, seconds: float) -> bytes:
+        second = int(seconds)
         if second != cls.second:
             cls.second, cls.value = second, formatdate(second, usegmt=True).encode()
         return cls.value
@@ -48,26 +52,27 @@ class _Date:
 class ProxyRequest:
     """One request read whole by the channel, and the response to it."""
 
-    # Set while the request is handled: its id, the layers' context, and whether limits counted it.
-    ccproxy_request_id = "-"
-    ccproxy_ctx: Any = None
-    ccproxy_limits_checked = False
+    # Set while the request is handled: its id, and the layers' context (None for /health).
+    request_id = "-"
+    ctx: RequestContext | None = None
 
-    def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, body: bytes,
-                 started: float) -> None:
+    def __init__(self, channel: Any, method: bytes, uri: bytes, headers: Headers, started: float,
+                 body: bytes | None = b"") -> None:
         self.channel = channel
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
         self.requestHeaders = headers
         self.responseHeaders = Headers()
-        self.content = BytesIO(body)
+        # None until the channel has read the body: it reads it only once `read_body` asks.
+        self._body = body
+        self._body_waiter: defer.Deferred[bytes] | None = None
         self.code = 200
         self.code_message = b"OK"
         self.startedWriting = False
         self.finished = False
         self._disconnected = False
-        self.ccproxy_started = started
+        self.started = started
         self._chunked = False
         self._no_body = method == b"HEAD"
         self._producer: SendWatch | None = None
@@ -75,6 +80,47 @@ class ProxyRequest:
         self._client: IAddress | None = None
 
     # -- what the resource reads
+
+    def body_now(self) -> bytes | None:
+        """Ask for the body, and return it if it is whole at once (most bodies come with their
+        head); None if the rest is still to come (then `read_body`). Raises ApiError like it."""
+        if self._body is None and not self._disconnected:
+            self.channel.want_body(self)
+        return self._body
+
+    def read_body(self) -> defer.Deferred[bytes]:
+        """The body, read now if it was not yet (and `100 Continue` sent if the client waits for it).
+
+        Fails with ApiError when the body cannot be taken in (the process's buffer budget is
+        spent), and with CancelledError when the client goes or its body is refused on the way.
+        """
+        if self._body is not None:
+            return defer.succeed(self._body)
+        if self._disconnected:
+            return defer.fail(defer.CancelledError("client went away"))
+        if self._body_waiter is None:
+            self._body_waiter = defer.Deferred()
+            waiter = self._body_waiter
+            try:
+                self.channel.want_body(self)
+            except Exception:
+                self._body_waiter = None
+                return defer.fail()
+            return waiter
+        return self._body_waiter
+
+    def body_arrived(self, body: bytes) -> None:
+        """The channel has the whole body."""
+        self._body = body
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None:
+            waiter.callback(body)
+
+    def body_failed(self, error: Exception) -> None:
+        """The channel cannot take the body in (`error` says why, to be answered)."""
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None:
+            waiter.errback(Failure(error))
 
     def isSecure(self) -> bool:
         return bool(self.channel.secure)
@@ -124,6 +170,7 @@ class ProxyRequest:
             return
         if not self.startedWriting:
             self.startedWriting = True
+            self.channel.answering(self)
             head = self._head()
             if data and not self._no_body:
                 head += self._framed(data)
@@ -145,7 +192,7 @@ class ProxyRequest:
                 headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
             # Otherwise (HTTP/1.0) the end of the body is the end of the connection.
         if not headers.hasHeader(b"date"):
-            headers.setRawHeaders(b"date", [_Date.now()])
+            headers.setRawHeaders(b"date", [_Date.at(self.channel.site.clock.seconds())])
         if not self.channel.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
@@ -187,8 +234,8 @@ class ProxyRequest:
         self.finished = True
         if self._producer is not None:
             self.unregisterProducer()
-        self.channel.site.log(self)
-        self.ccproxy_ctx = None  # the context points back here: without this, every request is a cycle for the GC
+        self.channel.site.completed(self)
+        self.ctx = None  # the context points back here: without this, every request is a cycle for the GC
         self.channel.requestDone(self)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -222,7 +269,10 @@ class ProxyRequest:
     def connectionLost(self, reason: Failure) -> None:
         """The client connection closed before the response was finished."""
         self._disconnected = True
-        self.ccproxy_ctx = None
+        self.ctx = None
+        body, self._body_waiter = self._body_waiter, None
+        if body is not None:
+            body.errback(Failure(defer.CancelledError("client went away")))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(reason)
@@ -240,15 +290,15 @@ class SendWatch:
     def __init__(self, producer: Any, channel: Any) -> None:
         self.producer = producer
         self.channel = channel
-        self.timer: Any = None
+        self.deadline = Deadline(channel.site.clock, self._expired)
         self.queued: int | None = None
 
     def pauseProducing(self) -> None:
         self.producer.pauseProducing()
         timeout = self.channel.config.ddos.send_timeout
-        if timeout is not None and self.timer is None:
+        if timeout is not None and not self.deadline.armed:
             self.queued = queued_bytes(self.channel.transport)
-            self.timer = self.channel.callLater(timeout, self._expired)
+            self.deadline.arm(timeout)
 
     def resumeProducing(self) -> None:
         self.cancel()
@@ -259,16 +309,13 @@ class SendWatch:
         self.producer.stopProducing()
 
     def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.deadline.cancel()
 
     def _expired(self) -> None:
-        self.timer = None
         queued = queued_bytes(self.channel.transport)
         if queued is not None and self.queued is not None and queued < self.queued:
             # Some was taken since: slow, not stalled.
             self.queued = queued
-            self.timer = self.channel.callLater(self.channel.config.ddos.send_timeout, self._expired)
+            self.deadline.arm(self.channel.config.ddos.send_timeout)
             return
         self.channel.send_stalled()

@@ -17,7 +17,7 @@ def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
     if limits.enabled and limits.per_key and not getattr(config.auth, "enabled", False):
         _log.warn("security.rate_limiting.per_key is set but security.auth is off: without a key, "
                   "per-key limits and daily quotas apply to nobody")
-    return build(limits, deps, previous)
+    return build(limits, deps, previous, config.network.ddos.ipv6_prefix)
 
 
 _log = Logger()

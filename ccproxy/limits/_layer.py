@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from ccproxy import events
 from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
@@ -17,6 +16,7 @@ from ccproxy.limits._headers import rate_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
 from ccproxy.limits._redis import RedisStore, RedisUnavailable
+from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
@@ -151,8 +151,10 @@ class Limiter:
 
 
 class LimitsLayer(Layer):
-    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any) -> None:
+    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any, ipv6_prefix: int = 64) -> None:
         self.config = config
+        # An IPv6 client is limited and blocked by its network of this length (its own /64, by default).
+        self.ipv6_prefix = ipv6_prefix
         self.planner = Planner(config)
         self.limiter = limiter
         self.clock = deps.reactor
@@ -160,16 +162,16 @@ class LimitsLayer(Layer):
 
     def idle(self) -> frozenset[str]:
         if self.limiter is None:
-            return frozenset({"check", "decorate"})
-        return frozenset() if self.config.auto_block.enabled else frozenset({"decorate"})
+            return frozenset({"check", "completed"})
+        return frozenset() if self.config.auto_block.enabled else frozenset({"completed"})
 
     async def check(self, ctx: RequestContext) -> None:
         if self.limiter is None:
             return
         # Marks the request as counted here, so `decorate` counts only those refused earlier.
-        ctx.request.ccproxy_limits_checked = True
+        ctx.limits_checked = True
         now = self.clock.seconds()
-        ip = ctx.client_ip
+        ip = client_key(ctx.client_ip, self.ipv6_prefix)
         if self.blocklist.is_blocked(ip, now):
             raise self._blocked(ctx, now)
         limits, probe = self.planner.plan(ip, ctx.identity, now)
@@ -192,18 +194,18 @@ class LimitsLayer(Layer):
         retry = whole_seconds(decision.retry_after)
         events.emit(
             "rate_limit_exceeded", "warning",
-            request_id=ctx.request_id, ip_address=ip,
+            request_id=ctx.request_id, ip_address=ctx.client_ip,
             api_key_id=ctx.identity.key_id if ctx.identity else None,
             user_id=ctx.identity.user_id if ctx.identity else None,
             limit=decision.limit.name, retry_after=retry,
-            method=ctx.request.method.decode("latin-1"), path=ctx.request.path.decode("latin-1")[:200],
+            method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1")[:200],
         )
         raise ApiError(429, f"rate limit exceeded ({decision.limit.name}); retry after {retry} s",
                        headers=headers)
 
     def _blocked(self, ctx: RequestContext, now: float) -> ApiError:
         assert self.limiter is not None
-        until = self.limiter.blocks.get(ctx.client_ip, now + 1.0)
+        until = self.limiter.blocks.get(client_key(ctx.client_ip, self.ipv6_prefix), now + 1.0)
         events.emit("rate_limit_exceeded", "warning", request_id=ctx.request_id, ip_address=ctx.client_ip,
                     limit="auto_block", retry_after=whole_seconds(until - now))
         return ApiError(429, "too many requests from this address: it is blocked for a while",
@@ -216,16 +218,17 @@ class LimitsLayer(Layer):
         if policy == FAIL_CLOSED:
             raise ApiError(503, "rate limiting is unavailable; try again shortly", headers={"retry-after": "1"})
 
-    def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
+    def completed(self, ctx: RequestContext | None, request: Request, status: int) -> None:
         """Requests refused before this layer (bad keys, unknown paths) still count towards
         auto-blocking: a flood of them is what auto_block is for."""
         if self.limiter is None or not self.config.auto_block.enabled:
             return
-        if getattr(request, "ccproxy_limits_checked", False):
+        if ctx is not None and ctx.limits_checked:
             return
         if ctx is None and request.path in _HEALTH:
             return
         ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
+        ip = client_key(ip, self.ipv6_prefix)
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 
@@ -248,18 +251,18 @@ class LimitsLayer(Layer):
         return self.limiter.stop() if self.limiter is not None else None
 
 
-def build(config: LimitsConfig, deps: Any, previous: Layer | None) -> LimitsLayer:
+def build(config: LimitsConfig, deps: Any, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
     old = previous.limiter if isinstance(previous, LimitsLayer) else None
     if not config.active:
         if old is not None:
             old.stop()
-        return LimitsLayer(config, None, deps)
+        return LimitsLayer(config, None, deps, ipv6_prefix)
     if old is not None and old.compatible(config.state):
         old.adopt(config.state)
-        return LimitsLayer(config, old, deps)
+        return LimitsLayer(config, old, deps, ipv6_prefix)
     limiter = Limiter(config.state, deps)
     if old is not None:
         limiter.blocks.update(old.blocks)
         limiter.own_blocks.update(old.own_blocks)
         old.stop()
-    return LimitsLayer(config, limiter, deps)
+    return LimitsLayer(config, limiter, deps, ipv6_prefix)

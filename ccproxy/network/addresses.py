@@ -33,6 +33,19 @@ def canonical(text: str) -> str:
     return text if addr is None else str(addr)
 
 
+@functools.lru_cache(maxsize=4096)
+def client_key(host: str, ipv6_prefix: int = 64) -> str:
+    """Whom per-client caps, limits and blocks count: an IPv4 address itself, an IPv6 address by its
+    `/ipv6_prefix` network (`2001:db8::/64`). One IPv6 client normally holds a whole /64, so keying
+    on the full address would give it 2**64 fresh identities; `host` is a `canonical` spelling."""
+    if ":" not in host or ipv6_prefix >= 128:
+        return host
+    addr = parse_ip(host)
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return host
+    return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+
+
 class NetworkSet:
     """A set of CIDR ranges, split by family so a lookup only scans ranges that can match."""
 

@@ -20,7 +20,7 @@ from ccproxy import events
 from ccproxy._compat import HAProxyWrappingFactory
 from ccproxy.config.network import NetworkConfig
 from ccproxy.http.sockets import no_delay, send_now
-from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip
+from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, client_key, parse_ip
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
@@ -52,6 +52,8 @@ class Gate(WrappingFactory):
         self.holder = holder
         self.clock = clock
         self.total = 0
+        # Connections closed since start (the service hands their memory back after a burst).
+        self.closed_count = 0
         self.per_ip: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.policies = _Policies()
@@ -76,11 +78,12 @@ class Gate(WrappingFactory):
         inner = (self.proxied if config.proxy_protocol else self.wrappedFactory).buildProtocol(addr)
         if inner is None:
             return None
-        wrapper = _Counted(self, inner, host, count_ip=not config.proxy_protocol)
+        wrapper = _Counted(self, inner, client_key(host, config.ddos.ipv6_prefix), count_ip=not config.proxy_protocol)
         return wrapper
 
     def refusal(self, config: NetworkConfig, host: str, *, per_ip: bool = True, total: bool = True) -> str | None:
-        if self.holder.current.deps.blocklist.is_blocked(host, self.clock.seconds()):
+        key = client_key(host, config.ddos.ipv6_prefix)
+        if self.holder.current.deps.blocklist.is_blocked(key, self.clock.seconds()):
             return "ip_auto_blocked"
         reason = self.policies.update(config).access.refusal(parse_ip(host))
         if reason is not None:
@@ -88,7 +91,7 @@ class Gate(WrappingFactory):
         caps = config.ddos
         if total and caps.max_connections is not None and self.total >= caps.max_connections:
             return "too_many_connections"
-        if per_ip and caps.max_connections_per_ip is not None and self.per_ip[host] >= caps.max_connections_per_ip:
+        if per_ip and caps.max_connections_per_ip is not None and self.per_ip[key] >= caps.max_connections_per_ip:
             return "too_many_connections_per_ip"
         return None
 
@@ -119,6 +122,7 @@ class Gate(WrappingFactory):
 
     def closed(self, host: str | None) -> None:
         self.total -= 1
+        self.closed_count += 1
         if host is not None:
             self.per_ip[host] -= 1
             if self.per_ip[host] <= 0:
@@ -198,8 +202,8 @@ class _ProxiedCheck(ProtocolWrapper):
                 self.gate.refuse(reason, host, config)
                 self.transport.abortConnection()  # type: ignore[attr-defined]
                 return
-            self.host = host
-            self.gate.per_ip[host] += 1
+            self.host = client_key(host, config.ddos.ipv6_prefix)
+            self.gate.per_ip[self.host] += 1
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:

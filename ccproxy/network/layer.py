@@ -13,7 +13,7 @@ from ccproxy.config import Config
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
-from ccproxy.network.addresses import AccessPolicy, parse_ip
+from ccproxy.network.addresses import AccessPolicy, client_key, parse_ip
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
@@ -36,6 +36,7 @@ class NetworkLayer(Layer):
         self.access = AccessPolicy(config.whitelist, config.blacklist)
         self.deps = deps
         self.trusted_proxies = bool(config.trusted_proxies)
+        self.ipv6_prefix = config.ddos.ipv6_prefix
 
     def idle(self) -> frozenset[str]:
         steps = set()
@@ -50,7 +51,7 @@ class NetworkLayer(Layer):
             return  # the gate has already judged this address
         reason = self.access.refusal(parse_ip(ctx.client_ip))
         if reason is None and self.deps is not None:
-            if self.deps.blocklist.is_blocked(ctx.client_ip, self.deps.reactor.seconds()):
+            if self.deps.blocklist.is_blocked(client_key(ctx.client_ip, self.ipv6_prefix), self.deps.reactor.seconds()):
                 reason = "ip_auto_blocked"
         if reason is not None:
             events.emit("connection_refused", "warning", reason=reason, ip_address=ctx.client_ip,

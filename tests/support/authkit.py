@@ -40,7 +40,8 @@ def context(headers: dict[str, str] | None = None, client_ip: str = "127.0.0.1",
         request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
     upstreams = (cfg or config({"enabled": False})).upstreams
     return RequestContext(request=request, request_id="req_test", route=route(path, upstreams),
-                          client_ip=client_ip, started=0.0, body=b"{}")
+                          client_ip=client_ip, started=0.0, body=b"{}", method=b"POST", path=path,
+                          headers=request.requestHeaders)
 
 
 def run(layer: Layer, ctx: RequestContext) -> Any:

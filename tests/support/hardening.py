@@ -11,6 +11,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ccproxy.config.network import DDoSConfig, NetworkConfig
+from ccproxy.errors import ANTHROPIC, ApiError, error_body
 from ccproxy.site import ProxySite
 
 
@@ -25,14 +26,25 @@ class Recorder(Resource):
         self.hold = hold
         self.open: list[Request] = []
 
-    def render(self, request: Request) -> Any:
-        request.content.seek(0)
-        body = request.content.read()
+    def render(self, request: Any) -> Any:
+        request.read_body().addCallbacks(lambda body: self.answer(request, body), self.refused, errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    def refused(self, failure: Any, request: Any) -> None:
+        # The body could not be taken in: an ApiError is answered in the API's shape, as ccproxy does.
+        if failure.check(ApiError):
+            error = failure.value
+            request.setResponseCode(error.status)
+            for name, value in error.headers.items():
+                request.setHeader(name.encode(), value.encode())
+            request.respond(error_body(ANTHROPIC, error))
+
+    def answer(self, request: Any, body: bytes) -> None:
         self.seen.append((request.method, request.uri, body))
         if self.hold:
             self.open.append(request)
-            return NOT_DONE_YET
-        return b"ok %d" % len(body)
+            return
+        request.respond(b"ok %d" % len(body))
 
 
 class Conn:

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -49,10 +50,15 @@ class Body(Protocol):
 
 
 class _Site:
+    clock = Clock()
+
     def trusted(self) -> None:
         return None
 
     def log(self, request: Any) -> None:
+        pass
+
+    def completed(self, request: Any) -> None:
         pass
 
 
@@ -68,4 +74,7 @@ class FakeChannel:
         self.site = _Site()
 
     def requestDone(self, request: Any) -> None:
+        pass
+
+    def answering(self, request: Any) -> None:
         pass
