@@ -89,7 +89,7 @@ async def drain(site: Any, clock: IReactorTime, timeout: float,
 def _record_cut(site: Any, channel: Any, request: Any, timeout: float) -> None:
     path = request.path[:200].decode("latin-1")
     events.emit("request_timeout", "warning", reason="drain_timeout", limit=timeout,
-                request_id=request.ccproxy_request_id, method=request.method.decode("latin-1"), path=path,
+                request_id=request.request_id, method=request.method.decode("latin-1"), path=path,
                 ip_address=channel.peer_host())
     try:
         site.log(request)

@@ -158,7 +158,7 @@ def test_a_receiver_that_goes_away_and_comes_back_gets_everything_in_order(
     rsyslog.stop()
     rsyslog.hold_port()
     # Records sent before the daemon sees the connection go would be lost with it: wait until it has.
-    lost = f"audit syslog tcp 127.0.0.1:{rsyslog.tcp_port}: connection lost"
+    lost = f"audit syslog tcp 127.0.0.1:{rsyslog.tcp_port}: receiver unreachable"
     wait_until(lambda: lost in d.log(), what="the daemon to see the receiver gone")
     _reloads(d, 4)  # the memory queue takes two; the rest (and any resent in flight) go to the spool
     spool = tmp_path / "spool-ccp-tcp"

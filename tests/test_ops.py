@@ -89,7 +89,7 @@ class Held:
 
     def render(self, request: ProxyRequest) -> Any:
         self.requests.append(request)
-        request.ccproxy_request_id = f"req_{len(self.requests)}"
+        request.request_id = f"req_{len(self.requests)}"
         return NOT_DONE_YET
 
 
