@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ccproxy.auth.keygen import add_parser as add_keys_parser
 
     add_keys_parser(sub)
+    from ccproxy.admin.cli import add_parser as add_security_parser
+
+    add_security_parser(sub)
     return parser
 
 

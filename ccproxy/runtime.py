@@ -28,6 +28,9 @@ class Deps:
 
     reactor: Any
     blocklist: BlockList
+    # ccproxy.admin.state.IncidentState: operator blocks and the emergency switch (None in tests
+    # that build a runtime alone).
+    incident: Any = None
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -37,8 +40,9 @@ LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 def layer_factories() -> Sequence[LayerFactory]:
     """The policy layers, in the order a request meets them."""
     from ccproxy import auth, content, limits, network
+    from ccproxy.admin import emergency
 
-    return (network.build_layer, auth.build_layer, limits.build_layer, content.build_layer)
+    return (network.build_layer, auth.build_layer, emergency.build_layer, limits.build_layer, content.build_layer)
 
 
 @attrs.define

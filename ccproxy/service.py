@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from ccproxy import audit, events, network
+from ccproxy import admin, audit, events, network
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
@@ -23,18 +23,22 @@ from ccproxy.tls import ReloadableTLS, certificate_options
 log = Logger()
 
 # Settings a reload cannot change in place: a new listening socket would be needed.
-_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled")
+_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled", "admin.socket", "admin.state_dir",
+                 "admin.metrics.enabled", "admin.metrics.host", "admin.metrics.port")
 
 
 class ProxyService(Service):
     def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
         self.config_path = config_path
         self.reactor = reactor
-        self.deps = Deps(reactor=reactor, blocklist=BlockList())
+        blocklist = BlockList()
+        incident = admin.IncidentState(config.admin.state_dir, blocklist, reactor)
+        self.deps = Deps(reactor=reactor, blocklist=blocklist, incident=incident)
         self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
+        self.admin: Any = None
 
     @property
     def config(self) -> Config:
@@ -59,6 +63,7 @@ class ProxyService(Service):
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
         log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
+        self.admin = admin.start(self.holder, self.deps, self.reactor, self.config_path, factory)
         self.holder.ready = True
         settle_heap()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
@@ -90,6 +95,8 @@ class ProxyService(Service):
         waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
         if self.audit is not None:
             waits.append(defer.maybeDeferred(self.audit.stop))
+        if self.admin is not None:
+            waits.append(self.admin.stop())
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
         return defer.DeferredList(waits, consumeErrors=True)

@@ -15,6 +15,7 @@ import attrs
 import yaml
 
 from ccproxy.config._reader import ConfigError, Section, expand_env
+from ccproxy.config.admin import AdminConfig, EmergencyConfig
 from ccproxy.config.audit import AuditConfig
 from ccproxy.config.auth import AuthConfig
 from ccproxy.config.content import ContentConfig
@@ -35,6 +36,8 @@ class Config:
     limits: LimitsConfig
     content: ContentConfig
     audit: AuditConfig
+    admin: AdminConfig = attrs.field(factory=AdminConfig)
+    emergency: EmergencyConfig = attrs.field(factory=EmergencyConfig)
 
     def effective(self) -> dict[str, Any]:
         """The parsed config as plain data, every secret masked."""
@@ -57,7 +60,11 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError("", f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
+    config = parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
+    # Keys rotated with `ccproxy security rotate-key` (docs/incident-response.md).
+    from ccproxy.admin.keys import with_overlay
+
+    return with_overlay(config)
 
 
 class _DuplicateKey(Exception):
@@ -101,6 +108,8 @@ def _build(root: Section) -> Config:
         limits=LimitsConfig.parse(root),
         content=ContentConfig.parse(root),
         audit=AuditConfig.parse(root),
+        admin=AdminConfig.parse(root),
+        emergency=EmergencyConfig.parse(root),
     )
 
 

@@ -31,6 +31,10 @@ KNOWN_EVENTS = (
     "response_masked",
     "upstream_error",
     "audit_records_lost",
+    "ip_blocked",
+    "emergency_mode",
+    "admin_command",
+    "security_alert",
 )
 
 FACILITIES = {

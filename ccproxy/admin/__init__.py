@@ -1,0 +1,64 @@
+"""The operator's side of the daemon: the admin socket (`ccproxy security ...`), the incident
+state it keeps (blocks, emergency mode, rotated keys) and the metrics listener.
+
+See docs/incident-response.md. `start` is called once by the service, after the public listener.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ccproxy.admin.server import Admin, listen
+from ccproxy.admin.state import IncidentState
+from ccproxy.config import Config
+
+log = Logger()
+
+__all__ = ["AdminRunning", "IncidentState", "start"]
+
+
+class AdminRunning:
+    """What `start` set up; `stop` undoes it."""
+
+    def __init__(self, incident: IncidentState) -> None:
+        self.incident = incident
+        self.ports: list[Any] = []
+        self.admin: Admin | None = None
+
+    def stop(self) -> defer.Deferred[Any]:
+        self.incident.stop()
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports], consumeErrors=True)
+
+
+def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any) -> AdminRunning:
+    incident: IncidentState = deps.incident
+    config: Config = holder.current.config
+    incident.load()
+    incident.start()
+    incident.on_emergency.append(
+        lambda: gate.close_all() if holder.current.config.emergency.close_connections else None
+    )
+    running = AdminRunning(incident)
+
+    def rebuild(new: Config) -> None:
+        from ccproxy.runtime import build
+
+        holder.current = build(new, deps, holder.current.forwarder, holder.current)
+
+    running.admin = Admin(holder, deps, incident, reactor, config_path, gate=gate, rebuild=rebuild)
+    if config.admin.socket is not None:
+        try:
+            running.ports.append(listen(reactor, config.admin.socket, running.admin))
+        except OSError as e:
+            # The proxy serves on; only the operator's commands are unavailable.
+            log.warn("admin socket {path} unavailable: {error}; `ccproxy security` commands will not "
+                      "reach this daemon", path=config.admin.socket, error=str(e))
+        else:
+            log.info("admin socket listening on {path}", path=config.admin.socket)
+    if incident.emergency:
+        log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
+                 since=incident.emergency_since)
+    return running
