@@ -63,7 +63,7 @@ class ProxyService(Service):
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
         log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
-        self.admin = admin.start(self.holder, self.deps, self.reactor, self.config_path, factory)
+        self.admin = admin.start(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
         self.holder.ready = True
         settle_heap()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))

@@ -11,9 +11,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ccproxy import events, relay
 from ccproxy.admin.server import Admin, listen
 from ccproxy.admin.state import IncidentState
 from ccproxy.config import Config
+from ccproxy.metrics import Metrics, MetricsResource, Sources
 
 log = Logger()
 
@@ -27,13 +29,18 @@ class AdminRunning:
         self.incident = incident
         self.ports: list[Any] = []
         self.admin: Admin | None = None
+        self.metrics: Metrics | None = None
 
     def stop(self) -> defer.Deferred[Any]:
         self.incident.stop()
+        if self.metrics is not None:
+            events.remove_observer(self.metrics.observe)
+            relay.stream_events = None
         return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports], consumeErrors=True)
 
 
-def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any) -> AdminRunning:
+def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, site: Any = None,
+          audit: Any = None) -> AdminRunning:
     incident: IncidentState = deps.incident
     config: Config = holder.current.config
     incident.load()
@@ -58,7 +65,42 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any) -> 
                       "reach this daemon", path=config.admin.socket, error=str(e))
         else:
             log.info("admin socket listening on {path}", path=config.admin.socket)
+    if config.admin.metrics.enabled:
+        running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit)
     if incident.emergency:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                  since=incident.emergency_since)
     return running
+
+
+def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, gate: Any, site: Any,
+                   audit: Any) -> Metrics:
+    from twisted.web.server import Site
+
+    metrics = Metrics(Sources(holder, deps, gate, audit), clock=reactor.seconds)
+    events.add_observer(metrics.observe)
+    relay.stream_events = metrics.stream_data
+    if site is not None:
+        answered = site.log
+
+        def log_and_count(request: Any) -> None:
+            answered(request)
+            metrics.request_done(request, reactor.seconds())
+
+        site.log = log_and_count
+    forwarder = holder.current.forwarder
+    forwarder.send = metrics.timed_send(forwarder.send)
+    listen_at = holder.current.config.admin.metrics
+    try:
+        scrapes = Site(MetricsResource(metrics))
+        scrapes.noisy = False
+        scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
+        port = reactor.listenTCP(listen_at.port, scrapes, interface=listen_at.host)
+    except Exception as e:
+        log.error("metrics listener {host}:{port} unavailable: {error}", host=listen_at.host,
+                  port=listen_at.port, error=str(e))
+    else:
+        running.ports.append(port)
+        address = port.getHost()
+        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+    return metrics
