@@ -41,8 +41,10 @@ def layer_factories() -> Sequence[LayerFactory]:
     """The policy layers, in the order a request meets them."""
     from ccproxy import auth, content, limits, network
     from ccproxy.admin import emergency
+    from ccproxy.monitoring import layer as detectors
 
-    return (network.build_layer, auth.build_layer, emergency.build_layer, limits.build_layer, content.build_layer)
+    return (network.build_layer, auth.build_layer, emergency.build_layer, detectors.build_layer, limits.build_layer,
+            content.build_layer)
 
 
 @attrs.define

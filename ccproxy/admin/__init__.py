@@ -16,6 +16,7 @@ from ccproxy.admin.server import Admin, listen
 from ccproxy.admin.state import IncidentState
 from ccproxy.config import Config
 from ccproxy.metrics import Metrics, MetricsResource, Sources
+from ccproxy.monitoring.service import Monitoring
 
 log = Logger()
 
@@ -30,13 +31,16 @@ class AdminRunning:
         self.ports: list[Any] = []
         self.admin: Admin | None = None
         self.metrics: Metrics | None = None
+        self.monitoring: Monitoring | None = None
 
     def stop(self) -> defer.Deferred[Any]:
         self.incident.stop()
+        waits = [defer.maybeDeferred(self.monitoring.stop)] if self.monitoring is not None else []
         if self.metrics is not None:
             events.remove_observer(self.metrics.observe)
             relay.stream_events = None
-        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports], consumeErrors=True)
+        waits += [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        return defer.DeferredList(waits, consumeErrors=True)
 
 
 def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, site: Any = None,
@@ -67,6 +71,11 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
             log.info("admin socket listening on {path}", path=config.admin.socket)
     if config.admin.metrics.enabled:
         running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit)
+    metrics = running.metrics
+    running.monitoring = Monitoring(
+        holder, deps, reactor,
+        on_given_up=(lambda name: metrics.alert_delivery_failures.labels(name).inc()) if metrics else None,
+    ).start()
     if incident.emergency:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                  since=incident.emergency_since)

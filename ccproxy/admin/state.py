@@ -27,6 +27,8 @@ log = Logger()
 STATE_FILE = "incident.json"
 # How often operator blocks that have run out are reported and dropped.
 TICK = 1.0
+# Blocks made by alert rules are written to the state file at most this long after they are made.
+SAVE_DELAY = 1.0
 
 
 def parse_target(text: str) -> Network:
@@ -72,6 +74,7 @@ class IncidentState:
         # Told when emergency mode is switched on (the listener closes open connections).
         self.on_emergency: list[Any] = []
         self._tick: task.LoopingCall | None = None
+        self._save_soon: Any = None
 
     # -- persistence
 
@@ -132,6 +135,24 @@ class IncidentState:
         events.emit("ip_blocked", "warning", ip_address=block.target, reason=reason, by=by,
                     until=block.until)
         return block
+
+    def block_by_rule(self, ip: str, duration: float, rule: str) -> None:
+        """A block an alert rule made: enforced at once, written to the state file within a second
+        (a flood of addresses must not become a flood of file writes)."""
+        now = self.clock.seconds()
+        block = Block(target_text(parse_target(ip)), now + duration, f"alert rule {rule}", f"rule {rule}", now)
+        self._apply(block)
+        events.emit("ip_blocked", "warning", ip_address=block.target, reason=block.reason, by=block.by,
+                    until=block.until)
+        if self._save_soon is None or not self._save_soon.active():
+            self._save_soon = self.clock.callLater(SAVE_DELAY, self._save_logged)
+
+    def _save_logged(self) -> None:
+        self._save_soon = None
+        try:
+            self.save()
+        except OSError as e:
+            log.error("could not write the incident state: {error}", error=str(e))
 
     def unblock(self, target: str, by: str) -> bool:
         network = parse_target(target)
@@ -201,6 +222,9 @@ class IncidentState:
         if self._tick is not None and self._tick.running:
             self._tick.stop()
         self._tick = None
+        if self._save_soon is not None and self._save_soon.active():
+            self._save_soon.cancel()
+            self._save_logged()
 
 
 def write_atomically(path: Path, text: str) -> None:

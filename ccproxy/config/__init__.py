@@ -20,6 +20,7 @@ from ccproxy.config.audit import AuditConfig
 from ccproxy.config.auth import AuthConfig
 from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
+from ccproxy.config.monitoring import MonitoringConfig
 from ccproxy.config.network import NetworkConfig
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
@@ -38,6 +39,7 @@ class Config:
     audit: AuditConfig
     admin: AdminConfig = attrs.field(factory=AdminConfig)
     emergency: EmergencyConfig = attrs.field(factory=EmergencyConfig)
+    monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
 
     def effective(self) -> dict[str, Any]:
         """The parsed config as plain data, every secret masked."""
@@ -98,7 +100,6 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
 
 
 def _build(root: Section) -> Config:
-    root.unbuilt("monitoring")
     root.section("privacy").unbuilt("hipaa")
     return Config(
         server=ServerConfig.parse(root.section("server")),
@@ -110,6 +111,7 @@ def _build(root: Section) -> Config:
         audit=AuditConfig.parse(root),
         admin=AdminConfig.parse(root),
         emergency=EmergencyConfig.parse(root),
+        monitoring=MonitoringConfig.parse(root),
     )
 
 

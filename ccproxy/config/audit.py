@@ -35,6 +35,7 @@ KNOWN_EVENTS = (
     "emergency_mode",
     "admin_command",
     "security_alert",
+    "suspicious_request",
 )
 
 FACILITIES = {
