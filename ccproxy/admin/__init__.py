@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ccproxy import events, relay
+from ccproxy.admin.refusals import HttpRefusals
 from ccproxy.admin.server import Admin, listen
 from ccproxy.admin.state import IncidentState
 from ccproxy.config import Config
@@ -32,9 +33,12 @@ class AdminRunning:
         self.admin: Admin | None = None
         self.metrics: Metrics | None = None
         self.monitoring: Monitoring | None = None
+        self.refusals: HttpRefusals | None = None
 
     def stop(self) -> defer.Deferred[Any]:
         self.incident.stop()
+        if self.refusals is not None:
+            events.remove_observer(self.refusals)
         waits = [defer.maybeDeferred(self.monitoring.stop)] if self.monitoring is not None else []
         if self.metrics is not None:
             events.remove_observer(self.metrics.observe)
@@ -53,6 +57,8 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         lambda: gate.close_all() if holder.current.config.emergency.close_connections else None
     )
     running = AdminRunning(incident)
+    running.refusals = HttpRefusals(holder)
+    events.add_observer(running.refusals)
 
     def rebuild(new: Config) -> None:
         from ccproxy.runtime import build

@@ -229,6 +229,14 @@ class LimitsLayer(Layer):
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 
+    def count_refusal(self, ip: str) -> None:
+        """A request the HTTP layer refused before any layer saw it (400, 408, 413, 431) counts
+        towards auto-blocking like any other: a flood of malformed requests is what it is for."""
+        if self.limiter is None or not self.config.auto_block.enabled:
+            return
+        d = defer.ensureDeferred(self._count_only(ip))
+        d.addErrback(lambda f: log.failure("auto-block count failed", f))
+
     async def _count_only(self, ip: str) -> None:
         assert self.limiter is not None
         now = self.clock.seconds()

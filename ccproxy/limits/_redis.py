@@ -33,7 +33,7 @@ _MARGIN_MS = 60_000
 # One call decides a batch of requests (those that arrived in the same reactor turn), each one
 # atomically and in order, as if each had its own call: one round trip and one script run for many.
 # ARGV[1]: the requests, separated by ';'. Each is space-separated: now, ip, probe(0|1), probe
-#          interval, probe depth, block duration, key margin (ms), then per limit: kind ('r'|'q'),
+#          threshold, probe window, block duration, key margin (ms), then per limit: kind ('r'|'q'),
 #          interval|count, depth|reset_at. (One string encodes far faster in txredisapi than many.)
 # KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit; last,
 #       the clock key (the latest time any request was decided at).
@@ -68,8 +68,12 @@ local function one(K, A)
     return '2 ' .. blocked
   end
   if A[3] == '1' then
-    local o = gcra(K[3], tonumber(A[4]), tonumber(A[5]), now)
-    if o[1] == 0 then
+    -- The address's latest times, at most threshold + 1: more than threshold in a window blocks.
+    local threshold, window = tonumber(A[4]), tonumber(A[5])
+    redis.call('RPUSH', K[3], f(now))
+    redis.call('LTRIM', K[3], -(threshold + 1), -1)
+    local oldest = tonumber(redis.call('LINDEX', K[3], 0))
+    if redis.call('LLEN', K[3]) > threshold and oldest > now - window then
       local until_ = now + tonumber(A[6])
       redis.call('SET', K[1], f(until_), 'PX', math.ceil(tonumber(A[6]) * 1000))
       redis.call('ZREMRANGEBYSCORE', K[2], '-inf', f(now))
@@ -80,7 +84,7 @@ local function one(K, A)
       redis.call('DEL', K[3])
       return '3 ' .. f(until_)
     end
-    redis.call('SET', K[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
+    redis.call('PEXPIRE', K[3], math.ceil(window * 1000) + margin)
   end
   local out = {1}
   local new = {}
@@ -194,7 +198,7 @@ class RedisStore:
         # Never empty and never with a space or ';': the arguments travel as one string.
         args: list[str] = [repr(now), "".join(ip.replace(";", "").split()) or "-"]
         if probe is not None:
-            args += ["1", repr(probe.rate.interval), repr(probe.rate.depth), repr(probe.duration)]
+            args += ["1", str(probe.rate.count), repr(probe.rate.period), repr(probe.duration)]
         else:
             args += ["0", "0", "0", "0"]
         args.append(str(_MARGIN_MS))

@@ -1,0 +1,62 @@
+"""Automatic blocking that holds: HTTP-layer refusals count, the threshold is exact, and a block
+closes the address's open connections."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import Daemon
+from tests.test_incident_e2e import BLOCKED_SOURCE, connect, post, status_from, wait_for
+
+
+def malformed(d: Daemon) -> bytes | str:
+    """One request with a broken head, on its own connection from BLOCKED_SOURCE."""
+    try:
+        with socket.create_connection((d.host, d.port), timeout=5, source_address=(BLOCKED_SOURCE, 0)) as s:
+            tls = d.ssl_context().wrap_socket(s, server_hostname="localhost")
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            out = b""
+            while chunk := tls.recv(65536):
+                out += chunk
+            return out[:12]
+    except (OSError, ssl.SSLError):
+        return "refused"
+
+
+def auto_block(threshold: int) -> dict[str, Any]:
+    return {"security": {"ip_blacklist": {"enabled": False, "auto_block": {
+        "enabled": True, "threshold": threshold, "duration": "1h"}}}}
+
+
+def test_malformed_requests_end_in_a_block(daemon: Any) -> None:
+    d = daemon(auto_block(20))
+    answers = [malformed(d) for _ in range(150)]
+    assert answers[:20] == [b"HTTP/1.1 400"] * 20
+    # The 21st in a minute blocks: it may still get its 400 (counted as it is refused), then nothing.
+    assert answers[21:] == ["refused"] * 129
+    assert status_from(d) == "refused"
+    assert "ip_auto_blocked ip_address=127.0.0.2" in d.log()
+    assert status_from(d, source="127.0.0.1") == 200
+
+
+def test_the_request_over_the_threshold_blocks_and_closes_open_connections(daemon: Any) -> None:
+    d = daemon(auto_block(10))
+    kept = connect(d)
+    assert post(kept)[0] == 200  # 1
+    flood = connect(d)
+    codes = [post(flood)[0] for _ in range(9)]  # 2..10
+    assert codes == [200] * 9
+    assert post(flood)[0] == 429  # the 11th in a minute: blocked
+    # The other kept-alive connection of that address is closed too, within a second or so.
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError, OSError)):
+        while True:
+            post(kept)
+            assert time.monotonic() - started < 3, "the blocked address's connection stayed open"
+    wait_for(lambda: status_from(d) == "refused", 1.0)
