@@ -62,6 +62,15 @@ def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+def assert_closed(conn: http.client.HTTPConnection, within: float = 3.0) -> None:
+    """The daemon closes `conn` (a blocked client's kept-alive connection) within `within` seconds."""
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError, OSError)):
+        while True:
+            post(conn)
+            assert time.monotonic() - started < within, "the blocked client's connection stayed open"
+
+
 def restart(d: Daemon) -> Daemon:
     d.stop()
     return d.start()
@@ -92,11 +101,7 @@ def test_block_by_command_closes_connections_survives_restart_and_unblocks(daemo
     assert done.returncode == 0, done.stderr
     assert f"blocked {BLOCKED_SOURCE} until" in done.stdout
     # The kept-alive connection is closed, and a new one is refused at accept, within a second.
-    started = time.monotonic()
-    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError, OSError)):
-        while True:
-            post(kept)
-            assert time.monotonic() - started < 3, "the blocked client's connection stayed open"
+    assert_closed(kept)
     wait_for(lambda: status_from(d) == "refused", 1.0)
     assert status_from(d, source="127.0.0.1") == 200  # others are served
     # A range too, and the list shows both with who made them.
