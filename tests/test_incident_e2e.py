@@ -4,6 +4,7 @@ its view of /ready."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -203,3 +204,35 @@ def test_rotated_key_works_at_once_old_one_refused_after_grace_across_restart(da
     assert "reason=expired_api_key" in log
     refused = security(d, "rotate-key", "--key-id", "nobody")
     assert refused.returncode == 1 and "no API key with id 'nobody'" in refused.stderr
+
+
+def test_blocks_by_command_reach_every_instance_sharing_redis(daemon: Any, tmp_path: Any) -> None:
+    from tests.support.redis import RedisServer
+
+    redis = RedisServer(tmp_path).start()
+    try:
+        state = {"backend": "redis", "redis": {"url": redis.url, "timeout": "2s"}}
+        config = {"security": {"ip_blacklist": {"enabled": False, "auto_block": {
+            "enabled": True, "threshold": 40, "duration": "1h"}}}, "state": state}
+        first, second = daemon(json.loads(json.dumps(config))), daemon(json.loads(json.dumps(config)))
+        assert security(first, "block-ip", "127.0.0.2/31").returncode == 0
+        wait_for(lambda: status_from(second) == "refused", 5.0)
+        assert security(second, "unblock-ip", "127.0.0.2/31").returncode == 0
+        wait_for(lambda: status_from(first) == 200 and status_from(second) == 200, 5.0)
+        # Lifted everywhere for good: the instance that made it no longer lists (or keeps) it.
+        assert security_json(first, "list-blocks")["blocks"] == []
+        # An automatic block lifted by command stays lifted (Redis forgets it too), on both.
+        # Both instances count the address's requests in Redis, the polls above included: over 40
+        # in a minute, the request that crosses blocks it (and the block closes this connection).
+        conn = connect(first)
+        with contextlib.suppress(ConnectionError, http.client.HTTPException, OSError):
+            for _ in range(41):
+                if post(conn)[0] == 429:
+                    break
+        conn.close()
+        wait_for(lambda: status_from(first) == "refused" and status_from(second) == "refused", 5.0)
+        assert security(first, "unblock-ip", BLOCKED_SOURCE).returncode == 0
+        wait_for(lambda: status_from(second) == 200, 5.0)
+        assert status_from(first) == 200
+    finally:
+        redis.stop()

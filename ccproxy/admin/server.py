@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import stat
@@ -25,7 +26,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from ccproxy import events
 from ccproxy.admin import keys as keyfile
-from ccproxy.admin.state import IncidentState
+from ccproxy.admin.state import IncidentState, parse_target, target_text
 from ccproxy.auth.keygen import new_key, sha256_hex
 from ccproxy.config import Config
 from ccproxy.config._reader import ConfigError, parse_duration
@@ -109,19 +110,18 @@ class Admin:
         duration = _duration(args.get("duration"))
         reason = str(args.get("reason") or "blocked by command")[:200]
         block = self.incident.block(target, duration, reason, by)
+        share(self.holder, block.target, math.inf if block.until is None else block.until)
         return block.as_dict()
 
     async def unblock_ip(self, args: dict[str, Any], by: str) -> dict[str, Any]:
-        target = _text(args, "target")
-        if not self.incident.unblock(target, by):
-            limiter = _limiter(self.holder.current)
-            if limiter is None or target not in getattr(limiter, "blocks", {}):
-                raise CommandError(f"{target} is not blocked")
+        target = target_text(parse_target(_text(args, "target")))
         limiter = _limiter(self.holder.current)
+        automatic = limiter is not None and target in limiter.blocks
+        if not self.incident.unblock(target, by) and not automatic:
+            raise CommandError(f"{target} is not blocked")
         if limiter is not None:
-            limiter.blocks.pop(target, None)
-            limiter.own_blocks.pop(target, None)
-        self.deps.blocklist.unblock(target)
+            limiter.lift(target)
+        share(self.holder, target, None)
         return {"target": target}
 
     async def list_blocks(self, args: dict[str, Any], by: str) -> dict[str, Any]:
@@ -166,6 +166,13 @@ class Admin:
         events.emit("api_key_rotation", "notice", api_key_id=key_id, by=by, replaced=[key_id],
                     grace_until=rotation.grace_until, overlay=str(path))
         return {"key_id": key_id, "key": key, "grace_until": rotation.grace_until, "overlay": str(path)}
+
+
+def share(holder: Any, target: str, until: float | None) -> None:
+    """Publish a block (or, `until` None, its lifting) to the instances sharing Redis, if any."""
+    limiter = _limiter(holder.current)
+    if limiter is not None:
+        limiter.share(target, until)
 
 
 def _limiter(runtime: Any) -> Any:

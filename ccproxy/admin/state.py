@@ -165,6 +165,15 @@ class IncidentState:
             events.emit("ip_unblocked", "notice", ip_address=text, reason="unblocked by command", by=by)
         return removed or known
 
+    def forget(self, target: str) -> None:
+        """Another instance lifted this block (through Redis): drop it here too, quietly (the
+        lifting instance reported it)."""
+        if self.blocks.pop(target, None) is not None:
+            try:
+                self.save()
+            except OSError as e:
+                log.error("could not write the incident state: {error}", error=str(e))
+
     def list(self) -> list[Block]:
         self.expire()
         return sorted(self.blocks.values(), key=lambda b: b.created)

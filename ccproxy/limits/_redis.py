@@ -26,6 +26,9 @@ PREFIX = "ccproxy:rl:"
 BLOCKS = PREFIX + "blocks"
 BLOCKS_MADE = BLOCKS + ":made"  # written by the script (a key it derives: see "Cluster" in the docs)
 CLOCK = PREFIX + "clock"
+# In the blocks-made feed, this end time means "lifted" (ccproxy security unblock-ip).
+LIFTED = 0.0
+_FOREVER = 10 * 365 * 86400.0
 # Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
 # than Redis's own.
 _MARGIN_MS = 60_000
@@ -280,6 +283,22 @@ class RedisStore:
             ip, _, until = _text(row).rpartition(" ")
             out.append((ip, float(until)))
         return out
+
+    async def share_block(self, target: str, until: float | None, now: float) -> None:
+        """Publish an operator's or an alert rule's block (an address or a range) to every
+        instance, as the script publishes automatic blocks; `until` None lifts any block of
+        `target`, automatic ones included. Polling instances apply both within a second."""
+        if until is None:
+            await self._query(self._pool and self._pool.delete(PREFIX + "block:" + target))
+            await self._query(self._pool and self._pool.zrem(BLOCKS, target))
+            await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {LIFTED}"))
+            return
+        until = min(until, now + _FOREVER)  # "until unblocked" is ten years to Redis
+        if "/" not in target:  # the script refuses a single address by itself
+            ms = max(1, int((until - now) * 1000))
+            await self._query(self._pool and self._pool.set(PREFIX + "block:" + target, repr(until), pexpire=ms))
+        await self._query(self._pool and self._pool.zadd(BLOCKS, until, target))
+        await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {until!r}"))
 
     async def _query(self, call: defer.Deferred[Any] | None) -> Any:
         if call is None:

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ccproxy import events
+from ccproxy.admin.server import share
 from ccproxy.config import Config
 from ccproxy.config.monitoring import WebhookOutput
 from ccproxy.monitoring.alerts import Alert, AlertEngine, report
@@ -56,6 +57,7 @@ class Monitoring:
                 duration = block.duration if block.enabled else DEFAULT_BLOCK
             try:
                 self.deps.incident.block_by_rule(alert.group, duration, rule.name)
+                share(self.holder, alert.group, self.reactor.seconds() + duration)
             except ValueError:
                 log.warn("alert rule {rule} cannot block {group}: not an IP address", rule=rule.name,
                          group=alert.group)
