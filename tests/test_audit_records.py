@@ -34,6 +34,11 @@ EVENT_FIELDS = {
     "response_masked": {"count": 2, "patterns": ["credit_card"]},
     "upstream_error": {"status": 502, "upstream": "anthropic", "reason": "connection refused"},
     "audit_records_lost": {"count": 3, "output": "syslog tcp 127.0.0.1:514"},
+    "ip_blocked": {"reason": "key guessing", "by": "uid=0 pid=42", "until": None},
+    "emergency_mode": {"enabled": True, "by": "uid=0 pid=42"},
+    "admin_command": {"command": "block-ip", "by": "uid=0 pid=42", "outcome": "done"},
+    "security_alert": {"rule": "brute_force", "group": "192.0.2.10", "count": 11, "window": 300.0},
+    "suspicious_request": {"detector": "sql_injection_attempt", "path": "/v1/messages"},
 }
 
 

@@ -19,7 +19,7 @@ from tests.support.daemon import Daemon, free_port
 from tests.support.upstream import FakeUpstream, Script, anthropic_stream
 from tests.test_incident_e2e import MESSAGE, connect, post, status_from
 
-KEY = "ccp_metrics-client-key-00000000000001"
+KEY = "ccp_metrics-client-key-000000000qzvkwx"
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
