@@ -51,7 +51,9 @@ def test_conditions(text: str, expected: Condition) -> None:
     ("auth_failures > 1000000 in 5m", "between 0 and 100000"),
     ("auth_failures >= 0 in 5m", "between 1 and 100000"),
     ("security_alert > 1 in 1m", "unknown event or detector 'security_alert'"),
-    ("xss_attempt", "unknown event or detector 'xss_attempt'"),
+    ("xss_attempt", "unknown event or detector 'xss_attempt' (short names and detectors: auth_failures,"),
+    ("auth_fialures > 1 in 1m", "unknown event or detector 'auth_fialures' (did you mean auth_failures?)"),
+    ("sql_injection > 1 in 1m", "(did you mean sql_injection_attempt?)"),
     ("Auth_Failures > 1 in 1m", "expected 'NAME > N in DURATION'"),
 ])
 def test_conditions_refused(text: str, message: str) -> None:

@@ -12,6 +12,7 @@ names in `SHORT_NAMES`, or a detector name (ccproxy.monitoring.detectors). Anyth
 
 from __future__ import annotations
 
+import difflib
 import re
 from urllib.parse import urlsplit
 
@@ -69,6 +70,10 @@ def parse_condition(text: str, path: str) -> Condition:
     detector = name if name in DETECTORS else None
     event = SUSPICIOUS if detector else SHORT_NAMES.get(name, name)
     if detector is None and (event not in KNOWN_EVENTS or event in _NOT_COUNTED):
+        countable = sorted({*SHORT_NAMES, *DETECTORS, *KNOWN_EVENTS} - _NOT_COUNTED)
+        hint = difflib.get_close_matches(name, countable, n=1, cutoff=0.75)
+        if hint:
+            raise ConfigError(path, f"unknown event or detector {name!r} (did you mean {hint[0]}?)")
         known = ", ".join(sorted({*SHORT_NAMES, *DETECTORS}))
         raise ConfigError(path, f"unknown event or detector {name!r} (short names and detectors: {known}; "
                                 f"or an audit event name)")
