@@ -52,3 +52,34 @@ def test_the_request_over_the_threshold_blocks_and_closes_open_connections(daemo
     # The other kept-alive connection of that address is closed too, within a second or so.
     assert_closed(kept)
     wait_for(lambda: status_from(d) == "refused", 1.0)
+
+
+def test_a_block_closes_connections_behind_a_proxy_protocol_balancer(daemon: Any) -> None:
+    from tests.support.admin import security
+    from tests.test_network_e2e import get, refused, tcp
+
+    d = daemon()
+    config = d.config
+    config["server"].update({"proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]})
+    assert "config reloaded" in d.reload(config)
+
+    def raw(client: str) -> socket.socket:
+        s = tcp(d)
+        s.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 {d.port}\r\n".encode())
+        return s
+
+    def via_balancer(client: str) -> ssl.SSLSocket:
+        return d.ssl_context().wrap_socket(raw(client), server_hostname="localhost")
+
+    kept, other = via_balancer("203.0.113.8"), via_balancer("203.0.113.9")
+    assert get(kept).startswith(b"HTTP/1.1 200") and get(other).startswith(b"HTTP/1.1 200")
+    assert security(d, "block-ip", "203.0.113.8").returncode == 0
+    kept.settimeout(3)
+    try:
+        assert kept.recv(1) == b""
+    except (ConnectionError, ssl.SSLError):
+        pass
+    assert get(other).startswith(b"HTTP/1.1 200")  # the balancer's other clients are served on
+    again = raw("203.0.113.8")
+    again.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello: refused before any TLS reply
+    assert refused(again)

@@ -61,7 +61,7 @@ class Gate(WrappingFactory):
         # is checked by a `_ProxiedCheck` before any byte reaches TLS.
         self.proxied = HAProxyWrappingFactory(_ProxiedCheckFactory(self, wrapped))
         # Open connections by peer, so that a block also closes the blocked client's connections.
-        self.open: dict[str, set[_Counted]] = {}
+        self.open: dict[str, set[_Counted | _ProxiedCheck]] = {}
         holder.current.deps.blocklist.listeners.append(self.close_blocked)
 
     def close_blocked(self, target: Any) -> None:
@@ -180,13 +180,7 @@ class _Counted(ProtocolWrapper):
         send_now(self.transport, data)
 
     def close_soon(self, clock: Any) -> None:
-        """Close after this reactor turn (a refusal being written goes out first), and cut the
-        connection a second later if the client does not read what is left."""
-        transport = self.transport
-        if transport is None:
-            return
-        clock.callLater(0, transport.loseConnection)
-        clock.callLater(CLOSE_GRACE, lambda: self.counted and transport.abortConnection())  # type: ignore[attr-defined]
+        _close_soon(self, clock)
 
     def writeSequence(self, data: Any) -> None:
         send_now(self.transport, b"".join(data))
@@ -196,6 +190,25 @@ class _Counted(ProtocolWrapper):
             self.counted = False
             self.gate.closed(self.host, self)
         super().connectionLost(reason)
+
+
+def _close_soon(conn: ProtocolWrapper, clock: Any) -> None:
+    """Close after this reactor turn (a refusal being written goes out first), and cut the
+    connection a second later if the client does not read what is left."""
+    transport: Any = conn.transport
+    if transport is None:
+        return
+    clock.callLater(0, transport.loseConnection)
+
+    def cut() -> None:
+        # Behind a PROXY header the transport is a wrapper: cut the socket beneath it.
+        t = transport
+        while t is not None and not hasattr(t, "abortConnection"):
+            t = getattr(t, "transport", None)
+        if t is not None and getattr(t, "connected", False):
+            t.abortConnection()
+
+    clock.callLater(CLOSE_GRACE, cut)
 
 
 class _ProxiedCheckFactory(WrappingFactory):
@@ -238,7 +251,11 @@ class _ProxiedCheck(ProtocolWrapper):
                 return
             self.host = host
             self.gate.per_ip[host] += 1
+            self.gate.open.setdefault(host, set()).add(self)
         super().dataReceived(data)
+
+    def close_soon(self, clock: Any) -> None:
+        _close_soon(self, clock)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.host is not None:
@@ -246,4 +263,9 @@ class _ProxiedCheck(ProtocolWrapper):
             self.gate.per_ip[host] -= 1
             if self.gate.per_ip[host] <= 0:
                 del self.gate.per_ip[host]
+            conns = self.gate.open.get(host)
+            if conns is not None:
+                conns.discard(self)
+                if not conns:
+                    del self.gate.open[host]
         super().connectionLost(reason)
