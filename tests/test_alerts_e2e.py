@@ -131,3 +131,21 @@ def test_detector_alerts_and_blocks_at_once(daemon: Any, receiver: WebhookReceiv
     assert status_from(d, key="sk-ant-client") == "refused"
     assert status_from(d, key="sk-ant-client", source="127.0.0.1") == 200
     assert "suspicious_request detector=sql_injection_attempt ip_address=127.0.0.2" in d.log()
+
+
+def test_rules_added_by_a_reload_apply_within_a_second(daemon: Any, receiver: WebhookReceiver) -> None:
+    d = daemon({"security": {"auth": auth_on()}})
+    config = d.config
+    config["monitoring"] = {"security_alerts": [{"name": "late", "condition": "auth_failures > 1 in 1m"}],
+                            "alert_outputs": [{"type": "webhook", "url": receiver.url + "/late"}]}
+    assert "config reloaded" in d.reload(config)
+    time.sleep(1.5)
+    assert fail_auth(d, 2) == [401, 401]
+    wait_for(lambda: len(receiver.posts) == 1)
+    assert receiver.posts[0][1]["rule"] == "late"
+    del config["monitoring"]
+    assert "config reloaded" in d.reload(config)
+    time.sleep(1.5)
+    assert fail_auth(d, 5, source="127.0.0.3") == [401] * 5
+    time.sleep(0.5)
+    assert len(receiver.posts) == 1  # no rules, no alerts (and no observer at all)

@@ -6,9 +6,10 @@ See docs/incident-response.md. `start` is called once by the service, after the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ccproxy import events, relay
@@ -24,6 +25,42 @@ log = Logger()
 __all__ = ["AdminRunning", "IncidentState", "start"]
 
 
+class Observers:
+    """Observers of the security events registered only while the live config needs them: each
+    one costs every event (an authentication_success per request) a copy. Checked at start and
+    then every second, so a reload that adds the first alert rule applies within a second."""
+
+    def __init__(self, holder: Any, reactor: Any,
+                 wanted: list[tuple[Callable[[Config], bool], events.Observer]]) -> None:
+        self.holder = holder
+        self.wanted = wanted
+        self.on: list[events.Observer] = []
+        self.seen: Config | None = None
+        self._loop = task.LoopingCall(self.sync)
+        self._loop.clock = reactor
+        self._loop.start(1.0, now=True).addErrback(lambda f: log.failure("event observers stopped", f))
+
+    def sync(self) -> None:
+        config = self.holder.current.config
+        if config is self.seen:
+            return
+        self.seen = config
+        for needed, observer in self.wanted:
+            if needed(config) and observer not in self.on:
+                events.add_observer(observer)
+                self.on.append(observer)
+            elif not needed(config) and observer in self.on:
+                events.remove_observer(observer)
+                self.on.remove(observer)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        for observer in self.on:
+            events.remove_observer(observer)
+        self.on = []
+
+
 class AdminRunning:
     """What `start` set up; `stop` undoes it."""
 
@@ -33,12 +70,12 @@ class AdminRunning:
         self.admin: Admin | None = None
         self.metrics: Metrics | None = None
         self.monitoring: Monitoring | None = None
-        self.refusals: HttpRefusals | None = None
+        self.observers: Observers | None = None
 
     def stop(self) -> defer.Deferred[Any]:
         self.incident.stop()
-        if self.refusals is not None:
-            events.remove_observer(self.refusals)
+        if self.observers is not None:
+            self.observers.stop()
         waits = [defer.maybeDeferred(self.monitoring.stop)] if self.monitoring is not None else []
         if self.metrics is not None:
             events.remove_observer(self.metrics.observe)
@@ -57,8 +94,6 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         lambda: gate.close_all() if holder.current.config.emergency.close_connections else None
     )
     running = AdminRunning(incident)
-    running.refusals = HttpRefusals(holder)
-    events.add_observer(running.refusals)
 
     def rebuild(new: Config) -> None:
         from ccproxy.runtime import build
@@ -81,7 +116,11 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
     running.monitoring = Monitoring(
         holder, deps, reactor,
         on_given_up=(lambda name: metrics.alert_delivery_failures.labels(name).inc()) if metrics else None,
-    ).start()
+    )
+    running.observers = Observers(holder, reactor, [
+        (lambda c: c.limits.auto_block.enabled, HttpRefusals(holder)),
+        (lambda c: bool(c.monitoring.rules), running.monitoring.engine.observe),
+    ])
     if incident.emergency:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                  since=incident.emergency_since)

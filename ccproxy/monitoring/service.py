@@ -8,7 +8,6 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from ccproxy import events
 from ccproxy.admin.server import share
 from ccproxy.config import Config
 from ccproxy.config.monitoring import WebhookOutput
@@ -20,6 +19,8 @@ DEFAULT_BLOCK = 3600.0
 
 
 class Monitoring:
+    """`engine.observe` is the events observer; the caller registers it while rules exist."""
+
     def __init__(self, holder: Any, deps: Any, reactor: Any, http: Any = None,
                  on_given_up: Callable[[str], None] | None = None) -> None:
         self.holder = holder
@@ -31,12 +32,8 @@ class Monitoring:
         self.engine = AlertEngine(lambda: self.holder.current.config.monitoring, reactor, self.act)
         self.webhooks: dict[tuple[int, WebhookOutput], Webhook] = {}
 
-    def start(self) -> Monitoring:
-        events.add_observer(self.engine.observe)
-        return self
-
     def stop(self) -> Any:
-        events.remove_observer(self.engine.observe)
+        """The engine's observer is registered by the caller (ccproxy.admin.Observers)."""
         for hook in self.webhooks.values():
             hook.stop()
         return self.pool.closeCachedConnections() if self.pool is not None else None
