@@ -33,6 +33,7 @@ _MAX_VALUES = 64
 _RATE_SCOPES = {
     "global_minute": "global", "global_hour": "global", "per_ip_minute": "ip", "per_ip_hour": "ip",
     "per_key_minute": "key", "key_rate_limit": "key", "daily_quota": "quota", "auto_block": "blocked",
+    "emergency_per_ip": "emergency",
 }
 _REFUSAL_EVENTS = {"invalid_request": "malformed", "request_too_large": "size", "request_timeout": "timeout"}
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

@@ -79,13 +79,19 @@ class EmergencyConfig:
     # Open connections are closed when emergency mode is switched on, so every client meets the
     # profile from its next request, not from its next connection.
     close_connections: bool = True
+    # A per-address limit of its own while on (on top of security.rate_limiting); None: none.
+    requests_per_minute_per_ip: int | None = 60
 
     @classmethod
     def parse(cls, root: Section) -> EmergencyConfig:
         section = root.section("security").section("emergency")
+        limit = section.raw("requests_per_minute_per_ip", 60)
         return cls(
             require_auth=section.boolean("require_auth", True),
             allowed_ips=section.items("allowed_ips", parse_network),
             allowed_keys=section.str_list("allowed_keys", ()),
             close_connections=section.boolean("close_connections", True),
+            # false: no limit of its own
+            requests_per_minute_per_ip=None if limit is False else section.integer(
+                "requests_per_minute_per_ip", 60, min=1, max=1_000_000),
         )
