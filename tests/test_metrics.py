@@ -115,3 +115,32 @@ def test_events_observer_sees_emitted_events() -> None:
     finally:
         events.remove_observer(m.observe)
     assert samples(m)[("ccproxy_auth_failures_total", (("reason", "expired_api_key"),))] == 1
+
+
+def test_streamed_events_are_counted_across_reads() -> None:
+    from twisted.internet import task
+
+    from ccproxy import relay
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    m = Metrics()
+    relay.stream_events = m.stream_data
+    try:
+        sink = Sink()
+        r = relay.Relay(sink, task.Clock(), 60.0, lambda length: None, "anthropic", sse=True)  # type: ignore[arg-type]
+        # Three events; the second's blank line is split between two reads, the third's too.
+        for piece in (b"event: a\ndata: {}\n\nevent: b\ndata: {}\n", b"\nevent: c\ndata: {}\n", b"\n"):
+            r.dataReceived(piece)
+        plain = relay.Relay(Sink(), task.Clock(), 60.0, lambda length: None, "openai", sse=False)  # type: ignore[arg-type]
+        plain.dataReceived(b"{}\n\n{}\n\n")
+    finally:
+        relay.stream_events = None
+    assert samples(m)[("ccproxy_stream_events_total", (("api", "anthropic"),))] == 3
+    assert ("ccproxy_stream_events_total", (("api", "openai"),)) not in samples(m)
+    assert sink.data.count(b"\n\n") == 3
