@@ -98,3 +98,14 @@ def test_rotate_key_refusals_and_the_new_runtime(tmp_path: Path) -> None:
     keys = a.holder.current.config.auth.keys
     assert [(k.id, k.expires) for k in keys] == [("k", clock.seconds() + 3600), ("k", None)]
     assert done["key"] not in (tmp_path / "rotated-keys.json").read_text()
+
+
+def test_a_client_that_sends_nothing_is_cut(tmp_path: Path) -> None:
+    a, clock = admin(tmp_path)
+    protocol = AdminProtocol(a)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting and transport.value() == b""

@@ -236,3 +236,53 @@ def test_blocks_by_command_reach_every_instance_sharing_redis(daemon: Any, tmp_p
         assert status_from(first) == 200
     finally:
         redis.stop()
+
+
+def _as_nobody(path: str) -> str:
+    """Connect to the admin socket from a child process running as `nobody`; what it got back."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec (the interpreter is already here), just drop to nobody
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            import socket as sockets
+
+            with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(path)
+                s.sendall(b'{"command": "status"}\n')
+                answer = s.recv(65536)
+            os.write(write, answer)
+        except OSError as e:
+            os.write(write, f"OSError {e.errno}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        return f.read().decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_only_root_and_the_daemon_user_are_served(daemon: Any) -> None:
+    import errno
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="ccproxy-admin-")  # outside pytest's private tmp: others can reach it
+    try:
+        os.chmod(where, 0o755)
+        d = daemon({"admin": {"socket": f"{where}/admin.sock"}})
+        # The socket's mode keeps other users out...
+        assert _as_nobody(f"{where}/admin.sock") == f"OSError {errno.EACCES}"
+        # ...and were it opened up, the daemon itself refuses them, naming who tried.
+        os.chmod(f"{where}/admin.sock", 0o666)
+        answer = json.loads(_as_nobody(f"{where}/admin.sock"))
+        assert answer == {"ok": False, "error": "not allowed: run as root or as the daemon's user"}
+        assert "admin_command command=- by=uid=65534 pid=" in d.log()
+        assert security(d, "status").returncode == 0  # root is served
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

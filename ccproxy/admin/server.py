@@ -35,6 +35,8 @@ from ccproxy.config.auth import API_KEY
 log = Logger()
 
 MAX_REQUEST = 64 * 1024
+# How long a client may take to send its request.
+REQUEST_TIMEOUT = 10.0
 VERSION = "0.1.0"
 
 
@@ -225,24 +227,29 @@ class AdminProtocol(LineOnlyReceiver):
     def __init__(self, admin: Admin) -> None:
         self.admin = admin
         self.busy = False
+        self.allowed = True
+        self.by = "unknown"
+        self.deadline: Any = None
 
     def connectionMade(self) -> None:
+        # A client that never sends its request must not hold the connection.
+        self.deadline = self.admin.reactor.callLater(REQUEST_TIMEOUT, self._too_slow)
         creds = peer_credentials(self.transport)
         if creds is None:
-            self.by = "unknown"
-            return
+            return  # no SO_PEERCRED here: the socket file's mode is the only guard
         pid, uid, _ = creds
         self.by = f"uid={uid} pid={pid}"
-        if uid not in (0, os.geteuid()):
-            self.busy = True
-            events.emit("admin_command", "warning", command="-", by=self.by, outcome="refused",
-                        reason="peer is neither root nor the daemon's user")
-            self._answer({"ok": False, "error": "not allowed: run as root or as the daemon's user"})
+        self.allowed = uid in (0, os.geteuid())
 
     def lineReceived(self, line: bytes) -> None:
         if self.busy:
             return
         self.busy = True
+        if not self.allowed:
+            events.emit("admin_command", "warning", command="-", by=self.by, outcome="refused",
+                        reason="peer is neither root nor the daemon's user")
+            self._answer({"ok": False, "error": "not allowed: run as root or as the daemon's user"})
+            return
         try:
             request = json.loads(line)
         except ValueError:
@@ -251,6 +258,16 @@ class AdminProtocol(LineOnlyReceiver):
         d = defer.ensureDeferred(self.admin.run(request, self.by))
         d.addCallback(self._answer)
         d.addErrback(self._failed)
+
+    def _too_slow(self) -> None:
+        self.deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
 
     def _failed(self, failure: Any) -> None:
         log.failure("admin command failed", failure)
