@@ -82,7 +82,8 @@ class Admin:
         except OSError as e:
             events.emit("admin_command", "error", command=name, by=by, outcome="failed", reason=str(e))
             return {"ok": False, "error": f"could not keep the change: {e.strerror or e}"}
-        events.emit("admin_command", "notice", command=name, by=by, outcome="done")
+        reads = name in _READS or (name == "emergency" and args.get("action", "status") == "status")
+        events.emit("admin_command", "info" if reads else "notice", command=name, by=by, outcome="done")
         return {"ok": True, "result": result}
 
     async def status(self, args: dict[str, Any], by: str) -> dict[str, Any]:
@@ -168,6 +169,10 @@ class Admin:
         events.emit("api_key_rotation", "notice", api_key_id=key_id, by=by, replaced=[key_id],
                     grace_until=rotation.grace_until, overlay=str(path))
         return {"key_id": key_id, "key": key, "grace_until": rotation.grace_until, "overlay": str(path)}
+
+
+# Commands that change nothing: recorded at info (a monitoring script polling status is not news).
+_READS = frozenset({"status", "list-blocks"})
 
 
 def share(holder: Any, target: str, until: float | None) -> None:
