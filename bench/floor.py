@@ -3,7 +3,7 @@
     python bench/floor.py [--seconds 5]
 
 Runs, in one go against the same nginx upstream, a bare forwarder (a twisted.web Site that relays
-each request with `ccproxy.upstream`, nothing else) and the real ccproxy daemon, and prints
+each request with `ccproxy.http.client`, nothing else) and the real ccproxy daemon, and prints
 requests/s and CPU per request for both. The difference is what ccproxy's own layers cost; the bare
 figure is what twisted.web's server side and TLS leave for them. A third row runs ccproxy with every
 request-path policy on (API-key auth, rate limits, auto-blocking, validation, masking).
@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from ccproxy.config.server import TLSConfig
 from ccproxy.tls import certificate_options
-from ccproxy.upstream import UpstreamPool
+from ccproxy.http.client import UpstreamPool
 
 upstream_port, port, cert, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pool = UpstreamPool(reactor)

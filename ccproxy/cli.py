@@ -21,6 +21,9 @@ def check_config(args: argparse.Namespace) -> int:
         return 1
     if args.quiet:
         return 0
+    from ccproxy.config.privacy import report
+
+    print("\n".join(f"# {line}" for line in report(config)))
     print(f"# {args.path}: valid. Effective configuration (secrets masked):")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0
@@ -32,17 +35,6 @@ def gen_cert(args: argparse.Namespace) -> int:
     write_self_signed(args.cert, args.key, tuple(args.host))
     print(f"wrote {args.cert} and {args.key} (self-signed, for development only)")
     return 0
-
-
-def audit_verify(args: argparse.Namespace) -> int:
-    import os
-
-    from ccproxy.audit.verify import verify
-
-    key = os.environ.get(args.key_env, "").encode() or None
-    report = verify(args.files, key)
-    print(report.message, file=sys.stdout if report.ok else sys.stderr)
-    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"])
     p.set_defaults(func=gen_cert)
 
-    p = sub.add_parser("audit", help="audit trail tools")
-    audit_sub = p.add_subparsers(dest="audit_command", required=True)
-    p = audit_sub.add_parser("verify", help="check the hash chain of audit files (rotated ones too)")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--key-env", default="CCPROXY_AUDIT_HMAC_KEY",
-                   help="environment variable holding the HMAC key the records were sealed with")
-    p.set_defaults(func=audit_verify)
+    from ccproxy.audit.cli import add_parser as add_audit_parser
+    from ccproxy.audit.privacy.cli import add_parser as add_privacy_parser
+
+    add_audit_parser(sub)
+    add_privacy_parser(sub)
 
     from ccproxy.auth.keygen import add_parser as add_keys_parser
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import secrets
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -12,7 +14,15 @@ from ccproxy.errors import ApiError
 from ccproxy.routes import Route
 
 if TYPE_CHECKING:
-    from ccproxy.network.request import ProxyRequest as Request
+    from ccproxy.http.request import ProxyRequest as Request
+
+# Unique, not secret: a random per-process prefix and a counter, no system call per request.
+_ID_PREFIX = "req_ccp_" + secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 @attrs.define

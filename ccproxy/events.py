@@ -33,6 +33,7 @@ _LEVELS = {
 # the filter (the audit trail anonymises the raw values itself).
 ADDRESS_FIELDS = frozenset({"ip_address", "client_ip", "ip", "peer", "remote_ip", "source_ip"})
 _address_filter: Callable[[str], str] | None = None
+_filtered_fields: frozenset[str] = ADDRESS_FIELDS
 
 
 Observer = Callable[[dict[str, Any]], None]
@@ -78,10 +79,11 @@ def set_clock(clock: Callable[[], float]) -> None:
     _budget.clock = clock
 
 
-def set_address_filter(address_filter: Callable[[str], str] | None) -> None:
-    """How addresses appear in the daemon's log text (privacy.gdpr.anonymize_logs); None: as they are."""
-    global _address_filter
-    _address_filter = address_filter
+def set_address_filter(address_filter: Callable[[str], str] | None,
+                       fields: frozenset[str] = ADDRESS_FIELDS) -> None:
+    """How addresses (or other `fields`) appear in the daemon's log text (privacy.gdpr); None: as they are."""
+    global _address_filter, _filtered_fields
+    _address_filter, _filtered_fields = address_filter, fields
 
 
 def emit(name: str, severity: str = "info", **fields: Any) -> None:
@@ -99,7 +101,7 @@ def emit(name: str, severity: str = "info", **fields: Any) -> None:
     for key, value in list(fields.items()):
         if key.startswith("_"):
             continue
-        if _address_filter is not None and key in ADDRESS_FIELDS and isinstance(value, str):
+        if _address_filter is not None and key in _filtered_fields and isinstance(value, str):
             fields[f"_shown_{key}"] = _address_filter(value)
             parts.append(f"{key}={{_shown_{key}}}")
         else:

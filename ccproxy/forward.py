@@ -1,7 +1,7 @@
 """Forwarding to the upstream APIs over one shared pool of persistent connections.
 
 Not treq: it follows redirects, decompresses, buffers bodies and shares one cookie jar between
-callers, and a faithful proxy wants none of that. See `ccproxy.upstream` for the client itself.
+callers, and a faithful proxy wants none of that. See `ccproxy.http.client` for the client itself.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
 from ccproxy.errors import ANTHROPIC, ApiError
+from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse
 from ccproxy.routes import Route
-from ccproxy.upstream import Fields, PoolKey, UpstreamPool, UpstreamResponse
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from ccproxy.context import BodyFilter
 from ccproxy.errors import ApiError, sse_error_event
 
 if TYPE_CHECKING:
-    from ccproxy.network.request import ProxyRequest as Request
+    from ccproxy.http.request import ProxyRequest as Request
 
 log = Logger()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import secrets
 from typing import Any
 
 from twisted.internet import defer
@@ -15,28 +13,19 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import events
-from ccproxy.context import RequestContext
+from ccproxy.context import RequestContext, new_request_id
 from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import response_headers, upstream_headers
-from ccproxy.network.request import ProxyRequest as Request
+from ccproxy.http.client import UpstreamResponse
+from ccproxy.http.request import ProxyRequest as Request
 from ccproxy.relay import Relay, abort_client
 from ccproxy.routes import api_for, route
 from ccproxy.runtime import Runtime, RuntimeHolder
-from ccproxy.upstream import UpstreamResponse
 
 log = Logger()
 
 _PHRASES = {529: b"Overloaded"}
 _REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
-
-
-# Unique, not secret: a random per-process prefix and a counter, no system call per request.
-_ID_PREFIX = "req_ccp_" + secrets.token_hex(6)
-_ids = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 class ProxyResource:

@@ -19,7 +19,7 @@ from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.forward import Forwarder
 
 if TYPE_CHECKING:
-    from ccproxy.network.request import ProxyRequest as Request
+    from ccproxy.http.request import ProxyRequest as Request
 
 
 @attrs.frozen
@@ -39,9 +39,11 @@ LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 
 def layer_factories() -> Sequence[LayerFactory]:
     """The policy layers, in the order a request meets them."""
-    from ccproxy import auth, content, limits, network
+    from ccproxy import auth, limits
     from ccproxy.admin import emergency
+    from ccproxy.content import layer as content
     from ccproxy.monitoring import layer as detectors
+    from ccproxy.network import layer as network
 
     return (network.build_layer, auth.build_layer, emergency.build_layer, detectors.build_layer, limits.build_layer,
             content.build_layer)

@@ -11,10 +11,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from ccproxy import admin, audit, events, network
+from ccproxy import audit, events
+from ccproxy.admin.service import start as start_admin
+from ccproxy.admin.state import IncidentState
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
+from ccproxy.network.listener import listener_factory
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
@@ -32,7 +35,7 @@ class ProxyService(Service):
         self.config_path = config_path
         self.reactor = reactor
         blocklist = BlockList()
-        incident = admin.IncidentState(config.admin.state_dir, blocklist, reactor)
+        incident = IncidentState(config.admin.state_dir, blocklist, reactor)
         self.deps = Deps(reactor=reactor, blocklist=blocklist, incident=incident)
         self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
         self.tls: ReloadableTLS | None = None
@@ -56,14 +59,14 @@ class ProxyService(Service):
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
-        factory = network.listener_factory(site, self.tls, self.holder, self.reactor)
+        factory = listener_factory(site, self.tls, self.holder, self.reactor)
         self.port = self.reactor.listenTCP(
             config.server.port, factory, backlog=1024, interface=config.server.host
         )
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
         log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
-        self.admin = admin.start(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
+        self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
         self.holder.ready = True
         settle_heap()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
@@ -122,6 +125,12 @@ def _apply_privacy(config: Config) -> None:
     from ccproxy.audit._scrub import Anonymizer
 
     audit = config.audit
+    if config.privacy.right_to_deletion:
+        # Erasure must reach the daemon's log too: personal fields are not written there at all.
+        from ccproxy.audit.privacy import PERSONAL
+
+        events.set_address_filter(lambda value: "[personal]", frozenset(PERSONAL))
+        return
     if not audit.anonymize_logs:
         events.set_address_filter(None)
         return

@@ -1,7 +1,7 @@
 """The factory behind the listener: a HardenedChannel per connection, and the access log.
 
-Requests are read by `ccproxy.network.channel.HardenedChannel` and answered as
-`ccproxy.network.request.ProxyRequest`s by the site's resource (`ccproxy.resource.ProxyResource`).
+Requests are read by `ccproxy.http.server.HardenedChannel` and answered as
+`ccproxy.http.request.ProxyRequest`s by the site's resource (`ccproxy.resource.ProxyResource`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from ccproxy.config.network import NetworkConfig
+from ccproxy.http.server import HardenedChannel
 from ccproxy.network.addresses import NetworkSet
-from ccproxy.network.channel import HardenedChannel
 
 __all__ = ["ACCESS_PUBLISHER", "ProxySite"]
 
@@ -63,6 +63,7 @@ class ProxySite(Factory):
             status=request.code,
             latency_ms=latency_ms,
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
+            user_id=ctx.identity.user_id if ctx is not None and ctx.identity is not None else None,
             request_id=getattr(request, "ccproxy_request_id", "-"),
             client_ip=ctx.client_ip if ctx is not None else request.getClientAddress().host,
         )

@@ -16,58 +16,9 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from ccproxy.config._reader import ConfigError, join
+from ccproxy.config._reader import ConfigError
+from ccproxy.config._tls_names import DEFAULT_TLS12, TLS12_SUITES, TLS13_SUITES
 from ccproxy.config.server import TLSConfig
-
-# IANA names of the suites worth offering, with OpenSSL's names. Anything weaker (RC4, 3DES,
-# export, anonymous, NULL) is deliberately absent: naming it is a config error.
-TLS12_SUITES = {
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256": "DHE-RSA-AES128-GCM-SHA256",
-    "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384": "DHE-RSA-AES256-GCM-SHA384",
-    "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "DHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384": "ECDHE-ECDSA-AES256-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384": "ECDHE-RSA-AES256-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
-}
-TLS13_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
-
-# Mozilla's "intermediate" profile for TLS 1.2, less the DHE suites: ECDHE with AES-GCM or ChaCha20.
-DEFAULT_TLS12 = (
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-)
-
-
-def check_suites(suites: tuple[str, ...], min_version: str, path: str) -> None:
-    """Refuse unknown names, and a list that leaves the allowed protocol versions no suite."""
-    for i, name in enumerate(suites):
-        if name in TLS13_SUITES:
-            continue
-        if name not in TLS12_SUITES:
-            raise ConfigError(join(path, i), f"unknown or unsupported cipher suite {name!r}")
-        try:
-            SSL.Context(SSL.TLS_METHOD).set_cipher_list(TLS12_SUITES[name].encode())
-        except SSL.Error:
-            raise ConfigError(join(path, i), f"cipher suite {name!r} is not available in this OpenSSL") from None
-    if suites and min_version == "1.2" and not any(n in TLS12_SUITES for n in suites):
-        raise ConfigError(path, "lists no TLS 1.2 suite: add one or set min_version: \"1.3\"")
 
 
 def certificate_options(config: TLSConfig) -> CertificateOptions:

@@ -29,7 +29,7 @@ def test_the_commented_example_parses() -> None:
     assert audit.enabled and len(audit.outputs) == 3
     file, syslog, access = audit.outputs
     assert file.max_size == 100 * 1024 * 1024 and file.retention == 90 * 86400
-    assert syslog.protocol == "tcp" and syslog.facility == 4 and syslog.port == 514
+    assert syslog.protocol == "tcp" and syslog.facility == 4 and syslog.port == 6514 and syslog.tls
     assert access.records == "access"
 
 

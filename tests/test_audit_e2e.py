@@ -56,11 +56,14 @@ def _reloads(d: Daemon, count: int) -> None:
         assert "config reloaded" in d.reload(config)
 
 
-def _by_app(r: Rsyslog, app: str) -> list[dict[str, Any]]:
+def _by_app(r: Rsyslog, app: str, checkpoints: bool = False) -> list[dict[str, Any]]:
+    """The records one output sent (its checkpoints too, if asked)."""
     out = []
     for fields in r.lines():
         if len(fields) == 6 and fields[3] == app:
-            out.append(json.loads(fields[5][fields[5].find("{"):]))
+            record = json.loads(fields[5][fields[5].find("{"):])
+            if checkpoints or record.get("type") != "checkpoint":
+                out.append(record)
     return out
 
 
@@ -126,11 +129,12 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
     d.stop()
     file_records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert file_records == _by_app(rsyslog, "ccp-tcp")  # the same sealed records everywhere
-    assert verify([str(tmp_path / "audit.log")], HMAC_KEY.encode()).ok
-    assert verify([str(rsyslog.out)], HMAC_KEY.encode()).ok is False  # mixed apps in one file: not one chain
+    assert verify([str(tmp_path / "audit.log"), str(tmp_path / "audit.log.checkpoints")], HMAC_KEY.encode()).ok
+    assert verify([str(rsyslog.out)], HMAC_KEY.encode(), received=True).ok is False  # mixed apps: not one chain
     received = tmp_path / "received-tcp.log"  # what the receiver wrote for one output, header and all
     received.write_text("".join(f"{'|'.join(f)}\n" for f in rsyslog.lines() if f[3] == "ccp-tcp"))
-    assert verify([str(received)], HMAC_KEY.encode()).ok
+    report = verify([str(received)], HMAC_KEY.encode(), received=True)
+    assert report.ok and "checkpoints agree" in report.message, report.message  # the shutdown's, at least
     _scan_for_secrets(tmp_path, [HMAC_KEY, UPSTREAM_KEY, CLIENT_KEY, WRONG_KEY])
 
 
@@ -175,7 +179,7 @@ def test_records_spooled_at_shutdown_are_delivered_after_a_restart(
     d.stop()
     assert ": connected" not in d.log()
     spool = tmp_path / "spool-ccp-tcp"
-    assert spool.read_bytes().count(b"\n") == 5, d.log()
+    assert spool.read_bytes().count(b"\n") == 6, d.log()  # five records and the shutdown's checkpoint
     rsyslog.start()
     d.start()
     _reloads(d, 1)

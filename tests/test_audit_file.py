@@ -44,7 +44,7 @@ def test_daily_rotation_names_old_files_by_date(tmp_path: Path) -> None:
         h.records()
     finally:
         h.stop()
-    assert sorted(os.listdir(tmp_path)) == ["audit.log", "audit.log.2026-01-01", "audit.log.2026-01-02"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".checkpoints")) == ["audit.log", "audit.log.2026-01-01", "audit.log.2026-01-02"]
     assert _seqs(tmp_path / "audit.log.2026-01-01") == [1]
     assert _seqs(tmp_path / "audit.log.2026-01-02") == [2]
     assert h.path.read_text() == ""
@@ -76,7 +76,7 @@ def test_retention_removes_files_older_than_it(tmp_path: Path) -> None:
     finally:
         h.stop()
     # Now is 2026-01-06: files whose whole day ended more than two days ago are gone.
-    assert sorted(os.listdir(tmp_path)) == ["audit.log", "audit.log.2026-01-04", "audit.log.2026-01-05"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".checkpoints")) == ["audit.log", "audit.log.2026-01-04", "audit.log.2026-01-05"]
 
 
 def test_gdpr_data_retention_caps_the_file_retention(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_gdpr_data_retention_caps_the_file_retention(tmp_path: Path) -> None:
         h.clock.advance(3600)
     finally:
         h.stop()
-    assert sorted(os.listdir(tmp_path)) == ["audit.log", "audit.log.2026-01-04"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".checkpoints")) == ["audit.log", "audit.log.2026-01-04"]
 
 
 def test_a_restart_continues_the_chain_and_rotates_a_stale_file(tmp_path: Path) -> None:

@@ -34,6 +34,10 @@ EVENT_FIELDS = {
     "response_masked": {"count": 2, "patterns": ["credit_card"]},
     "upstream_error": {"status": 502, "upstream": "anthropic", "reason": "connection refused"},
     "audit_records_lost": {"count": 3, "output": "syslog tcp 127.0.0.1:514"},
+    "audit_file_damaged": {"file": "/var/log/ccproxy/audit.log", "offset": 4096, "partial_bytes": 17},
+    "audit_file_replaced": {"file": "/var/log/ccproxy/audit.log", "found": "deleted"},
+    "audit_records_missing": {"file": "/var/log/ccproxy/audit.log", "missing_from": 9, "missing_to": 12},
+    "privacy_subject_erased": {"subject": "0f" * 16, "kind": "user_id"},
     "ip_blocked": {"reason": "key guessing", "by": "uid=0 pid=42", "until": None},
     "emergency_mode": {"enabled": True, "by": "uid=0 pid=42"},
     "admin_command": {"command": "block-ip", "by": "uid=0 pid=42", "outcome": "done"},
@@ -186,12 +190,13 @@ def test_hash_anonymisation_needs_a_key() -> None:
     assert e.value.path == "privacy.gdpr.anonymize_key"
 
 
-@pytest.mark.parametrize("key", ["right_to_deletion", "data_portability"])
-def test_unbuilt_gdpr_rights_are_refused(key: str) -> None:
+def test_right_to_deletion_needs_a_master_key() -> None:
     with pytest.raises(ConfigError) as e:
-        config({"enabled": False}, privacy={"gdpr": {key: True}})
-    assert e.value.path == f"privacy.gdpr.{key}" and "not supported" in e.value.message
-    config({"enabled": False}, privacy={"gdpr": {key: False}})
+        config({"enabled": False}, privacy={"gdpr": {"right_to_deletion": True}})
+    assert e.value.path == "privacy.keys.master_key" and "is required" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        config({"enabled": False}, privacy={"gdpr": {"right_to_deletion": True}, "keys": {"master_key": "short"}})
+    assert e.value.path == "privacy.keys.master_key" and "at least 32" in e.value.message
 
 
 def test_access_log_goes_to_its_own_output(tmp_path: Path) -> None:

@@ -268,5 +268,10 @@ def test_with_syslog_outputs_only_the_chain_continues_after_a_restart(tmp_path: 
         finally:
             trail.stop()
         received += [json.loads(HEADER.match(m).group(7)) for m in net.messages()]  # type: ignore[union-attr]
+    checkpoints = [r for r in received if r.get("type") == "checkpoint"]
+    received = [r for r in received if r.get("type") != "checkpoint"]
     assert [r["seq"] for r in received] == [1, 2, 3, 4]
+    # Each stop signs the head it reached, and the syslog receiver gets that checkpoint too.
+    assert [(c["seq"], c["hash"], c["reason"]) for c in checkpoints] == [
+        (2, received[1]["hash"], "shutdown"), (4, received[3]["hash"], "shutdown")]
     assert received[2]["prev"] == received[1]["hash"]

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from twisted.internet import task
 
-from ccproxy.admin import keys as keyfile
 from ccproxy.admin.state import IncidentState
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, load, parse
+from ccproxy.config import overlay as keyfile
 
 
 def state(tmp_path: Path, clock: task.Clock, blocklist: BlockList | None = None) -> IncidentState:

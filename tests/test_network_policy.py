@@ -21,9 +21,9 @@ from twisted.web.test.requesthelper import DummyRequest
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import DDoSConfig, IPListConfig, NetworkConfig, SecurityHeadersConfig, unmap_network
-from ccproxy.network import NetworkLayer
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, client_from_forwarded, parse_ip
 from ccproxy.network.gate import Gate
+from ccproxy.network.layer import NetworkLayer
 from ccproxy.site import ProxySite
 from tests.support.hardening import Conn
 

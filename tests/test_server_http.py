@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.web.server import NOT_DONE_YET
 
-from ccproxy.network.http1 import ChunkedDecoder, Malformed, TooLarge, _parse_head_by_line, parse_head
-from ccproxy.network.request import ProxyRequest
+from ccproxy.http.http1 import ChunkedDecoder, Malformed, TooLarge, _parse_head_by_line, parse_head
+from ccproxy.http.request import ProxyRequest
 from ccproxy.service import settle_heap
 from tests.support.hardening import Conn, config
 
@@ -332,7 +332,7 @@ def test_a_client_that_drains_in_time_keeps_its_stream() -> None:
 
 
 def test_a_slow_but_reading_client_pushes_the_deadline_back() -> None:
-    from ccproxy.network.request import SendWatch
+    from ccproxy.http.request import SendWatch
 
     class Channel:
         def __init__(self) -> None:

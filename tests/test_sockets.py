@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.testing import StringTransport
 
-from ccproxy.sockets import send_now
+from ccproxy.http.sockets import send_now
 
 
 class FakeSocket:

@@ -14,7 +14,7 @@ from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ccproxy.upstream import UpstreamPool, UpstreamResponse
+from ccproxy.http.client import UpstreamPool, UpstreamResponse
 
 
 class Endpoint:
@@ -221,7 +221,7 @@ def test_stale_reused_connection_retried_only_for_safe_methods() -> None:
 
 
 def test_no_delay_reaches_the_tcp_transport_under_tls() -> None:
-    from ccproxy.sockets import no_delay
+    from ccproxy.http.sockets import no_delay
 
     class TCP:
         nodelay = False

@@ -25,12 +25,13 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from ccproxy import events
-from ccproxy.admin import keys as keyfile
 from ccproxy.admin.state import IncidentState, parse_target, target_text
 from ccproxy.auth.keygen import new_key, sha256_hex
 from ccproxy.config import Config
+from ccproxy.config import overlay as keyfile
 from ccproxy.config._reader import ConfigError, parse_duration
 from ccproxy.config.auth import API_KEY
+from ccproxy.limits import limiter_of, share_block
 
 log = Logger()
 
@@ -89,7 +90,7 @@ class Admin:
     async def status(self, args: dict[str, Any], by: str) -> dict[str, Any]:
         runtime = self.holder.current
         config: Config = runtime.config
-        limiter = _limiter(runtime)
+        limiter = limiter_of(runtime)
         backend = config.limits.state.backend if config.limits.active else "none"
         healthy = limiter is None or not getattr(limiter, "down_reported", 0.0)
         return {
@@ -113,24 +114,24 @@ class Admin:
         duration = _duration(args.get("duration"))
         reason = str(args.get("reason") or "blocked by command")[:200]
         block = self.incident.block(target, duration, reason, by)
-        share(self.holder, block.target, math.inf if block.until is None else block.until)
+        share_block(self.holder, block.target, math.inf if block.until is None else block.until)
         return block.as_dict()
 
     async def unblock_ip(self, args: dict[str, Any], by: str) -> dict[str, Any]:
         target = target_text(parse_target(_text(args, "target")))
-        limiter = _limiter(self.holder.current)
+        limiter = limiter_of(self.holder.current)
         automatic = limiter is not None and target in limiter.blocks
         if not self.incident.unblock(target, by) and not automatic:
             raise CommandError(f"{target} is not blocked")
         if limiter is not None:
             limiter.lift(target)
-        share(self.holder, target, None)
+        share_block(self.holder, target, None)
         return {"target": target}
 
     async def list_blocks(self, args: dict[str, Any], by: str) -> dict[str, Any]:
         now = self.reactor.seconds()
         operator = [b.as_dict() for b in self.incident.list()]
-        limiter = _limiter(self.holder.current)
+        limiter = limiter_of(self.holder.current)
         auto = []
         if limiter is not None:
             auto = [{"target": ip, "until": until, "reason": "auto_block", "by": "auto_block"}
@@ -173,21 +174,6 @@ class Admin:
 
 # Commands that change nothing: recorded at info (a monitoring script polling status is not news).
 _READS = frozenset({"status", "list-blocks"})
-
-
-def share(holder: Any, target: str, until: float | None) -> None:
-    """Publish a block (or, `until` None, its lifting) to the instances sharing Redis, if any."""
-    limiter = _limiter(holder.current)
-    if limiter is not None:
-        limiter.share(target, until)
-
-
-def _limiter(runtime: Any) -> Any:
-    for layer in runtime.layers:
-        limiter = getattr(layer, "limiter", None)
-        if limiter is not None:
-            return limiter
-    return None
 
 
 def _text(args: dict[str, Any], name: str) -> str:

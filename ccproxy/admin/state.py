@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from twisted.logger import Logger
 
 from ccproxy import events
 from ccproxy.blocklist import BlockList, Network
+from ccproxy.config.overlay import write_atomically
 
 log = Logger()
 
@@ -234,15 +234,3 @@ class IncidentState:
         if self._save_soon is not None and self._save_soon.active():
             self._save_soon.cancel()
             self._save_logged()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside, flush to disk, rename over: a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

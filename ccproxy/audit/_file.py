@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import json
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -14,11 +14,14 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ccproxy.audit._loss import LossCounter, Report
+from ccproxy.audit._record import NotCanonical, parse_line
 from ccproxy.config.audit import FileOutput
 
 log = Logger(namespace="ccproxy.audit")
 
 RunInThread = Callable[[Callable[[], Any]], "defer.Deferred[Any]"]
+# (event name, severity, fields): what the sink found wrong with its file, for the trail to record.
+Notice = Callable[[str, str, dict[str, Any]], None]
 _BATCH_LIMIT = 256 * 1024
 _HOUSEKEEPING = 3600.0
 _DAY = 86400.0
@@ -51,7 +54,10 @@ def rotated_files(path: str) -> list[tuple[str, str]]:
     return [(day, full) for day, _, full in found]
 
 
-def last_record(path: str) -> dict[str, Any] | None:
+Decode = Callable[[bytes], dict[str, Any]]
+
+
+def last_record(path: str, decode: Decode = parse_line) -> dict[str, Any] | None:
     """The last complete JSON record of a file, read from its tail."""
     try:
         with open(path, "rb") as f:
@@ -62,20 +68,40 @@ def last_record(path: str) -> dict[str, Any] | None:
         return None
     for line in reversed(tail.split(b"\n")):
         try:
-            record = json.loads(line)
-        except ValueError:
+            return decode(line)
+        except NotCanonical:
             continue
-        if isinstance(record, dict):
-            return record
     return None
 
 
-def resume_point(path: str) -> dict[str, Any] | None:
+def first_record(path: str, decode: Decode = parse_line) -> dict[str, Any] | None:
+    """The first record of a file (its first line), or None."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.readline(1024 * 1024)
+    except OSError:
+        return None
+    try:
+        return decode(raw.rstrip(b"\n"))
+    except NotCanonical:
+        return None
+
+
+def first_seq(path: str, decode: Decode = parse_line) -> int | None:
+    """The sequence number of the oldest record kept on disk: in the oldest rotated file, else the live one."""
+    for candidate in [p for _, p in rotated_files(path)] + [path]:
+        record = first_record(candidate, decode)
+        if record is not None and isinstance(record.get("seq"), int):
+            return int(record["seq"])
+    return None
+
+
+def resume_point(path: str, decode: Decode = parse_line) -> dict[str, Any] | None:
     """The newest record written by an earlier run, in the live file or else the newest rotated one."""
-    record = last_record(path)
+    record = last_record(path, decode)
     if record is None:
         for _, older in reversed(rotated_files(path)):
-            record = last_record(older)
+            record = last_record(older, decode)
             if record is not None:
                 break
     return record
@@ -83,8 +109,16 @@ def resume_point(path: str) -> dict[str, Any] | None:
 
 class FileSink:
     def __init__(self, spec: FileOutput, clock: Any, run_in_thread: RunInThread,
-                 data_retention: float | None = None, report_loss: Report | None = None) -> None:
+                 data_retention: float | None = None, report_loss: Report | None = None,
+                 notice: Notice | None = None, rotated: Callable[[list[str]], None] | None = None,
+                 decode: Decode = parse_line) -> None:
         self.spec = spec
+        self.decode = decode  # how this file's lines are read (decrypted, with encryption at rest)
+        self.notice: Notice = notice or (lambda name, severity, fields: None)
+        # Called after a rotation, with the files retention removed (the trail checkpoints then).
+        self.rotated = rotated or (lambda removed: None)
+        self.identity: tuple[int, int] = (0, 0)
+        self.damage: dict[str, Any] | None = None
         self.clock = clock
         self.run_in_thread = run_in_thread
         retentions = [r for r in (spec.retention, data_retention) if r is not None]
@@ -104,9 +138,10 @@ class FileSink:
     def start(self) -> None:
         now = self.clock.seconds()
         os.makedirs(os.path.dirname(self.spec.path) or ".", mode=0o700, exist_ok=True)
-        last = last_record(self.spec.path)
-        self.day = str(last["timestamp"])[:10] if last and isinstance(last.get("timestamp"), str) else day_of(now)
         self._open()
+        self._seal_partial_tail()
+        last = last_record(self.spec.path, self.decode)
+        self.day = str(last["timestamp"])[:10] if last and isinstance(last.get("timestamp"), str) else day_of(now)
         if self.size and self.day != day_of(now):
             self._rotate()
             self.day = day_of(now)
@@ -136,6 +171,7 @@ class FileSink:
         data = b"".join(self.buffer)
         count = len(self.buffer)
         self.buffer, self.buffered = [], 0
+        self.check_identity()
         if self.spec.max_size and self.size and self.size + len(data) > self.spec.max_size:
             self._rotate()
         try:
@@ -161,9 +197,63 @@ class FileSink:
         return defer.succeed(None)
 
     def _open(self) -> None:
-        self.fd = os.open(self.spec.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read too: a crash's half-written last line is looked for at start.
+        self.fd = os.open(self.spec.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.size, self.identity = st.st_size, (st.st_dev, st.st_ino)
+
+    def _seal_partial_tail(self) -> None:
+        """A crash mid-write leaves half a record at the end: end its line, and remember what it was.
+
+        The next record then starts on a line of its own, and the trail's first record names the
+        damaged bytes (offset, length, SHA-256), which is how verify tells this crash from an edit.
+        Nothing is cut: the bytes stay as evidence.
+        """
+        if not self.size or os.pread(self.fd, 1, self.size - 1) == b"\n":
+            return
+        start = max(0, self.size - 4 * 1024 * 1024)
+        tail = os.pread(self.fd, self.size - start, start)
+        cut = tail.rfind(b"\n") + 1
+        partial = tail[cut:]
+        self._write_all(b"\n")
+        try:
+            self.decode(partial)
+            return  # the record is whole, only its newline was lost
+        except NotCanonical:
+            pass
+        self.damage = {"file": self.spec.path, "offset": start + cut, "partial_bytes": len(partial),
+                       "partial_sha256": hashlib.sha256(partial).hexdigest(),
+                       "reason": "a record was cut short by a crash while it was written; its line is sealed"}
+        log.error("audit file {path}: a partly written record ({n} bytes at offset {offset}) was found and sealed",
+                  path=self.spec.path, n=len(partial), offset=start + cut)
+
+    def check_identity(self) -> None:
+        """Is our descriptor still the file at our path? If it was deleted or replaced, say so and reopen.
+
+        Otherwise every later record would go to an unlinked file, or a file no one reads.
+        """
+        if self.fd < 0:
+            return
+        try:
+            st = os.stat(self.spec.path)
+        except FileNotFoundError:
+            found = "deleted"
+        except OSError:
+            return
+        else:
+            if (st.st_dev, st.st_ino) == self.identity:
+                return
+            found = "replaced by another file"
+        old_size = self.size
+        self._sync_and_close(self.fd)
+        self.fd = -1
+        self._open()
+        log.critical("audit file {path} was {found} while in use; reopened", path=self.spec.path, found=found)
+        self.notice("audit_file_replaced", "critical", {
+            "file": self.spec.path, "found": found, "bytes_written_before": old_size,
+            "reason": f"the live audit file was {found} under the running daemon; records written to it "
+                      "before are no longer at its path"})
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -184,7 +274,7 @@ class FileSink:
         self._sync_and_close(old)
         os.rename(self.spec.path, target)
         self._open()
-        self._expire()
+        self.rotated(self._expire())
 
     def _sync_and_close(self, fd: int) -> None:
         def work() -> None:
@@ -198,6 +288,7 @@ class FileSink:
 
     def _sync_tick(self) -> None:
         self._sync_call = self.clock.callLater(self.spec.sync_interval, self._sync_tick)
+        self.check_identity()
         if not self.dirty or self.syncing or self.fd < 0:
             return
         self.dirty, self.syncing = False, True
@@ -224,11 +315,14 @@ class FileSink:
             if self.size:
                 self._rotate()
             self.day = day_of(now)
-        self._expire()
+        removed = self._expire()
+        if removed:
+            self.rotated(removed)
 
-    def _expire(self) -> None:
+    def _expire(self) -> list[str]:
+        removed: list[str] = []
         if self.retention is None:
-            return
+            return removed
         cutoff = self.clock.seconds() - self.retention
         for day, path in rotated_files(self.spec.path):
             end_of_day = datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC).timestamp() + _DAY
@@ -236,6 +330,8 @@ class FileSink:
                 break
             try:
                 os.remove(path)
+                removed.append(path)
                 log.info("audit file {path} removed: older than the retention period", path=path)
             except OSError as e:
                 log.error("audit file {path} could not be removed: {error}", path=path, error=e.strerror)
+        return removed

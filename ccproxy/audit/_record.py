@@ -39,6 +39,52 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
+ENCRYPTED = b"e1:"  # the prefix of a line encrypted at rest (ccproxy.audit.privacy.AtRest)
+
+
+class NotCanonical(ValueError):
+    """A line that is not exactly one record in the form the trail writes."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise NotCanonical(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+
+
+def parse_line(raw: bytes) -> dict[str, Any]:
+    """The record on one line (without its newline), only if the line is its canonical encoding.
+
+    A JSON parser accepts many spellings of one object (spaces, escapes, a key given twice, where
+    the last one wins); the hash covers only the canonical one, so any other spelling could show a
+    reader something the chain never sealed. Refusing every other spelling closes that gap.
+    """
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise NotCanonical("holds bytes outside ASCII") from None
+    try:
+        value = _DECODER.decode(text)
+    except NotCanonical:
+        raise
+    except ValueError:
+        if raw.startswith(ENCRYPTED):
+            raise NotCanonical("encrypted at rest (privacy.hipaa.encryption_at_rest): give --config so that the "
+                               "key store's file key can be read") from None
+        raise NotCanonical("not a JSON object (bytes before or after the record, or a cut line)") from None
+    if not isinstance(value, dict):
+        raise NotCanonical("not a JSON object")
+    if _dumps(value) != raw:
+        raise NotCanonical("not in the canonical form the trail writes (spacing, escapes or number format)")
+    return value
+
+
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The bytes a record's hash covers: every field but `hash`, in the record's order, no spaces.
 
@@ -110,7 +156,7 @@ class RecordBuilder:
             "request_id": value(_dash_none(event.get("request_id")), 0),
             "ip_address": value(event.get("client_ip"), 0),
             "api_key_id": value(_dash_none(event.get("key_id")), 0),
-            "user_id": None,
+            "user_id": value(event.get("user_id"), 0),
             "reason": None,
             "method": value(event.get("method"), 0),
             "path": value(event.get("path"), 0),

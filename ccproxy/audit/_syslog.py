@@ -48,9 +48,15 @@ def format_message(record: dict[str, Any], body: bytes, spec: SyslogOutput, host
 
 
 class Spool:
-    """An append-only file of pending messages, one per line, read back from an offset."""
+    """An append-only file of pending messages, one per line, read back from an offset.
+
+    With encryption at rest, `codec` (seal, open) encrypts each line as it is written and decrypts
+    it as it is read; a line that cannot be decrypted is dropped and counted as lost.
+    """
 
     def __init__(self, path: str, limit: int) -> None:
+        self.codec: Any = None
+        self.undecryptable = 0
         self.path = path
         self.limit = limit
         self.offset = 0
@@ -79,8 +85,22 @@ class Spool:
     def pending(self) -> bool:
         return self.size > self.offset
 
+    def _line(self, message: bytes) -> bytes:
+        return self.codec.seal(message) if self.codec is not None else message + b"\n"
+
+    def _open(self, lines: list[bytes]) -> list[bytes]:
+        if self.codec is None:
+            return lines
+        out = []
+        for line in lines:
+            try:
+                out.append(self.codec.open(line))
+            except ValueError:
+                self.undecryptable += 1
+        return out
+
     def append(self, message: bytes) -> bool:
-        line = message + b"\n"
+        line = self._line(message)
         if self.fd < 0 or self.size - self.offset + len(line) > self.limit:
             return False
         try:
@@ -99,7 +119,7 @@ class Spool:
         if self.offset >= self.size:
             os.ftruncate(self.fd, 0)
             self.offset = self.size = 0
-        return [line for line in lines if line]
+        return self._open([line for line in lines if line])
 
     def save(self, first: list[bytes]) -> None:
         """At shutdown: rewrite the spool as `first` followed by what was not read yet."""
@@ -112,7 +132,7 @@ class Spool:
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join(m + b"\n" for m in first) + rest)
+            os.write(fd, b"".join(self._line(m) for m in first) + rest)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -166,6 +186,9 @@ class SyslogSink:
         while self.link.ready():
             if not self.queue:
                 self.queue.extend(self.spool.read(_REFILL_BATCH))
+                if self.spool.undecryptable:
+                    self.losses.add(self.spool.undecryptable)
+                    self.spool.undecryptable = 0
                 if not self.queue:
                     break
             message = self.queue.popleft()
@@ -255,6 +278,8 @@ class _TCPLink(_Link):
         self.sink = sink
         self.protocol: _SyslogProtocol | None = None
         endpoint = _endpoint(sink.reactor, sink.spec.host, sink.spec.port)
+        if sink.spec.tls:
+            endpoint = _tls(endpoint, sink.spec)
         factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
         retry = backoffPolicy(initialDelay=0.25, maxDelay=5.0, jitter=_jitter)
         self.service = ClientService(endpoint, factory, retryPolicy=retry, clock=sink.reactor)
@@ -278,6 +303,25 @@ class _TCPLink(_Link):
             waiting.addTimeout(3.0, self.sink.reactor)
             return defer.gatherResults([d, waiting], consumeErrors=True).addBoth(lambda _: None)
         return d.addBoth(lambda _: None)
+
+
+def _tls(endpoint: IStreamClientEndpoint, spec: SyslogOutput) -> IStreamClientEndpoint:
+    """RFC 5425: the same octet-counted frames inside TLS, the receiver's certificate checked."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import wrapClientTLS
+
+    trust: Any = None
+    if spec.ca_file:
+        with open(spec.ca_file, "rb") as f:
+            trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(block) for block in _pem_blocks(f.read())])
+    options = ssl.optionsForClientTLS(spec.server_name or spec.host, trustRoot=trust)
+    return wrapClientTLS(options, endpoint)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [chunk + end for chunk in data.split(end) if b"-----BEGIN CERTIFICATE-----" in chunk]
 
 
 def _jitter() -> float:

@@ -22,6 +22,8 @@ from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
 from ccproxy.config.monitoring import MonitoringConfig
 from ccproxy.config.network import NetworkConfig
+from ccproxy.config.privacy import PrivacyConfig
+from ccproxy.config.privacy import check as privacy_check
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
@@ -37,9 +39,10 @@ class Config:
     limits: LimitsConfig
     content: ContentConfig
     audit: AuditConfig
-    admin: AdminConfig = attrs.field(factory=AdminConfig)
-    emergency: EmergencyConfig = attrs.field(factory=EmergencyConfig)
-    monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
+    privacy: PrivacyConfig = attrs.Factory(PrivacyConfig)
+    admin: AdminConfig = attrs.Factory(AdminConfig)
+    emergency: EmergencyConfig = attrs.Factory(EmergencyConfig)
+    monitoring: MonitoringConfig = attrs.Factory(MonitoringConfig)
 
     def effective(self) -> dict[str, Any]:
         """The parsed config as plain data, every secret masked."""
@@ -64,7 +67,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("", f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
     config = parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
     # Keys rotated with `ccproxy security rotate-key` (docs/incident-response.md).
-    from ccproxy.admin.keys import with_overlay
+    from ccproxy.config.overlay import with_overlay
 
     return with_overlay(config)
 
@@ -92,6 +95,7 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
     root = Section(data, "", base_dir)
     try:
         config = _build(root)
+        privacy_check(config)
     except ConfigError as e:
         # A misspelt key is the likelier cause of a fault found beside it: report the typo.
         raise (root.typo_near(e.path) or e) from None
@@ -100,7 +104,6 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
 
 
 def _build(root: Section) -> Config:
-    root.section("privacy").unbuilt("hipaa")
     return Config(
         server=ServerConfig.parse(root.section("server")),
         upstreams=UpstreamsConfig.parse(root.section("upstreams")),
@@ -109,6 +112,7 @@ def _build(root: Section) -> Config:
         limits=LimitsConfig.parse(root),
         content=ContentConfig.parse(root),
         audit=AuditConfig.parse(root),
+        privacy=PrivacyConfig.parse(root),
         admin=AdminConfig.parse(root),
         emergency=EmergencyConfig.parse(root),
         monitoring=MonitoringConfig.parse(root),

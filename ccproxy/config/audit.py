@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ccproxy.config._reader import ConfigError, Section
 from ccproxy.secrets import Secret
@@ -31,12 +34,19 @@ KNOWN_EVENTS = (
     "response_masked",
     "upstream_error",
     "audit_records_lost",
+    "audit_file_damaged",
+    "audit_file_replaced",
+    "audit_records_missing",
+    "privacy_subject_erased",
     "ip_blocked",
     "emergency_mode",
     "admin_command",
     "security_alert",
     "suspicious_request",
 )
+# What the trail says about its own evidence is always written, whatever `events` filters out.
+ALWAYS = ("audit_records_lost", "audit_file_damaged", "audit_file_replaced", "audit_records_missing",
+          "privacy_subject_erased")
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
@@ -56,6 +66,7 @@ class FileOutput:
     retention: float | None = None
     flush_interval: float = 0.2
     sync_interval: float = 1.0
+    checkpoint_path: str = ""
 
 
 @attrs.frozen
@@ -69,6 +80,10 @@ class SyslogOutput:
     queue_size: int = 10000
     spool_path: str = ""
     spool_max_size: int = 100 * 1024 * 1024
+    # RFC 5425: syslog over TLS (tcp only), the server checked against ca_file (default: system CAs).
+    tls: bool = False
+    ca_file: str | None = None
+    server_name: str | None = None
 
 
 Output = FileOutput | SyslogOutput
@@ -84,6 +99,8 @@ class AuditConfig:
     anonymize_method: str = "truncate"
     anonymize_key: Secret | None = None
     data_retention: float | None = None
+    checkpoint_interval: float = 300.0
+    signing_key: str | None = None  # an Ed25519 private key (PEM) that signs checkpoints
 
     @classmethod
     def parse(cls, root: Section) -> AuditConfig:
@@ -101,10 +118,16 @@ class AuditConfig:
         if not outputs:
             raise ConfigError(audit.at("outputs"), "an enabled audit trail needs at least one output")
         _check_distinct(outputs, audit.at("outputs"))
+        checkpoints = audit.section("checkpoints")
+        interval = checkpoints.duration("interval", 300.0, min=1.0, max=86400.0)
+        signing_key = checkpoints.file("signing_key", None)
+        if signing_key is not None:
+            _check_signing_key(signing_key, checkpoints.at("signing_key"))
+        checkpoints.done()
         return cls(
             enabled=True, events=events, outputs=outputs, hmac_key=audit.secret("hmac_key", None),
             anonymize_logs=anonymize, anonymize_method=method, anonymize_key=anon_key,
-            data_retention=data_retention,
+            data_retention=data_retention, checkpoint_interval=interval, signing_key=signing_key,
         )
 
 
@@ -113,9 +136,6 @@ def _parse_gdpr(gdpr: Section) -> tuple[bool, str, Secret | None, float | None]:
         for key in list(gdpr.keys()):
             gdpr.raw(key, None)
         return False, "truncate", None, None
-    for name in ("right_to_deletion", "data_portability"):
-        if gdpr.boolean(name, False):
-            raise ConfigError(gdpr.at(name), "not supported yet (ccproxy stores no personal data besides its logs)")
     anonymize = bool(gdpr.boolean("anonymize_logs", False))
     method = gdpr.string("anonymize_method", "truncate", choices=("truncate", "hash"))
     secret = gdpr.secret("anonymize_key", None)
@@ -134,8 +154,8 @@ def _parse_events(audit: Section) -> tuple[str, ...]:
             hint = difflib.get_close_matches(name, KNOWN_EVENTS, n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigError(f"{audit.at('events')}[{i}]", f"unknown event {name!r}{suffix}")
-    # Losing records is always reported, whatever the filter says.
-    return tuple(dict.fromkeys((*names, "audit_records_lost")))
+    # Losing records, and what the trail finds wrong with its own files, is always reported.
+    return tuple(dict.fromkeys((*names, *ALWAYS)))
 
 
 def _parse_output(item: Any, path: str, base_dir: str) -> Output:
@@ -144,14 +164,16 @@ def _parse_output(item: Any, path: str, base_dir: str) -> Output:
     records = section.string("records", "audit", choices=("audit", "access"))
     out: Output
     if kind == "file":
+        path = section.file("path")
         out = FileOutput(
-            path=section.file("path"),
+            path=path,
             records=records,
             rotation=section.string("rotation", "daily", choices=("daily",)),
             max_size=section.size("max_size", None, min=4096),
             retention=section.duration("retention", None, min=3600.0),
             flush_interval=section.duration("flush_interval", 0.2, min=0.001, max=10.0),
             sync_interval=section.duration("sync_interval", 1.0, min=0.01, max=300.0),
+            checkpoint_path=section.file("checkpoint_path", path + ".checkpoints"),
         )
     else:
         out = _parse_syslog(section, records)
@@ -161,13 +183,24 @@ def _parse_output(item: Any, path: str, base_dir: str) -> Output:
 
 def _parse_syslog(section: Section, records: str) -> SyslogOutput:
     protocol = section.string("protocol", "udp", choices=("tcp", "udp", "unix"))
+    tls = section.section("tls")
+    use_tls = bool(tls.enabled(bool(tls.data)))
+    if use_tls and protocol != "tcp":
+        raise ConfigError(tls.path, "syslog over TLS (RFC 5425) needs protocol tcp")
+    ca_file = tls.file("ca_file", None) if use_tls else None
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigError(tls.at("ca_file"), f"cannot read {ca_file}")
+    server_name = tls.string("server_name", None) if use_tls else None
+    if not use_tls:
+        for key in list(tls.keys()):
+            tls.raw(key, None)
     if protocol == "unix":
         host, port = section.file("path", "/dev/log"), 0
         section.not_supported("host", "not used with protocol unix (set path)")
         section.not_supported("port", "not used with protocol unix (set path)")
     else:
         host = section.string("host")
-        port = section.integer("port", 514, min=1, max=65535)
+        port = section.integer("port", 6514 if use_tls else 514, min=1, max=65535)
         section.not_supported("path", "only used with protocol unix")
     facility = section.string("facility", "auth", choices=tuple(FACILITIES))
     app_name = section.string("app_name", "ccproxy")
@@ -179,13 +212,33 @@ def _parse_syslog(section: Section, records: str) -> SyslogOutput:
         app_name=app_name, queue_size=section.integer("queue_size", 10000, min=1),
         spool_path=section.file("spool_path", default_spool),
         spool_max_size=section.size("spool_max_size", 100 * 1024 * 1024, min=0),
+        tls=use_tls, ca_file=ca_file, server_name=server_name,
     )
 
 
 def _check_distinct(outputs: tuple[Output, ...], path: str) -> None:
     seen: set[str] = set()
     for i, out in enumerate(outputs):
-        key = out.path if isinstance(out, FileOutput) else out.spool_path
-        if key in seen:
-            raise ConfigError(f"{path}[{i}]", f"{key} is already used by another output")
-        seen.add(key)
+        keys = (out.path, out.checkpoint_path) if isinstance(out, FileOutput) else (out.spool_path,)
+        for key in keys:
+            if key in seen:
+                raise ConfigError(f"{path}[{i}]", f"{key} is already used by another output")
+            seen.add(key)
+
+
+def _check_signing_key(path: str, where: str) -> None:
+    try:
+        load_private_key(path)
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(where, f"{path}: not an unencrypted Ed25519 private key in PEM ({e})") from None
+
+
+def load_private_key(path: str) -> Ed25519PrivateKey:
+    """The checkpoint signing key: read here so that the config can check it without the audit code."""
+    with open(path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ccproxy.config._reader import ConfigError, Section
+from ccproxy.config._tls_names import check_suites
 from ccproxy.secrets import Secret
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,9 +37,6 @@ class TLSConfig:
             raise ConfigError(s.path, "cert_file and key_file are required when TLS is enabled")
         if self_signed and not is_loopback(host):
             raise ConfigError(s.at("self_signed"), "only allowed when server.host is a loopback address")
-        # Imported here: the table lives with the TLS code, which the config only consults.
-        from ccproxy.tls import check_suites
-
         check_suites(suites, min_version, s.at("cipher_suites"))
         return cls(enabled, cert, key, min_version, suites, self_signed)
 

@@ -1,20 +1,5 @@
 """What goes in and what comes out: request validation, content filtering and response masking.
 
-The layer lives in `ccproxy.content.layer`; it is imported when built, because the config package
-imports the masking modules here to check patterns while it loads.
+The layer lives in `ccproxy.content.layer`; this package's own import stays light, because the config
+package imports the masking modules here to check patterns while it loads.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ccproxy.config import Config
-    from ccproxy.context import Layer
-
-
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); the layer keeps no state to carry over."""
-    from ccproxy.content.layer import ContentLayer
-
-    return ContentLayer(config.content)

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.web.http_headers import Headers
 
 from ccproxy import events
+from ccproxy.config import Config
 from ccproxy.config.content import ContentConfig, ResponseSanitization
 from ccproxy.content.masking import (
     Masker,
@@ -233,3 +234,8 @@ def _masked(ctx: RequestContext, counts: Counter[str], stream: bool) -> None:
     if counts:
         events.emit("response_masked", "info", counts=dict(counts), total=sum(counts.values()),
                     stream=stream, **_who(ctx))
+
+
+def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
+    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); the layer keeps no state to carry over."""
+    return ContentLayer(config.content)

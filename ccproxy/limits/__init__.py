@@ -23,4 +23,21 @@ def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
 _log = Logger()
 
 
-__all__ = ["LimitsLayer", "build_layer"]
+def limiter_of(runtime: Any) -> Any:
+    """The runtime's Limiter (counters, blocks, the store), or None when limits are off."""
+    for layer in runtime.layers:
+        limiter = getattr(layer, "limiter", None)
+        if limiter is not None:
+            return limiter
+    return None
+
+
+def share_block(holder: Any, target: str, until: float | None) -> None:
+    """Publish an operator's or a rule's block (or, `until` None, its lifting) to the instances
+    sharing Redis, if any."""
+    limiter = limiter_of(holder.current)
+    if limiter is not None:
+        limiter.share(target, until)
+
+
+__all__ = ["LimitsLayer", "build_layer", "limiter_of", "share_block"]

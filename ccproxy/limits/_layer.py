@@ -21,7 +21,7 @@ from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
 from ccproxy.limits._redis import LIFTED, RedisStore, RedisUnavailable
 
 if TYPE_CHECKING:
-    from ccproxy.network.request import ProxyRequest as Request
+    from ccproxy.http.request import ProxyRequest as Request
 
 log = Logger()
 

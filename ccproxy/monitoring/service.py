@@ -8,9 +8,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from ccproxy.admin.server import share
 from ccproxy.config import Config
 from ccproxy.config.monitoring import WebhookOutput
+from ccproxy.limits import share_block
 from ccproxy.monitoring.alerts import Alert, AlertEngine, report
 from ccproxy.monitoring.webhooks import Webhook
 
@@ -54,7 +54,7 @@ class Monitoring:
                 duration = block.duration if block.enabled else DEFAULT_BLOCK
             try:
                 self.deps.incident.block_by_rule(alert.group, duration, rule.name)
-                share(self.holder, alert.group, self.reactor.seconds() + duration)
+                share_block(self.holder, alert.group, self.reactor.seconds() + duration)
             except ValueError:
                 log.warn("alert rule {rule} cannot block {group}: not an IP address", rule=rule.name,
                          group=alert.group)

@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
+from ccproxy.http.sockets import no_delay, send_now
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip
-from ccproxy.sockets import no_delay, send_now
 
 log = Logger()
 _DONE = Failure(ConnectionDone())

@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 from ccproxy.audit import AuditTrail
 from ccproxy.config._reader import Section
 from ccproxy.config.audit import AuditConfig
+from ccproxy.config.privacy import PrivacyConfig
 from ccproxy.config.server import UpstreamsConfig
 
 BASE_TIME = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -24,6 +25,7 @@ class Config:
 
     audit: AuditConfig
     upstreams: UpstreamsConfig
+    privacy: PrivacyConfig = attrs.Factory(PrivacyConfig)
 
 
 class Holder:
@@ -45,7 +47,8 @@ def config(audit: dict[str, Any], **extra: Any) -> Config:
     for key, value in extra.items():
         data.setdefault(key, {}).update(value)
     root = Section(data, "")
-    config = Config(audit=AuditConfig.parse(root), upstreams=UpstreamsConfig.parse(root.section("upstreams")))
+    config = Config(audit=AuditConfig.parse(root), upstreams=UpstreamsConfig.parse(root.section("upstreams")),
+                    privacy=PrivacyConfig.parse(root))
     root.done()
     return config
 

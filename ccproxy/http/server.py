@@ -28,9 +28,9 @@ from zope.interface import implementer
 
 from ccproxy import events
 from ccproxy.config.network import NetworkConfig
+from ccproxy.context import new_request_id
 from ccproxy.errors import ApiError, error_body
-from ccproxy.network.addresses import canonical
-from ccproxy.network.http1 import (
+from ccproxy.http.http1 import (
     ChunkedDecoder,
     Head,
     Malformed,
@@ -39,7 +39,8 @@ from ccproxy.network.http1 import (
     head_end,
     parse_head,
 )
-from ccproxy.network.request import ProxyRequest
+from ccproxy.http.request import ProxyRequest
+from ccproxy.network.addresses import canonical
 from ccproxy.routes import api_for
 
 log = Logger()
@@ -298,8 +299,6 @@ class HardenedChannel(Protocol):
         self.phase = DEAD
         self._disarm()
         self.body = []
-        from ccproxy.resource import new_request_id
-
         target = self.head.target if self.head is not None else self.error_target
         body = error_body(api_for(target), ApiError(status, message))
         lines = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]

@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
+from ccproxy.http.sockets import queued_bytes
 from ccproxy.network.addresses import client_from_forwarded
-from ccproxy.sockets import queued_bytes
 
 _NO_BODY = frozenset({204, 304})
 

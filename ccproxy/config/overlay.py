@@ -12,15 +12,18 @@ with `expires` set to the end of its grace.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ccproxy.admin.state import write_atomically
-from ccproxy.config import Config, ConfigError
+from ccproxy.config._reader import ConfigError
 from ccproxy.config.auth import API_KEY, ApiKey
 from ccproxy.secrets import Secret
+
+if TYPE_CHECKING:
+    from ccproxy.config import Config
 
 OVERLAY_FILE = "rotated-keys.json"
 
@@ -95,3 +98,15 @@ def with_overlay(config: Config) -> Config:
 
 def live_digests(keys: tuple[ApiKey, ...], key_id: str, now: float) -> tuple[str, ...]:
     return tuple(k.sha256.reveal() for k in keys if k.id == key_id and (k.expires is None or k.expires > now))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside, flush to disk, rename over: a crash leaves the old file or the new, never half."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

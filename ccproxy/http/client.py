@@ -23,8 +23,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from ccproxy.network.http1 import ChunkedDecoder, Malformed, TooLarge
-from ccproxy.sockets import no_delay, send_now
+from ccproxy.http.http1 import ChunkedDecoder, Malformed, TooLarge
+from ccproxy.http.sockets import no_delay, send_now
 
 log = Logger()
 
