@@ -149,3 +149,18 @@ def test_rules_added_by_a_reload_apply_within_a_second(daemon: Any, receiver: We
     assert fail_auth(d, 5, source="127.0.0.3") == [401] * 5
     time.sleep(0.5)
     assert len(receiver.posts) == 1  # no rules, no alerts (and no observer at all)
+
+
+def test_alerts_keep_addresses_anonymised_in_the_daemon_log(daemon: Any, receiver: WebhookReceiver) -> None:
+    d = daemon({
+        "security": {"auth": auth_on()},
+        "privacy": {"gdpr": {"enabled": True, "anonymize_logs": True}},
+        "monitoring": {"security_alerts": [{"name": "a", "condition": "auth_failures > 0 in 1m",
+                                            "action": "alert_and_block"}],
+                       "alert_outputs": [{"type": "webhook", "url": receiver.url + "/hook"}]},
+    })
+    assert fail_auth(d, 1)[0] == 401
+    wait_for(lambda: len(receiver.posts) == 1)
+    assert receiver.posts[0][1]["group"] == "127.0.0.2"  # the operator's webhook gets the address
+    lines = [line for line in d.log().splitlines() if "security_alert" in line or "ip_blocked" in line]
+    assert len(lines) == 2 and all("127.0.0.0" in line and "127.0.0.2" not in line for line in lines), lines

@@ -41,7 +41,7 @@ EVENT_FIELDS = {
     "ip_blocked": {"reason": "key guessing", "by": "uid=0 pid=42", "until": None},
     "emergency_mode": {"enabled": True, "by": "uid=0 pid=42"},
     "admin_command": {"command": "block-ip", "by": "uid=0 pid=42", "outcome": "done"},
-    "security_alert": {"rule": "brute_force", "group": "192.0.2.10", "count": 11, "window": 300.0},
+    "security_alert": {"rule": "brute_force", "group_by": "api_key", "group": "key-1", "count": 11, "window": 300.0},
     "suspicious_request": {"detector": "sql_injection_attempt", "path": "/v1/messages"},
 }
 

@@ -144,10 +144,11 @@ class AlertEngine:
 
 def report(alert: Alert) -> None:
     """The audit record of an alert: severity alert, so syslog gets it at that priority."""
+    # An address goes in ip_address alone: the field the audit trail and the daemon log anonymise.
+    group = {"ip_address": alert.group} if alert.group_by == "ip" else {"group": alert.group}
     events.emit("security_alert", "alert", rule=alert.rule, action=alert.action, group_by=alert.group_by,
-                group=alert.group, count=alert.count, threshold=alert.threshold, window=alert.window,
-                condition=alert.condition, detector=alert.detector,
-                **({"ip_address": alert.group} if alert.group_by == "ip" else {}))
+                count=alert.count, threshold=alert.threshold, window=alert.window,
+                condition=alert.condition, detector=alert.detector, **group)
 
 
 __all__ = ["SUSPICIOUS", "Alert", "AlertEngine", "RuleState", "SlidingCount", "report"]
