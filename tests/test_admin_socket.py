@@ -109,3 +109,9 @@ def test_a_client_that_sends_nothing_is_cut(tmp_path: Path) -> None:
     assert not transport.disconnecting
     clock.advance(0.1)
     assert transport.disconnecting and transport.value() == b""
+
+
+def test_an_operators_reason_is_kept_printable(tmp_path: Path) -> None:
+    a, _ = admin(tmp_path)
+    done = run(a, "block-ip", target="192.0.2.1", reason="bad\x1b[31m\nactor")
+    assert done["result"]["reason"] == "bad\\x1b[31m\\x0aactor"

@@ -9,6 +9,7 @@ command; only root and the daemon's own user are served, whatever the file's mod
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -38,7 +39,12 @@ log = Logger()
 MAX_REQUEST = 64 * 1024
 # How long a client may take to send its request.
 REQUEST_TIMEOUT = 10.0
-VERSION = "0.1.0"
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ccproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class CommandError(Exception):
@@ -94,7 +100,7 @@ class Admin:
         backend = config.limits.state.backend if config.limits.active else "none"
         healthy = limiter is None or not getattr(limiter, "down_reported", 0.0)
         return {
-            "version": VERSION,
+            "version": _version(),
             "pid": os.getpid(),
             "uptime_seconds": round(self.reactor.seconds() - self.started, 1),
             "config_path": self.config_path,
@@ -112,7 +118,7 @@ class Admin:
     async def block_ip(self, args: dict[str, Any], by: str) -> dict[str, Any]:
         target = _text(args, "target")
         duration = _duration(args.get("duration"))
-        reason = str(args.get("reason") or "blocked by command")[:200]
+        reason = _printable(str(args.get("reason") or "blocked by command")[:200])
         block = self.incident.block(target, duration, reason, by)
         share_block(self.holder, block.target, math.inf if block.until is None else block.until)
         return block.as_dict()
@@ -174,6 +180,11 @@ class Admin:
 
 # Commands that change nothing: recorded at info (a monitoring script polling status is not news).
 _READS = frozenset({"status", "list-blocks"})
+
+
+def _printable(text: str) -> str:
+    """An operator's free text as it may reach logs: control characters escaped."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def _text(args: dict[str, Any], name: str) -> str:
