@@ -206,7 +206,7 @@ def test_rotated_key_works_at_once_old_one_refused_after_grace_across_restart(da
     assert refused.returncode == 1 and "no API key with id 'nobody'" in refused.stderr
 
 
-def test_blocks_by_command_reach_every_instance_sharing_redis(daemon: Any, tmp_path: Any) -> None:
+def test_blocks_and_emergency_reach_every_instance_sharing_redis(daemon: Any, tmp_path: Any) -> None:
     from tests.support.redis import RedisServer
 
     redis = RedisServer(tmp_path).start()
@@ -234,6 +234,13 @@ def test_blocks_by_command_reach_every_instance_sharing_redis(daemon: Any, tmp_p
         assert security(first, "unblock-ip", BLOCKED_SOURCE).returncode == 0
         wait_for(lambda: status_from(second) == 200, 5.0)
         assert status_from(first) == 200
+        # The emergency switch too: on by one instance, off by the other.
+        assert security(first, "emergency", "--enable").returncode == 0
+        wait_for(lambda: status_from(second, key="sk-ant-client") == 401, 5.0)
+        assert security_json(second, "status")["emergency"] is True
+        assert security(second, "emergency", "--disable").returncode == 0
+        wait_for(lambda: status_from(first, key="sk-ant-client") == 200, 5.0)
+        assert "emergency_mode enabled=False by=uid=" in first.log() and "via=redis" in first.log()
     finally:
         redis.stop()
 

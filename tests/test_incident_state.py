@@ -162,3 +162,47 @@ def test_admin_defaults_suit_the_systemd_unit() -> None:
     assert not config.admin.metrics.enabled
     assert config.emergency.require_auth and config.emergency.close_connections
     assert parse({"server": {"tls": {"enabled": False}}, "admin": {"enabled": False}}).admin.socket is None
+
+
+class FakeRemote:
+    """What another instance shared through Redis."""
+
+    def __init__(self) -> None:
+        self.shared: dict[str, Any] | None = None
+        self.published: list[dict[str, Any]] = []
+
+    def publish(self, value: dict[str, Any]) -> None:
+        self.published.append(value)
+
+    async def fetch(self) -> dict[str, Any] | None:
+        return self.shared
+
+
+def test_emergency_switch_follows_a_later_switch_elsewhere(tmp_path: Path, seen_events: list[dict[str, Any]]) -> None:
+    import asyncio
+
+    clock = task.Clock()
+    clock.advance(100)
+    s = state(tmp_path, clock)
+    s.remote = remote = FakeRemote()
+    closed: list[bool] = []
+    s.on_emergency.append(lambda: closed.append(True))
+    assert s.set_emergency(True, "uid=0 pid=1")
+    assert remote.published == [{"enabled": True, "since": 100.0, "by": "uid=0 pid=1", "changed": 100.0}]
+    # An older state in Redis (our own publish not landed yet) changes nothing.
+    remote.shared = {"enabled": False, "since": None, "by": "uid=0 pid=9", "changed": 50.0}
+    asyncio.run(s.follow())
+    assert s.emergency
+    # A later switch elsewhere is adopted, saved, and reported as learned.
+    remote.shared = {"enabled": False, "since": None, "by": "uid=0 pid=9", "changed": 150.0}
+    asyncio.run(s.follow())
+    assert not s.emergency and s.emergency_by == "uid=0 pid=9"
+    assert state(tmp_path, clock).emergency is False
+    remote.shared = {"enabled": True, "since": 160.0, "by": "uid=0 pid=8", "changed": 160.0}
+    asyncio.run(s.follow())
+    assert s.emergency and closed == [True, True]
+    learned = [e for e in seen_events if e["ccproxy_event"] == "emergency_mode" and e.get("via") == "redis"]
+    assert [e["enabled"] for e in learned] == [False, True]
+    remote.shared = {"enabled": "garbage"}
+    asyncio.run(s.follow())
+    assert s.emergency

@@ -17,6 +17,7 @@ from ccproxy.admin.refusals import HttpRefusals
 from ccproxy.admin.server import Admin, listen
 from ccproxy.admin.state import IncidentState
 from ccproxy.config import Config
+from ccproxy.limits import SharedValue
 from ccproxy.metrics import Metrics, MetricsResource, Sources
 from ccproxy.monitoring.service import Monitoring
 
@@ -89,6 +90,7 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
     incident: IncidentState = deps.incident
     config: Config = holder.current.config
     incident.load()
+    incident.remote = SharedValue(holder, "emergency")  # shared only with the Redis backend
     incident.start()
     incident.on_emergency.append(
         lambda: gate.close_all() if holder.current.config.emergency.close_connections else None

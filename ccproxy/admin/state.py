@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ccproxy import events
@@ -71,8 +71,12 @@ class IncidentState:
         self.emergency = False
         self.emergency_since: float | None = None
         self.emergency_by = ""
+        # When the switch last changed, here or (learned through `remote`) on another instance.
+        self.emergency_changed = 0.0
         # Told when emergency mode is switched on (the listener closes open connections).
         self.on_emergency: list[Any] = []
+        # Instances sharing Redis share the switch: `publish(dict)` and `async fetch() -> dict | None`.
+        self.remote: Any = None
         self._tick: task.LoopingCall | None = None
         self._save_soon: Any = None
 
@@ -97,6 +101,7 @@ class IncidentState:
             self.emergency = bool(emergency.get("enabled", False))
             self.emergency_since = emergency.get("since")
             self.emergency_by = str(emergency.get("by", ""))
+            self.emergency_changed = float(emergency.get("changed", 0.0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             damaged = self.path.with_suffix(".damaged")
             log.error("incident state {path} is unreadable ({error}); moved to {damaged}, starting empty",
@@ -112,7 +117,7 @@ class IncidentState:
             raise OSError("admin.state_dir is not set")
         data = {
             "blocks": [b.as_dict() for b in self.blocks.values()],
-            "emergency": {"enabled": self.emergency, "since": self.emergency_since, "by": self.emergency_by},
+            "emergency": self._emergency_state(),
         }
         write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True))
 
@@ -201,29 +206,65 @@ class IncidentState:
 
     # -- emergency mode
 
+    def _emergency_state(self) -> dict[str, Any]:
+        return {"enabled": self.emergency, "since": self.emergency_since, "by": self.emergency_by,
+                "changed": self.emergency_changed}
+
     def set_emergency(self, enabled: bool, by: str) -> bool:
         """Returns whether the state changed."""
         if enabled == self.emergency:
             return False
-        before = (self.emergency, self.emergency_since, self.emergency_by)
-        self.emergency = enabled
-        self.emergency_since = self.clock.seconds() if enabled else None
-        self.emergency_by = by
+        self._switch(enabled, self.clock.seconds() if enabled else None, by, self.clock.seconds())
+        if self.remote is not None:
+            self.remote.publish(self._emergency_state())
+        return True
+
+    def _switch(self, enabled: bool, since: float | None, by: str, changed: float, via: str = "") -> None:
+        before = (self.emergency, self.emergency_since, self.emergency_by, self.emergency_changed)
+        self.emergency, self.emergency_since, self.emergency_by, self.emergency_changed = enabled, since, by, changed
         try:
             self.save()
         except OSError:
-            self.emergency, self.emergency_since, self.emergency_by = before
-            raise
-        events.emit("emergency_mode", "alert" if enabled else "notice", enabled=enabled, by=by)
+            if not via:
+                self.emergency, self.emergency_since, self.emergency_by, self.emergency_changed = before
+                raise
+            log.error("could not write the incident state; emergency mode follows {via} all the same", via=via)
+        events.emit("emergency_mode", "alert" if enabled else "notice", enabled=enabled, by=by,
+                    **({"via": via} if via else {}))
         if enabled:
             for listener in list(self.on_emergency):
                 listener()
-        return True
+
+    async def follow(self) -> None:
+        """Adopt a later switch made on another instance (read through `remote`)."""
+        if self.remote is None:
+            return
+        shared = await self.remote.fetch()
+        if not isinstance(shared, dict):
+            return
+        try:
+            enabled, changed = bool(shared["enabled"]), float(shared["changed"])
+            since = None if shared.get("since") is None else float(shared["since"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if changed > self.emergency_changed and enabled != self.emergency:
+            self._switch(enabled, since, str(shared.get("by", ""))[:100], changed, via="redis")
+        elif changed > self.emergency_changed:
+            self.emergency_changed = changed
+
+    def _tick_once(self) -> Any:
+        self.expire()
+        if self.remote is None:
+            return None
+        d = defer.ensureDeferred(self.follow())
+        d.addErrback(lambda f: log.warn("could not read the shared emergency switch: {error}",
+                                        error=f.getErrorMessage()))
+        return d
 
     # -- life
 
     def start(self) -> None:
-        self._tick = task.LoopingCall(self.expire)
+        self._tick = task.LoopingCall(self._tick_once)
         self._tick.clock = self.clock
         self._tick.start(TICK, now=False).addErrback(lambda f: log.failure("block expiry stopped", f))
 

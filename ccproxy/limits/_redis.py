@@ -300,6 +300,14 @@ class RedisStore:
         await self._query(self._pool and self._pool.zadd(BLOCKS, until, target))
         await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {until!r}"))
 
+    async def get_shared(self, name: str) -> str | None:
+        """A small shared value (`ccproxy:rl:shared:<name>`), e.g. the emergency switch."""
+        value = await self._query(self._pool and self._pool.get(PREFIX + "shared:" + name))
+        return None if value is None else _text(value)
+
+    async def set_shared(self, name: str, value: str) -> None:
+        await self._query(self._pool and self._pool.set(PREFIX + "shared:" + name, value))
+
     async def _query(self, call: defer.Deferred[Any] | None) -> Any:
         if call is None:
             raise RedisUnavailable("not connected")
