@@ -9,22 +9,38 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from ccproxy.config import ConfigError, load
+from ccproxy.logs import escape
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def check_config(args: argparse.Namespace) -> int:
+    from ccproxy import preflight
+
     try:
         config = load(args.path)
     except ConfigError as e:
-        print(f"{args.path}: invalid: {e}", file=sys.stderr)
+        for fault in e.faults:
+            print(f"{args.path}: invalid: {escape(str(fault))}", file=sys.stderr)
+        return 1
+    # Run as the daemon's user (the unit's ExecStartPre does): files it could not read or write.
+    faults = preflight.check(config)
+    for fault in faults:
+        print(f"{args.path}: unusable: {fault}", file=sys.stderr)
+    if faults:
         return 1
     if args.quiet:
         return 0
     from ccproxy.config.privacy import report
 
-    print("\n".join(f"# {line}" for line in report(config)))
+    # In the file's own schema, defaults filled in: it can be saved and used as a config file. Secrets
+    # appear as the `${VAR}` they came from (their masked values below) or, written in the file, masked.
     print(f"# {args.path}: valid. Effective configuration (secrets masked):")
+    print("\n".join(f"# {line}" for line in report(config)))
+    for path, masked in config.secrets_shown:
+        print(f"# {path}: {escape(masked)}")
+    for note in config.notes:  # keys rotated by `ccproxy security rotate-key`
+        print(f"# {escape(note)}")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0
 
@@ -59,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_parser(sub)
 
     from ccproxy.auth.keygen import add_parser as add_keys_parser
+    from ccproxy.examples import add_parser as add_example_parser
 
     add_keys_parser(sub)
+    add_example_parser(sub)
     from ccproxy.admin.cli import add_parser as add_security_parser
 
     add_security_parser(sub)

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, _StandardEndpointFactory
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
 from ccproxy.errors import ANTHROPIC, ApiError
-from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse
+from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse, protocol_error
 from ccproxy.routes import Route
 
 log = Logger()
@@ -114,6 +116,15 @@ class _CAFilePolicy:
         return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._root)
 
 
+def upstream_endpoint(reactor: Any, policy: IPolicyForHTTPS, uri: URI, timeout: float) -> IStreamClientEndpoint:
+    """TCP to the upstream's host and port (every address the name has, tried as happy eyeballs),
+    in TLS checked by `policy` for https."""
+    endpoint = HostnameEndpoint(reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
+    if uri.scheme == b"https":
+        return wrapClientTLS(policy.creatorForNetloc(uri.host, uri.port), endpoint)
+    return endpoint
+
+
 class Forwarder:
     """Sends requests upstream over one pool of persistent connections, with per-upstream timeouts."""
 
@@ -130,8 +141,7 @@ class Forwarder:
         if found is None:
             policy = _CAFilePolicy(upstream.ca_file) if upstream.ca_file else BrowserLikePolicyForHTTPS()
             uri = URI.fromBytes(upstream.base_url.encode())
-            factory = _StandardEndpointFactory(self.reactor, policy, upstream.connect_timeout, None)
-            endpoint = factory.endpointForURI(uri)
+            endpoint = upstream_endpoint(self.reactor, policy, uri, upstream.connect_timeout)
             # Keyed by the upstream's settings too: a reload that changes its CA or timeout gets new connections.
             key = (uri.scheme, uri.host, uri.port, hash(upstream))
             found = (key, endpoint, urlsplit(upstream.base_url).path.encode())
@@ -178,5 +188,9 @@ def classify(failure: Exception, upstream: UpstreamConfig) -> ApiError:
         return ApiError(502, f"{name} upstream unreachable: host name not found")
     if isinstance(failure, error.ConnectError):
         return ApiError(502, f"{name} upstream unreachable: connection failed")
+    broken = protocol_error(failure)
+    if broken is not None:
+        log.warn("upstream {name} sent an invalid response: {error}", name=name, error=str(broken))
+        return ApiError(502, f"{name} upstream sent an invalid response: {broken}")
     log.warn("upstream {name} failed before answering: {failure!r}", name=name, failure=failure)
     return ApiError(502, f"{name} upstream closed the connection without answering")

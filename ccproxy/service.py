@@ -16,8 +16,10 @@ from ccproxy.admin.service import start as start_admin
 from ccproxy.admin.state import IncidentState
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
+from ccproxy.drain import Hurry, drain
 from ccproxy.forward import Forwarder
 from ccproxy.network.listener import listener_factory
+from ccproxy.notify import Notifier
 from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
@@ -42,6 +44,9 @@ class ProxyService(Service):
         self.port: IListeningPort | None = None
         self.audit: Any = None
         self.admin: Any = None
+        self.site: ProxySite | None = None
+        self.notifier = Notifier()
+        self.url = ""
 
     @property
     def config(self) -> Config:
@@ -52,26 +57,37 @@ class ProxyService(Service):
         config = self.config
         _apply_privacy(config)
         events.set_clock(self.reactor.seconds)
-        site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
+        site = self.site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         site.access_wanted = lambda: self.holder.current.logs_access
         if config.server.tls.enabled:
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
+        # Before anything says we are up: a SIGHUP that comes first must reload, not kill.
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         factory = listener_factory(site, self.tls, self.holder, self.reactor)
         self.port = self.reactor.listenTCP(
             config.server.port, factory, backlog=1024, interface=config.server.host
         )
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
-        log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
+        self.url = f"{scheme}://{_hostport(address.host, address.port)}"
+        log.info("ccproxy listening on {url}", url=self.url)
         self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
         self.holder.ready = True
         settle_heap()
-        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.notifier.ready(f"listening on {self.url}")
 
     def reload(self) -> bool:
+        """Re-read the config file, telling the service manager when it starts and ends."""
+        self.notifier.reloading(f"reloading {self.config_path}")
+        applied = self._reload()
+        what = "config reloaded" if applied else "config reload refused, previous config serving (see the log)"
+        self.notifier.ready(f"listening on {self.url}; {what}")
+        return applied
+
+    def _reload(self) -> bool:
         """Re-read the config file; a bad one is refused and the running config keeps serving."""
         old = self.config
         try:
@@ -80,8 +96,9 @@ class ProxyService(Service):
             _check_restart_only(changed)
             options = certificate_options(new.server.tls) if new.server.tls.enabled else None
         except ConfigError as e:
-            log.error("config reload refused, still serving the previous config: {error}", error=str(e))
-            events.emit("configuration_change", "error", outcome="refused", reason=str(e))
+            reason = "; ".join(str(fault) for fault in e.faults)
+            log.error("config reload refused, still serving the previous config: {error}", error=reason)
+            events.emit("configuration_change", "error", outcome="refused", reason=reason)
             return False
         self.holder.current = build(new, self.deps, self.holder.current.forwarder, self.holder.current)
         _apply_privacy(new)
@@ -94,15 +111,38 @@ class ProxyService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop accepting, drain what is under way, then close the rest; the audit trail closes last."""
         self.holder.ready = False
-        waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
-        if self.audit is not None:
-            waits.append(defer.maybeDeferred(self.audit.stop))
-        if self.admin is not None:
-            waits.append(self.admin.stop())
+        timeout = self.config.server.drain_timeout
+        self.notifier.stopping(f"stopping: draining for up to {timeout:g}s")
+        # A second SIGTERM or SIGINT (an impatient operator) cuts what is left at once.
+        hurry = Hurry()
+
+        def again(*_: Any) -> None:
+            log.warn("second stop signal: cutting the requests still under way")
+            hurry.now()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.reactor.callFromThread(again))
         if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-        return defer.DeferredList(waits, consumeErrors=True)
+            await defer.maybeDeferred(self.port.stopListening)
+        if self.site is not None:
+            finished, cut = await drain(self.site, self.reactor, timeout, self.notifier.status, hurry)
+            if cut:
+                log.warn("shutdown: {cut} request(s) still under way after drain_timeout={timeout}s were cut; "
+                         "{finished} finished", cut=cut, finished=finished, timeout=timeout)
+            elif finished:
+                log.info("shutdown: {finished} request(s) under way finished during the drain", finished=finished)
+        self.notifier.status("stopping: closing upstream connections and the audit trail")
+        waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
+        if self.admin is not None:
+            waits.append(self.admin.stop())  # the admin socket, metrics listener, incident state
+        await defer.DeferredList(waits, consumeErrors=True)
+        if self.audit is not None:
+            await defer.DeferredList([defer.maybeDeferred(self.audit.stop)], consumeErrors=True)
 
 
 def settle_heap() -> None:

@@ -6,6 +6,7 @@ Requests are read by `ccproxy.http.server.HardenedChannel` and answered as
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,28 @@ from ccproxy.network.addresses import NetworkSet
 
 __all__ = ["ACCESS_PUBLISHER", "ProxySite"]
 
+
+class _CountedPublisher(LogPublisher):
+    """A LogPublisher that says whether anyone listens, so no access line is built for nobody."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed: list[Any] = []
+
+    def addObserver(self, observer: Any) -> None:
+        super().addObserver(observer)
+        if observer not in self.observed:
+            self.observed.append(observer)
+
+    def removeObserver(self, observer: Any) -> None:
+        super().removeObserver(observer)
+        if observer in self.observed:
+            self.observed.remove(observer)
+
+
 # Access lines have a publisher of their own: they reach only the outputs that ask for them
 # (an audit output with `records: access`), never the daemon log or syslog by default.
-ACCESS_PUBLISHER = LogPublisher()
+ACCESS_PUBLISHER = _CountedPublisher()
 access_log = Logger(namespace="ccproxy.access", observer=ACCESS_PUBLISHER)
 
 class ProxySite(Factory):
@@ -37,11 +57,16 @@ class ProxySite(Factory):
         self._trusted: tuple[NetworkConfig | None, NetworkSet] = (None, NetworkSet(()))
         # Whether any output records access lines; the service points this at the live config.
         self.access_wanted: Callable[[], bool] = lambda: True
+        # Shutting down (see ccproxy.drain): channels ask this before keeping a connection open.
+        self.draining = False
+        # Every open connection's channel, for the drain to find; gone ones drop out by themselves.
+        self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = self.protocol()
         channel.site = self
         channel.factory = self
+        self.channels.add(channel)
         return channel
 
     def trusted(self) -> NetworkSet:
@@ -51,7 +76,7 @@ class ProxySite(Factory):
         return self._trusted[1]
 
     def log(self, request: Any) -> None:
-        if not ACCESS_PUBLISHER._observers or not self.access_wanted():
+        if not ACCESS_PUBLISHER.observed or not self.access_wanted():
             return  # no output asked for access lines: build none
         ctx = getattr(request, "ccproxy_ctx", None)
         started = getattr(request, "ccproxy_started", None)

@@ -1,4 +1,4 @@
-"""TLS for the listening side: certificate loading, protocol floor, cipher suites, hot swap."""
+"""TLS for the listening side: certificate loading, protocol floor, cipher suites, groups, hot swap."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from ccproxy._compat import set_groups
 from ccproxy.config._reader import ConfigError
-from ccproxy.config._tls_names import DEFAULT_TLS12, TLS12_SUITES, TLS13_SUITES
+from ccproxy.config._tls_names import DEFAULT_TLS12, TLS12_SUITES, TLS13_SUITES, openssl_groups
 from ccproxy.config.server import TLSConfig
 
 
@@ -26,7 +27,11 @@ def certificate_options(config: TLSConfig) -> CertificateOptions:
     assert config.cert_file is not None and config.key_file is not None
     cert_path, key_path = config.cert_file, config.key_file
     if config.self_signed and not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        write_self_signed(cert_path, key_path)
+        try:
+            write_self_signed(cert_path, key_path)
+        except OSError as e:
+            raise ConfigError("server.tls.cert_file",
+                              f"self_signed cannot write {e.filename or cert_path}: {e.strerror}") from None
     chain = _read_certificates(cert_path)
     key = _read_key(key_path)
     if chain[0].public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
@@ -45,6 +50,8 @@ def certificate_options(config: TLSConfig) -> CertificateOptions:
     context = options.getContext()
     if tls13:
         context.set_tls13_ciphersuites(":".join(tls13).encode())
+    # OpenSSL's own default offers X448 and P-521 too; the list is checked when the config is read.
+    set_groups(context, openssl_groups(config.groups))
     return options
 
 

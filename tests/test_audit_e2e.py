@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from ccproxy.audit.verify import verify
 from tests.support.clients import anthropic_client
 from tests.support.daemon import Daemon
 from tests.support.rsyslog import Rsyslog
+from tests.support.waiting import wait_until
 
 HMAC_KEY = "audit-e2e-hmac-key-5f0e1d2c3b4a69788796a5b4"
 UPSTREAM_KEY = "sk-ant-api03-E2EUPSTREAMKEY000000000000000000000000000000000000000000f3a9"
@@ -67,14 +67,6 @@ def _by_app(r: Rsyslog, app: str, checkpoints: bool = False) -> list[dict[str, A
     return out
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def _first_seen(records: list[dict[str, Any]]) -> list[int]:
     """Sequence numbers in arrival order, a duplicate (sent again after a reconnect) counted once."""
     seen: list[int] = []
@@ -103,7 +95,7 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
     anthropic_client(d, CLIENT_KEY).messages.create(**message)
     with pytest.raises(anthropic.AuthenticationError):
         anthropic_client(d, WRONG_KEY).messages.create(**message)
-    _wait(lambda: {"authentication_success", "authentication_failure"} <= {r["event"] for r in _by_app(rsyslog, "ccp-tcp")})
+    wait_until(lambda: {"authentication_success", "authentication_failure"} <= {r["event"] for r in _by_app(rsyslog, "ccp-tcp")})
     auth_events = _by_app(rsyslog, "ccp-tcp")
     assert [r["event"] for r in auth_events] == ["authentication_success", "authentication_failure"]
     assert auth_events[0]["api_key_id"] == "key-e2e" and auth_events[0]["ip_address"] == "127.0.0.1"
@@ -111,17 +103,21 @@ def test_rsyslog_receives_every_transport_and_no_output_holds_a_secret(
     _reloads(d, 3)
 
     for app in ("ccp-tcp", "ccp-udp", "ccp-unix"):
-        _wait(lambda app=app: len(_by_app(rsyslog, app)) >= 5)
+        wait_until(lambda app=app: len(_by_app(rsyslog, app)) >= 5)
         records = _by_app(rsyslog, app)
         assert [r["event"] for r in records[2:]] == ["configuration_change"] * 3
         assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
         assert records[2]["changed"] == ["upstreams.anthropic.read_timeout"]
     for fields in rsyslog.lines():
-        if fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix") and fields[4] == "configuration_change":
-            assert fields[:3] == ["1", "local4", "notice"]
-        elif fields[3] in ("ccp-tcp", "ccp-udp", "ccp-unix"):
-            assert fields[:3] == ["1", "local4", "info" if fields[4] == "authentication_success" else "warning"]
-    _wait(lambda: any(r["path"] == "/v1/messages" for r in _by_app(rsyslog, "ccp-access")))
+        if fields[3] not in ("ccp-tcp", "ccp-udp", "ccp-unix"):
+            continue
+        event = json.loads(fields[5][fields[5].find("{"):])["event"]
+        severity = {"configuration_change": "notice", "authentication_success": "info"}.get(event, "warning")
+        # Network outputs speak RFC 5424 (version 1, the event as MSGID); the local socket the local
+        # syslog(3) format, which the receiver parses with the tag as app-name.
+        version, msgid = ("0", "-") if fields[3] == "ccp-unix" else ("1", event)
+        assert fields[:5] == [version, "local4", severity, fields[3], msgid]
+    wait_until(lambda: any(r["path"] == "/v1/messages" for r in _by_app(rsyslog, "ccp-access")))
     access = [r for r in _by_app(rsyslog, "ccp-access") if r["path"] == "/v1/messages"]
     assert [(r["status"], r["api_key_id"]) for r in access] == [(200, "key-e2e"), (401, None)]
     assert access[0]["event"] == "http_request" and access[0]["method"] == "POST"
@@ -158,15 +154,18 @@ def test_a_receiver_that_goes_away_and_comes_back_gets_everything_in_order(
     config = _config(tmp_path, [_syslog(rsyslog, tmp_path, "tcp", "ccp-tcp", queue_size=2)])
     d = daemon(config, env=ENV)
     _reloads(d, 2)
-    _wait(lambda: len(_by_app(rsyslog, "ccp-tcp")) >= 2)
+    wait_until(lambda: len(_by_app(rsyslog, "ccp-tcp")) >= 2)
     rsyslog.stop()
     rsyslog.hold_port()
-    time.sleep(0.5)
-    _reloads(d, 4)  # two wait in memory, two in the spool
-    time.sleep(1.0)
+    # Records sent before the daemon sees the connection go would be lost with it: wait until it has.
+    lost = f"audit syslog tcp 127.0.0.1:{rsyslog.tcp_port}: connection lost"
+    wait_until(lambda: lost in d.log(), what="the daemon to see the receiver gone")
+    _reloads(d, 4)  # the memory queue takes two; the rest (and any resent in flight) go to the spool
+    spool = tmp_path / "spool-ccp-tcp"
+    wait_until(lambda: spool.exists() and spool.read_bytes().count(b"\n") >= 2, what="records in the spool")
     rsyslog.start()
     _reloads(d, 1)
-    _wait(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 8)))
+    wait_until(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 8)))
     assert _first_seen(_by_app(rsyslog, "ccp-tcp")) == list(range(1, 8))
 
 
@@ -183,7 +182,7 @@ def test_records_spooled_at_shutdown_are_delivered_after_a_restart(
     rsyslog.start()
     d.start()
     _reloads(d, 1)
-    _wait(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 7)))
+    wait_until(lambda: set(_first_seen(_by_app(rsyslog, "ccp-tcp"))) >= set(range(1, 7)))
     assert _first_seen(_by_app(rsyslog, "ccp-tcp")) == list(range(1, 7))
     assert spool.read_bytes() == b""
     d.stop()

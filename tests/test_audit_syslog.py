@@ -275,3 +275,160 @@ def test_with_syslog_outputs_only_the_chain_continues_after_a_restart(tmp_path: 
     assert [(c["seq"], c["hash"], c["reason"]) for c in checkpoints] == [
         (2, received[1]["hash"], "shutdown"), (4, received[3]["hash"], "shutdown")]
     assert received[2]["prev"] == received[1]["hash"]
+
+
+# -- datagram outputs (UDP, a Unix socket): a real kernel socket, the reactor's clock in memory
+
+
+class DatagramReceiver:
+    """A Unix datagram socket the sink sends to; bound on demand, read without blocking."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def bind(self) -> DatagramReceiver:
+        self.sock.bind(str(self.path))
+        return self
+
+    def read(self) -> list[bytes]:
+        got = []
+        while True:
+            try:
+                got.append(self.sock.recv(1 << 20))
+            except BlockingIOError:
+                return got
+
+    def seqs(self, messages: list[bytes]) -> list[int]:
+        import json
+
+        # The local socket speaks the syslog(3) format: the record is the JSON after the tag.
+        return [json.loads(m[m.index(b"{"):])["seq"] for m in messages]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def log_text() -> Iterator[list[str]]:
+    from twisted.logger import formatEvent
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("ccproxy.audit"):
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def _unix_sink(tmp: Path, reactor: Any, **extra: Any) -> SyslogSink:
+    from ccproxy.audit._trail import _report_loss
+
+    spec = SyslogOutput(host=str(tmp / "log.sock"), port=0, protocol="unix", spool_path=str(tmp / "spool"), **extra)
+    sink = SyslogSink(spec, reactor, _report_loss)
+    sink.start()
+    return sink
+
+
+def test_a_unix_receiver_that_is_not_there_yet_gets_everything_once_it_is(tmp_path: Path,
+                                                                          log_text: list[str]) -> None:
+    reactor = MemoryReactorClock()
+    sink = _unix_sink(tmp_path, reactor)
+    Source().feed(sink, 3)
+    assert len(sink.queue) == 3
+    reactor.advance(1.0)
+    reactor.advance(1.0)  # retried every second, warned once per outage
+    assert len([line for line in log_text if "retrying every 1.0s" in line]) == 1
+    receiver = DatagramReceiver(tmp_path / "log.sock").bind()
+    try:
+        reactor.advance(1.0)
+        assert receiver.seqs(receiver.read()) == [1, 2, 3]
+        assert any("sending again" in line for line in log_text)
+        # The receiver goes away: records wait again, and go out once it is back.
+        receiver.close()
+        Source().feed(sink, 2)
+        assert sink.link.ready() is False  # type: ignore[attr-defined]
+        receiver = DatagramReceiver(tmp_path / "log.sock").bind()
+        reactor.advance(1.0)
+        assert receiver.seqs(receiver.read()) == [1, 2]  # a new Source: its own sequence
+    finally:
+        sink.stop()
+        receiver.close()
+
+
+def test_a_datagram_too_large_is_dropped_and_counted(tmp_path: Path, log_text: list[str]) -> None:
+    reactor = MemoryReactorClock()
+    receiver = DatagramReceiver(tmp_path / "log.sock").bind()
+    sink = _unix_sink(tmp_path, reactor)
+    try:
+        record = {"timestamp": "1970-01-01T00:00:00.000Z", "severity": "info", "event": "big"}
+        sink.write(record, b'{"x": "' + b"x" * (4 << 20) + b'"}', 0.0)  # past any socket buffer
+        Source().feed(sink, 1)
+        assert sink.lost == 1
+        assert receiver.seqs(receiver.read()) == [1]  # the next record still goes out
+        assert any("too large for a datagram" in line for line in log_text)
+    finally:
+        sink.stop()
+        receiver.close()
+
+
+def test_a_full_datagram_buffer_parks_the_sender_and_loses_nothing(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    receiver = DatagramReceiver(tmp_path / "log.sock").bind()
+    sink = _unix_sink(tmp_path, reactor, queue_size=100_000)
+    try:
+        Source().feed(sink, 3000)  # more than a Unix datagram queue holds unread
+        assert sink.queue, "the kernel took every datagram at once: nothing was parked"
+        got: list[bytes] = []
+        for _ in range(10_000):
+            got += receiver.read()
+            if len(got) == 3000:
+                break
+            reactor.advance(0.01)  # the parked socket is tried again shortly
+        assert receiver.seqs(got) == list(range(1, 3001))
+        assert sink.lost == 0
+    finally:
+        sink.stop()
+        receiver.close()
+
+
+def test_a_udp_host_name_is_resolved_and_a_failed_lookup_retried(tmp_path: Path, log_text: list[str]) -> None:
+    import socket
+
+    from twisted.internet import defer
+    from twisted.internet.error import DNSLookupError
+
+    from ccproxy.audit._trail import _report_loss
+
+    answers: list[Any] = [DNSLookupError("no such host"), "127.0.0.1"]
+
+    class Resolving(MemoryReactorClock):
+        def resolve(self, name: str) -> defer.Deferred[str]:
+            assert name == "syslog.example"
+            answer = answers.pop(0)
+            return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    reactor = Resolving()
+    spec = SyslogOutput(host="syslog.example", port=receiver.getsockname()[1], protocol="udp",
+                        spool_path=str(tmp_path / "spool"))
+    sink = SyslogSink(spec, reactor, _report_loss)
+    sink.start()
+    try:
+        Source().feed(sink, 1)
+        assert any("no such host" in line for line in log_text)
+        reactor.advance(5.0)  # looked up again
+        assert answers == []
+        assert HEADER.match(receiver.recv(65536)) is not None
+    finally:
+        sink.stop()
+        receiver.close()

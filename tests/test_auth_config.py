@@ -128,3 +128,29 @@ def test_keys_generate_prints_a_key_and_its_digest() -> None:
     assert lines["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
     cfg = config({"enabled": True, "api_keys": [{"id": "ci", "key_sha256": lines["key_sha256"]}]})
     assert cfg.auth.keys[0].digest == hashlib.sha256(key.encode()).digest()
+
+
+def test_keys_digest_reads_the_key_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+    import io
+
+    from ccproxy.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ccp_an-existing-client-key-0001\n"))
+    assert main(["keys", "digest"]) == 0
+    out = capsys.readouterr()
+    assert out.out == hashlib.sha256(b"ccp_an-existing-client-key-0001").hexdigest() + "\n"
+    assert "an-existing-client-key" not in out.out + out.err  # the key itself is never echoed
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    assert main(["keys", "digest"]) == 1
+    assert capsys.readouterr().err == "no key on standard input\n"
+
+
+def test_keys_generate_without_an_id_names_the_key_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    from ccproxy.cli import main
+
+    assert main(["keys", "generate"]) == 0
+    entries = [line.strip().lstrip("- ") for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    fields = dict(entry.split(": ", 1) for entry in entries)
+    assert fields["key"].startswith("ccp_") and len(fields["key"]) == 4 + 43  # 256 bits, URL-safe base64
+    assert fields["id"].startswith("key-") and len(fields["id"]) == 4 + 6

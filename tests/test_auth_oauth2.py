@@ -177,3 +177,19 @@ def test_concurrent_requests_share_one_introspection_call() -> None:
     http.flush()
     assert [(r, i.user_id) for r, i in out] == [(None, "user-5")] * 3
     assert len(idp.pending) == 1 and layer.authenticator.inflight == {}  # type: ignore[attr-defined]
+
+
+def test_an_expiry_that_is_not_a_number_is_refused() -> None:
+    idp = Introspection()
+    bad = ["1800000100", True, None, [NOW + 60], {"at": NOW + 60}, float("nan"), float("inf")]
+    for i, exp in enumerate(bad):
+        idp.tokens[f"tok-{i}"] = {"active": True, "sub": "user-7", "exp": exp}
+    idp.tokens["tok-none"] = {"active": True, "sub": "user-8"}  # no exp at all: optional in RFC 7662
+    idp.tokens["tok-int"] = {"active": True, "sub": "user-9", "exp": int(NOW) + 60}
+    http = StubTreq(idp)
+    layer, _ = layer_for(http)
+    for i, exp in enumerate(bad):
+        err = check(layer, f"tok-{i}", http)
+        assert isinstance(err, ApiError) and err.status == 401 and "expiry" in err.message, exp
+    assert check(layer, "tok-none", http).user_id == "user-8"
+    assert check(layer, "tok-int", http).user_id == "user-9"

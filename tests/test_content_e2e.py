@@ -9,27 +9,11 @@ import anthropic
 import openai
 import pytest
 
-from tests.support.clients import anthropic_client, openai_client
+from tests.support.clients import anthropic_client, http_client, openai_client
+from tests.support.content import seed_content
 from tests.support.upstream import FakeUpstream, Script, anthropic_stream, message_json, openai_stream
 
-SECURITY = {
-    "request_validation": {
-        "enabled": True,
-        "max_tokens": 1000,
-        "max_messages": 3,
-        "max_message_length": 200,
-        "blocked_patterns": ["(?i)api[_-]?key", "(?i)password", "<script"],
-    },
-    "response_sanitization": {
-        "enabled": True,
-        "remove_system_prompts": True,
-        "mask_api_keys": True,
-        "mask_emails": True,
-        "mask_phone_numbers": True,
-        "mask_patterns": [{"name": "credit_card", "pattern": r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b",
-                           "replacement": "XXXX-XXXX-XXXX-XXXX"}],
-    },
-}
+SECURITY = seed_content(max_tokens=1000, max_messages=3, max_message_length=200)
 SYSTEM = "You are Quill, a terse assistant for the Example Corp support desk; never mention vault nine."
 KEY = "sk-ant-api03-Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0"
 TEXT = (f"Sure! Use {KEY} and mail ops@example.com or call (415) 555-0132. Card 4111 1111 1111 1111. "
@@ -118,9 +102,7 @@ def test_openai_refusal_shape(proxy: Any, upstream: FakeUpstream) -> None:
 
 
 def test_malformed_body_is_400(proxy: Any, upstream: FakeUpstream) -> None:
-    import httpx2 as httpx  # type: ignore[import-not-found]
-
-    with httpx.Client(verify=False, timeout=10) as client:
+    with http_client(proxy) as client:
         r = client.post(proxy.url + "/v1/messages", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -153,9 +135,7 @@ def test_encoded_upstream_body_is_refused_not_passed(proxy: Any, upstream: FakeU
 def test_stream_cut_midway_never_flushes_the_held_tail(proxy: Any, upstream: FakeUpstream) -> None:
     events = anthropic_stream(["Your key: sk-ant-", "api03-Zz9Yy8Xx7Ww6"])
     upstream.expect(Script(events=events, headers=SSE, cut_after=5))  # both deltas sent, then cut
-    import httpx2 as httpx  # type: ignore[import-not-found]
-
-    with httpx.Client(verify=False, timeout=10) as client:
+    with http_client(proxy) as client:
         r = client.post(proxy.url + "/v1/messages", json={
             "model": "m", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -389,3 +390,48 @@ def test_deltas_without_a_block_start_are_still_masked() -> None:
     out = b"".join(sse.feed(e) for e in events) + sse.close()
     assert b"abcdefghijklmnop" not in out
     assert _client_text_anthropic(out)[0] == "key [REDACTED_API_KEY] done"
+
+
+# Every construct the prefix derivation serialises, each with a string no match can begin with.
+CONSTRUCTS = [
+    (r"x[^a]y", "xa"),                      # a negated single character
+    (r"(?:ab|cd){2}z", "ac"),               # a branch repeated: serialised in full before the last copy
+    (r"\bkey\b-\d+", "kex"),                # word boundaries dropped
+    (r"^id=\w{3}$", "ix"),                  # anchors dropped
+    (r"(?i)tok(?-i:EN)\D", "tokx"),         # global flags, and a group that turns one off
+    (r"a(?i:b(?s:.)c)+d", "ax"),            # flags switched on inside a repeated group
+    (r"q{0}r[\s\S]", "q"),                  # a repeat of nothing
+    (r"v+?w", "x"),                         # a lazy repeat
+    (r"n{1200}", "m"),                      # a count above RE2's limit
+    (r"[a-c\d]{2,4}!", "!"),                # a class with a range and a category
+    (r"[^ab]{2}()c", "a"),                  # a negated class; an empty group
+]
+
+
+@pytest.mark.parametrize(("pattern", "never"), CONSTRUCTS)
+@given(data=st.data())
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_prefix_pattern_of_each_construct(pattern: str, never: str, data: st.DataObject) -> None:
+    derived = prefix_pattern(pattern)
+    assert derived is not None
+    tail = re2.compile("(?:" + derived + r")\z")
+    # Matches as RE2 reads the pattern: its \d, \w and \s are ASCII.
+    match = data.draw(st.from_regex(re.compile(pattern, re.ASCII), fullmatch=True), label="match")
+    cut = data.draw(st.integers(0, len(match)), label="cut")
+    assert tail.fullmatch(match[:cut]) is not None, (pattern, match[:cut])
+    assert tail.fullmatch(never) is None  # a superset, but not everything
+
+
+@pytest.mark.parametrize("pattern", [r"(?=a)b", r"(a)\1", r"x(?<!y)", r"(?:a(?=b))+c", r"[[:alpha:]]", r"\pL",
+                                     r"(?U)a+", r"a("])
+def test_patterns_the_derivation_cannot_read_give_none(pattern: str) -> None:
+    assert prefix_pattern(pattern) is None
+
+
+def test_min_width() -> None:
+    from ccproxy.content.prefix import min_width
+
+    assert min_width(r"ab+c?") == 2
+    assert min_width(r"(?:xy|z){2}") == 2
+    assert min_width(r"[[:digit:]]") is None  # RE2 syntax Python's parser reads otherwise
+    assert min_width(r"a(") is None

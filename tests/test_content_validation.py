@@ -17,25 +17,9 @@ from ccproxy.content.layer import ContentLayer
 from ccproxy.context import RequestContext
 from ccproxy.errors import ApiError
 from ccproxy.routes import Route
+from tests.support.content import seed_content
 
-SEED = {
-    "request_validation": {
-        "enabled": True,
-        "max_tokens": 100000,
-        "max_messages": 100,
-        "max_message_length": 50000,
-        "blocked_patterns": ["(?i)api[_-]?key", "(?i)password", "<script"],
-    },
-    "response_sanitization": {
-        "enabled": True,
-        "remove_system_prompts": True,
-        "mask_api_keys": True,
-        "mask_emails": True,
-        "mask_phone_numbers": True,
-        "mask_patterns": [{"name": "credit_card", "pattern": r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b",
-                           "replacement": "XXXX-XXXX-XXXX-XXXX"}],
-    },
-}
+SEED = seed_content()
 
 
 def parse(security: dict[str, Any]) -> ContentConfig:
@@ -160,12 +144,21 @@ def test_blocked_patterns_never_echo_the_text(content: Any, index: int, seen_eve
     assert seen_events[0]["rule"] == f"blocked_patterns[{index}]"
 
 
-def test_openai_message_shapes_are_read() -> None:
-    body = {"model": "gpt", "messages": [
-        {"role": "system", "content": "fine"},
-        {"role": "user", "content": [{"type": "text", "text": "my password"}]},
-    ]}
-    refusal(LAYER, make_ctx(json.dumps(body).encode(), kind="chat_completions", api="openai"))
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "my password"}, {"role": "user", "content": "fine"}],
+    [{"role": "system", "content": "fine"}, {"role": "user", "content": [{"type": "text", "text": "my password"}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}},
+                                  {"type": "text", "text": "my password"}]}],
+], ids=["system_string", "text_part", "text_after_image"])
+def test_openai_message_shapes_are_read(messages: list[dict[str, Any]], seen_events: list[dict[str, Any]]) -> None:
+    def ctx(messages: list[dict[str, Any]]) -> RequestContext:
+        return make_ctx(json.dumps({"model": "gpt", "messages": messages}).encode(), kind="chat_completions",
+                        api="openai")
+
+    check(LAYER, ctx(json.loads(json.dumps(messages).replace("my password", "my pass"))))  # passes without it
+    error = refusal(LAYER, ctx(messages))
+    assert error.message == "request blocked by content rule blocked_patterns[1]"  # the pattern "(?i)password"
+    assert [e["rule"] for e in seen_events] == ["blocked_patterns[1]"]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"',

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.clients import anthropic_client, openai_client
 from tests.support.upstream import FakeUpstream, Script, anthropic_stream, message_json, openai_stream
+from tests.support.waiting import wait_steady, wait_until
 
 SSE = {"content-type": "text/event-stream", "request-id": "req_upstream_stream"}
 UPSTREAM_KEY = "sk-ant-api03-upstreamupstreamupstream-f3a9"
@@ -136,12 +137,13 @@ def test_unreachable_upstream_is_502_in_api_shape(daemon, upstream: FakeUpstream
 
 def test_slow_upstream_is_504(daemon, upstream: FakeUpstream) -> None:
     d = daemon({"upstreams": {"anthropic": {"read_timeout": "1s"}}})
-    upstream.expect(Script(delay=3, body=b"{}", headers={"content-type": "application/json"}))
+    upstream.expect(Script(delay=10, body=b"{}", headers={"content-type": "application/json"}))
     started = time.monotonic()
     status, _, data = raw_request(d, "POST", "/v1/messages", {}, b"{}")
     assert status == 504
     assert json.loads(data)["error"]["type"] == "timeout_error"
-    assert time.monotonic() - started < 2.9
+    # Not before the 1 s read timeout, and well before the upstream would have answered.
+    assert 1.0 <= time.monotonic() - started < 10.0
 
 
 def test_upstream_cut_mid_stream_gives_error_event_then_clean_close(daemon, upstream: FakeUpstream) -> None:
@@ -170,8 +172,9 @@ def test_client_disconnect_cancels_upstream(daemon, upstream: FakeUpstream) -> N
     while not upstream.aborted and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.aborted, "the upstream kept streaming to a client that was gone"
-    # The upstream wrote events every 50 ms: its first failed write shows it was cut off promptly.
-    assert upstream.aborted[0] - closed_at < 2
+    # The upstream wrote events every 50 ms for 10 s: its first failed write shows it was cut off
+    # promptly, long before its stream would have ended (a slow runner only delays the cut).
+    assert upstream.aborted[0] - closed_at < 8
 
 
 def test_headers_query_and_bodies_kept_faithfully(daemon, upstream: FakeUpstream) -> None:
@@ -321,8 +324,9 @@ def test_slow_client_slows_the_upstream_read(daemon, upstream: FakeUpstream) -> 
     produced: list[int] = []
     whole = BIG_STREAM * len(BIG_EVENT)
     with unread_stream(d, upstream, produced) as s:
-        time.sleep(3)  # the client reads nothing
-        stalled_at = len(produced)
+        # The client reads nothing: the upstream's production must come to a halt, far short of the
+        # stream. (Without back-pressure the proxy would read the whole 100 MB in a few seconds.)
+        stalled_at = wait_steady(lambda: len(produced), steady=1.0, what="the upstream's production")
         assert stalled_at < BIG_STREAM // 2, f"upstream produced {stalled_at} events to a client not reading"
         received = 0
         s.settimeout(30)
@@ -341,7 +345,11 @@ def test_a_client_that_stops_reading_is_cut_after_send_timeout(daemon, upstream:
     d = daemon({"security": {"ddos_protection": {"send_timeout": "2s"}}})
     produced: list[int] = []
     with unread_stream(d, upstream, produced) as s:
-        time.sleep(6)  # reads nothing: the buffers fill, then 2 s pass with nothing taken
+        stopped_reading = time.monotonic()
+        # Reads nothing: the buffers fill, then 2 s pass with nothing taken, and the daemon says so.
+        wait_until(lambda: "reason=send_timeout" in d.log(), timeout=60, what="the send_timeout cut")
+        assert time.monotonic() - stopped_reading >= 2.0  # not before the configured time
+        wait_until(lambda: upstream.aborted, timeout=20, what="the upstream request to be stopped")
         stopped_at = len(produced)
         s.settimeout(10)
         received = 0
@@ -352,4 +360,3 @@ def test_a_client_that_stops_reading_is_cut_after_send_timeout(daemon, upstream:
             pass
     assert received < BIG_STREAM * len(BIG_EVENT) // 2  # what was buffered, then the cut: not the stream
     assert stopped_at < BIG_STREAM // 2 and len(produced) == stopped_at  # the upstream stopped with it
-    assert "reason=send_timeout" in d.log()

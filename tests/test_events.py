@@ -46,23 +46,34 @@ def test_daemon_log_budget_holds_back_floods_but_observers_get_every_event() -> 
     logged: list[dict[str, Any]] = []
 
     def log_observer(event: dict[str, Any]) -> None:
-        if event.get("ccproxy_event") == "flood_test":
+        if event.get("ccproxy_event") in ("flood_test", "other_event_test"):
             logged.append(event)
+
+    def flood(count: int) -> list[dict[str, Any]]:
+        """Emit `count` flood_test events; the lines the daemon log got from them."""
+        before = len(logged)
+        for _ in range(count):
+            events.emit("flood_test", "warning", reason="x")
+        return logged[before:]
 
     events.add_observer(direct.append)
     globalLogPublisher.addObserver(log_observer)
     saved = events._budget
     events._budget = events.LogBudget(clock.seconds, rate=10.0, burst=5.0)
     try:
-        for _ in range(50):
-            events.emit("flood_test", "warning", reason="x")
+        assert len(flood(50)) == 5  # the daemon log gets only its burst
         assert len([e for e in direct if e["ccproxy_event"] == "flood_test"]) == 50  # the audit trail sees all
-        assert len(logged) == 5  # the daemon log only its burst
-        clock.advance(1.0)  # ten more lines' worth of budget
-        events.emit("flood_test", "warning", reason="x")
-        assert logged[-1]["suppressed"] == 45
-        assert "suppressed=45" in formatEvent(logged[-1])
-        events.emit("other_event_test", "info")  # each event name has a budget of its own
+        # Each event name has a budget of its own: flood_test's is spent, this one's is whole.
+        events.emit("other_event_test", "info")
+        assert logged[-1]["ccproxy_event"] == "other_event_test" and "suppressed" not in logged[-1]
+        clock.advance(0.3)  # at 10 lines a second: three more lines' worth, and no more
+        refilled = flood(4)
+        assert len(refilled) == 3
+        assert refilled[0]["suppressed"] == 45  # the first line after a gap says how many were held back
+        assert "suppressed=45" in formatEvent(refilled[0])
+        assert all("suppressed" not in e for e in refilled[1:])
+        clock.advance(3600.0)  # an idle hour refills the bucket to its burst, not beyond
+        assert len(flood(20)) == 5
     finally:
         events._budget = saved
         events.remove_observer(direct.append)

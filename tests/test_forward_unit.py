@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.test.requesthelper import DummyRequest
 
-from ccproxy.config import parse
 from ccproxy.errors import ANTHROPIC, OPENAI, ApiError, error_body, sse_error_event
 from ccproxy.forward import end_to_end, response_headers, upstream_headers
-from ccproxy.relay import Relay
 from ccproxy.routes import CHAT_COMPLETIONS, COUNT_TOKENS, MESSAGES, OTHER, route
+from tests.support.forwarding import make_relay, upstreams
 
 KEY = "sk-ant-api03-upstreamkeyupstreamkey-f3a9"
-
-
-def upstreams(**anthropic: Any) -> Any:
-    return parse({"server": {"tls": {"enabled": False}},
-                  "upstreams": {"anthropic": {"base_url": "https://a.example:8443/pre", **anthropic},
-                                "openai": {"api_key": "sk-proj-openaiopenaiopenai-0000"}}}, environ={}).upstreams
 
 
 @pytest.mark.parametrize(("target", "api", "path", "kind"), [
@@ -111,21 +102,6 @@ def test_error_shapes() -> None:
     assert sse_error_event(OPENAI, ApiError(502, "cut")).startswith(b"data: {\"error\"")
 
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.stopped = False
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-
 class Upper:
     """A body filter that holds back the last byte until the end, to show tails are handled."""
 
@@ -139,34 +115,6 @@ class Upper:
 
     def close(self) -> bytes:
         return self.held.upper()
-
-
-class PushRequest(DummyRequest):
-    """DummyRequest only knows pull producers; the relay registers a push producer."""
-
-    producer: Any = None
-    startedWriting = False
-
-    def write(self, data: bytes) -> None:
-        self.startedWriting = True
-        super().write(data)
-
-    def registerProducer(self, prod: Any, streaming: bool) -> None:
-        assert streaming
-        self.producer = prod
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-def make_relay(clock: Clock, **kw: Any) -> tuple[Relay, PushRequest, list[int | None], FakeProducer]:
-    request = PushRequest([b""])
-    heads: list[int | None] = []
-    relay = Relay(request, clock, 5.0, heads.append, ANTHROPIC, **kw)
-    producer = FakeProducer()
-    relay.makeConnection(producer)  # type: ignore[arg-type]
-    relay.watch()
-    return relay, request, heads, producer
 
 
 def test_relay_streams_and_finishes() -> None:

@@ -126,6 +126,12 @@ def test_syslog_tls_needs_tcp() -> None:
 def test_check_config_prints_which_settings_hold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.yaml"
     data = _good(tmp_path)
+    # check-config also checks that the daemon could read its certificate: give it a real one.
+    from ccproxy.tls import write_self_signed
+
+    write_self_signed(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    data["server"]["tls"] = {"enabled": True, "cert_file": str(tmp_path / "cert.pem"),
+                             "key_file": str(tmp_path / "key.pem")}
     data["privacy"]["hipaa"].update(access_controls="standard", audit_logs="standard")
     data["security"]["audit"]["outputs"].pop(1)
     path.write_text(yaml.safe_dump(data))

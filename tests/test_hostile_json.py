@@ -15,7 +15,7 @@ from ccproxy.content.layer import JsonFilter
 from ccproxy.content.masking import Masker, built_in_rules, mask_strings, rule_set
 from ccproxy.context import RequestContext
 from ccproxy.errors import ANTHROPIC, ApiError
-from tests.test_forward_unit import make_relay, upstreams
+from tests.support.forwarding import make_relay, upstreams
 
 SECRET = "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv_-0123"
 

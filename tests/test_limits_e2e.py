@@ -16,8 +16,10 @@ import openai
 import pytest
 
 from tests.support.clients import anthropic_client, openai_client
+from tests.support.net import refused, tcp
 from tests.support.redis import RedisServer
 from tests.support.upstream import FakeUpstream
+from tests.support.waiting import wait_until
 
 BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 
@@ -69,6 +71,7 @@ def test_sdks_see_a_rate_limit_error_they_understand(daemon: Any, upstream: Fake
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.timeout(300)  # 200 TLS requests at once on two loaded cores: slow, never wrong
 def test_two_instances_sharing_redis_admit_exactly_the_limit(
     daemon: Any, upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
@@ -78,12 +81,18 @@ def test_two_instances_sharing_redis_admit_exactly_the_limit(
                                                    "on_error": "fail_closed"}})
     first, second = daemon(config), daemon(json.loads(json.dumps(config)))
     statuses: list[int] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
     go = threading.Event()
 
     def one(target: Any) -> None:
         go.wait()
-        status, _ = post(target)
+        try:
+            status, _ = post(target, timeout=240)
+        except Exception as e:  # counted, not lost in a thread
+            with lock:
+                errors.append(e)
+            return
         with lock:
             statuses.append(status)
 
@@ -92,7 +101,8 @@ def test_two_instances_sharing_redis_admit_exactly_the_limit(
         t.start()
     go.set()
     for t in threads:
-        t.join(60)
+        t.join()
+    assert errors == []
     outage = [line for d in (first, second) for line in d.log().splitlines() if "backend_unavailable" in line]
     assert sorted(set(statuses)) == [200, 429], (sorted(set(statuses)), outage)
     assert statuses.count(200) == 100
@@ -111,7 +121,7 @@ def test_redis_killed_requests_follow_on_error_within_the_timeout(
         started = time.monotonic()
         status, headers = post(d)
         assert status == 503 and headers["retry-after"] == "1"
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 5.0  # a request, TLS and all: not held beyond the 500 ms by much
     assert "rate_limit_backend_unavailable" in d.log()
     redis_server.start()
     deadline = time.monotonic() + 30
@@ -146,19 +156,12 @@ def test_auto_block_by_one_instance_is_refused_at_accept_by_both(
     status, headers = post(first)
     assert status == 429 and int(headers["retry-after"]) > 3500
     assert "ip_auto_blocked" in first.log()
-    # New connections are refused before any TLS work, on both instances (the second learns of the
-    # block from Redis within a second).
-    deadline = time.monotonic() + 10
-    refused = 0
-    while time.monotonic() < deadline and refused < 2:
-        refused = 0
-        for d in (first, second):
-            try:
-                post(d, timeout=5)
-            except OSError:
-                refused += 1
-        time.sleep(0.2)
-    assert refused == 2
+    # New connections are closed at accept, before any TLS byte, on both instances (the second learns
+    # of the block from Redis within a second). A daemon that accepted would wait for a ClientHello:
+    # `refused` tells the two apart; a timeout or a TLS error does not count as a refusal.
+    wait_until(lambda: refused(tcp(first)), what="the blocking instance to refuse at accept")
+    wait_until(lambda: refused(tcp(second)), what="the other instance to refuse at accept")
+    assert "ip_auto_blocked" in second.log()  # its own refusal, logged: it never made the block itself
     assert len(upstream.requests) == 3
 
 

@@ -7,7 +7,6 @@ takes the caller's clock), so burst, refill, window edges and daily resets are e
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -20,7 +19,7 @@ from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import DAY, AutoBlockProbe, day_quota, default_burst, window_rates
 from ccproxy.limits._redis import RedisStore
 from tests.support.limits import T0
-from tests.support.redis import RedisServer
+from tests.support.redis import ClassRedis
 
 
 def rate(name: str, count: int, period: float, burst: int, subject: str = "s") -> Rate:
@@ -215,23 +214,11 @@ class MemoryStoreTests(_StoreTests, unittest.TestCase):
         self.assertEqual(len(store), 1)
 
 
-class _RedisFixture:
+class _RedisFixture(ClassRedis):
     """One redis-server for the class, flushed before each test, and a store connected to it."""
 
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = Path(unittest.TestCase().mktemp())
-        cls.tmp.mkdir(parents=True, exist_ok=True)
-        cls.server = RedisServer(cls.tmp).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-
     def setUp(self) -> None:
-        self.server.command("FLUSHALL")
+        super().setUp()
         self.store = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
         self.store.connect()
 
@@ -291,10 +278,24 @@ class RedisStoreTests(_RedisFixture, _StoreTests, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_quota_key_is_per_day(self) -> Any:
-        quota: Quota = day_quota("daily_quota", "k", 2, T0, 0.0)
-        yield self.decide(T0, [quota])
-        raw = self.server.command("GET", "ccproxy:rl:" + quota.key)
-        self.assertIn(b"1", raw)
+        """A day's count lives under that day's key until its last moment; the next day counts afresh
+        under a key of its own, and the spent day's count is left as it was."""
+        today: Quota = day_quota("daily_quota", "k", 2, T0, 0.0)
+        last_moment = today.reset_at - 0.001
+        same_day = day_quota("daily_quota", "k", 2, last_moment, 0.0)
+        tomorrow = day_quota("daily_quota", "k", 2, today.reset_at, 0.0)
+        self.assertEqual(same_day.key, today.key)
+        self.assertNotEqual(tomorrow.key, today.key)
+        got = yield defer.ensureDeferred(self.run_many(T0, [today], 2))
+        self.assertEqual([d.remaining for d in got], [1, 0])
+        spent = yield self.decide(last_moment, [same_day])
+        self.assertFalse(spent.allowed)
+        fresh = yield self.decide(today.reset_at, [tomorrow])
+        self.assertEqual((fresh.allowed, fresh.remaining), (True, 1))
+        # The raw replies: a bulk string "2" for the spent day, "1" for the new one (a missing key
+        # would answer $-1).
+        self.assertEqual(self.server.command("GET", "ccproxy:rl:" + today.key), b"$1\r\n2\r\n")
+        self.assertEqual(self.server.command("GET", "ccproxy:rl:" + tomorrow.key), b"$1\r\n1\r\n")
 
     @defer.inlineCallbacks
     def test_a_pool_that_gave_up_is_replaced(self) -> Any:

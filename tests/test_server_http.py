@@ -9,11 +9,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
 from ccproxy.http.http1 import ChunkedDecoder, Malformed, TooLarge, _parse_head_by_line, parse_head
 from ccproxy.http.request import ProxyRequest
 from ccproxy.service import settle_heap
+from tests.support.fake_tcp import FakeSocket, TcpConnection
 from tests.support.hardening import Conn, config
 
 GOOD = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -135,10 +139,33 @@ def test_notify_finish_fails_when_the_client_goes_away() -> None:
     c = Conn(resource=resource).send(GOOD)
     outcome: list[Any] = []
     resource.seen[0].notifyFinish().addBoth(outcome.append)
-    c.channel.connectionLost()
-    assert len(outcome) == 1 and outcome[0].check(Exception)
+    reason = Failure(ConnectionLost("reset by peer"))
+    c.channel.connectionLost(reason)
+    assert len(outcome) == 1 and isinstance(outcome[0], Failure)
+    assert outcome[0].value is reason.value  # the connection's own reason, not some other failure
+    later: list[Any] = []
+    resource.seen[0].notifyFinish().addBoth(later.append)  # asked after the client left
+    assert len(later) == 1 and isinstance(later[0], Failure) and later[0].check(CancelledError)
     resource.seen[0].write(b"late")  # writing to a gone client is ignored, not an error
     resource.seen[0].finish()
+    assert c.output.count(b"late") == 0
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    """What twisted.web's fixes for CVE-2023-46137 and CVE-2024-41671 ensure there, for our own server
+    side: a pipelined request reaches the resource, and is answered, only once the one before it is done."""
+    resource = Scripted(lambda r: NOT_DONE_YET)
+    c = Conn(resource=resource).send(b"GET /v1/models?n=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                                     b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\ntwo")
+    assert len(resource.seen) == 1 and c.output == b""
+    resource.seen[0].write(b"first answer")
+    assert len(resource.seen) == 1  # still the first one's turn
+    resource.seen[0].finish()
+    assert len(resource.seen) == 2 and resource.seen[1].content.read() == b"two"
+    resource.seen[1].write(b"second answer")
+    resource.seen[1].finish()
+    assert c.output.count(b"HTTP/1.1 200") == 2
+    assert c.output.index(b"first answer") < c.output.index(b"HTTP/1.1 200", 1) < c.output.index(b"second answer")
 
 
 def test_a_producer_registered_after_the_client_left_is_stopped() -> None:
@@ -349,10 +376,7 @@ def test_a_slow_but_reading_client_pushes_the_deadline_back() -> None:
         def send_stalled(self) -> None:
             self.stalled += 1
 
-    from tests.test_sockets import Conn as Tcp_
-    from tests.test_sockets import FakeSocket
-
-    class Tcp(Tcp_):
+    class Tcp(TcpConnection):
         def __init__(self) -> None:
             super().__init__(FakeSocket())
             self._tempDataLen = 1000

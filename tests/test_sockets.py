@@ -2,46 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet import tcp
 from twisted.internet.testing import StringTransport
 
 from ccproxy.http.sockets import send_now
-
-
-class FakeSocket:
-    def __init__(self, takes: int | None = None, error: type[Exception] | None = None) -> None:
-        self.sent: list[bytes] = []
-        self.takes = takes
-        self.error = error
-
-    def send(self, data: bytes) -> int:
-        if self.error is not None:
-            raise self.error()
-        taken = data if self.takes is None else data[: self.takes]
-        self.sent.append(bytes(taken))
-        return len(taken)
-
-
-class Conn(tcp.Connection):
-    """A TCP transport in the state Twisted keeps, without a reactor behind it."""
-
-    def __init__(self, sock: FakeSocket) -> None:  # no super().__init__: no real socket or reactor
-        self.socket: Any = sock
-        self.TLS = False
-        self.connected = True
-        self.disconnecting = False
-        self._writeDisconnected = False
-        self._tempDataBuffer: list[bytes] = []
-        self._tempDataLen = 0
-        self.dataBuffer = b""
-        self.offset = 0
-        self.queued: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.queued.append(data)
-        self._tempDataBuffer.append(data)
+from tests.support.fake_tcp import FakeSocket
+from tests.support.fake_tcp import TcpConnection as Conn
 
 
 def test_idle_socket_takes_the_write_at_once() -> None:

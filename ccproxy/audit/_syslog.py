@@ -1,4 +1,9 @@
-"""The syslog output: RFC 5424 messages over TCP (RFC 6587 octet counting), UDP or a Unix socket.
+"""The syslog output: RFC 5424 messages over TCP (RFC 6587 octet counting) or UDP; over the local
+Unix socket (`/dev/log`) the traditional local format that syslog(3) writes and the system's syslog
+daemon parses there (`<PRI>Mmm dd hh:mm:ss TAG[PID]: MSG`, RFC 3164 style).
+
+A receiver that goes away is logged once when it goes and once when it is back, however many
+reconnection attempts lie between.
 
 Nothing is lost while the receiver is away: messages wait in a bounded memory queue, then in a
 bounded spool file, and go out in order when it is back (also after a restart). What even the spool
@@ -12,6 +17,7 @@ import ipaddress
 import os
 import random
 import socket
+import time
 from collections import deque
 from typing import Any
 
@@ -20,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,6 +43,20 @@ RESEND_WINDOW = 2.0
 _RESEND_MAX = 10000
 _REFILL_BATCH = 1000
 _CLOSED = Failure(ConnectionError("connection closed"))
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def format_local(record: dict[str, Any], body: bytes, spec: SyslogOutput, pid: int, now: float) -> bytes:
+    """The local socket's format, as syslog(3) writes it: <PRI>Mmm dd hh:mm:ss TAG[PID]: MSG (local time).
+
+    The month is English whatever the locale, the day padded with a space, as RFC 3164 has it.
+    """
+    pri = spec.facility * 8 + SEVERITIES.get(str(record.get("severity")), 6)
+    t = time.localtime(now)
+    stamp = f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    return f"<{pri}>{stamp} {spec.app_name}[{pid}]: ".encode("ascii") + body.rstrip(b"\n")
 
 
 def format_message(record: dict[str, Any], body: bytes, spec: SyslogOutput, hostname: str, pid: int) -> bytes:
@@ -165,13 +185,22 @@ class SyslogSink:
         self.link.start()
 
     def write(self, record: dict[str, Any], body: bytes, now: float) -> None:
+        if self.spec.protocol == "unix":
+            message = format_local(record, body, self.spec, self.pid, now)
+        else:
+            message = self._rfc5424(record, body)
+        self._enqueue(message)
+
+    def _rfc5424(self, record: dict[str, Any], body: bytes) -> bytes:
         key = (record.get("severity"), record.get("event"))
         parts = self._headers.get(key)
         if parts is None:  # the header differs only by its timestamp for a given event and severity
             sample = format_message({**record, "timestamp": "\0"}, b"", self.spec, self.hostname, self.pid)
             before, _, after = sample.partition(b"\0")
             parts = self._headers[key] = (before, after)
-        message = parts[0] + str(record["timestamp"]).encode("ascii") + parts[1] + body.rstrip(b"\n")
+        return parts[0] + str(record["timestamp"]).encode("ascii") + parts[1] + body.rstrip(b"\n")
+
+    def _enqueue(self, message: bytes) -> None:
         if self.spool.pending or len(self.queue) >= self.spec.queue_size:
             if not self.spool.append(message):
                 self.losses.add(1)
@@ -248,7 +277,7 @@ class _SyslogProtocol(Protocol):
         link = self.sink.link
         assert isinstance(link, _TCPLink)
         link.protocol = self
-        log.info("audit {name}: connected", name=self.sink.name)
+        link.up()
         self.sink.pump()
 
     def dataReceived(self, data: bytes) -> None:
@@ -258,7 +287,8 @@ class _SyslogProtocol(Protocol):
         link = self.sink.link
         if isinstance(link, _TCPLink) and link.protocol is self:
             link.protocol = None
-        log.info("audit {name}: connection lost", name=self.sink.name)
+            if not self.sink.stopping:
+                link.down(reason.getErrorMessage())
         self.sink.link_lost()
         self.lost.callback(None)
 
@@ -273,16 +303,59 @@ class _SyslogProtocol(Protocol):
         self.paused = True
 
 
+class _QuietClientService(ClientService):
+    """Without a log line per attempt ("Scheduling retry ..."): `_TCPLink` says what matters, once."""
+
+    _log = Logger(observer=LogPublisher())
+
+
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """Tells the link about each failed connection attempt."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, link: _TCPLink) -> None:
+        self.endpoint = endpoint
+        self.link = link
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self.link.down(failure.getErrorMessage())
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
 class _TCPLink(_Link):
     def __init__(self, sink: SyslogSink) -> None:
         self.sink = sink
         self.protocol: _SyslogProtocol | None = None
+        self.state = "starting"  # then "up" or "down"; each change is logged once
+        self.failures = 0
         endpoint = _endpoint(sink.reactor, sink.spec.host, sink.spec.port)
         if sink.spec.tls:
             endpoint = _tls(endpoint, sink.spec)
+        endpoint = _WatchedEndpoint(endpoint, self)
         factory = Factory.forProtocol(lambda: _SyslogProtocol(sink))
+        factory.noisy = False  # no "Starting factory" / "Stopping factory" per connection
         retry = backoffPolicy(initialDelay=0.25, maxDelay=5.0, jitter=_jitter)
-        self.service = ClientService(endpoint, factory, retryPolicy=retry, clock=sink.reactor)
+        self.service = _QuietClientService(endpoint, factory, retryPolicy=retry, clock=sink.reactor)
+
+    def up(self) -> None:
+        if self.state == "down":
+            log.info("audit {name}: receiver back after {failures} failed attempt(s); sending what waited",
+                     name=self.sink.name, failures=self.failures)
+        elif self.state == "starting":
+            log.info("audit {name}: connected", name=self.sink.name)
+        self.state, self.failures = "up", 0
+
+    def down(self, error: str) -> None:
+        if self.sink.stopping:
+            return
+        self.failures += 1
+        if self.state != "down":
+            log.warn("audit {name}: receiver unreachable ({error}); records wait in the queue and spool, "
+                     "reconnecting", name=self.sink.name, error=error)
+        self.state = "down"
 
     def start(self) -> None:
         self.service.startService()

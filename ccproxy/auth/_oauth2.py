@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from typing import Any
 
 import attrs
@@ -54,14 +55,14 @@ class Introspector:
         if not isinstance(data, dict) or data.get("active") is not True:
             raise AuthFailure(401, "token is not active", "inactive_token")
         now = self.clock.seconds()
-        exp = data.get("exp")
-        if isinstance(exp, int | float) and not isinstance(exp, bool) and exp <= now:
+        exp = _expiry(data)
+        if exp is not None and exp <= now:
             raise AuthFailure(401, "token has expired", "expired_token")
         self._check_audience(data)
         identity = self._identity(data)
         until = now + self.config.cache_ttl
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            until = min(until, float(exp))
+        if exp is not None:
+            until = min(until, exp)
         self._remember(digest, _Cached(identity, until))
         return identity
 
@@ -135,3 +136,17 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= _MAX_FIELD:
         return value
     return None
+
+
+def _expiry(data: dict[str, Any]) -> float | None:
+    """The answer's `exp` (RFC 7662: seconds since the epoch), None when it has none.
+
+    Any other `exp` is refused rather than ignored: a token whose expiry cannot be read must not
+    pass as one that never expires (a string, a boolean, null, NaN or an infinity included).
+    """
+    if "exp" not in data:
+        return None
+    exp = data["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        raise AuthFailure(401, "token expiry in the introspection answer is not a number", "invalid_expiry")
+    return float(exp)

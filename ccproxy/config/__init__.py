@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import yaml
 
-from ccproxy.config._reader import ConfigError, Section, expand_env
+from ccproxy.config._reader import ConfigError, Section, collecting, document, expand_env, record
 from ccproxy.config.admin import AdminConfig, EmergencyConfig
 from ccproxy.config.audit import AuditConfig
 from ccproxy.config.auth import AuthConfig
@@ -43,10 +43,20 @@ class Config:
     admin: AdminConfig = attrs.Factory(AdminConfig)
     emergency: EmergencyConfig = attrs.Factory(EmergencyConfig)
     monitoring: MonitoringConfig = attrs.Factory(MonitoringConfig)
+    # The effective config in the file's own schema (see `effective`).
+    file_form: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    # Secrets the file names by `${VAR}`, masked: (YAML path, masked value).
+    secrets_shown: tuple[tuple[str, str], ...] = attrs.field(default=(), eq=False, repr=False)
+    # What the rotated-keys overlay changed, for `check-config` to show (as comments).
+    notes: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
     def effective(self) -> dict[str, Any]:
-        """The parsed config as plain data, every secret masked."""
-        return attrs.asdict(self, value_serializer=_plain)
+        """The config as the parser read it, in the file's schema, defaults filled in, secrets masked:
+        written out as YAML it is a config file that parses to the same values."""
+        if self.file_form:
+            return self.file_form
+        return attrs.asdict(self, value_serializer=_plain,
+                            filter=lambda a, v: a.name not in ("file_form", "secrets_shown", "notes"))
 
 
 def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -91,32 +101,92 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = None) -> Config:
+    """Check a YAML tree. A faulty one raises the likeliest fault, with every fault found in `.faults`."""
     data = expand_env({} if data is None else data, "", os.environ if environ is None else environ)
-    root = Section(data, "", base_dir)
+    with collecting() as run:
+        root = Section(data, "", base_dir)
+        parts, broken = _build(root)
+        if broken:
+            # Parsing stopped inside these paths, so keys there may be unread rather than unknown:
+            # report only those close to a key that was read (likely typos), or to none the parser
+            # would read anywhere (an empty config's parse tells which those are).
+            reference = _reference_keys()
+            unknown = root.unknown_keys(
+                known=lambda section, key: key in reference.get(section.path, ()),
+                typos_only=lambda section: any(_within(section.path, path) for path in broken),
+            )
+        else:
+            unknown = root.unknown_keys()
+        faults = [e for e in unknown if "did you mean" in e.message] + run.faults
+        faults += [e for e in unknown if "did you mean" not in e.message]
+        if faults:
+            first = faults[0]
+            first.faults = _distinct(faults)
+            raise first
+        config = Config(**parts, file_form=document(run), secrets_shown=tuple(run.secrets))
     try:
-        config = _build(root)
-        privacy_check(config)
-    except ConfigError as e:
-        # A misspelt key is the likelier cause of a fault found beside it: report the typo.
-        raise (root.typo_near(e.path) or e) from None
-    root.done()
+        privacy_check(config)  # rules across sections (HIPAA), once each section is valid
+    except ConfigError:
+        raise
     return config
 
 
-def _build(root: Section) -> Config:
-    return Config(
-        server=ServerConfig.parse(root.section("server")),
-        upstreams=UpstreamsConfig.parse(root.section("upstreams")),
-        network=NetworkConfig.parse(root),
-        auth=AuthConfig.parse(root),
-        limits=LimitsConfig.parse(root),
-        content=ContentConfig.parse(root),
-        audit=AuditConfig.parse(root),
-        privacy=PrivacyConfig.parse(root),
-        admin=AdminConfig.parse(root),
-        emergency=EmergencyConfig.parse(root),
-        monitoring=MonitoringConfig.parse(root),
-    )
+def _build(root: Section) -> tuple[dict[str, Any], list[str]]:
+    """Each part parsed on its own, so that a fault in one does not hide the faults of the others."""
+    parts: dict[str, Any] = {}
+    broken: list[str] = []
+    steps: list[tuple[str, Any]] = [
+        ("server", lambda: ServerConfig.parse(root.section("server"))),
+        ("upstreams", lambda: UpstreamsConfig.parse(root.section("upstreams"))),
+        ("network", lambda: NetworkConfig.parse(root)),
+        ("auth", lambda: AuthConfig.parse(root)),
+        ("limits", lambda: LimitsConfig.parse(root)),
+        ("content", lambda: ContentConfig.parse(root)),
+        ("audit", lambda: AuditConfig.parse(root)),
+        ("privacy", lambda: PrivacyConfig.parse(root)),
+        ("admin", lambda: AdminConfig.parse(root)),
+        ("emergency", lambda: EmergencyConfig.parse(root)),
+        ("monitoring", lambda: MonitoringConfig.parse(root)),
+    ]
+    for name, step in steps:
+        try:
+            value = step()
+        except ConfigError as e:
+            record(e)
+            broken.append(e.path)
+            continue
+        if name:
+            parts[name] = value
+    return parts, broken
+
+
+_REFERENCE: dict[str, frozenset[str]] | None = None
+
+
+def _reference_keys() -> dict[str, frozenset[str]]:
+    """Keys the parser reads, by section path, for an empty config (every section at its defaults)."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        with collecting() as run:
+            root = Section({}, "", ".")
+            _build(root)
+            _REFERENCE = {path: frozenset(section._asked) for path, section in run.sections.items()}
+    return _REFERENCE
+
+
+def _within(section: str, fault: str) -> bool:
+    """Whether `section` is the section a fault at path `fault` was found in, or one of its parents."""
+    return section == "" or fault == section or fault.startswith(section + ".") or fault.startswith(section + "[")
+
+
+def _distinct(faults: list[ConfigError]) -> list[ConfigError]:
+    seen: set[str] = set()
+    out = []
+    for fault in faults:
+        if str(fault) not in seen:
+            seen.add(str(fault))
+            out.append(fault)
+    return out
 
 
 def _plain(instance: Any, field: Any, value: Any) -> Any:

@@ -2,10 +2,18 @@
 
 Every getter names the YAML path of a fault; `Section.done()` refuses keys nobody asked for,
 with a "did you mean" taken from the keys that were asked for.
+
+Within `collecting()`, a fault with a safe way on (a value of the wrong type or out of range where
+the key has a default) is recorded and the default used, so that one run reports every fault of a
+file; a fault with none (a required key missing) is raised as before. Every value a getter returns
+is also recorded under its key, so `document()` can rebuild the effective config in the file's own
+schema (what `ccproxy check-config` prints, and what can be fed back).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import ipaddress
 import os
@@ -19,19 +27,72 @@ T = TypeVar("T")
 
 
 class ConfigError(Exception):
-    """A fault in the configuration, with the YAML path it was found at."""
+    """A fault in the configuration, with the YAML path it was found at.
+
+    `faults` holds every fault found in the same run, this one (the likeliest cause) first.
+    """
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(path, message)
         self.path = path
         self.message = message
+        self.faults: list[ConfigError] = [self]
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def all(self) -> str:
+        """Every fault, one per line."""
+        return "\n".join(str(fault) for fault in self.faults)
+
+
+class _Run:
+    """What one parse collects: faults it went on past, and every Section by its path."""
+
+    def __init__(self) -> None:
+        self.faults: list[ConfigError] = []
+        self.sections: dict[str, Section] = {}
+        # (path, masked value) of each secret given as a `${VAR}` reference
+        self.secrets: list[tuple[str, str]] = []
+
+
+_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("ccproxy_config_run", default=None)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[_Run]:
+    run = _Run()
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
+
+
+def record(error: ConfigError) -> None:
+    """Keep a fault that stopped part of the parse, in the order found (outside a run: raise it)."""
+    run = _RUN.get()
+    if run is None:
+        raise error
+    run.faults.append(error)
+
+
+def _soft(error: ConfigError, default: Any) -> Any:
+    """Record `error` and go on with `default` while collecting; raise it otherwise."""
+    run = _RUN.get()
+    if run is None or default is MISSING:
+        raise error
+    run.faults.append(error)
+    return default
+
 
 class Expanded(str):
-    """A string that came out of `${VAR}` expansion: numeric getters may coerce it."""
+    """A string that came out of `${VAR}` expansion: numeric getters may coerce it.
+
+    `template` is the text before expansion: a secret is shown as its `${VAR}` reference.
+    """
+
+    template = ""
 
 
 class _Missing:
@@ -64,7 +125,9 @@ def expand_env(value: Any, path: str, environ: Mapping[str, str]) -> Any:
                 return default
             raise ConfigError(path, f"environment variable {name} is not set and has no default")
 
-        return Expanded(_ENV_RE.sub(sub, value))
+        expanded = Expanded(_ENV_RE.sub(sub, value))
+        expanded.template = value
+        return expanded
     if isinstance(value, dict):
         return {k: expand_env(v, join(path, str(k)), environ) for k, v in value.items()}
     if isinstance(value, list):
@@ -140,6 +203,15 @@ class Section:
         self._asked: set[str] = set()
         self._children: dict[str, Section] = {}
         self.base_dir = base_dir
+        # What each getter returned, by key, as it would be written in the file.
+        self.values: dict[str, Any] = {}
+        run = _RUN.get()
+        if run is not None:
+            run.sections[path] = self
+
+    def _got(self, key: str, value: Any, shown: Any = MISSING) -> Any:
+        self.values[key] = _plain(value) if shown is MISSING else shown
+        return value
 
     def __contains__(self, key: str) -> bool:
         self._asked.add(key)
@@ -154,29 +226,30 @@ class Section:
     def raw(self, key: str, default: Any = MISSING) -> Any:
         self._asked.add(key)
         if key in self.data and self.data[key] is not None:
-            return self.data[key]
+            return self._got(key, self.data[key])
         if default is MISSING:
             raise ConfigError(self.at(key), "is required")
-        return default
+        return self._got(key, default)
 
     def _typed(self, key: str, default: Any, kind: type | tuple[type, ...], what: str) -> Any:
         value = self.raw(key, default)
         if value is default and default is not MISSING:
             return value
         if isinstance(value, bool) and bool not in _as_tuple(kind):
-            raise ConfigError(self.at(key), f"expected {what}, got a boolean")
+            return self._got(key, _soft(ConfigError(self.at(key), f"expected {what}, got a boolean"), default))
         if not isinstance(value, kind):
-            raise ConfigError(self.at(key), f"expected {what}, got {_kind(value)}")
+            return self._got(key, _soft(ConfigError(self.at(key), f"expected {what}, got {_kind(value)}"), default))
         return value
 
     def string(self, key: str, default: Any = MISSING, *, choices: tuple[str, ...] | None = None,
             nonempty: bool = True) -> Any:
         value = self._typed(key, default, str, "a string")
-        if isinstance(value, str):
+        if isinstance(value, str) and value is not default:
             if nonempty and not value.strip():
-                raise ConfigError(self.at(key), "must not be empty")
+                return self._got(key, _soft(ConfigError(self.at(key), "must not be empty"), default))
             if choices is not None and value not in choices:
-                raise ConfigError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
+                fault = ConfigError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
+                return self._got(key, _soft(fault, default))
         return value
 
     def file(self, key: str, default: Any = MISSING) -> Any:
@@ -184,21 +257,30 @@ class Section:
         value = self.string(key, default)
         if value is None or value is default:
             return value
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        return self._got(key, os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value))))
 
     def secret(self, key: str, default: Any = MISSING) -> Secret | None:
         """A secret string; an empty expansion (`${KEY:-}`) means "not set"."""
         value = self._typed(key, default, str, "a string")
+        # Shown as the `${VAR}` it came from (so the printed config can be fed back, and reveals
+        # nothing), or masked when the file holds the secret itself.
+        reference = value.template if isinstance(value, Expanded) else None
         if value is None or value is default or not value.strip():
-            return None
-        return Secret(value.strip())
+            empty = "" if isinstance(value, str) else None
+            return self._got(key, None, reference if reference is not None else empty)
+        secret = Secret(value.strip())
+        run = _RUN.get()
+        if run is not None and reference is not None:
+            run.secrets.append((self.at(key), secret.masked()))
+        return self._got(key, secret, reference if reference is not None else secret.masked())
 
     def boolean(self, key: str, default: Any = MISSING) -> Any:
         value = self.raw(key, default)
         if isinstance(value, Expanded) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
+            return self._got(key, value.lower() == "true")
         if value is not default and not isinstance(value, bool):
-            raise ConfigError(self.at(key), f"expected true or false, got {_kind(value)}")
+            fault = ConfigError(self.at(key), f"expected true or false, got {_kind(value)}")
+            return self._got(key, _soft(fault, default))
         return value
 
     def integer(self, key: str, default: Any = MISSING, *, min: int | None = None,
@@ -209,27 +291,37 @@ class Section:
         if value is default and default is not MISSING:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.at(key), f"expected an integer, got {_kind(value)}")
-        _check_range(self.at(key), value, min, max)
-        return value
+            return self._got(key, _soft(ConfigError(self.at(key), f"expected an integer, got {_kind(value)}"),
+                                        default))
+        try:
+            _check_range(self.at(key), value, min, max)
+        except ConfigError as e:
+            return self._got(key, _soft(e, default))
+        return self._got(key, value)
 
     def duration(self, key: str, default: Any = MISSING, *, min: float | None = None,
                  max: float | None = None) -> Any:
         value = self.raw(key, default)
         if value is default and default is not MISSING:
-            return value
-        seconds = parse_duration(value, self.at(key))
-        _check_range(self.at(key), seconds, min, max)
-        return seconds
+            return self._got(key, value, _duration_text(value))
+        try:
+            seconds = parse_duration(value, self.at(key))
+            _check_range(self.at(key), seconds, min, max)
+        except ConfigError as e:
+            seconds = _soft(e, default)
+        return self._got(key, seconds, _duration_text(seconds))
 
     def size(self, key: str, default: Any = MISSING, *, min: int | None = None,
              max: int | None = None) -> Any:
         value = self.raw(key, default)
         if value is default and default is not MISSING:
             return value
-        size = parse_size(value, self.at(key))
-        _check_range(self.at(key), size, min, max)
-        return size
+        try:
+            size = parse_size(value, self.at(key))
+            _check_range(self.at(key), size, min, max)
+        except ConfigError as e:
+            size = _soft(e, default)
+        return self._got(key, size)
 
     def sequence(self, key: str, default: Any = MISSING) -> Any:
         return self._typed(key, default, list, "a list")
@@ -247,8 +339,8 @@ class Section:
 
         if default is not MISSING and (key not in self.data or self.data[key] is None):
             self._asked.add(key)
-            return tuple(default)
-        return self.items(key, one)
+            return self._got(key, tuple(default))
+        return self._got(key, self.items(key, one))
 
     def section(self, key: str) -> Section:
         """The child mapping at `key` (empty if absent); the same object on every call."""
@@ -279,33 +371,93 @@ class Section:
             return
         raise ConfigError(self.at(key), "not supported yet")
 
-    def typo_near(self, path: str) -> ConfigError | None:
-        """An unknown key in the sections leading to `path`: likely the cause of a fault found there."""
-        section: Section | None = self
-        while section is not None:
-            try:
-                section._check_keys(typos_only=True)
-            except ConfigError as e:
-                return e
-            section = next((c for c in section._children.values()
-                            if path == c.path or path.startswith(c.path + ".") or path.startswith(c.path + "[")),
-                           None)
-        return None
-
     def done(self) -> None:
         """Refuse keys that no parser asked for, here and in every child section."""
-        self._check_keys()
-        for child in self._children.values():
-            child.done()
+        run = _RUN.get()
+        for fault in self.unknown_keys():
+            if run is None:
+                raise fault
+            run.faults.append(fault)
 
-    def _check_keys(self, typos_only: bool = False) -> None:
+    def unknown_keys(self, known: Callable[[Section, str], bool] = lambda section, key: False,
+                     typos_only: Callable[[Section], bool] = lambda section: False) -> list[ConfigError]:
+        """Keys that no parser asked for, here and below; `known` says which to pass over anyway."""
+        out = self._unknown(known, typos_only(self))
+        for child in self._children.values():
+            out += child.unknown_keys(known, typos_only)
+        return out
+
+    def _unknown(self, known: Callable[[Section, str], bool], typos_only: bool) -> list[ConfigError]:
+        out = []
         for key in self.data:
-            if key not in self._asked:
-                hint = difflib.get_close_matches(key, sorted(self._asked), n=1, cutoff=0.6)
-                if typos_only and not hint:
-                    continue
-                suffix = f" (did you mean {hint[0]}?)" if hint else ""
-                raise ConfigError(self.at(key), f"unknown key{suffix}")
+            if key in self._asked or known(self, key):
+                continue
+            hint = difflib.get_close_matches(key, sorted(self._asked), n=1, cutoff=0.6)
+            if typos_only and not hint:
+                continue
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            out.append(ConfigError(self.at(key), f"unknown key{suffix}"))
+        return out
+
+
+def _duration_text(seconds: Any) -> Any:
+    """A duration as the file would say it: `30s`, `250ms` (None stays None)."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return seconds
+    if float(seconds).is_integer():
+        whole = int(seconds)
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if whole and whole % size == 0:
+                return f"{whole // size}{unit}"
+        return f"{whole}s"
+    return f"{seconds * 1000:g}ms"
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as YAML can write it; secrets masked."""
+    if isinstance(value, Secret):
+        return value.masked()
+    if isinstance(value, Expanded):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return MISSING  # a parsed object: its own section holds what the file said
+
+
+def document(run: _Run) -> dict[str, Any]:
+    """The effective config in the file's schema: every key a parser read, with the value it used."""
+    return _rebuild(run, "", run.sections[""].data if "" in run.sections else {})
+
+
+def _rebuild(run: _Run, path: str, data: Any) -> Any:
+    section = run.sections.get(path)
+    if isinstance(data, Mapping) and section is not None:
+        out: dict[str, Any] = {}
+        for key in list(section.data) + [k for k in section.values if k not in section.data]:
+            child_path = join(path, key)
+            if key in section._children or (key in section.data and isinstance(section.data[key], Mapping)
+                                             and child_path in run.sections):
+                child = _rebuild(run, child_path, section.data.get(key) or {})
+                if child != {} or key in section.data:
+                    out[key] = child
+            elif key in section.values:
+                value = section.values[key]
+                raw = section.data.get(key)
+                if isinstance(raw, list) and any(join(child_path, i) in run.sections for i in range(len(raw))):
+                    value = [_rebuild(run, join(child_path, i), item) for i, item in enumerate(raw)]
+                # None is what an absent key means: written only where the file wrote null itself.
+                if value is not MISSING and (value is not None or (key in section.data and raw is None)):
+                    out[key] = value
+        return out
+    if isinstance(data, list):
+        return [_rebuild(run, join(path, i), item) for i, item in enumerate(data)]
+    return _plain(data)
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -11,6 +11,7 @@ with `expires` set to the end of its grace.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,7 @@ def apply(config: Config, rotations: list[Rotation]) -> Config:
     if not rotations or not auth.enabled or auth.type != API_KEY:
         return config
     keys = list(auth.keys)
+    notes = []
     for rotation in rotations:
         base = next((k for k in auth.keys if k.id == rotation.key_id), None)
         if base is None:
@@ -84,16 +86,27 @@ def apply(config: Config, rotations: list[Rotation]) -> Config:
             if key.id == rotation.key_id and key.sha256.reveal() in rotation.supersedes:
                 expires = rotation.grace_until if key.expires is None else min(key.expires, rotation.grace_until)
                 keys[i] = attrs.evolve(key, expires=expires)
+        new = Secret(rotation.sha256)
         if not any(k.sha256.reveal() == rotation.sha256 for k in keys):
-            keys.append(attrs.evolve(base, sha256=Secret(rotation.sha256), expires=None, created=rotation.created))
-    return attrs.evolve(config, auth=attrs.evolve(auth, keys=tuple(keys)))
+            keys.append(attrs.evolve(base, sha256=new, expires=None, created=rotation.created))
+        notes.append(f"rotated key of {rotation.key_id!r} (key_sha256 {new.masked()}) since {_when(rotation.created)}; "
+                     f"the {len(rotation.supersedes)} before it valid until {_when(rotation.grace_until)}")
+    return attrs.evolve(config, auth=attrs.evolve(auth, keys=tuple(keys)), notes=(*config.notes, *notes))
+
+
+def _when(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def with_overlay(config: Config) -> Config:
     """What `ccproxy.config.load` returns: the file's config with the overlay applied."""
     if not config.auth.enabled or config.auth.type != API_KEY:
         return config
-    return apply(config, read_overlay(overlay_path(config)))
+    path = overlay_path(config)
+    applied = apply(config, read_overlay(path))
+    if applied is config:
+        return config
+    return attrs.evolve(applied, notes=(f"with the rotated-keys overlay {path}:", *applied.notes))
 
 
 def live_digests(keys: tuple[ApiKey, ...], key_id: str, now: float) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ccproxy.config._reader import ConfigError, Section
-from ccproxy.config._tls_names import check_suites
+from ccproxy.config._tls_names import check_groups, check_suites
 from ccproxy.secrets import Secret
 
 DEFAULT_HOST = "127.0.0.1"
@@ -24,6 +24,8 @@ class TLSConfig:
     cipher_suites: tuple[str, ...] = ()
     # Create a self-signed certificate at cert_file/key_file when they are missing (loopback only).
     self_signed: bool = False
+    # Key-exchange groups, most preferred first; empty for the defaults (see _tls_names).
+    groups: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, s: Section, host: str) -> TLSConfig:
@@ -33,12 +35,14 @@ class TLSConfig:
         key = s.file("key_file", None)
         min_version = _tls_version(s)
         suites = s.str_list("cipher_suites", ())
+        groups = s.str_list("groups", ())
         if enabled and (cert is None or key is None):
             raise ConfigError(s.path, "cert_file and key_file are required when TLS is enabled")
         if self_signed and not is_loopback(host):
             raise ConfigError(s.at("self_signed"), "only allowed when server.host is a loopback address")
         check_suites(suites, min_version, s.at("cipher_suites"))
-        return cls(enabled, cert, key, min_version, suites, self_signed)
+        check_groups(groups, s.at("groups"))
+        return cls(enabled, cert, key, min_version, suites, self_signed, groups)
 
 
 @attrs.frozen(cache_hash=True)  # a dict key on the request path
@@ -107,9 +111,13 @@ class ServerConfig:
     host: str
     port: int
     tls: TLSConfig
+    # At shutdown, how long requests and streams under way may run on before they are cut
+    # (ccproxy.drain). The systemd unit's TimeoutStopSec must be longer.
+    drain_timeout: float = 30.0
 
     @classmethod
     def parse(cls, s: Section) -> ServerConfig:
         host = s.string("host", DEFAULT_HOST)
         port = s.integer("port", DEFAULT_PORT, min=0, max=65535)
-        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host))
+        drain = s.duration("drain_timeout", 30.0, min=0, max=3600)
+        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host), drain_timeout=drain)

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import re2
 
+from ccproxy._compat import Re2Pattern
 from ccproxy.content.prefix import prefix_pattern
 
 SYSTEM_PROMPT_RULE = "system_prompt"
@@ -30,7 +31,7 @@ _OPTIONS.max_mem = 64 << 20
 _OPTIONS.log_errors = False
 
 
-def compile_re2(pattern: str) -> re2._Regexp:
+def compile_re2(pattern: str) -> Re2Pattern:
     """Compile with the options every content pattern uses; raises re2.error."""
     return re2.compile(pattern, options=_OPTIONS)
 
@@ -189,7 +190,7 @@ class RuleSet:
         # The same alternation with one capture group per rule, run only over a span already found
         # (captures would slow the search itself): it tells which rule matched in one call. Rules
         # whose own group names clash cannot share it and fall back to asking each rule in turn.
-        self.which: re2._Regexp | None = None
+        self.which: Re2Pattern | None = None
         self.group_of: dict[int, int] = {}
         if rules:
             try:

@@ -4,11 +4,17 @@ Twisted's Agent spends most of a small request's time in machinery a proxy does 
 machine per request, a line parser per header, a Response object per body). This client writes a
 request in one call, parses a response head in one pass, and hands the body to the same kind of
 protocol `IResponse.deliverBody` takes, so the relay works with either.
+
+Each connection is an explicit state machine (`State`) and keeps the lifecycle rules Twisted's own
+client learnt the hard way: a connection goes back to the pool only reading (never paused by the
+last reader's back-pressure), with the last body's producer detached; any byte on an idle connection
+closes it; it is not reused after a response that was framed two ways (Transfer-Encoding with
+Content-Length), followed a 1xx, or came from HTTP/1.0 without keep-alive.
 """
 
 from __future__ import annotations
 
-import re
+import enum
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -17,19 +23,27 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from ccproxy.http.http1 import ChunkedDecoder, Malformed, TooLarge
+from ccproxy.http.http1 import (
+    CHUNKED,
+    LENGTH,
+    MAX_INFORMATIONAL,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ChunkedDecoder,
+    Malformed,
+    TooLarge,
+    parse_response_head,
+)
 from ccproxy.http.sockets import no_delay, send_now
 
 log = Logger()
 
 MAX_HEAD = 256 * 1024
-_NO_BODY_CODES = frozenset({204, 304})
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # Shared: a body that ended well needs no Failure of its own (nothing reads a traceback from it).
 _DONE = Failure(ResponseDone())
@@ -38,14 +52,18 @@ _DONE = Failure(ResponseDone())
 Fields = Iterable[tuple[bytes, Sequence[bytes]]]
 # What identifies the connections that can serve a request: scheme, host, port and settings.
 PoolKey = Hashable
-_STATUS_RE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_FRAMING_HEADERS = frozenset({b"connection", b"transfer-encoding", b"content-length"})
 
 
 class UpstreamProtocolError(Exception):
     """The upstream answered with something that is not HTTP/1.1 as ccproxy reads it."""
+
+
+def protocol_error(failure: BaseException) -> UpstreamProtocolError | None:
+    """The protocol fault behind a failed request, if that is why it failed."""
+    for reason in getattr(failure, "reasons", None) or ():
+        if isinstance(reason.value, UpstreamProtocolError):
+            return reason.value
+    return None
 
 
 class UpstreamResponse:
@@ -53,7 +71,7 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection, version: bytes, code: int, phrase: bytes, headers: Headers,
                  length: int | object) -> None:
-        self._conn = conn
+        self._conn: _Connection | None = conn
         self.version = (b"HTTP", 1, int(version))
         self.code = code
         self.phrase = phrase
@@ -61,49 +79,80 @@ class UpstreamResponse:
         self.length = length
 
     def deliverBody(self, protocol: Protocol) -> None:
-        self._conn.deliver_body(protocol)
+        conn, self._conn = self._conn, None
+        if conn is None:
+            # Once only: by a second call the connection may be carrying another response.
+            raise RuntimeError("the body of a response is delivered once")
+        conn.deliver_body(protocol)
+
+
+class State(enum.Enum):
+    """Where a connection is in its exchange; every event is handled according to it."""
+
+    IDLE = "idle"  # in the pool (or just connected), no request on it
+    SENDING = "sending"  # the request is being written
+    AWAITING_HEAD = "awaiting head"  # written; the response head is not complete yet
+    READING_BODY = "reading body"  # the head is out; the body is read (or held for its reader)
+    DEAD = "dead"  # closed, closing, or not to be trusted again: never reused
+
+
+IDLE, SENDING, AWAITING_HEAD, READING_BODY, DEAD = State
 
 
 class _BodyProducer:
-    """What the body protocol sees as its transport: pausing it pauses the upstream socket."""
+    """What the body protocol sees as its transport: pausing it pauses the upstream socket.
+
+    It is detached when the body ends: the reader (and the client connection it registered this
+    producer with) may still pause or stop it afterwards, and that must not reach a connection
+    that is back in the pool or already carrying another request.
+    """
 
     def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
+        self._conn: _Connection | None = conn
+
+    def detach(self) -> None:
+        self._conn = None
 
     def pauseProducing(self) -> None:
-        if self._conn.transport is not None:
-            self._conn.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self._conn is not None:
+            self._conn.pause()
 
     def resumeProducing(self) -> None:
-        if self._conn.transport is not None:
-            self._conn.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._conn is not None:
+            self._conn.resume()
 
     def stopProducing(self) -> None:
-        self._conn.abort()
+        if self._conn is not None:
+            self._conn.abort()
 
 
 class _Connection(Protocol):
-    """One upstream connection, carrying one request at a time."""
+    """One upstream connection, carrying one request at a time, as an explicit state machine."""
 
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.connected_ok = True
+        self.state = IDLE
+        self._paused = False
         self._reset()
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
 
     def _reset(self) -> None:
-        self._buffer = b""
+        # The head as it arrives, and how far it has been searched for its end (each byte once).
+        self._buffer: bytes | bytearray = b""
+        self._scanned = 0
         self._waiting: defer.Deferred[UpstreamResponse] | None = None
         self._method = b""
         self._body: Protocol | None = None
+        self._producer: _BodyProducer | None = None
         self._pending: list[bytes] = []
         self._framing = ""
         self._remaining = 0
         self._chunks: ChunkedDecoder | None = None
         self._keep_alive = False
+        self._informational = 0
         self._finished = False
         # How the body ended, kept until a body protocol is there to be told.
         self._outcome: Failure | None = None
@@ -113,7 +162,11 @@ class _Connection(Protocol):
     def send(
         self, method: bytes, path: bytes, headers: Fields, body: bytes | None
     ) -> defer.Deferred[UpstreamResponse]:
+        if self.state is not IDLE:
+            busy = UpstreamProtocolError(f"connection is {self.state.value}")
+            return defer.fail(ResponseNeverReceived([Failure(busy)]))
         self._reset()
+        self.state = SENDING
         self._method = method
         self._waiting = defer.Deferred(self._cancel)
         lines = [b"%s %s HTTP/1.1\r\n" % (method, path)]
@@ -127,6 +180,8 @@ class _Connection(Protocol):
             lines.append(body)
         assert self.transport is not None
         send_now(self.transport, b"".join(lines))
+        if self.state is SENDING:  # (a write may have failed and closed it meanwhile)
+            self.state = AWAITING_HEAD
         return self._waiting
 
     def _cancel(self, _: defer.Deferred[UpstreamResponse]) -> None:
@@ -134,27 +189,93 @@ class _Connection(Protocol):
         self.abort()
 
     def abort(self) -> None:
-        self.connected_ok = False
+        if self.state is not DEAD:
+            self._die()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _die(self) -> None:
+        self.state = DEAD
+        self.pool.forget(self)
+        if self._producer is not None:
+            self._producer.detach()
+            self._producer = None
+
+    # Back-pressure from the reader of the body
+
+    def pause(self) -> None:
+        if self.state is READING_BODY and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # Responses
 
     def dataReceived(self, data: bytes) -> None:
-        if self._waiting is not None:
-            self._buffer += data
+        state = self.state
+        if state is READING_BODY:
+            self._body_data(data)
+        elif state is AWAITING_HEAD or state is SENDING:
+            if self._buffer:
+                self._buffer += data
+            elif self._head_in_one_read(data):
+                return
+            else:
+                self._buffer = bytearray(data)
+            self._parse_head()
+        elif state is IDLE:
+            # Nothing was asked: whatever this is (a late part of the last response, an error page,
+            # an attack), the connection can no longer be read in step with its requests.
+            log.warn("upstream sent {n} bytes on an idle connection; it is closed", n=len(data))
+            self.abort()
+
+    def _head_in_one_read(self, data: bytes) -> bool:
+        """The usual case, a whole head in the first read: taken without copying it into the
+        buffer. False (nothing done) when the read holds no whole head."""
+        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            return False
+        try:
+            response = self._read_head(data[:end])
+        except UpstreamProtocolError as e:
+            self._fail_head(e)
+            return True
+        if response is None:  # an informational 1xx: the real head follows
+            self._buffer = bytearray(memoryview(data)[end + 4 :])
             self._parse_head()
         else:
-            self._body_data(data)
+            self._deliver_head(response, data[end + 4 :])
+        return True
+
+    def _deliver_head(self, response: UpstreamResponse, rest: bytes) -> None:
+        waiting, self._waiting = self._waiting, None
+        assert waiting is not None
+        self.state = READING_BODY
+        # The body bytes that came with the head are taken in first (held until deliverBody):
+        # a small response is then whole when its reader arrives, and needs no waiting.
+        if rest:
+            self._body_data(rest)
+        elif self._framing == NO_BODY or (self._framing == LENGTH and self._remaining == 0):
+            self._body_data(b"")
+        waiting.callback(response)
 
     def _parse_head(self) -> None:
         while self._waiting is not None:
-            end = self._buffer.find(b"\r\n\r\n")
+            end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3), MAX_HEAD + 4)
             if end < 0:
-                if len(self._buffer) > MAX_HEAD:
+                self._scanned = len(self._buffer)
+                if len(self._buffer) >= MAX_HEAD + 4:
                     self._fail_head(UpstreamProtocolError("response head too large"))
                 return
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            buffer = self._buffer
+            assert isinstance(buffer, bytearray)
+            head = bytes(buffer[:end])
+            del buffer[: end + 4]
+            self._scanned = 0
             try:
                 response = self._read_head(head)
             except UpstreamProtocolError as e:
@@ -162,65 +283,34 @@ class _Connection(Protocol):
                 return
             if response is None:  # an informational 1xx: the real head follows
                 continue
-            waiting, self._waiting = self._waiting, None
-            rest, self._buffer = self._buffer, b""
-            # The body bytes that came with the head are taken in first (held until deliverBody):
-            # a small response is then whole when its reader arrives, and needs no waiting.
-            if rest:
-                self._body_data(rest)
-            elif self._framing == "none" or (self._framing == "length" and self._remaining == 0):
-                self._body_data(b"")
-            waiting.callback(response)
+            rest, self._buffer = bytes(self._buffer), b""
+            self._deliver_head(response, rest)
 
     def _read_head(self, head: bytes) -> UpstreamResponse | None:
-        status, _, fields = head.partition(b"\r\n")
-        match = _STATUS_RE.match(status)
-        if match is None:
-            raise UpstreamProtocolError(f"bad status line {status[:80]!r}")
-        minor, code, phrase = match.group(1), int(match.group(2)), match.group(3) or b""
-        if 100 <= code < 200 and code != 101:
+        try:
+            parsed = parse_response_head(head, self._method)
+        except Malformed as e:
+            raise UpstreamProtocolError(f"invalid response head ({e.reason}): {e.message}") from None
+        if parsed.informational:
+            self._informational += 1
+            if self._informational > MAX_INFORMATIONAL:
+                raise UpstreamProtocolError("too many informational responses")
             return None
-        headers = Headers()
-        framing: dict[bytes, list[bytes]] = {}
-        if fields:
-            # One match checks every line (as a well-behaved upstream sends them); otherwise line by line.
-            lines = fields.split(b"\r\n")
-            well_formed = _FIELDS_RE.fullmatch(fields + b"\r\n") is not None
-            for line in lines:
-                name, sep, value = line.partition(b":")
-                if not well_formed and (not sep or not _TOKEN_RE.match(name)):
-                    raise UpstreamProtocolError(f"bad header line {line[:80]!r}")
-                value = value.strip(b" \t")
-                headers.addRawHeader(name, value)
-                lower = name.lower()
-                if lower in _FRAMING_HEADERS:
-                    framing.setdefault(lower, []).append(value)
-        self._choose_framing(code, minor, framing)
-        length: int | object = self._remaining if self._framing == "length" else UNKNOWN_LENGTH
-        if self._framing == "none":
-            length = 0
-        return UpstreamResponse(self, minor, code, phrase, headers, length)
-
-    def _choose_framing(self, code: int, minor: bytes, framing: dict[bytes, list[bytes]]) -> None:
-        connection = b",".join(framing.get(b"connection", [])).lower()
-        self._keep_alive = minor == b"1" and b"close" not in connection
-        encodings = b",".join(framing.get(b"transfer-encoding", [])).lower()
-        lengths = framing.get(b"content-length", [])
-        if self._method == b"HEAD" or code in _NO_BODY_CODES or code == 101:
-            self._framing = "none"
-        elif encodings:
-            if encodings.replace(b" ", b"").split(b",")[-1] != b"chunked":
-                raise UpstreamProtocolError("unsupported transfer-encoding")
-            self._framing = "chunked"
+        # After a 1xx the connection is not reused: how the two heads were framed is one more
+        # thing two parsers could disagree on.
+        self._keep_alive = parsed.persistent and not self._informational
+        self._framing = parsed.framing
+        if parsed.framing == CHUNKED:
             # The same strict reader as for request bodies; an upstream body has no size limit here.
             self._chunks = ChunkedDecoder(limit=2**64)
-        elif lengths:
-            values = {v.strip() for v in b",".join(lengths).split(b",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                raise UpstreamProtocolError("bad content-length")
-            self._framing, self._remaining = "length", int(values.pop())
-        else:
-            self._framing, self._keep_alive = "close", False
+        elif parsed.framing == LENGTH:
+            assert parsed.length is not None
+            self._remaining = parsed.length
+        headers = Headers()
+        for name, value in parsed.headers:
+            headers.addRawHeader(name, value)
+        length: int | object = UNKNOWN_LENGTH if parsed.length is None else parsed.length
+        return UpstreamResponse(self, parsed.version[-1:], parsed.code, parsed.phrase, headers, length)
 
     def _fail_head(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, None
@@ -232,7 +322,8 @@ class _Connection(Protocol):
 
     def deliver_body(self, protocol: Protocol) -> None:
         self._body = protocol
-        protocol.makeConnection(_BodyProducer(self))  # type: ignore[arg-type,unused-ignore]
+        self._producer = _BodyProducer(self)
+        protocol.makeConnection(self._producer)  # type: ignore[arg-type,unused-ignore]
         pending, self._pending = self._pending, []
         for data in pending:
             protocol.dataReceived(data)
@@ -250,16 +341,18 @@ class _Connection(Protocol):
 
     def _body_data(self, data: bytes) -> None:
         if self._finished:
+            # Bytes past the end of a body not yet handed to its reader.
+            self._keep_alive = self._keep_alive and not data
             return
-        if self._framing == "length":
+        if self._framing == LENGTH:
             take = data[: self._remaining]
             self._remaining -= len(take)
             self._emit(take)
             if self._remaining == 0:
                 self._complete(extra=len(data) > len(take))
-        elif self._framing == "chunked":
+        elif self._framing == CHUNKED:
             self._chunked(data)
-        elif self._framing == "close":
+        elif self._framing == UNTIL_CLOSE:
             self._emit(data)
         else:
             self._complete(extra=bool(data))
@@ -288,29 +381,39 @@ class _Connection(Protocol):
         self._end(_DONE)
 
     def _end(self, reason: Failure) -> None:
+        """The body is over: tell its reader, after the connection is pooled again or closed."""
         if self._body is None:
             if self._outcome is None:
                 self._outcome = reason
             return
         body, self._body = self._body, None
         self._finished = True
-        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.connected_ok
+        if self._producer is not None:
+            self._producer.detach()
+            self._producer = None
+        reusable = isinstance(reason.value, ResponseDone) and self._keep_alive and self.state is READING_BODY
         if reusable:
+            # A connection paused by the reader's back-pressure as its body ended would stall the
+            # next request on it: it goes back to the pool reading.
+            if self._paused:
+                self.resume()
+            self.state = IDLE
             self.pool.release(self)
-        elif self.transport is not None and self.connected_ok:
-            self.connected_ok = False
-            self.transport.loseConnection()
-        if body is not None:
-            body.connectionLost(reason)
+        elif self.state is not DEAD:
+            self._die()
+            if self.transport is not None:
+                self.transport.loseConnection()
+        body.connectionLost(reason)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        self.connected_ok = False
+        if self.state is not DEAD:
+            self._die()
         self.pool.forget(self)
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.errback(Failure(ResponseNeverReceived([reason])))
         elif not self._finished and self._framing:
-            if self._framing == "close":
+            if self._framing == UNTIL_CLOSE:
                 self._end(Failure(PotentialDataLoss()))
             else:
                 self._end(Failure(ResponseFailed([reason])))
@@ -356,18 +459,15 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             self._since.pop(conn, None)
-            if conn.connected_ok:
+            if conn.state is IDLE:
                 return conn
         return None
 
     def release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self.max_idle_per_host:
-            conn.connected_ok = False
-            if conn.transport is not None:
-                conn.transport.loseConnection()
+            self._expire(conn)
             return
-        conn._reset()
         idle.append(conn)
         self._since[conn] = self.clock.seconds()
         if self._sweep is None:
@@ -384,7 +484,7 @@ class UpstreamPool:
 
     def _expire(self, conn: _Connection) -> None:
         self.forget(conn)
-        conn.connected_ok = False
+        conn.state = DEAD
         if conn.transport is not None:
             conn.transport.loseConnection()
 

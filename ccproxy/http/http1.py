@@ -1,7 +1,9 @@
-"""A strict reading of HTTP/1.1 requests: the head in one pass, and chunked bodies.
+"""A strict reading of HTTP/1.1 heads in both directions, and of chunked bodies.
 
-Anything two parsers could read differently (the root of request smuggling) is refused here with
-a reason, so it never reaches the policy layers or the upstream.
+Anything two parsers could read differently (the root of request smuggling and response splitting)
+is refused here with a reason: a request head before it reaches the policy layers or the upstream,
+an upstream's response head before any of it reaches the client. Both directions share the rules
+for header names, values and framing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ _BARE = re.compile(rb"\r[^\n]|(?<!\r)\n")
 
 
 class Malformed(Exception):
-    """A request head refused with 400; `reason` is a short machine-readable name."""
+    """A head refused (a request with 400, an upstream response with 502); `reason` is a short
+    machine-readable name."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -283,3 +286,131 @@ class ChunkedDecoder:
         if self.trailer_bytes > MAX_TRAILERS or b"\n" in line or b"\r" in line:
             raise Malformed("chunk_trailer", "chunked body trailers too large or malformed")
         _header(line)  # trailers are read and dropped, but must be well-formed
+
+
+# -- response heads (the upstream's answers), read with the same rules as request heads
+
+# The informational responses an upstream may send before the real one; more is a broken upstream.
+MAX_INFORMATIONAL = 8
+_REASON = rb"[\t\x20-\x7e\x80-\xff]*"
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: (" + _REASON + rb"))?")
+_WELL_FORMED_RESPONSE = re.compile(
+    rb"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: (" + _REASON + rb"))?\r\n"
+    rb"((?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+)
+_NO_BODY_STATUS = frozenset({204, 304})
+# How the end of a response body is found (RFC 9112 section 6.3).
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = "none", "length", "chunked", "close"
+
+
+class ResponseHead(NamedTuple):
+    version: bytes
+    code: int
+    phrase: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    framing: str
+    # The body's length when `framing` is LENGTH, 0 for NO_BODY, None otherwise.
+    length: int | None
+    # Whether the connection may carry another request after this response.
+    persistent: bool
+
+    @property
+    def informational(self) -> bool:
+        return self.code < 200
+
+
+def parse_response_head(head: bytes, method: bytes) -> ResponseHead:
+    """Check a response head (without its final CRLF CRLF) to a request of `method`; raises Malformed."""
+    match = _WELL_FORMED_RESPONSE.fullmatch(head + b"\r\n")
+    if match is None:
+        return _parse_response_head_by_line(head, method)
+    version, code, phrase, fields = match.groups()
+    headers = []
+    framing = []
+    for line in fields.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        # (the length test spares most names a lower-casing)
+        if len(name) in _FRAMING_NAME_LENGTHS and name.lower() in _FRAMING_NAMES:
+            framing.append((name, value))
+    return _response_head(version, int(code), phrase or b"", tuple(headers), framing, method)
+
+
+def _parse_response_head_by_line(head: bytes, method: bytes) -> ResponseHead:
+    stripped = head.replace(b"\r\n", b"")
+    if b"\r" in stripped or b"\n" in stripped:
+        raise Malformed("bare_cr_or_lf", "response head has a bare CR or LF")
+    lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise Malformed("status_line", "status line must be HTTP/1.x SP 3DIGIT SP reason, reason free of controls")
+    version, code, phrase = match.groups()
+    headers = [_header(line) for line in lines[1:]]
+    return _response_head(version, int(code), phrase or b"", tuple(headers), headers, method)
+
+
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_FRAMING_NAME_LENGTHS = frozenset(len(name) for name in _FRAMING_NAMES)
+
+
+def _response_head(version: bytes, code: int, phrase: bytes, headers: tuple[tuple[bytes, bytes], ...],
+                   framing: list[tuple[bytes, bytes]], method: bytes) -> ResponseHead:
+    """The ResponseHead of checked lines; `framing` holds at least the headers that frame it."""
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in framing:
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
+        elif lower == b"connection":
+            connection.extend(_tokens(value.lower()))
+    if code == 101:
+        # ccproxy never asks for an upgrade (Upgrade does not cross it): a 101 is a broken upstream.
+        raise Malformed("unsolicited_upgrade", "101 Switching Protocols to a request that asked for no upgrade")
+    if version == b"HTTP/1.1":
+        persistent = b"close" not in connection
+    else:
+        persistent = b"keep-alive" in connection and b"close" not in connection
+    if code < 200:
+        return ResponseHead(version, code, phrase, headers, NO_BODY, 0, persistent)
+    # The framing headers are checked even where they do not apply: an upstream sending a bad one
+    # is broken, and a second parser on the way could read it differently.
+    chunked = _chunked(codings, lengths, version)
+    if chunked:
+        # Both: a message built to be read two ways. Read as chunked, but never reuse the connection.
+        length = None
+        persistent = persistent and not lengths
+    else:
+        length = _content_length(lengths, codings)
+    if method == b"HEAD" or code in _NO_BODY_STATUS:
+        return ResponseHead(version, code, phrase, headers, NO_BODY, 0, persistent)
+    if chunked:
+        return ResponseHead(version, code, phrase, headers, CHUNKED, None, persistent)
+    if length is not None:
+        return ResponseHead(version, code, phrase, headers, LENGTH, length, persistent)
+    return ResponseHead(version, code, phrase, headers, UNTIL_CLOSE, None, False)
+
+
+# The bytes a written head may hold outside its line ends (HTAB, visible ASCII, obs-text).
+_HEAD_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+
+
+def valid_written_head(head: bytes, lines: int) -> bool:
+    """Whether a serialised head of `lines` lines (the blank one included) holds no control byte
+    and no CR or LF but its line ends: no phrase, name or value can split it or hide a line."""
+    return head.translate(None, _HEAD_BYTES) == b"\r\n" * lines
+
+
+_VALID_REASON = re.compile(_REASON)
+
+
+def valid_reason(phrase: bytes) -> bool:
+    return _VALID_REASON.fullmatch(phrase) is not None
+
+
+def valid_field(name: bytes, value: bytes) -> bool:
+    return _TOKEN.match(name) is not None and _BAD_VALUE.search(value) is None

@@ -17,12 +17,16 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
+from ccproxy.http.http1 import valid_field, valid_reason, valid_written_head
 from ccproxy.http.sockets import queued_bytes
 from ccproxy.network.addresses import client_from_forwarded
+
+log = Logger()
 
 _NO_BODY = frozenset({204, 304})
 
@@ -148,6 +152,26 @@ class ProxyRequest:
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        # (header names are tokens already: twisted's Headers refuses any other)
+        if 100 <= self.code <= 599 and valid_written_head(head, len(lines)):
+            return head
+        return self._safe_head()
+
+    def _safe_head(self) -> bytes:
+        """The head with what would break its framing left out: a status or reason phrase, a header
+        name or value that the strict reader of heads refuses (a CR, LF or NUL in it)."""
+        code = self.code if isinstance(self.code, int) and 100 <= self.code <= 599 else 502
+        phrase = self.code_message if code == self.code and valid_reason(self.code_message) else b""
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase or RESPONSES.get(code, b"Unknown Status"))]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                if valid_field(name, value):
+                    lines.append(b"%s: %s\r\n" % (name, value))
+                else:
+                    log.warn("response header {name!r} not sent: it holds a character a header may not",
+                             name=name[:64])
         lines.append(b"\r\n")
         return b"".join(lines)
 

@@ -214,6 +214,8 @@ class HardenedChannel(Protocol):
         self._disarm_deadline()
         self.phase = BUSY
         self.body = []
+        if self.site.draining:
+            self.persistent = False  # the server is shutting down: `Connection: close` on this response
         headers = Headers()
         for name, value in head.headers:
             headers.addRawHeader(name, value)
@@ -242,7 +244,7 @@ class HardenedChannel(Protocol):
         self.head = None
         if self.phase == DEAD or self.transport is None:
             return
-        if not self.persistent or getattr(self.transport, "disconnecting", False):
+        if not self.persistent or self.site.draining or getattr(self.transport, "disconnecting", False):
             self.phase = DEAD
             self.transport.loseConnection()
             return
@@ -386,6 +388,10 @@ class HardenedChannel(Protocol):
     def _idle_expired(self) -> None:
         self.timer = None
         self.timer_kind = ""
+        self.close_if_idle()
+
+    def close_if_idle(self) -> None:
+        """Close the connection if no request is under way on it (idle timeout, or the server draining)."""
         if self.phase == HEAD and not self.pending and self.transport is not None:
             self.phase = DEAD
             self.loseConnection()

@@ -12,6 +12,8 @@ from typing import Any
 
 from twisted.internet import tcp
 
+from ccproxy._compat import tcp_queued_bytes, tcp_write_queue_empty
+
 
 def no_delay(transport: object) -> None:
     """Send small writes (an SSE event, a response head) at once instead of waiting on Nagle's
@@ -46,9 +48,7 @@ def _idle_tcp(transport: Any) -> bool:
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataBuffer
-        and transport.offset == len(transport.dataBuffer)
+        and tcp_write_queue_empty(transport)
     )
 
 
@@ -59,4 +59,4 @@ def queued_bytes(transport: Any) -> int | None:
         transport = getattr(transport, "transport", None)
     if transport is None:
         return None
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return tcp_queued_bytes(transport)

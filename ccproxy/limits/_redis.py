@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from ccproxy._compat import redis_disconnect_called, redis_gave_up, redis_handshake
 from ccproxy.config.limits import RedisState
 from ccproxy.limits._core import Decision, Limit, Outcome, Rate, combine
 from ccproxy.limits._plan import AutoBlockProbe
@@ -176,15 +177,15 @@ class RedisStore:
             replyTimeout=max(1.0, 10 * s.timeout),
         )
         # A handshake cut short fails this Deferred; the outage is reported by the requests.
-        self._pool._connected.addErrback(lambda _: None)
+        redis_handshake(self._pool).addErrback(lambda _: None)
 
     def _heal(self) -> None:
         """txredisapi gives up for good when a connection drops between connect and AUTH/SELECT
         (Redis dying or restarting at that moment): start a new pool then."""
         pool = self._pool
-        if pool is not None and pool._factory.stopped:
+        if pool is not None and redis_gave_up(pool):
             self._pool = None
-            if not pool._factory.disconnectCalled:
+            if not redis_disconnect_called(pool):
                 defer.maybeDeferred(pool.disconnect).addErrback(lambda _: None)
             self.connect()
 

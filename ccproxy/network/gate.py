@@ -13,11 +13,11 @@ from typing import Any
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, ITransport
 from twisted.logger import Logger
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
 from ccproxy import events
+from ccproxy._compat import HAProxyWrappingFactory
 from ccproxy.config.network import NetworkConfig
 from ccproxy.http.sockets import no_delay, send_now
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, parse_ip

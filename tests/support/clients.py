@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover - older SDK releases
     _httpx = importlib.import_module("httpx")
 
 
-def _http_client(daemon: Any) -> Any:
+def http_client(daemon: Any) -> Any:
+    """The HTTP client the SDKs use (httpx or httpx2), trusting the test CA: for requests no SDK makes."""
     verify: Any = ssl.create_default_context(cafile=daemon.ca_file) if daemon.tls else False
     if daemon.tls and daemon.ca_file is None:
         verify = ssl.create_default_context()
@@ -27,10 +28,10 @@ def _http_client(daemon: Any) -> Any:
 
 def anthropic_client(daemon: Any, api_key: str = "test-client-key", **kw: Any) -> anthropic.Anthropic:
     kw.setdefault("max_retries", 0)
-    return anthropic.Anthropic(base_url=daemon.url, api_key=api_key, http_client=_http_client(daemon), **kw)
+    return anthropic.Anthropic(base_url=daemon.url, api_key=api_key, http_client=http_client(daemon), **kw)
 
 
 def openai_client(daemon: Any, api_key: str = "test-client-key", **kw: Any) -> openai.OpenAI:
     kw.setdefault("max_retries", 0)
     return openai.OpenAI(base_url=daemon.url + "/openai/v1", api_key=api_key,
-                         http_client=_http_client(daemon), **kw)
+                         http_client=http_client(daemon), **kw)

@@ -15,8 +15,33 @@ from typing import Any
 
 import yaml
 
+from tests.support import process
+
 ROOT = Path(__file__).resolve().parents[2]
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+# twistd as its script runs it. When the test run is measured (COVERAGE_PROCESS_START, see
+# [tool.coverage] in pyproject.toml), coverage starts in the daemon at interpreter start-up; its data
+# is saved once the reactor has shut down, because twistd ends by re-sending itself the signal that
+# stopped it (SIGTERM, default action), so no exit hook would run.
+TWISTD = """\
+import sys
+from twisted.scripts.twistd import run
+
+try:
+    import coverage
+except ImportError:
+    coverage = None
+measured = coverage.Coverage.current() if coverage is not None else None
+if measured is not None:
+    from twisted.internet import reactor
+
+    def save():
+        measured.stop()
+        measured.save()
+
+    reactor.addSystemEventTrigger("after", "shutdown", save)
+sys.argv[0] = "twistd"
+run()
+"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -113,13 +138,4 @@ class Daemon:
         raise AssertionError(f"no reload answer in the log:\n{self.log()}")
 
     def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return process.stop(self.proc)

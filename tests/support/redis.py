@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,12 +17,14 @@ class RedisServer:
     """`start()` runs redis-server without persistence; `kill()` and `start()` again (same port)
     simulate an outage."""
 
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
+    def __init__(self, tmp: Path | None = None, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.binary = binary
-        self.tmp = tmp
+        # Without a folder from the test, one of its own outside the work tree, removed by stop().
+        self._own_tmp = tmp is None
+        self.tmp = Path(tempfile.mkdtemp(prefix="ccproxy-redis-")) if tmp is None else tmp
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -75,3 +78,26 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+        if self._own_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ClassRedis:
+    """Mixed into a trial TestCase: one redis-server for the class, running (again, if a test killed
+    it) and empty at the start of each test."""
+
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = RedisServer().start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+
+    def setUp(self) -> None:
+        if self.server.proc is None:
+            self.server.start()
+        self.server.command("FLUSHALL")
+        super().setUp()  # type: ignore[misc]  # the TestCase it is mixed into

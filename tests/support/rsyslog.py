@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import process
 from tests.support.daemon import free_port
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 
-# One line per message: what the receiver parsed out of the RFC 5424 header, then the JSON body.
+# One line per message: what the receiver parsed out of the syslog header, then the JSON body. The Unix
+# socket is read as a host's /dev/log is (imuxsock's own parser: the local syslog(3) format).
 _CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="64k")
 module(load="imtcp")
@@ -22,7 +23,7 @@ module(load="imudp")
 module(load="imuxsock" SysSock.Use="off")
 input(type="imtcp" address="127.0.0.1" port="{tcp}")
 input(type="imudp" address="127.0.0.1" port="{udp}")
-input(type="imuxsock" Socket="{sock}" UseSpecialParser="off" CreatePath="on")
+input(type="imuxsock" Socket="{sock}" CreatePath="on")
 template(name="parsed" type="string"
          string="%protocol-version%|%syslogfacility-text%|%syslogseverity-text%|%app-name%|%msgid%|%msg%\\n")
 *.* action(type="omfile" file="{out}" template="parsed")
@@ -74,13 +75,7 @@ class Rsyslog:
         raise RuntimeError("rsyslogd did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.stop(self.proc)
         self.proc = None
         if self._holder is not None:
             self._holder.close()

@@ -41,6 +41,7 @@ class Script:
     delay: float = 0.0  # seconds before the response head
     cut_after: int | None = None  # drop the connection after this many events
     event_gap: float = 0.0
+    raw: bytes | None = None  # bytes sent as they are in place of a response, then the connection closes
 
 
 def message_json(text: str = "Hello!", model: str = "claude-sonnet-4-6") -> dict[str, Any]:
@@ -169,6 +170,11 @@ class FakeUpstream:
         script = self._next_script(h.path)
         if script.delay:
             time.sleep(script.delay)
+        if script.raw is not None:
+            h.wfile.write(script.raw)
+            h.wfile.flush()
+            h.close_connection = True
+            return
         h.send_response(script.status)
         for k, v in script.headers.items():
             h.send_header(k, v)
