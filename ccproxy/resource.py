@@ -60,6 +60,9 @@ class ProxyResource:
         if request.path == b"/health":
             return b'{"status":"ok"}'
         if self.holder.ready:
+            incident = self.holder.current.deps.incident
+            if incident is not None and incident.emergency:
+                return b'{"status":"ready","emergency":true}'
             return b'{"status":"ready"}'
         request.setResponseCode(503)
         return b'{"status":"starting"}'

@@ -33,6 +33,9 @@ class Deps:
     # Bytes buffered for clients across the process (request bodies; response bodies held whole
     # for masking should take from it too): acquire before buffering, release after.
     buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
+    # ccproxy.admin.state.IncidentState: operator blocks and the emergency switch (None in tests
+    # that build a runtime alone).
+    incident: Any = None
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -42,10 +45,13 @@ LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 def layer_factories() -> Sequence[LayerFactory]:
     """The policy layers, in the order a request meets them."""
     from ccproxy import auth, limits
+    from ccproxy.admin import emergency
     from ccproxy.content import layer as content
+    from ccproxy.monitoring import layer as detectors
     from ccproxy.network import layer as network
 
-    return (network.build_layer, auth.build_layer, limits.build_layer, content.build_layer)
+    return (network.build_layer, auth.build_layer, emergency.build_layer, detectors.build_layer, limits.build_layer,
+            content.build_layer)
 
 
 @attrs.define

@@ -157,6 +157,26 @@ class _StoreTests:
         self.assertEqual(got[5].blocked_until, T0 + 3600.0)
         self.assertTrue(got[5].new_block)
 
+    @defer.inlineCallbacks
+    def test_auto_block_threshold_is_exact_in_any_minute(self) -> Any:
+        # More than 3 in any 60 s blocks, and nothing less: no burst allowance on top.
+        def probe(ip: str) -> AutoBlockProbe:
+            return AutoBlockProbe(ip, rate("auto_block", 3, 60.0, 3, ip), 600.0)
+
+        got = []
+        for t in (0.0, 20.0, 40.0, 60.0, 81.0):  # never 4 within 60 s (0 has left the window at 60)
+            d = yield self.decide(T0 + t, [], probe("10.0.1.1"), "10.0.1.1")
+            got.append(d.blocked_until)
+        self.assertEqual(got, [None] * 5)
+        d = yield self.decide(T0 + 99.0, [], probe("10.0.1.1"), "10.0.1.1")  # 40, 60, 81, 99: 4 within 59 s
+        self.assertEqual(d.blocked_until, T0 + 99.0 + 600.0)
+        # Three at once, then the fourth half a minute later blocks (a rate would have refilled by then).
+        for _ in range(3):
+            d = yield self.decide(T0 + 100.0, [], probe("10.0.1.2"), "10.0.1.2")
+            self.assertIsNone(d.blocked_until)
+        d = yield self.decide(T0 + 130.0, [], probe("10.0.1.2"), "10.0.1.2")
+        self.assertEqual(d.blocked_until, T0 + 730.0)
+
     async def _probe_many(self, now: float, limits: list[Limit], probe: AutoBlockProbe, n: int) -> list[Decision]:
         return [await self.decide(now, limits, probe, probe.ip) for _ in range(n)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
@@ -15,7 +17,7 @@ from ccproxy.limits._core import Decision, Limit
 from ccproxy.limits._headers import rate_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
-from ccproxy.limits._redis import RedisStore, RedisUnavailable
+from ccproxy.limits._redis import LIFTED, RedisStore, RedisUnavailable
 from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ class Limiter:
         self.state = state
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
+        # Operator and rule blocks (ccproxy.admin.state.IncidentState), if the daemon keeps them.
+        self.incident = getattr(deps, "incident", None)
         self.store: MemoryStore | RedisStore
         if state.backend == MEMORY:
             self.store = MemoryStore(state.max_entries)
@@ -140,9 +144,35 @@ class Limiter:
             self.synced_at = None  # after an outage, read every block again
             return  # requests report the outage; the next tick tries again
         self.synced_at = now
-        for ip, until in blocks:
-            if until > now:
-                self.block(ip, until, new=False)
+        for target, until in blocks:
+            if until == LIFTED:
+                self.lift(target)
+            elif until > now:
+                if "/" in target:  # a range an operator blocked on some instance
+                    with contextlib.suppress(ValueError):
+                        self.blocklist.block_network(ipaddress.ip_network(target), until)
+                else:
+                    self.block(target, until, new=False)
+
+    def lift(self, target: str) -> None:
+        """Forget a block here (an operator lifted it, on this instance or another)."""
+        self.blocks.pop(target, None)
+        self.own_blocks.pop(target, None)
+        if self.incident is not None:
+            self.incident.forget(target)
+        try:
+            self.blocklist.unblock_network(ipaddress.ip_network(target))
+        except ValueError:
+            self.blocklist.unblock(target)
+
+    def share(self, target: str, until: float | None) -> None:
+        """Tell the other instances sharing Redis of an operator's or a rule's block (`until` None:
+        lifted). With the memory backend there is no one to tell."""
+        if not isinstance(self.store, RedisStore):
+            return
+        d = defer.ensureDeferred(self.store.share_block(target, until, self.clock.seconds()))
+        d.addErrback(lambda f: log.warn("could not share the block of {target} through Redis: {error}",
+                                        target=target, error=f.getErrorMessage()))
 
     def stop(self) -> Any:
         if self._tick.running:
@@ -229,6 +259,14 @@ class LimitsLayer(Layer):
             return
         ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
         ip = client_key(ip, self.ipv6_prefix)
+        d = defer.ensureDeferred(self._count_only(ip))
+        d.addErrback(lambda f: log.failure("auto-block count failed", f))
+
+    def count_refusal(self, ip: str) -> None:
+        """A request the HTTP layer refused before any layer saw it (400, 408, 413, 431) counts
+        towards auto-blocking like any other: a flood of malformed requests is what it is for."""
+        if self.limiter is None or not self.config.auto_block.enabled:
+            return
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 

@@ -28,7 +28,8 @@ def default_burst(per_minute: int) -> int:
 
 @attrs.frozen
 class AutoBlockProbe:
-    """Counts every request of an address; tripping it blocks the address for `duration`."""
+    """Counts every request of an address; more than `rate.count` in any `rate.period` blocks the
+    address for `duration`."""
 
     ip: str
     rate: Rate
@@ -98,7 +99,8 @@ def probe_for(config: LimitsConfig, ip: str) -> AutoBlockProbe | None:
     block = config.auto_block
     if not block.enabled:
         return None
-    rate = Rate("auto_block", f"a:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
+    # Counted exactly in a sliding minute (a log of times, not a GCRA: see the stores).
+    rate = Rate("auto_block", f"al:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
     return AutoBlockProbe(ip, rate, block.duration)
 
 

@@ -27,6 +27,9 @@ PREFIX = "ccproxy:rl:"
 BLOCKS = PREFIX + "blocks"
 BLOCKS_MADE = BLOCKS + ":made"  # written by the script (a key it derives: see "Cluster" in the docs)
 CLOCK = PREFIX + "clock"
+# In the blocks-made feed, this end time means "lifted" (ccproxy security unblock-ip).
+LIFTED = 0.0
+_FOREVER = 10 * 365 * 86400.0
 # Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
 # than Redis's own.
 _MARGIN_MS = 60_000
@@ -34,7 +37,7 @@ _MARGIN_MS = 60_000
 # One call decides a batch of requests (those that arrived in the same reactor turn), each one
 # atomically and in order, as if each had its own call: one round trip and one script run for many.
 # ARGV[1]: the requests, separated by ';'. Each is space-separated: now, ip, probe(0|1), probe
-#          interval, probe depth, block duration, key margin (ms), then per limit: kind ('r'|'q'),
+#          threshold, probe window, block duration, key margin (ms), then per limit: kind ('r'|'q'),
 #          interval|count, depth|reset_at. (One string encodes far faster in txredisapi than many.)
 # KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit; last,
 #       the clock key (the latest time any request was decided at).
@@ -69,8 +72,12 @@ local function one(K, A)
     return '2 ' .. blocked
   end
   if A[3] == '1' then
-    local o = gcra(K[3], tonumber(A[4]), tonumber(A[5]), now)
-    if o[1] == 0 then
+    -- The address's latest times, at most threshold + 1: more than threshold in a window blocks.
+    local threshold, window = tonumber(A[4]), tonumber(A[5])
+    redis.call('RPUSH', K[3], f(now))
+    redis.call('LTRIM', K[3], -(threshold + 1), -1)
+    local oldest = tonumber(redis.call('LINDEX', K[3], 0))
+    if redis.call('LLEN', K[3]) > threshold and oldest > now - window then
       local until_ = now + tonumber(A[6])
       redis.call('SET', K[1], f(until_), 'PX', math.ceil(tonumber(A[6]) * 1000))
       redis.call('ZREMRANGEBYSCORE', K[2], '-inf', f(now))
@@ -81,7 +88,7 @@ local function one(K, A)
       redis.call('DEL', K[3])
       return '3 ' .. f(until_)
     end
-    redis.call('SET', K[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
+    redis.call('PEXPIRE', K[3], math.ceil(window * 1000) + margin)
   end
   local out = {1}
   local new = {}
@@ -195,7 +202,7 @@ class RedisStore:
         # Never empty and never with a space or ';': the arguments travel as one string.
         args: list[str] = [repr(now), "".join(ip.replace(";", "").split()) or "-"]
         if probe is not None:
-            args += ["1", repr(probe.rate.interval), repr(probe.rate.depth), repr(probe.duration)]
+            args += ["1", str(probe.rate.count), repr(probe.rate.period), repr(probe.duration)]
         else:
             args += ["0", "0", "0", "0"]
         args.append(str(_MARGIN_MS))
@@ -277,6 +284,30 @@ class RedisStore:
             ip, _, until = _text(row).rpartition(" ")
             out.append((ip, float(until)))
         return out
+
+    async def share_block(self, target: str, until: float | None, now: float) -> None:
+        """Publish an operator's or an alert rule's block (an address or a range) to every
+        instance, as the script publishes automatic blocks; `until` None lifts any block of
+        `target`, automatic ones included. Polling instances apply both within a second."""
+        if until is None:
+            await self._query(self._pool and self._pool.delete(PREFIX + "block:" + target))
+            await self._query(self._pool and self._pool.zrem(BLOCKS, target))
+            await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {LIFTED}"))
+            return
+        until = min(until, now + _FOREVER)  # "until unblocked" is ten years to Redis
+        if "/" not in target:  # the script refuses a single address by itself
+            ms = max(1, int((until - now) * 1000))
+            await self._query(self._pool and self._pool.set(PREFIX + "block:" + target, repr(until), pexpire=ms))
+        await self._query(self._pool and self._pool.zadd(BLOCKS, until, target))
+        await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {until!r}"))
+
+    async def get_shared(self, name: str) -> str | None:
+        """A small shared value (`ccproxy:rl:shared:<name>`), e.g. the emergency switch."""
+        value = await self._query(self._pool and self._pool.get(PREFIX + "shared:" + name))
+        return None if value is None else _text(value)
+
+    async def set_shared(self, name: str, value: str) -> None:
+        await self._query(self._pool and self._pool.set(PREFIX + "shared:" + name, value))
 
     async def _query(self, call: defer.Deferred[Any] | None) -> Any:
         if call is None:

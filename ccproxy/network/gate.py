@@ -24,6 +24,8 @@ from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, clien
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
+# A blocked client's connection is cut this long after it was asked to close.
+CLOSE_GRACE = 1.0
 
 
 class _Policies:
@@ -60,6 +62,26 @@ class Gate(WrappingFactory):
         # For `server.proxy_protocol: true`: the PROXY header is read first, then the client it names
         # is checked by a `_ProxiedCheck` before any byte reaches TLS.
         self.proxied = HAProxyWrappingFactory(_ProxiedCheckFactory(self, wrapped))
+        # Open connections by peer, so that a block also closes the blocked client's connections.
+        self.open: dict[str, set[_Counted | _ProxiedCheck]] = {}
+        holder.current.deps.blocklist.listeners.append(self.close_blocked)
+
+    def close_blocked(self, target: Any) -> None:
+        """Close the open connections of a newly blocked address or range (`str` or ip_network):
+        a kept-alive connection must not go on answering 401/429 to a blocked client."""
+        if isinstance(target, str):
+            hosts = [target] if target in self.open else []
+        else:
+            hosts = [h for h in self.open if (a := parse_ip(h)) is not None and a.version == target.version
+                     and a in target]
+        for host in hosts:
+            for conn in list(self.open.get(host, ())):
+                conn.close_soon(self.clock)
+
+    def close_all(self) -> None:
+        for conns in list(self.open.values()):
+            for conn in list(conns):
+                conn.close_soon(self.clock)
 
     def config(self) -> NetworkConfig:
         network: NetworkConfig = self.holder.current.config.network
@@ -115,18 +137,25 @@ class Gate(WrappingFactory):
             fields["limit"] = config.ddos.max_connections_per_ip
         events.emit("connection_refused", "warning", **fields)
 
-    def opened(self, host: str | None) -> None:
+    def opened(self, host: str | None, conn: _Counted | None = None) -> None:
         self.total += 1
         if host is not None:
             self.per_ip[host] += 1
+            if conn is not None:
+                self.open.setdefault(host, set()).add(conn)
 
-    def closed(self, host: str | None) -> None:
+    def closed(self, host: str | None, conn: _Counted | None = None) -> None:
         self.total -= 1
         self.closed_count += 1
         if host is not None:
             self.per_ip[host] -= 1
             if self.per_ip[host] <= 0:
                 del self.per_ip[host]
+            conns = self.open.get(host)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.open[host]
 
     def registerProtocol(self, p: Any) -> None:
         # Counting happens in _Counted; WrappingFactory's own registry would only cost memory.
@@ -146,7 +175,7 @@ class _Counted(ProtocolWrapper):
         self.counted = False
 
     def makeConnection(self, transport: ITransport) -> None:
-        self.gate.opened(self.host)
+        self.gate.opened(self.host, self)
         self.counted = True
         no_delay(transport)
         super().makeConnection(transport)
@@ -154,14 +183,36 @@ class _Counted(ProtocolWrapper):
     def write(self, data: bytes) -> None:
         send_now(self.transport, data)
 
+    def close_soon(self, clock: Any) -> None:
+        _close_soon(self, clock)
+
     def writeSequence(self, data: Any) -> None:
         send_now(self.transport, b"".join(data))
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.counted:
             self.counted = False
-            self.gate.closed(self.host)
+            self.gate.closed(self.host, self)
         super().connectionLost(reason)
+
+
+def _close_soon(conn: ProtocolWrapper, clock: Any) -> None:
+    """Close after this reactor turn (a refusal being written goes out first), and cut the
+    connection a second later if the client does not read what is left."""
+    transport: Any = conn.transport
+    if transport is None:
+        return
+    clock.callLater(0, transport.loseConnection)
+
+    def cut() -> None:
+        # Behind a PROXY header the transport is a wrapper: cut the socket beneath it.
+        t = transport
+        while t is not None and not hasattr(t, "abortConnection"):
+            t = getattr(t, "transport", None)
+        if t is not None and getattr(t, "connected", False):
+            t.abortConnection()
+
+    clock.callLater(CLOSE_GRACE, cut)
 
 
 class _ProxiedCheckFactory(WrappingFactory):
@@ -204,7 +255,11 @@ class _ProxiedCheck(ProtocolWrapper):
                 return
             self.host = client_key(host, config.ddos.ipv6_prefix)
             self.gate.per_ip[self.host] += 1
+            self.gate.open.setdefault(self.host, set()).add(self)
         super().dataReceived(data)
+
+    def close_soon(self, clock: Any) -> None:
+        _close_soon(self, clock)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.host is not None:
@@ -212,4 +267,9 @@ class _ProxiedCheck(ProtocolWrapper):
             self.gate.per_ip[host] -= 1
             if self.gate.per_ip[host] <= 0:
                 del self.gate.per_ip[host]
+            conns = self.gate.open.get(host)
+            if conns is not None:
+                conns.discard(self)
+                if not conns:
+                    del self.gate.open[host]
         super().connectionLost(reason)
