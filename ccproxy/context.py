@@ -70,6 +70,10 @@ class RequestContext:
                 raise ApiError(400, "request body nests JSON too deeply") from None
         return self._json
 
+    def set_json(self, value: Any) -> None:
+        """The body, already parsed (strictly) by a check: later readers reuse it."""
+        self._json = value
+
     def replace_json(self, value: Any) -> None:
         """Forward `value` instead of the body the client sent."""
         self._json = value

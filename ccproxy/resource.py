@@ -20,7 +20,7 @@ from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import response_headers, upstream_headers
 from ccproxy.network.request import ProxyRequest as Request
 from ccproxy.relay import Relay, abort_client
-from ccproxy.routes import api_for, route
+from ccproxy.routes import api_for, compile_allowed, route
 from ccproxy.runtime import Runtime, RuntimeHolder
 from ccproxy.upstream import UpstreamResponse
 
@@ -73,7 +73,8 @@ class ProxyResource:
         try:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
-            target = route(request.uri, runtime.config.upstreams)
+            config = runtime.config
+            target = route(request.uri, config.upstreams, compile_allowed(config.content.routes.allow))
             content = request.content
             assert content is not None
             content.seek(0)

@@ -199,7 +199,9 @@ def test_control_characters_kept_when_switched_off() -> None:
 def test_other_routes_are_not_validated() -> None:
     ctx = make_ctx(b"not json", kind="other")
     check(LAYER, ctx)
-    assert ctx.request.requestHeaders.hasHeader(b"accept-encoding")
+    assert ctx.body == b"not json"
+    # Their replies are masked too: the upstream is asked for an unencoded body.
+    assert not ctx.request.requestHeaders.hasHeader(b"accept-encoding")
 
 
 def _filter_out(layer: ContentLayer, ctx: RequestContext, headers: dict[bytes, bytes], body: bytes) -> bytes:
@@ -220,10 +222,13 @@ def test_json_responses_are_masked_and_stay_valid(seen_events: list[dict[str, An
     assert out["content"][0]["text"] == (
         "Mail [REDACTED_EMAIL] or call [REDACTED_PHONE]. I am[REDACTED_SYSTEM_PROMPT]."
     )
-    assert out["content"][1]["input"] == {"to": ["[REDACTED_EMAIL]"], "n": 3}
+    # A tool call's input is for a program: passed intact by default.
+    assert out["content"][1]["input"] == {"to": ["x@example.org"], "n": 3}
+    assert ctx.extra_headers["x-ccproxy-masked"] == "email=1, phone_number=1, system_prompt=1"
     (event,) = seen_events
     assert event["ccproxy_event"] == "response_masked"
-    assert event["counts"] == {"email": 2, "phone_number": 1, "system_prompt": 1}
+    assert event["counts"] == {"email": 1, "phone_number": 1, "system_prompt": 1}
+    assert event["parts"] == ["text"] and event["signalled"] == "header x-ccproxy-masked"
     assert "bob@" not in str(event)
 
 
@@ -237,7 +242,7 @@ def test_openai_json_responses_are_masked() -> None:
     out = json.loads(_filter_out(LAYER, ctx, {b"content-type": b"application/json"}, body.encode()))
     message = out["choices"][0]["message"]
     assert message["content"] == "key [REDACTED_API_KEY]"
-    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"card": "XXXX-XXXX-XXXX-XXXX"}
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"card": "4111 1111 1111 1111"}
 
 
 def test_unmasked_json_is_byte_identical() -> None:
@@ -251,8 +256,11 @@ def test_which_responses_are_filtered() -> None:
     assert LAYER.response_filter(ctx, 200, sse) is not None
     assert LAYER.response_filter(ctx, 400, sse) is None
     assert LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"text/plain"]})) is None
-    assert LAYER.response_filter(make_ctx(b"{}", kind="count_tokens"), 200, sse) is None
-    assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is None
+    # Every JSON or SSE reply of a model upstream is masked, whatever the route.
+    assert LAYER.response_filter(make_ctx(b"{}", kind="count_tokens"), 200, sse) is not None
+    assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is not None
+    # Error bodies from the model are read by people too.
+    assert LAYER.response_filter(ctx, 400, Headers({b"content-type": [b"application/json"]})) is not None
     assert ContentLayer(parse({})).response_filter(ctx, 200, sse) is None
     with pytest.raises(ApiError) as caught:
         LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"application/json"],
@@ -260,15 +268,21 @@ def test_which_responses_are_filtered() -> None:
     assert caught.value.status == 502
 
 
-def test_example_config_section_is_the_seed() -> None:
+def test_example_config_keeps_the_seed_as_a_commented_profile() -> None:
     from pathlib import Path
+
+    import yaml
 
     from ccproxy.config import load
 
     example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
     content = load(str(example), environ={}).content
-    assert content.request_validation == parse(SEED).request_validation
-    assert content.response_sanitization == parse(SEED).response_sanitization
+    assert content.request_validation.blocked_patterns == ()
+    # The seed's values, uncommented, are a valid config of their own and equal to SEED.
+    text = example.read_text()
+    profile = text.split("# --- seed profile ---\n")[1].split("# --- end ---")[0]
+    seed = "\n".join(line.split("# ", 1)[1] for line in profile.splitlines() if "# " in line)
+    assert parse(yaml.safe_load(seed)["security"]).request_validation == parse(SEED).request_validation
 
 
 def test_switched_off_sections_are_still_checked() -> None:
