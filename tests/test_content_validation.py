@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
 
@@ -300,3 +301,139 @@ def test_json_reply_that_is_not_json_is_masked_as_text() -> None:
     body = b"oops sk-proj-abcdefghijklmnopqrstuvwxyz \xff tail"
     out = _filter_out(LAYER, make_ctx(messages_body()), {b"content-type": b"application/json"}, body)
     assert out == b"oops [REDACTED_API_KEY] \xff tail"
+
+
+def _refused_by(body: dict[str, Any], kind: str = "messages", api: str = "anthropic") -> str:
+    return refusal(LAYER, make_ctx(json.dumps(body).encode(), kind=kind, api=api)).message
+
+
+B64 = base64.b64encode(b"the password is hunter2").decode()
+BLOCKED = "request blocked by content rule blocked_patterns[1]"
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "my password"}},
+    {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": B64}},
+    {"type": "document", "title": "password list", "source": {"type": "text", "data": "x"}},
+    {"type": "document", "context": "password", "source": {"type": "url", "url": "https://x"}},
+    {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "password"}]}},
+    {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "password"}]},
+    {"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "password"}]}]},
+    {"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": B64}}]},
+    {"type": "tool_use", "id": "t", "name": "Write", "input": {"deep": [{"content": "password"}]}},
+    {"type": "thinking", "thinking": "the password", "signature": "sig"},
+    {"type": "text", "text": "x", "citations": [{"type": "char_location", "cited_text": "password"}]},
+    {"type": "future_block", "payload": {"words": "password"}},
+])
+def test_every_anthropic_block_a_model_reads_is_checked(block: dict[str, Any]) -> None:
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    assert _refused_by(body) == BLOCKED
+
+
+def test_tool_definitions_are_checked_on_both_apis() -> None:
+    tool = {"name": "t", "description": "reads a password", "input_schema": {"type": "object"}}
+    assert _refused_by({"model": "m", "max_tokens": 5, "messages": [], "tools": [tool]}) == BLOCKED
+    function = {"type": "function", "function": {"name": "f", "description": "x", "parameters": {
+        "type": "object", "properties": {"p": {"type": "string", "description": "the password"}}}}}
+    assert _refused_by({"model": "g", "messages": [], "tools": [function]}, "chat_completions", "openai") == BLOCKED
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": [{"type": "file", "file": {
+        "filename": "a.txt", "file_data": "data:text/plain;base64," + B64}}]},
+    {"role": "user", "content": [{"type": "file", "file": {"filename": "password.txt", "file_id": "f"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"p\": \"password\"}"}}]},
+    {"role": "assistant", "refusal": "no password"},
+    {"role": "user", "name": "password", "content": "hi"},
+])
+def test_every_openai_part_a_model_reads_is_checked(message: dict[str, Any]) -> None:
+    assert _refused_by({"model": "g", "messages": [message]}, "chat_completions", "openai") == BLOCKED
+
+
+@pytest.mark.parametrize(("kind", "body"), [
+    ("responses", {"model": "g", "input": "my password"}),
+    ("responses", {"model": "g", "instructions": "password", "input": "hi"}),
+    ("responses", {"model": "g", "input": [{"role": "user", "content": [{"type": "input_text", "text": "password"}]}]}),
+    ("responses", {"model": "g", "input": [{"type": "function_call_output", "call_id": "c", "output": "password"}]}),
+    ("completions", {"model": "g", "prompt": "password"}),
+    ("completions", {"model": "g", "prompt": ["ok", "password"]}),
+    ("complete", {"model": "c", "prompt": "\n\nHuman: password\n\nAssistant:", "max_tokens_to_sample": 5}),
+    ("batches", {"requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "password"}]}}]}),
+])
+def test_every_model_endpoint_is_checked(kind: str, body: dict[str, Any]) -> None:
+    api = "anthropic" if kind in ("complete", "batches") else "openai"
+    assert _refused_by(body, kind, api) == BLOCKED
+
+
+def test_batch_params_get_every_limit() -> None:
+    body = {"requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 100001, "messages": []}}]}
+    assert "max_tokens exceeds" in _refused_by(body, "batches")
+
+
+@pytest.mark.parametrize("spelling", [
+    "pass\u200bword", "pass\u00adword", "pass\u0085word", "ｐａｓｓｗｏｒｄ", "pаsswоrd",  # Cyrillic а, о
+    "PASS\u2060WORD", "pass\ufeffword",
+])
+def test_disguised_spellings_are_normalised_before_patterns(spelling: str) -> None:
+    assert _refused_by({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": spelling}]}) == BLOCKED
+
+
+def test_what_is_forwarded_is_what_the_client_sent_but_for_control_characters() -> None:
+    layer = ContentLayer(parse({"request_validation": {"blocked_patterns": ["forbidden"]}}))
+    text = "ｆｕｌｌ width, zero\u200bwidth, C1\u0085 and \x07 bell"
+    ctx = make_ctx(json.dumps({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": text}]}).encode())
+    check(layer, ctx)
+    assert json.loads(ctx.body)["messages"][0]["content"] == "ｆｕｌｌ width, zero\u200bwidth, C1 and  bell"
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    (b'{"model":"m","max_tokens":5,"messages":[],"messages":[{"role":"user","content":"password"}]}', "duplicate key"),
+    (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"a","content":"b"}]}', "duplicate key"),
+    (b'{"model":"m","max_tokens":NaN,"messages":[]}', "non-finite"),
+    (b'{"model":"m","max_tokens":-Infinity,"messages":[]}', "non-finite"),
+    (b'{"model":"m","max_tokens":1e999,"messages":[]}', "out of range"),
+    (b'{"model":"m","max_tokens":123456789012345678901,"messages":[]}', "out of range"),
+    (b'{"model":"m","max_tokens":-5,"messages":[]}', "max_tokens must be a positive integer"),
+    (b'{"model":"m","max_tokens":100000.00000000000001,"messages":[]}', "max_tokens must be a positive integer"),
+    (b'{"model":"m","max_tokens":5.0,"messages":[]}', "max_tokens must be a positive integer"),
+])
+def test_ambiguous_json_and_numbers_are_refused(raw: bytes, words: str) -> None:
+    assert words in refusal(LAYER, make_ctx(raw)).message
+
+
+def test_invalid_base64_document_is_refused() -> None:
+    block = {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": "not base64!"}}
+    assert "base64" in _refused_by({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [block]}]})
+
+
+def test_a_long_document_is_held_to_the_length_limit() -> None:
+    block = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x" * 200000}}
+    assert "exceeds the limit of 50000" in _refused_by({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [block]}]})
+
+
+def test_a_claude_code_session_passes_the_example_config() -> None:
+    from pathlib import Path
+
+    from ccproxy.config import load
+
+    example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
+    layer = ContentLayer(load(str(example), environ={}).content)
+    file_text = "".join(f"DB_PASSWORD=secret{i} # password for the api_key <script>\n" for i in range(1400))
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "fix the login password check"}]
+    for i in range(150):  # a long tool loop
+        messages.append({"role": "assistant", "content": [
+            {"type": "tool_use", "id": f"t{i}", "name": "Read", "input": {"file_path": f"/src/f{i}.py"}}]})
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": f"t{i}", "content": file_text if i == 3 else "ok"}]})
+    body = {"model": "claude-opus-4-8", "max_tokens": 128000, "system": "You are Claude Code.",
+            "messages": messages, "stream": True}
+    ctx = make_ctx(json.dumps(body).encode())
+    check(layer, ctx)
+    assert json.loads(ctx.body) == body

@@ -110,7 +110,8 @@ class ContentLayer(Layer):
             return None
         content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         is_sse = content_type.startswith(b"text/event-stream")
-        is_json = b"json" in content_type.split(b";")[0]
+        # A batch's results are JSON lines whatever type they are labelled with.
+        is_json = b"json" in content_type.split(b";")[0] or (ctx.route.kind == BATCH_RESULTS and not is_sse)
         if not is_sse and not is_json:
             return None
         if not 200 <= status < 300 and not is_json:
