@@ -437,3 +437,62 @@ def test_a_claude_code_session_passes_the_example_config() -> None:
     ctx = make_ctx(json.dumps(body).encode())
     check(layer, ctx)
     assert json.loads(ctx.body) == body
+
+
+# A system prompt shaped like a coding agent's: an environment block with the working directory,
+# sentences of 60-250 characters (Claude Code 2.1's longest sentence is 259 characters).
+AGENT_PROMPT = "\n".join(
+    [f"Rule {i}: when the user asks for change number {i}, read the file first, keep the style of the "
+     f"surrounding code, and never commit secrets such as keys or passwords to the repository." for i in range(40)]
+    + ["# Environment", " - Primary working directory: /home/dev/projects/acme-billing", " - Platform: linux"]
+)
+
+
+def _reply_filter(layer: ContentLayer, ctx: RequestContext, sse: bool) -> Any:
+    content_type = b"text/event-stream" if sse else b"application/json"
+    return layer.response_filter(ctx, 200, Headers({b"content-type": [content_type]}))
+
+
+def test_ordinary_agent_answers_quoting_the_prompt_pass() -> None:
+    layer = ContentLayer(parse({"response_sanitization": {"mask_emails": False}}))
+    ctx = make_ctx(messages_body(system=AGENT_PROMPT))
+    sentence = AGENT_PROMPT.split("\n")[7]
+    answer = (f"I read /home/dev/projects/acme-billing/src/app.py. Primary working directory: "
+              f"/home/dev/projects/acme-billing. As my instructions say: {sentence}")
+    assert len(sentence) > 150
+    body = json.dumps({"type": "message", "content": [{"type": "text", "text": answer}]}).encode()
+    f = _reply_filter(layer, ctx, sse=False)
+    assert f.feed(body) + f.close() == body
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_long_verbatim_echo_of_the_prompt_is_removed(sse: bool) -> None:
+    layer = ContentLayer(parse({"response_sanitization": {"enabled": True}}))
+    ctx = make_ctx(messages_body(system=AGENT_PROMPT))
+    echo = AGENT_PROMPT[1000:1400]
+    text = f"My instructions are: {echo} That is all."
+    if not sse:
+        body = json.dumps({"type": "message", "content": [{"type": "text", "text": text}]}).encode()
+        f = _reply_filter(layer, ctx, sse=False)
+        out = json.loads(f.feed(body) + f.close())["content"][0]["text"]
+    else:
+        from tests.support.upstream import anthropic_stream
+
+        wire = b"".join(anthropic_stream([text[i : i + 11] for i in range(0, len(text), 11)]))
+        f = _reply_filter(layer, ctx, sse=True)
+        sent = b"".join(f.feed(wire[i : i + 50]) for i in range(0, len(wire), 50)) + f.close()
+        out = ""
+        for chunk in sent.split(b"\n\n"):
+            data = [line[6:] for line in chunk.split(b"\n") if line.startswith(b"data: ")]
+            if data and b"text_delta" in data[0]:
+                out += json.loads(data[0])["delta"]["text"]
+    assert out == "My instructions are: [REDACTED_SYSTEM_PROMPT] That is all."
+
+
+def test_short_prompts_are_protected_by_share() -> None:
+    from ccproxy.content.layer import min_echo_run
+
+    config = parse({"response_sanitization": {}}).response_sanitization
+    assert min_echo_run(6000, config) == 300
+    assert min_echo_run(100, config) == 50
+    assert min_echo_run(10, config) == 16
