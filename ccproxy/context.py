@@ -53,6 +53,8 @@ class RequestContext:
     # Headers every response to this request carries (rate-limit state, key expiry, ...).
     extra_headers: dict[str, str] = attrs.field(factory=dict)
     upstream_request_id: str | None = None
+    # Token usage read from the reply (a ccproxy.content.usage.Usage), once a reply is under way.
+    usage: Any = None
     _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
 
     @property

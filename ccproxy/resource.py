@@ -113,12 +113,14 @@ class ProxyResource:
         if upstream_id:
             ctx.upstream_request_id = upstream_id[0].decode("latin-1")
         body_filter = runtime.response_filter(ctx, response.code, response.headers)
+        rewrites = body_filter is not None and not getattr(body_filter, "transparent", False)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         relay = Relay(
             request,
             self.clock,
             target.upstream.read_timeout,
-            lambda length: self._write_head(ctx, runtime, response, body_filter is not None, length),
+            # A transparent filter (one that only reads) keeps the upstream's framing.
+            lambda length: self._write_head(ctx, runtime, response, rewrites, length),
             target.api,
             sse=content_type.startswith(b"text/event-stream"),
             body_filter=body_filter,

@@ -65,4 +65,6 @@ class ProxySite(Factory):
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
             request_id=getattr(request, "ccproxy_request_id", "-"),
             client_ip=ctx.client_ip if ctx is not None else request.getClientAddress().host,
+            # Token usage of a model reply (what was seen of it, when it was cut short).
+            **(ctx.usage.fields() if ctx is not None and ctx.usage is not None else {}),
         )

@@ -562,3 +562,63 @@ def test_detector_corpus(case: dict[str, Any]) -> None:
         assert out.endswith("]") or out.endswith("[REDACTED_PHONE]")
         stream = StreamMasker(masker(), Counter())
         assert "".join(stream.feed(ch) for ch in case["text"]) + stream.close() == out
+
+
+def _responses_events(deltas: list[str], args: list[str]) -> list[bytes]:
+    def ev(kind: str, **fields: Any) -> bytes:
+        return sse_event(kind, {"type": kind, **fields})
+
+    text = "".join(deltas)
+    out = [ev("response.created", response={"id": "r", "output": []})]
+    out += [ev("response.output_text.delta", item_id="m1", output_index=0, content_index=0, delta=d) for d in deltas]
+    out.append(ev("response.output_text.done", item_id="m1", output_index=0, content_index=0, text=text))
+    out += [ev("response.function_call_arguments.delta", item_id="f1", output_index=1, delta=a) for a in args]
+    out.append(ev("response.function_call_arguments.done", item_id="f1", output_index=1, arguments="".join(args)))
+    out.append(ev("response.completed", response={"id": "r", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": text}]},
+        {"type": "function_call", "call_id": "c", "name": "mail", "arguments": "".join(args)}],
+        "usage": {"input_tokens": 3, "output_tokens": 4}}))
+    return out
+
+
+def test_responses_stream_masks_text_across_deltas_and_passes_tool_arguments() -> None:
+    from ccproxy.content.sse import ResponsesStream
+
+    counts: Counter[str] = Counter()
+    m = masker()
+    seen: list[dict[str, Any]] = []
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), Parts(), False, counts)
+    sse = SseFilter(ResponsesStream(pm, seen.append), counts, lambda c: None)
+    args = json.dumps({"to": "bob@example.com"})
+    events = _responses_events(["write to bob@exa", "mple.com now"], [args[:8], args[8:]])
+    out = b"".join(sse.feed(e) for e in events) + sse.close()
+    streamed = "".join(json.loads(parse_event(c)[1] or b"")["delta"] for c in out.split(b"\n\n")
+                       if b"output_text.delta" in c)
+    assert streamed == "write to [REDACTED_EMAIL] now"
+    final = json.loads(parse_event(out.split(b"\n\n")[-2])[1] or b"")
+    assert final["response"]["output"][0]["content"][0]["text"] == "write to [REDACTED_EMAIL] now"
+    assert final["response"]["output"][1]["arguments"] == args  # a tool call's arguments pass intact
+    for event in events[4:7]:  # the function call's argument events, byte for byte
+        assert event in out
+    assert any(e.get("type") == "response.completed" for e in seen)
+
+
+def test_openai_streamed_tool_arguments_are_masked_when_their_part_is_on() -> None:
+    counts: Counter[str] = Counter()
+    m = masker()
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), Parts(tool_inputs=True), False, counts)
+    sse = SseFilter(OpenAIStream(pm), counts, lambda c: None)
+    args = json.dumps({"to": "bob@example.com"})
+    pieces = [args[i : i + 5] for i in range(0, len(args), 5)]
+    chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": p}}]}, "finish_reason": None}]} for p in pieces]
+    chunks.append({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    out = b"".join(sse.feed(f"data: {json.dumps(c)}\n\n".encode()) for c in chunks) + sse.close()
+    joined = ""
+    for c in out.split(b"\n\n"):
+        data = parse_event(c + b"\n\n")[1]
+        if data:
+            for choice in json.loads(data)["choices"]:
+                for call in choice.get("delta", {}).get("tool_calls", []):
+                    joined += call["function"]["arguments"]
+    assert json.loads(joined) == {"to": "[REDACTED_EMAIL]"} and counts == {"email": 1}

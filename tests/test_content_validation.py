@@ -262,7 +262,9 @@ def test_which_responses_are_filtered() -> None:
     assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is not None
     # Error bodies from the model are read by people too.
     assert LAYER.response_filter(ctx, 400, Headers({b"content-type": [b"application/json"]})) is not None
-    assert ContentLayer(parse({})).response_filter(ctx, 200, sse) is None
+    # Masking off: the reply is only read for its token usage, and passed as it came.
+    assert getattr(ContentLayer(parse({})).response_filter(ctx, 200, sse), "transparent", False)
+    assert ContentLayer(parse({})).response_filter(make_ctx(b"{}", kind="models"), 200, sse) is None
     with pytest.raises(ApiError) as caught:
         LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"application/json"],
                                                  b"content-encoding": [b"br"]}))

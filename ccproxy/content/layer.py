@@ -34,7 +34,15 @@ from ccproxy.content.replies import (
     mask_responses,
     strict_loads,
 )
-from ccproxy.content.sse import AnthropicStream, GenericStream, OpenAIStream, ResponsesStream, SseFilter
+from ccproxy.content.sse import (
+    AnthropicStream,
+    GenericStream,
+    OpenAIStream,
+    ResponsesStream,
+    SseFilter,
+    UsageObserver,
+)
+from ccproxy.content.usage import Usage
 from ccproxy.content.validation import Refusal, Validator
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.errors import ANTHROPIC, ApiError
@@ -49,6 +57,8 @@ from ccproxy.routes import (
     RESPONSES,
 )
 
+# Replies whose token usage is read (for the access record and token budgets).
+_COUNTED = frozenset({MESSAGES, CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, COMPLETE})
 _VALIDATED = frozenset({MESSAGES, COUNT_TOKENS, CHAT_COMPLETIONS, BATCHES, COMPLETE, COMPLETIONS, RESPONSES})
 # The header that tells a client a JSON reply was altered, and what replaced how often.
 MASKED_HEADER = "x-ccproxy-masked"
@@ -56,7 +66,7 @@ MASKED_HEADER = "x-ccproxy-masked"
 _MIN_RUN_FLOOR = 16
 
 
-def walker_for(kind: str, api: str) -> Walker:
+def walker_for(kind: str) -> Walker:
     if kind in (MESSAGES, COMPLETE):
         return mask_message
     if kind in (CHAT_COMPLETIONS, COMPLETIONS):
@@ -80,12 +90,8 @@ class ContentLayer(Layer):
             self.rules = rule_set(_rules(self.sanitization))
 
     def idle(self) -> frozenset[str]:
-        steps = set()
-        if self.rules is None:
-            steps.add("response_filter")
-            if self.validator is None:
-                steps.add("check")
-        return frozenset(steps)
+        # response_filter is never idle: token usage is read from every model reply.
+        return frozenset({"check"}) if self.rules is None and self.validator is None else frozenset()
 
     async def check(self, ctx: RequestContext) -> None:
         if self.validator is not None and ctx.route.kind in _VALIDATED and ctx.request.method == b"POST":
@@ -106,10 +112,17 @@ class ContentLayer(Layer):
             raise refusal.api_error() from None
 
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
-        if self.rules is None:
-            return None
         content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         is_sse = content_type.startswith(b"text/event-stream")
+        counted = 200 <= status < 300 and ctx.route.kind in _COUNTED
+        note: Callable[[dict[str, Any]], None] | None = None
+        if counted:
+            usage = ctx.usage = Usage()
+            note = usage.note
+        if self.rules is None:
+            if note is None or not (is_sse or content_type.startswith(b"application/json")):
+                return None
+            return UsageObserver(note, is_sse)
         # A batch's results are JSON lines whatever type they are labelled with.
         is_json = b"json" in content_type.split(b";")[0] or (ctx.route.kind == BATCH_RESULTS and not is_sse)
         if not is_sse and not is_json:
@@ -131,17 +144,18 @@ class ContentLayer(Layer):
         kind = ctx.route.kind if 200 <= status < 300 else "error"
         if is_sse:
             if kind == MESSAGES and ctx.api == ANTHROPIC:
-                stream: Any = AnthropicStream(pm)
+                stream: Any = AnthropicStream(pm, note)
             elif kind in (CHAT_COMPLETIONS, COMPLETIONS):
-                stream = OpenAIStream(pm)
+                stream = OpenAIStream(pm, note)
             elif kind == RESPONSES:
-                stream = ResponsesStream(pm)
+                stream = ResponsesStream(pm, note)
             else:
-                stream = GenericStream(pm)
+                stream = GenericStream(pm, note)
             return SseFilter(stream, counts, report)
         lines = kind == BATCH_RESULTS or b"jsonl" in content_type or b"ndjson" in content_type
-        return JsonFilter(pm, walker_for(kind, ctx.api), report, lines=lines,
-                          on_header=lambda value: ctx.extra_headers.__setitem__(MASKED_HEADER, value))
+        return JsonFilter(pm, walker_for(kind), report, lines=lines,
+                          on_header=lambda value: ctx.extra_headers.__setitem__(MASKED_HEADER, value),
+                          on_value=note)
 
     def _prompt(self, ctx: RequestContext) -> PromptRuns | None:
         if not self.sanitization.remove_system_prompts:
@@ -210,7 +224,8 @@ class JsonFilter:
     buffered = True
 
     def __init__(self, pm: PartMasker | Masker, walker: Walker | str, report: Callable[[Counter[str]], None],
-                 lines: bool = False, on_header: Callable[[str], None] | None = None) -> None:
+                 lines: bool = False, on_header: Callable[[str], None] | None = None,
+                 on_value: Callable[[dict[str, Any]], None] | None = None) -> None:
         if isinstance(pm, Masker):  # the whole-text form: every part masked, walker named by API
             masker = pm
             from ccproxy.content.parts import Parts
@@ -223,6 +238,7 @@ class JsonFilter:
         self.report = report
         self.lines = lines
         self.on_header = on_header
+        self.on_value = on_value
         self.chunks: list[bytes] = []
 
     def feed(self, data: bytes) -> bytes:
@@ -250,6 +266,8 @@ class JsonFilter:
             raise ApiError(502, f"upstream response is ambiguous JSON ({e})") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             return self._as_text(body)
+        if self.on_value is not None and isinstance(value, dict):
+            self.on_value(value)
         try:
             self.walker(value, self.pm)
         except RecursionError:

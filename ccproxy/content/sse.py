@@ -30,6 +30,7 @@ from ccproxy.content.replies import (
     UnsafeReply,
     dumps,
     mask_any,
+    mask_arguments,
     mask_block,
     mask_citation,
     mask_message,
@@ -383,6 +384,8 @@ class ResponsesStream(_Stream):
             return instead if instead is not None else raw
         if not isinstance(event, dict):
             return raw
+        if self.on_event is not None:
+            self.on_event(event)
         kind = str(event.get("type"))
         if kind in _RESPONSES_DELTAS:
             return self._delta(raw, name, event, kind)
@@ -397,8 +400,6 @@ class ResponsesStream(_Stream):
             if field in event:
                 event[field] = self.pm.text(text_kind, event[field])
         if isinstance(event.get("arguments"), str):
-            from ccproxy.content.replies import mask_arguments
-
             event["arguments"] = mask_arguments(event["arguments"], self.pm)
         if isinstance(event.get("response"), dict):
             mask_responses(event["response"], self.pm)
@@ -464,6 +465,56 @@ class GenericStream(_Stream):
         before = self.pm.counts.total()
         mask_any(event, self.pm)
         return raw if self.pm.counts.total() == before else _render(name, event)
+
+
+class UsageObserver:
+    """A BodyFilter that changes nothing: it reads token usage from a reply masking leaves alone
+    (masking switched off). SSE events are parsed only when they mention usage; a JSON body is
+    copied (up to `MAX_OBSERVED` bytes) and parsed when it is whole."""
+
+    transparent = True
+    MAX_OBSERVED = 16 * 1024 * 1024
+
+    def __init__(self, note: EventHook, sse: bool) -> None:
+        self.note = note
+        self.splitter = EventSplitter() if sse else None
+        self.copy: list[bytes] | None = None if sse else []
+        self.size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.splitter is not None:
+            for raw in self.splitter.feed(data):
+                self._event(raw)
+        elif self.copy is not None:
+            self.size += len(data)
+            if self.size > self.MAX_OBSERVED:
+                self.copy = None
+            else:
+                self.copy.append(data)
+        return data
+
+    def _event(self, raw: bytes) -> None:
+        if b'"usage"' not in raw and b"\\u" not in raw:
+            return
+        _, data = parse_event(raw)
+        try:
+            value = strict_loads(data) if data is not None else None
+        except (ValueError, RecursionError):
+            return
+        if isinstance(value, dict):
+            self.note(value)
+
+    def close(self) -> bytes:
+        if self.splitter is not None:
+            self._event(self.splitter.rest())
+        elif self.copy:
+            try:
+                value = strict_loads(b"".join(self.copy))
+            except (ValueError, RecursionError, UnicodeDecodeError):
+                value = None
+            if isinstance(value, dict):
+                self.note(value)
+        return b""
 
 
 def signal_line(found: Counter[str]) -> bytes:
