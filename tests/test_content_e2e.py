@@ -252,3 +252,20 @@ def test_model_error_bodies_are_masked(proxy: Any, upstream: FakeUpstream) -> No
     status, _, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
     assert status == 400
     assert json.loads(answer)["error"]["message"] == "bad key [REDACTED_API_KEY]"
+
+
+def test_streamed_tool_input_reaches_the_sdk_intact(daemon: Any, upstream: FakeUpstream) -> None:
+    from tests.support.upstream import message_stream
+
+    proxy = daemon({"security": {"response_sanitization": {"enabled": True}}})  # the default parts
+    tool_input = {"file_path": "/home/dev/.env", "content": TEXT + "\nDB_PASSWORD=hunter2\n"}
+    events = message_stream("msg_tool", [{"type": "text", "text": TEXT},
+                                         {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": tool_input}],
+                            piece=3)
+    upstream.expect(Script(events=events, headers=SSE))
+    with anthropic_client(proxy).messages.stream(model="m", max_tokens=5,
+                                                 messages=[{"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    text, call = final.content
+    assert text.type == "text" and KEY not in text.text and "[REDACTED_API_KEY]" in text.text
+    assert call.type == "tool_use" and call.input == tool_input
