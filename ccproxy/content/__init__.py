@@ -17,4 +17,8 @@ def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
     """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); the layer keeps no state to carry over."""
     from ccproxy.content.layer import ContentLayer
 
-    return ContentLayer(config.content)
+    # Token usage is read from replies only where something uses it: access records, token budgets.
+    audit, limits = config.audit, config.limits
+    logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)
+    budgets = limits.enabled and any(t.tokens_per_minute or t.daily_token_quota for t in limits.per_key)
+    return ContentLayer(config.content, count_usage=bool(logs_access or budgets))

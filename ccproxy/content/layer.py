@@ -80,8 +80,9 @@ def walker_for(kind: str) -> Walker:
 
 
 class ContentLayer(Layer):
-    def __init__(self, config: ContentConfig) -> None:
+    def __init__(self, config: ContentConfig, count_usage: bool = True) -> None:
         self.config = config
+        self.count_usage = count_usage
         validation = config.request_validation
         self.validator = Validator(validation) if validation.enabled else None
         self.sanitization = config.response_sanitization
@@ -90,8 +91,13 @@ class ContentLayer(Layer):
             self.rules = rule_set(_rules(self.sanitization))
 
     def idle(self) -> frozenset[str]:
-        # response_filter is never idle: token usage is read from every model reply.
-        return frozenset({"check"}) if self.rules is None and self.validator is None else frozenset()
+        steps = set()
+        if self.rules is None:
+            if not self.count_usage:
+                steps.add("response_filter")
+            if self.validator is None:
+                steps.add("check")
+        return frozenset(steps)
 
     async def check(self, ctx: RequestContext) -> None:
         if self.validator is not None and ctx.route.kind in _VALIDATED and ctx.request.method == b"POST":
@@ -114,7 +120,7 @@ class ContentLayer(Layer):
     def response_filter(self, ctx: RequestContext, status: int, headers: Headers) -> BodyFilter | None:
         content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         is_sse = content_type.startswith(b"text/event-stream")
-        counted = 200 <= status < 300 and ctx.route.kind in _COUNTED
+        counted = self.count_usage and 200 <= status < 300 and ctx.route.kind in _COUNTED
         note: Callable[[dict[str, Any]], None] | None = None
         if counted:
             usage = ctx.usage = Usage()
