@@ -622,3 +622,14 @@ def test_openai_streamed_tool_arguments_are_masked_when_their_part_is_on() -> No
                 for call in choice.get("delta", {}).get("tool_calls", []):
                     joined += call["function"]["arguments"]
     assert json.loads(joined) == {"to": "[REDACTED_EMAIL]"} and counts == {"email": 1}
+
+
+def test_an_event_without_end_is_refused_not_buffered_without_bound() -> None:
+    from ccproxy.content.sse import MAX_EVENT, EventSplitter, EventTooLarge
+
+    splitter = EventSplitter()
+    piece = b"data: " + b"x" * 65536
+    with pytest.raises(EventTooLarge):
+        for _ in range(MAX_EVENT // len(piece) + 2):
+            assert splitter.feed(piece) == []
+    assert len(splitter.buffer) <= MAX_EVENT + len(piece)

@@ -498,3 +498,13 @@ def test_short_prompts_are_protected_by_share() -> None:
     assert min_echo_run(6000, config) == 300
     assert min_echo_run(100, config) == 50
     assert min_echo_run(10, config) == 16
+
+
+def test_every_format_character_is_invisible_to_patterns() -> None:
+    import sys
+    import unicodedata
+
+    from ccproxy.content.validation import normalise
+
+    format_chars = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    assert normalise("pa" + "".join(format_chars) + "ss") == "pass"

@@ -43,11 +43,20 @@ EventHook = Callable[[dict[str, Any]], None]
 AnyMasker = StreamMasker | JsonStringMasker
 
 
+# The largest SSE event ccproxy holds while waiting for its end; a longer one is refused (the stream
+# is cut) rather than buffered without bound.
+MAX_EVENT = 16 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    pass
+
+
 class EventSplitter:
     """Cuts bytes into whole SSE events (each ending with a blank line), line endings made LF."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()
         # Where to look for a terminator again: an event arriving in many reads is scanned once.
         self.scanned = 0
         self.cr_pending = False  # the last piece ended in CR: a LF starting the next belongs to it
@@ -60,19 +69,27 @@ class EventSplitter:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         elif data:
             self.cr_pending = False
-        self.buffer += data
+        buffer = self.buffer
+        buffer += data
         events: list[bytes] = []
+        start = 0
         while True:
-            i = self.buffer.find(b"\n\n", self.scanned)
+            i = buffer.find(b"\n\n", max(start, self.scanned))
             if i < 0:
-                self.scanned = max(0, len(self.buffer) - 1)
-                return events
-            events.append(self.buffer[: i + 2])
-            self.buffer = self.buffer[i + 2 :]
-            self.scanned = 0
+                break
+            events.append(bytes(buffer[start : i + 2]))
+            start = i + 2
+        if start:
+            del buffer[:start]
+        self.scanned = max(0, len(buffer) - 1)
+        if len(buffer) > MAX_EVENT:
+            raise EventTooLarge(f"an SSE event larger than {MAX_EVENT} bytes")
+        return events
 
     def rest(self) -> bytes:
-        rest, self.buffer, self.scanned = self.buffer, b"", 0
+        rest = bytes(self.buffer)
+        self.buffer.clear()
+        self.scanned = 0
         return rest
 
 

@@ -41,6 +41,13 @@ from ccproxy.errors import ApiError
 
 # C0 controls except tab and newline, DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Format characters (Unicode category Cf, as of Unicode 15) and controls but tab and newline: they
+# render as nothing, so a pattern must not be dodged by them. One regex, not a per-character loop.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
 # Keys whose strings are identifiers or opaque data, not text a model reads as language.
 _OPAQUE = frozenset({"type", "id", "tool_use_id", "call_id", "signature", "media_type", "cache_control",
                      "encrypted_content", "status", "role", "file_id", "image_url", "detail"})
@@ -110,8 +117,7 @@ def normalise(text: str) -> str:
     if text.isascii():
         return _CONTROL.sub("", text)
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cc") or ch in "\t\n")
-    return text.translate(_CONFUSABLES)
+    return _INVISIBLE.sub("", text).translate(_CONFUSABLES)
 
 
 class Validator:
