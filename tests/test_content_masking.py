@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections import Counter
@@ -431,6 +432,25 @@ def test_thinking_passes_unchanged_when_its_part_is_off() -> None:
     assert b"".join(sse.feed(e) for e in THINKING_EVENTS) + sse.close() == b"".join(THINKING_EVENTS)
 
 
+@functools.cache
+def _example_layer() -> Any:
+    from ccproxy.config import load
+    from ccproxy.content.layer import ContentLayer
+
+    example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
+    return ContentLayer(load(str(example), environ={}).content)
+
+
+def _example_filter() -> Any:
+    """The response filter the example config (etc/ccproxy/config.yaml) puts on a Messages stream."""
+    from twisted.web.http_headers import Headers
+
+    from tests.test_content_validation import make_ctx, messages_body
+
+    ctx = make_ctx(messages_body(system="You are a coding agent in /tmp/x. " * 20))
+    return _example_layer().response_filter(ctx, 200, Headers({b"content-type": [b"text/event-stream"]}))
+
+
 def _tool_use_events(source: str, pieces: list[str], index: int = 1) -> list[bytes]:
     start = {"type": "content_block_start", "index": index,
              "content_block": {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}}
@@ -466,7 +486,7 @@ def test_tool_input_is_byte_identical_under_the_default_parts_at_every_split(val
     pieces = split(data.draw, source) or [source]
     wire = b"".join(_tool_use_events(source, pieces))
     for cut in range(len(wire) + 1):  # every split of the byte stream in two
-        sse = _default_filter(Counter())
+        sse = _example_filter()
         out = sse.feed(wire[:cut]) + sse.feed(wire[cut:]) + sse.close()
         assert _partial_json(out) == source
 
@@ -474,7 +494,7 @@ def test_tool_input_is_byte_identical_under_the_default_parts_at_every_split(val
 def test_the_example_tool_input_passes_whole_at_every_split() -> None:
     wire = b"".join(_tool_use_events(TOOL_INPUT, [TOOL_INPUT[i : i + 9] for i in range(0, len(TOOL_INPUT), 9)]))
     for cut in range(len(wire) + 1):
-        sse = _default_filter(Counter())
+        sse = _example_filter()
         out = sse.feed(wire[:cut]) + sse.feed(wire[cut:]) + sse.close()
         assert out == wire
 
