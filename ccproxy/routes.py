@@ -26,7 +26,8 @@ COMPLETE = "complete"  # Anthropic's legacy Text Completions
 MODELS = "models"
 CHAT_COMPLETIONS = "chat_completions"
 COMPLETIONS = "completions"  # OpenAI's legacy Completions
-RESPONSES = "responses"  # create (POST) or one response (GET)
+RESPONSES = "responses"  # create a response
+RESPONSE = "response"  # one response: read, cancel (replies shaped as a response)
 OTHER = "other"  # a path allowed by the config: forwarded unchecked, replies masked as any JSON
 
 # One path segment that names an object (a batch, a model, a response).
@@ -47,8 +48,8 @@ _TABLE: dict[str, tuple[tuple[str, str], ...]] = {
         ("/v1/chat/completions", CHAT_COMPLETIONS),
         ("/v1/completions", COMPLETIONS),
         ("/v1/responses", RESPONSES),
-        (f"/v1/responses/{_ID}", RESPONSES),
-        (f"/v1/responses/{_ID}/cancel", RESPONSES),
+        (f"/v1/responses/{_ID}", RESPONSE),
+        (f"/v1/responses/{_ID}/cancel", RESPONSE),
         (f"/v1/responses/{_ID}/input_items", OTHER),
         ("/v1/models", MODELS),
         (f"/v1/models/{_ID}", MODELS),

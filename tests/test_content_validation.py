@@ -508,3 +508,10 @@ def test_every_format_character_is_invisible_to_patterns() -> None:
 
     format_chars = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
     assert normalise("pa" + "".join(format_chars) + "ss") == "pass"
+
+
+@pytest.mark.parametrize("kind", ["response", "batch", "batch_results", "models"])
+def test_routes_without_a_request_body_to_check_pass(kind: str) -> None:
+    ctx = make_ctx(b"", kind=kind)  # e.g. POST /openai/v1/responses/{id}/cancel has no body
+    check(LAYER, ctx)
+    assert ctx.body == b""

@@ -26,6 +26,7 @@ from ccproxy.routes import (
     MESSAGES,
     MODELS,
     OTHER,
+    RESPONSE,
     RESPONSES,
     allowed_path,
     route,
@@ -53,7 +54,8 @@ def upstreams(**anthropic: Any) -> Any:
     (b"/openai/v1/chat/completions", OPENAI, b"/v1/chat/completions", CHAT_COMPLETIONS),
     (b"/openai/v1/completions", OPENAI, b"/v1/completions", COMPLETIONS),
     (b"/openai/v1/responses", OPENAI, b"/v1/responses", RESPONSES),
-    (b"/openai/v1/responses/resp_123", OPENAI, b"/v1/responses/resp_123", RESPONSES),
+    (b"/openai/v1/responses/resp_123", OPENAI, b"/v1/responses/resp_123", RESPONSE),
+    (b"/openai/v1/responses/resp_123/cancel", OPENAI, b"/v1/responses/resp_123/cancel", RESPONSE),
     (b"/openai/v1/models?x=1", OPENAI, b"/v1/models?x=1", MODELS),
 ])
 def test_routes(target: bytes, api: str, path: bytes, kind: str) -> None:

@@ -54,6 +54,7 @@ from ccproxy.routes import (
     COMPLETIONS,
     COUNT_TOKENS,
     MESSAGES,
+    RESPONSE,
     RESPONSES,
 )
 
@@ -71,7 +72,7 @@ def walker_for(kind: str) -> Walker:
         return mask_message
     if kind in (CHAT_COMPLETIONS, COMPLETIONS):
         return mask_completion
-    if kind == RESPONSES:
+    if kind in (RESPONSES, RESPONSE):
         return mask_responses
     if kind == BATCH_RESULTS:
         return mask_batch_line
@@ -153,7 +154,7 @@ class ContentLayer(Layer):
                 stream: Any = AnthropicStream(pm, note)
             elif kind in (CHAT_COMPLETIONS, COMPLETIONS):
                 stream = OpenAIStream(pm, note)
-            elif kind == RESPONSES:
+            elif kind in (RESPONSES, RESPONSE):
                 stream = ResponsesStream(pm, note)
             else:
                 stream = GenericStream(pm, note)
