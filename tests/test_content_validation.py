@@ -515,3 +515,16 @@ def test_routes_without_a_request_body_to_check_pass(kind: str) -> None:
     ctx = make_ctx(b"", kind=kind)  # e.g. POST /openai/v1/responses/{id}/cancel has no body
     check(LAYER, ctx)
     assert ctx.body == b""
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type":"message","content":[{"type":"text","text":"bob@example.com","text":"fine"}]}',
+    b'{"type":"message","content":[{"type":"text","text":"x"}],"usage":{"input_tokens":NaN}}',
+])
+def test_ambiguous_upstream_json_is_refused_not_passed(body: bytes) -> None:
+    f = LAYER.response_filter(make_ctx(messages_body()), 200, Headers({b"content-type": [b"application/json"]}))
+    assert f is not None
+    f.feed(body)
+    with pytest.raises(ApiError) as caught:
+        f.close()
+    assert caught.value.status == 502 and "ambiguous" in caught.value.message
