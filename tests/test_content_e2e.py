@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -269,3 +270,15 @@ def test_streamed_tool_input_reaches_the_sdk_intact(daemon: Any, upstream: FakeU
     text, call = final.content
     assert text.type == "text" and KEY not in text.text and "[REDACTED_API_KEY]" in text.text
     assert call.type == "tool_use" and call.input == tool_input
+
+
+def test_a_cut_stream_still_reports_what_was_masked(proxy: Any, upstream: FakeUpstream) -> None:
+    events = anthropic_stream(pieces(TEXT, 5))
+    upstream.expect(Script(events=events, headers=SSE, cut_after=len(events) - 3))
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    status, _, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
+    assert status == 200 and KEY.encode() not in answer
+    deadline = time.monotonic() + 10
+    while "response_masked" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "response_masked" in proxy.log()

@@ -145,8 +145,16 @@ class ContentLayer(Layer):
         pm = PartMasker(lambda: Masker(rules, prompt), self.sanitization.mask_parts,
                         _structured(ctx), counts)
 
+        reported = False
+
         def report(found: Counter[str]) -> None:
-            _masked(ctx, found, pm, stream=is_sse)
+            nonlocal reported
+            if not reported:
+                reported = True
+                _masked(ctx, found, pm, stream=is_sse)
+
+        # A stream cut short never reaches its end: what was masked of it is reported all the same.
+        ctx.request.notifyFinish().addBoth(lambda _: report(counts))
 
         kind = ctx.route.kind if 200 <= status < 300 else "error"
         if is_sse:
