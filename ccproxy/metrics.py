@@ -164,7 +164,7 @@ class Metrics:
 
     def request_done(self, request: Any, now: float) -> None:
         """Called at the end of every answered request (the site's log call)."""
-        ctx = getattr(request, "ccproxy_ctx", None)
+        ctx = request.ctx
         if ctx is not None:
             api, route = ctx.route.api, ctx.route.kind
         elif request.path in (b"/health", b"/ready"):
@@ -175,9 +175,7 @@ class Metrics:
         key = (api, route, request.code)
         requests = hot.requests
         requests[key] = requests.get(key, 0) + 1
-        started = getattr(request, "ccproxy_started", None)
-        if started is not None:
-            hot.duration.observe(api, now - started)
+        hot.duration.observe(api, now - request.started)
 
     def timed_send(self, send: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap `Forwarder.send` to time the upstream's response head."""

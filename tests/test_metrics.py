@@ -28,8 +28,8 @@ class _Ctx:
 
 class _Request:
     def __init__(self, code: int, path: bytes = b"/openai/v1/chat/completions", ctx: Any = None) -> None:
-        self.code, self.path, self.uri, self.ccproxy_ctx = code, path, path, ctx
-        self.ccproxy_started = 10.0
+        self.code, self.path, self.uri, self.ctx = code, path, path, ctx
+        self.started = 10.0
 
 
 def test_label_values_are_bounded() -> None:

@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from ccproxy.limits._core import Decision, Limit, Rate, combine, quota_outcome, rate_outcome
+from ccproxy.limits._core import (
+    Decision,
+    Limit,
+    Rate,
+    combine,
+    quota_outcome,
+    rate_outcome,
+    token_charge,
+    token_expiry,
+    token_outcome,
+)
 from ccproxy.limits._plan import MINUTE as BLOCK_WINDOW
 from ccproxy.limits._plan import AutoBlockProbe
 
@@ -65,6 +75,20 @@ class MemoryStore:
             for limit, o in zip(limits, outcomes, strict=True):
                 self._put(limit.key, o.state, o.state if type(limit) is Rate else limit.reset_at)  # type: ignore[union-attr]
         return decision
+
+    def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
+        if now < self._clock:
+            now = self._clock
+        self._clock = now
+        outcomes = []
+        for limit in budgets:
+            state = self._state(limit.key, now)
+            if charge:
+                state = token_charge(limit, state, now, charge)
+                self._put(limit.key, state, token_expiry(limit, state, now))
+            outcomes.append(token_outcome(limit, state, now))
+        return combine(budgets, outcomes)
 
     def _count_for_block(self, now: float, probe: AutoBlockProbe) -> Decision | None:
         """Exact: the request that makes more than `count` in any `period` blocks. The times of an

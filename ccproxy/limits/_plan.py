@@ -82,6 +82,25 @@ def tier_limits(config: LimitsConfig, identity: Identity, now: float) -> list[Li
     return out
 
 
+def token_budgets(config: LimitsConfig, identity: Identity | None, now: float) -> list[Limit]:
+    """A key's token budgets: `tokens_per_minute` (a minute's worth may be spent at once) and
+    `daily_token_quota`, from its tier (or the default tier)."""
+    if not config.enabled or identity is None:
+        return []
+    tier = config.tier(identity.tier) or config.tier("default")
+    if tier is None:
+        return []
+    out: list[Limit] = []
+    subject = f"{tier.name}:{identity.key_id}"
+    if tier.tokens_per_minute:
+        count = tier.tokens_per_minute
+        out.append(Rate("tokens_per_minute", f"t:{count}:{subject}", count, MINUTE, count))
+    if tier.daily_token_quota:
+        out.append(day_quota("daily_token_quota", f"tokens:{identity.key_id}", tier.daily_token_quota, now,
+                             config.daily_reset))
+    return out
+
+
 def limits_for(config: LimitsConfig, ip: str, identity: Identity | None, now: float) -> list[Limit]:
     if not config.enabled:
         return []

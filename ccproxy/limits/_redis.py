@@ -140,6 +140,53 @@ return table.concat(replies, ';')
 _SCRIPT_BYTES = SCRIPT.encode()
 _SHA = hashlib.sha1(_SCRIPT_BYTES).hexdigest()
 
+# Token budgets: charge ARGV[2] tokens (0: only ask) to every budget, then answer as the request
+# script does, "allowed remaining reset_after retry_after" per budget. The same arithmetic as
+# `_core.token_outcome` / `token_charge`, atomically, so instances sharing Redis share the budgets.
+# ARGV: now, tokens, key margin (ms), then per budget: kind ('r'|'q'), interval|count, depth|reset_at.
+TOKEN_SCRIPT = """
+local function f(x) return string.format('%.17g', x) end
+local clock = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+local now = math.max(tonumber(ARGV[1]), clock)
+local charge = tonumber(ARGV[2])
+local margin = tonumber(ARGV[3])
+local out = {}
+for i = 1, #KEYS - 1 do
+  local kind, a, b = ARGV[1 + 3 * i], tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
+  local state = tonumber(redis.call('GET', KEYS[i]) or '')
+  if kind == 'r' then
+    if state == nil or state < now then state = now end
+    if charge > 0 then
+      state = state + charge * a
+      redis.call('SET', KEYS[i], f(state), 'PX', math.ceil((state - now) * 1000) + margin)
+    end
+    local ahead = state - now
+    local remaining = math.floor((b - ahead) / a + 1e-6)
+    if remaining < 1 then
+      out[#out + 1] = '0 0 ' .. f(ahead) .. ' ' .. f(ahead - b + a)
+    else
+      out[#out + 1] = '1 ' .. remaining .. ' ' .. f(ahead) .. ' 0'
+    end
+  else
+    local used = state or 0
+    if charge > 0 then
+      used = used + charge
+      redis.call('SET', KEYS[i], f(used), 'PX', math.ceil((b - now) * 1000) + margin)
+    end
+    local left = b - now
+    if used >= a then
+      out[#out + 1] = '0 0 ' .. f(left) .. ' ' .. f(left)
+    else
+      out[#out + 1] = '1 ' .. string.format('%d', a - used) .. ' ' .. f(left) .. ' 0'
+    end
+  end
+end
+if now > clock then redis.call('SET', KEYS[#KEYS], f(now), 'PX', 86400000) end
+return '1 ' .. table.concat(out, ' ')
+"""
+_TOKEN_BYTES = TOKEN_SCRIPT.encode()
+_TOKEN_SHA = hashlib.sha1(_TOKEN_BYTES).hexdigest()
+
 
 # Requests decided by one script call at most; more in one reactor turn make several calls.
 MAX_BATCH = 64
@@ -222,6 +269,32 @@ class RedisStore:
             # Not ours (another program's script under our name?): the on_error policy applies.
             raise RedisUnavailable(f"unexpected reply from the script: {reply[:80]!r}") from None
 
+    async def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
+        if self._pool is None:
+            raise RedisUnavailable("not connected")
+        keys = [PREFIX + b.key for b in budgets] + [CLOCK]
+        args = [repr(now), str(int(charge)), str(_MARGIN_MS)]
+        for limit in budgets:
+            if isinstance(limit, Rate):
+                args += ["r", repr(limit.interval), repr(limit.depth)]
+            else:
+                args += ["q", str(limit.count), repr(limit.reset_at)]
+        try:
+            reply = await self._call(defer.ensureDeferred(
+                self._evalsha(keys, args, _TOKEN_SHA, _TOKEN_BYTES)))
+        except defer.TimeoutError:
+            raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
+        except RedisUnavailable:
+            raise
+        except Exception as e:
+            self._heal()
+            raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+        try:
+            return _decision(_text(reply), now, budgets, None)
+        except (ValueError, IndexError):
+            raise RedisUnavailable(f"unexpected reply from the token script: {reply!r:.80}") from None
+
     def _submit(self, keys: list[str], args: str) -> defer.Deferred[str]:
         """Queue one request's decision for the next batch (sent at the end of this reactor turn)."""
         d: defer.Deferred[str] = defer.Deferred()
@@ -261,14 +334,15 @@ class RedisStore:
             if not d.called:
                 d.errback(error)
 
-    async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
+    async def _evalsha(self, keys: list[str], args: list[str], sha: str = _SHA,
+                       script: bytes = _SCRIPT_BYTES) -> Any:
         """EVALSHA; the script itself only when Redis does not know it (first use, restart)."""
         try:
-            return await self._pool.evalsha(_SHA, keys, args)
+            return await self._pool.evalsha(sha, keys, args)
         except Exception as e:
             if type(e).__name__ != "ScriptDoesNotExist":
                 raise
-        return await self._pool.eval(_SCRIPT_BYTES, keys, args)
+        return await self._pool.eval(script, keys, args)
 
     async def active_blocks(self, now: float) -> list[tuple[str, float]]:
         """Every address blocked by any instance, with the end of its block."""

@@ -20,7 +20,7 @@ class DetectorLayer(Layer):
     def idle(self) -> frozenset[str]:
         return frozenset({"decorate", "response_filter"})
 
-    async def check(self, ctx: RequestContext) -> None:
+    async def check_body(self, ctx: RequestContext) -> None:  # the detectors read the body
         uri, body = ctx.request.uri, ctx.body
         found = False
         for detector in self.detectors:
@@ -29,7 +29,7 @@ class DetectorLayer(Layer):
                 events.emit(SUSPICIOUS, "warning", detector=detector.name, ip_address=ctx.client_ip,
                             request_id=ctx.request_id,
                             api_key_id=ctx.identity.key_id if ctx.identity is not None else None,
-                            path=ctx.request.path.decode("latin-1")[:200])
+                            path=ctx.path.decode("latin-1")[:200])
         # A rule may have blocked the address on that event: this request is refused with it.
         if found and self.deps.blocklist.is_blocked(ctx.client_ip, self.deps.reactor.seconds()):
             raise ApiError(403, "requests from this client address are not allowed")
