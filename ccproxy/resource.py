@@ -51,7 +51,7 @@ class ProxyResource:
         if request.path == b"/health":
             return b'{"status":"ok"}'
         if self.holder.ready:
-            return b'{"status":"ready"}'
+            return self.holder.ready_body
         request.setResponseCode(503)
         return b'{"status":"starting"}'
 

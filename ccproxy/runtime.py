@@ -102,3 +102,5 @@ class RuntimeHolder:
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
         self.ready = False
+        # What /ready answers while ready (a worker adds its own and its siblings' state).
+        self.ready_body = b'{"status":"ready"}'

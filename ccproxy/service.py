@@ -20,11 +20,12 @@ from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
+from ccproxy.workers import activation, handover
 
 log = Logger()
 
 # Settings a reload cannot change in place: a new listening socket would be needed.
-_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled")
+_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled", "server.workers")
 
 
 class ProxyService(Service):
@@ -54,21 +55,22 @@ class ProxyService(Service):
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
         factory = listener_factory(site, self.tls, self.holder, self.reactor)
-        self.port = self.reactor.listenTCP(
-            config.server.port, factory, backlog=1024, interface=config.server.host
-        )
+        self.port, source = activation.listen(self.reactor, config.server.host, config.server.port, factory)
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
-        log.info("ccproxy listening on {url}", url=f"{scheme}://{_hostport(address.host, address.port)}")
+        log.info("ccproxy listening on {url} ({source})", url=f"{scheme}://{_hostport(address.host, address.port)}",
+                 source=source)
         self.holder.ready = True
         settle_heap()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.handover = handover.attach(self)
 
-    def reload(self) -> bool:
-        """Re-read the config file; a bad one is refused and the running config keeps serving."""
+    def reload(self, config: Config | None = None) -> bool:
+        """Re-read the config file (or take `config`, already read from it); a bad one is refused and
+        the running config keeps serving."""
         old = self.config
         try:
-            new = load(self.config_path)
+            new = load(self.config_path) if config is None else config
             changed = changed_paths(old.effective(), new.effective())
             _check_restart_only(changed)
             options = certificate_options(new.server.tls) if new.server.tls.enabled else None

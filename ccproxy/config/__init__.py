@@ -23,7 +23,7 @@ from ccproxy.config.network import NetworkConfig
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
-__all__ = ["Config", "ConfigError", "load", "parse"]
+__all__ = ["Config", "ConfigError", "load", "loads", "parse"]
 
 
 @attrs.frozen
@@ -49,6 +49,11 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return loads(text, path, environ)
+
+
+def loads(text: str, path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Check `text`, the content of the YAML file at `path` (relative paths in it start there)."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as e:

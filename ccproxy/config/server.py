@@ -107,9 +107,12 @@ class ServerConfig:
     host: str
     port: int
     tls: TLSConfig
+    workers: int = 1  # processes serving the listening socket (see ccproxy.workers)
 
     @classmethod
     def parse(cls, s: Section) -> ServerConfig:
+        from ccproxy.config.workers import parse_workers
+
         host = s.string("host", DEFAULT_HOST)
         port = s.integer("port", DEFAULT_PORT, min=0, max=65535)
-        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host))
+        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host), workers=parse_workers(s))
