@@ -28,6 +28,8 @@ class Deps:
 
     reactor: Any
     blocklist: BlockList
+    # In a worker of `server.workers`: the supervisor's limit store, used in place of a memory store.
+    shared_store: Any = None
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer

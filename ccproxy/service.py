@@ -20,7 +20,7 @@ from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
-from ccproxy.workers import activation, handover
+from ccproxy.workers import activation, handover, worker
 
 log = Logger()
 
@@ -32,7 +32,8 @@ class ProxyService(Service):
     def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
         self.config_path = config_path
         self.reactor = reactor
-        self.deps = Deps(reactor=reactor, blocklist=BlockList())
+        blocklist = BlockList()
+        self.deps = Deps(reactor=reactor, blocklist=blocklist, shared_store=worker.shared_store(reactor, blocklist))
         self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None

@@ -14,7 +14,16 @@ import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.upstream import FakeUpstream, Script
-from tests.support.workers import Stream, alive, log_match, request, terminate, wait_for
+from tests.support.workers import (
+    Stream,
+    alive,
+    log_match,
+    parallel,
+    request,
+    spread_connections,
+    terminate,
+    wait_for,
+)
 
 
 def _ready(d: Daemon) -> tuple[dict[str, Any], dict[str, str]]:
@@ -177,3 +186,32 @@ def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Da
     finally:
         if successor:
             terminate(successor, timeout=40)
+
+
+BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def _post(conn: http.client.HTTPConnection, key: str) -> int:
+    conn.request("POST", "/v1/messages", BODY, {"content-type": "application/json", "x-api-key": key})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def test_a_per_key_limit_is_exact_across_workers(workers: Callable[..., Daemon], upstream: FakeUpstream) -> None:
+    d = workers({
+        "upstreams": {"anthropic": {"api_key": "sk-ant-upstream-key-000000000000f3a9"}},
+        "security": {
+            "auth": {"enabled": True, "type": "api_key", "api_keys": [{"key": "client-key-of-twenty-01", "id": "k20"}]},
+            "rate_limiting": {"per_key": {"default": {"requests_per_minute": 10_000, "daily_quota": 20}}},
+        },
+    })
+    conns = spread_connections(d, 60)
+    statuses = parallel([lambda c=conn: _post(c, "client-key-of-twenty-01") for _, conn in conns])  # type: ignore[misc]
+    by_worker = {w: [s for (worker, _), s in zip(conns, statuses, strict=True) if worker == w] for w in (1, 2)}
+    assert sorted(statuses) == [200] * 20 + [429] * 40, statuses
+    # Both workers answered, and between them admitted exactly the quota.
+    assert all(len(v) >= 15 for v in by_worker.values()), by_worker
+    assert sum(1 for r in upstream.requests if r.path == "/v1/messages") == 20
+    for _, conn in conns:
+        conn.close()

@@ -20,6 +20,7 @@ from ccproxy.limits._redis import RedisStore, RedisUnavailable
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
+    from ccproxy.workers.state import SharedStore
 
 log = Logger()
 
@@ -43,9 +44,10 @@ class Limiter:
         self.state = state
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
-        self.store: MemoryStore | RedisStore
+        self.store: MemoryStore | RedisStore | SharedStore
         if state.backend == MEMORY:
-            self.store = MemoryStore(state.max_entries)
+            # A worker of several asks the supervisor's store, so limits stay exact across workers.
+            self.store = deps.shared_store or MemoryStore(state.max_entries)
         else:
             self.store = RedisStore(state.redis, self.clock)
             self.store.connect()

@@ -28,6 +28,7 @@ from ccproxy.config import Config, ConfigError, loads
 from ccproxy.workers import activation, handover
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import DRAIN_TIMEOUT
+from ccproxy.workers.state import StateOwner
 from ccproxy.workers.worker import CONTROL, INDEX
 
 log = Logger()
@@ -74,6 +75,7 @@ class Supervisor(Service):
         self.announced = False
         self.announce_fd = handover.claim()
         self.handover: handover.Handover | None = None
+        self.state = StateOwner(config.limits.state.max_entries, self.announce_block)
 
     # -- start
 
@@ -127,7 +129,10 @@ class Supervisor(Service):
 
     def message(self, slot: _Slot, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == "ready":
+        if op == "decide":
+            if slot.channel is not None:
+                slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
+        elif op == "ready":
             slot.ready = True
             log.info("worker {index} (pid {pid}) ready; {ready} of {count} workers ready", index=slot.index,
                      pid=slot.pid, ready=self.ready_count(), count=self.count)
@@ -139,6 +144,11 @@ class Supervisor(Service):
         elif op == "reloaded":
             if not message.get("ok"):
                 log.error("worker {index} (pid {pid}) refused the reload", index=slot.index, pid=slot.pid)
+
+    def announce_block(self, ip: str, until: float) -> None:
+        for slot in self.slots:
+            if slot.channel is not None:
+                slot.channel.send("block", ip=ip, until=until)
 
     def ready_count(self) -> int:
         return sum(1 for slot in self.slots if slot.ready)
@@ -191,6 +201,7 @@ class Supervisor(Service):
             log.error("config reload refused by the supervisor; no worker reloads: {error}", error=str(e))
             return False
         self.config = new
+        self.state.store.resize(new.limits.state.max_entries)
         live = [slot for slot in self.slots if slot.channel is not None]
         for slot in live:
             assert slot.channel is not None

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from ccproxy.config import ConfigError, loads
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
+from ccproxy.workers.state import SharedStore
 
 log = Logger()
 
@@ -31,6 +32,11 @@ def is_worker(environ: MutableMapping[str, str] | None = None) -> bool:
     return INDEX in (os.environ if environ is None else environ)
 
 
+def shared_store(reactor: Any, blocklist: Any) -> SharedStore | None:
+    """In a worker: the store that stands for the supervisor's (connected once the worker runs)."""
+    return SharedStore(reactor, blocklist) if is_worker() else None
+
+
 class Worker:
     def __init__(self, service: Any, index: int) -> None:
         self.service = service
@@ -38,11 +44,18 @@ class Worker:
         self.reactor = service.reactor
         self.channel = Channel(self.handle, self.lost)
         self.retiring = False
+        self.store: SharedStore | None = service.deps.shared_store
+        if self.store is not None:
+            self.store.asker.send = self.channel.send
         self.status(ready=0, configured=0)
 
     def handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == "reload":
+        if op == "decided" and self.store is not None:
+            self.store.asker.answered(message)
+        elif op == "block" and self.store is not None:
+            self.store.blocked(str(message["ip"]), float(message["until"]))
+        elif op == "reload":
             self.reload(str(message.get("text", "")), str(message.get("path", "")))
         elif op == "drain":
             self.drain("the supervisor asked")
@@ -72,6 +85,8 @@ class Worker:
         retire(port, lambda: port.factory.total, self.reactor, f"worker {self.index}: {why}")
 
     def lost(self) -> None:
+        if self.store is not None:
+            self.store.asker.lost()
         if not self.retiring:
             log.error("worker {index}: the supervisor is gone; draining and exiting", index=self.index)
         self.drain("the supervisor is gone")

@@ -141,3 +141,68 @@ def terminate(pid: int, timeout: float = 15.0) -> None:
         wait_for(lambda: not alive(pid), timeout)
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
+
+
+def connect(d: Daemon, timeout: float = 20.0) -> http.client.HTTPConnection:
+    if d.tls:
+        return http.client.HTTPSConnection(d.host, d.port, timeout=timeout, context=d.ssl_context())
+    return http.client.HTTPConnection(d.host, d.port, timeout=timeout)
+
+
+def which_worker(conn: http.client.HTTPConnection) -> int:
+    """The worker serving this (kept-alive) connection, from its /ready answer."""
+    conn.request("GET", "/ready")
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 200, (response.status, body)
+    index: int = json.loads(body)["worker"]
+    return index
+
+
+def parallel(calls: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
+    """Run `calls` on a thread each, released together; their results (or exceptions) in order."""
+    results: list[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
+def spread_connections(d: Daemon, count: int, workers: int = 2, timeout: float = 60.0
+                       ) -> list[tuple[int, http.client.HTTPConnection]]:
+    """`count` open connections, each labelled with the worker that accepted it, at least a quarter
+    of them on each worker (connections are opened together until the kernel has spread them)."""
+    held: dict[int, list[http.client.HTTPConnection]] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = [connect(d) for _ in range(8)]
+        for conn, worker in zip(batch, parallel([lambda c=c: which_worker(c) for c in batch]), strict=True):  # type: ignore[misc]
+            assert isinstance(worker, int), worker
+            held.setdefault(worker, []).append(conn)
+        need = count // (2 * workers)
+        if len(held) == workers and all(len(c) >= need for c in held.values()) \
+                and sum(len(c) for c in held.values()) >= count:
+            break
+        assert time.monotonic() < deadline, {w: len(c) for w, c in held.items()}
+    out: list[tuple[int, http.client.HTTPConnection]] = []
+    # Take from each worker in turn, so both hold a share; close the connections not used.
+    queues = {w: list(c) for w, c in held.items()}
+    while len(out) < count:
+        for w, q in queues.items():
+            if q and len(out) < count:
+                out.append((w, q.pop()))
+    for q in queues.values():
+        for conn in q:
+            conn.close()
+    return out

@@ -1,0 +1,105 @@
+"""The supervisor-owned limit store and the workers' batched questions, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from ccproxy.blocklist import BlockList
+from ccproxy.limits._core import Quota, Rate
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import AutoBlockProbe
+from ccproxy.limits._redis import RedisUnavailable
+from ccproxy.workers.state import SharedStore, StateOwner, decode, encode
+from tests.support.limits import T0
+
+
+def _limits() -> list[Any]:
+    return [Rate("per_ip_minute", "m:1.2.3.4", 60, 60.0, 3), Quota("key_daily", "d:k1:20000", 5, T0 + 3600)]
+
+
+def test_limits_cross_the_channel_unchanged() -> None:
+    probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
+    now, ip, limits, back = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
+    assert (now, ip, limits, back) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe)
+
+
+class _Wire:
+    """Connects a SharedStore to a StateOwner as the control channel would, in the same process."""
+
+    def __init__(self, owner: StateOwner, store: SharedStore) -> None:
+        self.owner = owner
+        self.store = store
+        self.messages: list[dict[str, Any]] = []
+        store.asker.send = self.send
+
+    def send(self, op: str, **fields: Any) -> None:
+        self.messages.append({"op": op, **fields})
+        answers = self.owner.decide_all(fields["items"])
+        self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
+
+
+def _ask(store: SharedStore, now: float, limits: list[Any], probe: AutoBlockProbe | None = None,
+         ip: str = "1.2.3.4") -> defer.Deferred[Any]:
+    return defer.ensureDeferred(store.decide(now, limits, probe, ip))
+
+
+def test_two_workers_decide_as_one_memory_store_in_one_message_per_turn() -> None:
+    clock = task.Clock()
+    blocks: list[tuple[str, float]] = []
+    owner = StateOwner(1000, lambda ip, until: blocks.append((ip, until)))
+    workers = [SharedStore(clock, BlockList()) for _ in range(2)]
+    wires = [_Wire(owner, store) for store in workers]
+    reference = MemoryStore(1000)
+    asked = [_ask(workers[i % 2], T0 + i * 0.01, _limits()) for i in range(10)]
+    assert all(not d.called for d in asked)  # nothing leaves before the end of the reactor turn
+    clock.advance(0)
+    assert [len(w.messages) for w in wires] == [1, 1]
+    got = [d.result for d in asked]  # type: ignore[attr-defined]
+    # Worker 0's five questions are decided before worker 1's, as their messages arrive.
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
+    want = [reference.decide(T0 + i * 0.01, _limits()) for i in order]
+    assert [got[i] for i in order] == want
+    assert [d.allowed for d in want] == [True, True, True, False, False, False, False, False, False, False]
+
+
+def test_a_block_made_through_one_worker_refuses_the_address_through_the_other() -> None:
+    clock = task.Clock()
+    announced: list[tuple[str, float]] = []
+    owner = StateOwner(1000, lambda ip, until: announced.append((ip, until)))
+    first, second = SharedStore(clock, BlockList()), SharedStore(clock, BlockList())
+    _Wire(owner, first)
+    _Wire(owner, second)
+    probe = AutoBlockProbe("5.6.7.8", Rate("auto_block", "a:2:5.6.7.8", 2, 60.0, 2), 300.0)
+    answers = [_ask(first, T0, [], probe, "5.6.7.8") for _ in range(3)]
+    clock.advance(0)
+    assert [d.result.blocked_until for d in answers] == [None, None, T0 + 300.0]  # type: ignore[attr-defined]
+    assert answers[2].result.new_block  # type: ignore[attr-defined]
+    assert announced == [("5.6.7.8", T0 + 300.0)]
+    second.blocked("5.6.7.8", T0 + 300.0)  # what the supervisor's announcement does in a worker
+    assert second.blocklist.is_blocked("5.6.7.8", T0 + 1)
+    late = _ask(second, T0 + 1, _limits(), None, "5.6.7.8")
+    clock.advance(0)
+    assert not late.result.allowed and late.result.blocked_until == T0 + 300.0  # type: ignore[attr-defined]
+    assert not late.result.new_block  # type: ignore[attr-defined]
+
+
+def test_questions_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[Any] = []
+    store.asker.send = lambda op, **fields: sent.append(fields)
+    waiting = _ask(store, T0, _limits())
+    clock.advance(0)
+    store.asker.lost()
+    assert _failure(waiting) == "the supervisor is gone"
+    assert _failure(_ask(store, T0, _limits())) == "the supervisor is not reachable"
+
+
+def _failure(d: defer.Deferred[Any]) -> str:
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(RedisUnavailable)
+    return str(failures[0].value)
