@@ -55,7 +55,7 @@ class ProxyService(Service):
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
         self.audit = audit.start(self.holder, self.reactor)
-        factory = listener_factory(site, self.tls, self.holder, self.reactor)
+        factory = listener_factory(site, self.tls, self.holder, self.reactor, worker.gate_class())
         self.port, source = activation.listen(self.reactor, config.server.host, config.server.port, factory)
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"

@@ -17,12 +17,14 @@ from tests.support.upstream import FakeUpstream, Script
 from tests.support.workers import (
     Stream,
     alive,
+    connect,
     log_match,
     parallel,
     request,
     spread_connections,
     terminate,
     wait_for,
+    which_worker,
 )
 
 
@@ -215,3 +217,28 @@ def test_a_per_key_limit_is_exact_across_workers(workers: Callable[..., Daemon],
     assert sum(1 for r in upstream.requests if r.path == "/v1/messages") == 20
     for _, conn in conns:
         conn.close()
+
+
+def test_max_connections_per_ip_is_exact_across_workers(workers: Callable[..., Daemon]) -> None:
+    d = workers({"security": {"ddos_protection": {"max_connections_per_ip": 10}}})
+
+    def attempt() -> dict[int, int]:
+        """14 connections at once: which worker served each of those admitted."""
+        conns = [connect(d, timeout=10) for _ in range(14)]
+        answers = parallel([lambda c=c: which_worker(c) for c in conns])  # type: ignore[misc]
+        served = [a for a in answers if isinstance(a, int)]
+        refused = [a for a in answers if not isinstance(a, int)]
+        assert len(served) == 10 and len(refused) == 4, answers
+        assert all(isinstance(e, OSError | http.client.HTTPException) for e in refused), refused
+        for conn in conns:
+            conn.close()
+        return {w: served.count(w) for w in set(served)}
+
+    # Until the kernel has spread the admitted connections over both workers (usually at once).
+    spreads = []
+    while not spreads or len(spreads[-1]) < 2:
+        if spreads:
+            wait_for(lambda: _ready(d)[0]["status"] == "ready")  # the slots came back
+        spreads.append(attempt())
+        assert len(spreads) < 10, spreads
+    assert len(log_match(d, r"connection_refused .*reason=too_many_connections_per_ip")) >= 4

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from ccproxy.blocklist import BlockList
@@ -12,6 +15,7 @@ from ccproxy.limits._core import Quota, Rate
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe
 from ccproxy.limits._redis import RedisUnavailable
+from ccproxy.workers.gate import ConnectionCounts, _Admission
 from ccproxy.workers.state import SharedStore, StateOwner, decode, encode
 from tests.support.limits import T0
 
@@ -103,3 +107,81 @@ def _failure(d: defer.Deferred[Any]) -> str:
     d.addErrback(failures.append)
     assert len(failures) == 1 and failures[0].check(RedisUnavailable)
     return str(failures[0].value)
+
+
+def test_connection_slots_are_counted_over_all_workers_and_a_dead_workers_come_back() -> None:
+    counts = ConnectionCounts()
+    assert [counts.admit(1 + i % 2, "9.9.9.9", 100, 3) for i in range(4)] == [None, None, None,
+                                                                              "too_many_connections_per_ip"]
+    assert counts.admit(2, "8.8.8.8", 4, None) is None
+    assert counts.admit(1, "7.7.7.7", 4, None) == "too_many_connections"
+    counts.release(1, "9.9.9.9")
+    counts.release(1, "9.9.9.9")  # worker 1 held only two: a duplicate release changes nothing
+    counts.release(1, "9.9.9.9")
+    assert counts.total == 2 and counts.per_ip["9.9.9.9"] == 1
+    assert counts.worker_gone(2) == 2
+    assert counts.total == 0 and not counts.per_ip
+    counts.release(2, "8.8.8.8")  # after its death: ignored
+    assert counts.total == 0
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[Any], defer.Deferred[Any]]] = []
+        self.released: list[str] = []
+        self.admissions = self
+
+    def ask(self, item: list[Any]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.asked.append((item, d))
+        return d
+
+    def release(self, host: str) -> None:
+        self.released.append(host)
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.link = _Link()
+        self.pending = 0
+        self.refused: list[str] = []
+
+    def refuse(self, reason: str, host: str, config: Any) -> None:
+        self.refused.append(reason)
+
+    def config(self) -> None:
+        return None
+
+
+def _admission() -> tuple[_Gate, Protocol, _Admission, StringTransport]:
+    gate, inner, transport = _Gate(), Protocol(), StringTransport()
+    received: list[bytes] = []
+    inner.dataReceived = received.append  # type: ignore[method-assign]
+    inner.received = received  # type: ignore[attr-defined]
+    admission = _Admission(gate, inner, "9.9.9.9", 100, 10)  # type: ignore[arg-type]
+    admission.makeConnection(transport)
+    return gate, inner, admission, transport
+
+
+def test_a_connection_is_not_read_until_the_supervisor_admits_it() -> None:
+    gate, inner, admission, transport = _admission()
+    assert transport.producerState == "paused" and gate.pending == 1
+    assert gate.link.asked[0][0] == ["9.9.9.9", 100, 10]
+    assert inner.transport is None
+    gate.link.asked[0][1].callback(None)
+    assert inner.transport is transport and transport.producerState == "producing" and gate.pending == 0
+    admission.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert inner.received == [b"GET / HTTP/1.1\r\n"]  # type: ignore[attr-defined]
+    admission.connectionLost(Failure(ConnectionDone()))
+    assert gate.link.released == ["9.9.9.9"]
+
+
+def test_a_refused_connection_is_closed_unread_and_a_lost_one_gives_its_slot_back() -> None:
+    gate, inner, admission, transport = _admission()
+    gate.link.asked[0][1].callback("too_many_connections_per_ip")
+    assert transport.disconnecting and inner.transport is None
+    assert gate.refused == ["too_many_connections_per_ip"] and gate.link.released == []
+    gate, inner, admission, transport = _admission()
+    admission.connectionLost(Failure(ConnectionDone()))  # the client left while we asked
+    gate.link.asked[0][1].callback(None)
+    assert inner.transport is None and gate.link.released == ["9.9.9.9"] and gate.pending == 0

@@ -172,8 +172,33 @@ class SharedStore:
     """In a worker: the supervisor's store, asked over the control channel."""
 
     def __init__(self, reactor: Any, blocklist: BlockList) -> None:
+        self.reactor = reactor
         self.blocklist = blocklist
         self.asker = Asker(reactor, "decide")
+        # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
+        self.admissions = Asker(reactor, "admit")
+        self._released: list[str] = []
+        self._release_call: Any = None
+
+    def connect(self, send: Callable[..., None] | None) -> None:
+        self.asker.send = self.admissions.send = send
+
+    def lost(self) -> None:
+        self.connect(None)
+        self.asker.lost()
+        self.admissions.lost()
+        self._released = []
+
+    def release(self, host: str) -> None:
+        self._released.append(host)
+        if self._release_call is None:
+            self._release_call = self.reactor.callLater(0, self._send_releases)
+
+    def _send_releases(self) -> None:
+        self._release_call = None
+        hosts, self._released = self._released, []
+        if hosts and self.asker.send is not None:
+            self.asker.send("release", hosts=hosts)
 
     async def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                      ip: str = "") -> Decision:

@@ -28,6 +28,7 @@ from ccproxy.config import Config, ConfigError, loads
 from ccproxy.workers import activation, handover
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import DRAIN_TIMEOUT
+from ccproxy.workers.gate import ConnectionCounts
 from ccproxy.workers.state import StateOwner
 from ccproxy.workers.worker import CONTROL, INDEX
 
@@ -76,6 +77,7 @@ class Supervisor(Service):
         self.announce_fd = handover.claim()
         self.handover: handover.Handover | None = None
         self.state = StateOwner(config.limits.state.max_entries, self.announce_block)
+        self.connections = ConnectionCounts()
 
     # -- start
 
@@ -132,6 +134,14 @@ class Supervisor(Service):
         if op == "decide":
             if slot.channel is not None:
                 slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
+        elif op == "admit":
+            if slot.channel is not None:
+                answers = [self.connections.admit(slot.index, str(host), total, per_ip)
+                           for host, total, per_ip in message["items"]]
+                slot.channel.send("admitted", id=message.get("id"), answers=answers)
+        elif op == "release":
+            for host in message.get("hosts", []):
+                self.connections.release(slot.index, str(host))
         elif op == "ready":
             slot.ready = True
             log.info("worker {index} (pid {pid}) ready; {ready} of {count} workers ready", index=slot.index,
@@ -162,6 +172,7 @@ class Supervisor(Service):
         slot.ready = False
         slot.channel = None
         pid, slot.process = slot.last_pid, None
+        self.connections.worker_gone(slot.index)
         ended, slot.ended = slot.ended, None
         if ended is not None:
             ended.callback(None)

@@ -18,8 +18,10 @@ from typing import Any
 from twisted.logger import Logger
 
 from ccproxy.config import ConfigError, loads
+from ccproxy.network.gate import Gate
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
+from ccproxy.workers.gate import SharedGate
 from ccproxy.workers.state import SharedStore
 
 log = Logger()
@@ -30,6 +32,13 @@ CONTROL = "CCPROXY_CONTROL_FD"
 
 def is_worker(environ: MutableMapping[str, str] | None = None) -> bool:
     return INDEX in (os.environ if environ is None else environ)
+
+
+def gate_class() -> type[Gate]:
+    """The accept gate: in a worker, one whose connection caps count every worker's connections."""
+    from ccproxy.workers.gate import SharedGate
+
+    return SharedGate if is_worker() else Gate
 
 
 def shared_store(reactor: Any, blocklist: Any) -> SharedStore | None:
@@ -46,13 +55,15 @@ class Worker:
         self.retiring = False
         self.store: SharedStore | None = service.deps.shared_store
         if self.store is not None:
-            self.store.asker.send = self.channel.send
+            self.store.connect(self.channel.send)
         self.status(ready=0, configured=0)
 
     def handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == "decided" and self.store is not None:
             self.store.asker.answered(message)
+        elif op == "admitted" and self.store is not None:
+            self.store.admissions.answered(message)
         elif op == "block" and self.store is not None:
             self.store.blocked(str(message["ip"]), float(message["until"]))
         elif op == "reload":
@@ -82,11 +93,13 @@ class Worker:
         self.retiring = True
         self.service.holder.ready = False
         port = self.service.port
-        retire(port, lambda: port.factory.total, self.reactor, f"worker {self.index}: {why}")
+        gate = port.factory
+        count = gate.open_connections if isinstance(gate, SharedGate) else lambda: gate.total
+        retire(port, count, self.reactor, f"worker {self.index}: {why}")
 
     def lost(self) -> None:
         if self.store is not None:
-            self.store.asker.lost()
+            self.store.lost()
         if not self.retiring:
             log.error("worker {index}: the supervisor is gone; draining and exiting", index=self.index)
         self.drain("the supervisor is gone")
