@@ -54,7 +54,7 @@ class ProxyService(Service):
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
-        self.audit = audit.start(self.holder, self.reactor)
+        self.audit = worker.audit_forwarder(self.holder, self.deps) or audit.start(self.holder, self.reactor)
         factory = listener_factory(site, self.tls, self.holder, self.reactor, worker.gate_class())
         self.port, source = activation.listen(self.reactor, config.server.host, config.server.port, factory)
         address: Any = self.port.getHost()

@@ -8,10 +8,12 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ccproxy.audit.verify import verify
 from tests.support.daemon import Daemon
 from tests.support.upstream import FakeUpstream, Script
 from tests.support.workers import (
@@ -242,3 +244,37 @@ def test_max_connections_per_ip_is_exact_across_workers(workers: Callable[..., D
         spreads.append(attempt())
         assert len(spreads) < 10, spreads
     assert len(log_match(d, r"connection_refused .*reason=too_many_connections_per_ip")) >= 4
+
+
+def test_the_audit_trail_is_one_chain_written_by_the_supervisor(workers: Callable[..., Daemon],
+                                                                 tmp_path: Path) -> None:
+    audit_file, access_file = tmp_path / "audit.log", tmp_path / "access.log"
+    d = workers({
+        "upstreams": {"anthropic": {"api_key": "sk-ant-upstream-key-000000000000f3a9"}},
+        "security": {
+            "auth": {"enabled": True, "type": "api_key", "api_keys": [{"key": "client-key-audited-0001", "id": "ka"}]},
+            "audit": {"outputs": [
+                {"type": "file", "path": str(audit_file), "flush_interval": "50ms"},
+                {"type": "file", "path": str(access_file), "records": "access", "flush_interval": "50ms"},
+            ]},
+        },
+    })
+    conns = spread_connections(d, 20)
+    statuses = parallel([lambda c=conn: _post(c, "client-key-audited-0001") for _, conn in conns])  # type: ignore[misc]
+    statuses += parallel([lambda c=conn: _post(c, "wrong-key-000000000000") for _, conn in conns[:6]])  # type: ignore[misc]
+    assert statuses == [200] * 20 + [401] * 6
+    for _, conn in conns:
+        conn.close()
+    # A worker killed right after answering: what it recorded has already left it.
+    victim = next(info["pid"] for info, _ in _by_worker(d).values() if info["worker"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    assert d.stop() == -signal.SIGTERM
+    records = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    names = [r["event"] for r in records]
+    assert names.count("authentication_success") == 20 and names.count("authentication_failure") == 6
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    report = verify([str(audit_file)])
+    assert report.ok, report.message
+    access = [json.loads(line) for line in access_file.read_text().splitlines()]
+    assert sum(1 for r in access if r["path"] == "/v1/messages") == 26
+    assert verify([str(access_file)]).ok

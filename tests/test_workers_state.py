@@ -185,3 +185,36 @@ def test_a_refused_connection_is_closed_unread_and_a_lost_one_gives_its_slot_bac
     admission.connectionLost(Failure(ConnectionDone()))  # the client left while we asked
     gate.link.asked[0][1].callback(None)
     assert inner.transport is None and gate.link.released == ["9.9.9.9"] and gate.pending == 0
+
+
+def test_audit_events_wait_for_the_channel_then_leave_in_one_message_per_turn() -> None:
+    from types import SimpleNamespace
+
+    from twisted.logger import LogPublisher
+
+    from ccproxy import events
+    from ccproxy.config import parse
+    from ccproxy.workers.audit import AuditForwarder, portable
+
+    clock = task.Clock()
+    link = SharedStore(clock, BlockList())
+    config = parse({"server": {"tls": {"enabled": False}},
+                    "security": {"audit": {"outputs": [{"type": "file", "path": "/nonexistent/audit.log"}]}}})
+    assert config.audit.enabled
+    holder = SimpleNamespace(current=SimpleNamespace(config=config))
+    forwarder = AuditForwarder(holder, link, publisher=LogPublisher()).start()
+    try:
+        events.emit("authentication_failure", "warning", ip_address="127.0.0.1", reason=ValueError("bad"))
+        clock.advance(0)
+        assert len(forwarder.queue) == 1  # no channel yet: kept
+        sent: list[dict[str, Any]] = []
+        link.connect(lambda op, **fields: sent.append({"op": op, **fields}))
+        events.emit("authentication_success", "info", api_key_id="k1")
+        clock.advance(0)
+        assert [m["op"] for m in sent] == ["audit"]
+        assert [e["ccproxy_event"] for e in sent[0]["events"]] == ["authentication_failure", "authentication_success"]
+        assert sent[0]["events"][0]["reason"] == "bad"  # what JSON cannot carry travels as text
+    finally:
+        forwarder.stop()
+    assert portable({"log_logger": object(), "log_namespace": "ccproxy.access", "status": 200}) == {
+        "log_namespace": "ccproxy.access", "status": 200}

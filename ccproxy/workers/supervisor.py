@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from ccproxy.config import Config, ConfigError, loads
 from ccproxy.workers import activation, handover
+from ccproxy.workers.audit import AuditWriter
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import DRAIN_TIMEOUT
 from ccproxy.workers.gate import ConnectionCounts
@@ -78,11 +79,13 @@ class Supervisor(Service):
         self.handover: handover.Handover | None = None
         self.state = StateOwner(config.limits.state.max_entries, self.announce_block)
         self.connections = ConnectionCounts()
+        self.audit = AuditWriter(config, reactor)
 
     # -- start
 
     def startService(self) -> None:
         super().startService()
+        self.audit.start()
         self.sock, source = self._listener()
         host, port = self.sock.getsockname()[:2]
         log.info("supervisor (pid {pid}) listening on {host}:{port} ({source}); starting {count} workers",
@@ -131,7 +134,9 @@ class Supervisor(Service):
 
     def message(self, slot: _Slot, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == "decide":
+        if op == "audit":
+            self.audit.receive(message)
+        elif op == "decide":
             if slot.channel is not None:
                 slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
         elif op == "admit":
@@ -212,6 +217,7 @@ class Supervisor(Service):
             log.error("config reload refused by the supervisor; no worker reloads: {error}", error=str(e))
             return False
         self.config = new
+        self.audit.configure(new)
         self.state.store.resize(new.limits.state.max_entries)
         live = [slot for slot in self.slots if slot.channel is not None]
         for slot in live:
@@ -262,7 +268,7 @@ class Supervisor(Service):
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
-            return result
+            return self.audit.stop()
 
         return d.addBoth(close)
 

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from ccproxy.config import ConfigError, loads
 from ccproxy.network.gate import Gate
+from ccproxy.workers.audit import AuditForwarder
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
 from ccproxy.workers.gate import SharedGate
@@ -41,6 +42,11 @@ def gate_class() -> type[Gate]:
     return SharedGate if is_worker() else Gate
 
 
+def audit_forwarder(holder: Any, deps: Any) -> AuditForwarder | None:
+    """In a worker: audit events go to the supervisor, the trail's one writer."""
+    return AuditForwarder(holder, deps.shared_store).start() if deps.shared_store is not None else None
+
+
 def shared_store(reactor: Any, blocklist: Any) -> SharedStore | None:
     """In a worker: the store that stands for the supervisor's (connected once the worker runs)."""
     return SharedStore(reactor, blocklist) if is_worker() else None
@@ -56,6 +62,7 @@ class Worker:
         self.store: SharedStore | None = service.deps.shared_store
         if self.store is not None:
             self.store.connect(self.channel.send)
+        self.forwarder: AuditForwarder | None = getattr(service, "audit", None)
         self.status(ready=0, configured=0)
 
     def handle(self, message: dict[str, Any]) -> None:
@@ -120,6 +127,8 @@ def attach(service: Any, environ: MutableMapping[str, str] | None = None) -> Wor
     reactor.callWhenRunning(signal.signal, signal.SIGTERM,
                             lambda *_: reactor.callFromThread(worker.drain, "SIGTERM"))
     adopt(reactor, fd, worker.channel)
+    if isinstance(worker.forwarder, AuditForwarder):
+        worker.forwarder.flush()  # what was recorded while starting
     worker.channel.send("ready", pid=os.getpid())
     log.info("worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
     return worker
