@@ -164,3 +164,18 @@ def test_workers_change_only_with_a_restart() -> None:
     assert changed == ["server.workers"]
     with pytest.raises(ConfigError, match="restart"):
         _check_restart_only(changed)
+
+
+def test_a_worker_accepts_one_connection_per_wake_up() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    sock = activation.bind("127.0.0.1", 0)
+    port: Any = activation.adopt(reactor, sock.detach(), Factory())
+    try:
+        assert port.numberAccepts == 100  # Twisted's own: a whole burst per wake-up
+        activation.accept_one_at_a_time(port)
+        port.numberAccepts += 20  # what Port.doRead does after a full loop
+        assert port.numberAccepts == 1
+    finally:
+        port.stopListening()

@@ -15,6 +15,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -119,6 +120,25 @@ def adopt(reactor: Any, fd: int, factory: Any) -> IListeningPort:
     # processes that really serve keep the socket open.
     os.close(fd)
     return port
+
+
+class _OneAcceptPort(tcp.Port):
+    """A port that accepts one connection per wake-up. Twisted's accepts up to 100 (and more as
+    bursts grow): on a socket several processes share, the first to wake would take a whole burst
+    of connections; one at a time, every waiting worker gets its turn (see bench/balance.py)."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+def accept_one_at_a_time(port: Any) -> None:
+    if type(port) is tcp.Port:
+        port.__class__ = _OneAcceptPort
 
 
 def listen(reactor: Any, host: str, port: int, factory: Any, environ: MutableMapping[str, str] | None = None,

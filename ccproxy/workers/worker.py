@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from ccproxy.config import ConfigError, loads
 from ccproxy.network.gate import Gate
+from ccproxy.workers.activation import accept_one_at_a_time
 from ccproxy.workers.audit import AuditForwarder
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
@@ -127,6 +128,9 @@ def attach(service: Any, environ: MutableMapping[str, str] | None = None) -> Wor
     reactor.callWhenRunning(signal.signal, signal.SIGTERM,
                             lambda *_: reactor.callFromThread(worker.drain, "SIGTERM"))
     adopt(reactor, fd, worker.channel)
+    # The listening socket is shared with the other workers: take connections one per wake-up, so a
+    # burst is spread over every waiting worker (bench/balance.py).
+    accept_one_at_a_time(service.port)
     if isinstance(worker.forwarder, AuditForwarder):
         worker.forwarder.flush()  # what was recorded while starting
     worker.channel.send("ready", pid=os.getpid())
