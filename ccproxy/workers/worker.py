@@ -99,7 +99,8 @@ class Worker:
         if self.retiring:
             return
         self.retiring = True
-        self.service.holder.ready = False
+        # /ready keeps saying ready: on a restart the socket's new owner is ready, and a connection
+        # this worker already took is still served in full.
         port = self.service.port
         gate = port.factory
         count = gate.open_connections if isinstance(gate, SharedGate) else lambda: gate.total
