@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from ccproxy import audit, events
+from ccproxy import events
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.forward import Forwarder
@@ -21,6 +21,7 @@ from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
 from ccproxy.workers import activation, handover, worker
+from ccproxy.workers.heldaudit import start_audit
 
 log = Logger()
 
@@ -54,7 +55,7 @@ class ProxyService(Service):
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
-        self.audit = worker.audit_forwarder(self.holder, self.deps) or audit.start(self.holder, self.reactor)
+        self.audit = worker.audit_forwarder(self.holder, self.deps) or start_audit(self.holder, self.reactor)
         factory = listener_factory(site, self.tls, self.holder, self.reactor, worker.gate_class())
         self.port, source = activation.listen(self.reactor, config.server.host, config.server.port, factory)
         address: Any = self.port.getHost()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
+from ccproxy.audit.verify import verify
 from tests.conftest import Certs
 from tests.support.daemon import Daemon, free_port
 from tests.support.upstream import FakeUpstream, Script, message_json
@@ -112,3 +115,46 @@ def test_a_successor_that_fails_leaves_the_old_process_serving(tmp_path: Path, c
 
 
 _ = message_json  # the default upstream reply shape, for readers of this module
+
+
+def test_the_audit_chain_stays_one_across_a_restart(tmp_path: Path, certs: Certs, upstream: FakeUpstream) -> None:
+    """The successor writes no record until its predecessor has exited, then carries on its chain."""
+    audit_file, access_file = tmp_path / "audit.log", tmp_path / "access.log"
+    config = _config(certs, upstream)
+    config["security"] = {"audit": {"outputs": [
+        {"type": "file", "path": str(audit_file), "flush_interval": "50ms"},
+        {"type": "file", "path": str(access_file), "records": "access", "flush_interval": "50ms"},
+    ]}}
+    d = Daemon(tmp_path, config, ca_file=certs.ca_file)
+    d.start()
+    successor = 0
+    try:
+        slow = [Script(body=b'{"id":"slow"}', headers={"content-type": "application/json"}, delay=0.5)
+                for _ in range(6)]
+        with Stream(d, ["/v1/models"], threads=4) as stream:
+            wait_for(lambda: stream.count() >= 20)
+            upstream.expect(*slow)
+            assert d.proc is not None
+            d.proc.send_signal(signal.SIGUSR2)
+            successor = int(wait_for(lambda: log_match(d, r"started successor pid (\d+)"))[0].group(1))
+            d.proc.wait(60)
+            before = stream.count()
+            wait_for(lambda: stream.count() >= before + 20)
+        assert stream.failures == []
+        wait_for(lambda: "audit trail started" in d.log())
+        # A reload in the successor makes one more security record, after the predecessor's.
+        d.proc = None
+        os.kill(successor, signal.SIGHUP)
+        wait_for(lambda: d.log().count("config reloaded") >= 1)
+    finally:
+        if successor:
+            terminate(successor)
+        d.stop()
+    access = [json.loads(line) for line in access_file.read_text().splitlines()]
+    assert [r["seq"] for r in access] == list(range(1, len(access) + 1))
+    served = [r for r in access if r["path"] == "/v1/models"]
+    assert len(served) == sum(1 for r in upstream.requests if r.path == "/v1/models")
+    assert verify([str(access_file)]).ok
+    records = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert [r["event"] for r in records][-1] == "configuration_change"
+    assert verify([str(audit_file)]).ok

@@ -170,8 +170,10 @@ def test_sigterm_drains_every_worker(workers: Callable[..., Daemon], upstream: F
         request(d, "/ready", timeout=2)
 
 
-def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Daemon]) -> None:
-    d = workers()
+def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Daemon], tmp_path: Path) -> None:
+    access_file = tmp_path / "access.log"
+    d = workers({"security": {"audit": {"outputs": [
+        {"type": "file", "path": str(access_file), "records": "access", "flush_interval": "50ms"}]}}})
     successor = 0
     try:
         with Stream(d, ["/v1/models", "/ready"], threads=4) as stream:
@@ -187,9 +189,15 @@ def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Da
         assert f"supervisor (pid {successor}) listening on" in d.log()
         new = _by_worker(d)
         assert {info["workers"]["configured"] for info, _ in new.values()} == {2}
+        wait_for(lambda: "audit trail started" in d.log())
     finally:
         if successor:
             terminate(successor, timeout=40)
+    # One writer at a time: the new supervisor's trail starts after the old one has exited.
+    access = [json.loads(line) for line in access_file.read_text().splitlines()]
+    assert [r["seq"] for r in access] == list(range(1, len(access) + 1))
+    assert len(access) >= stream.count()
+    assert verify([str(access_file)]).ok
 
 
 BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})

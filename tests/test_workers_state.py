@@ -218,3 +218,42 @@ def test_audit_events_wait_for_the_channel_then_leave_in_one_message_per_turn() 
         forwarder.stop()
     assert portable({"log_logger": object(), "log_namespace": "ccproxy.access", "status": 200}) == {
         "log_namespace": "ccproxy.access", "status": 200}
+
+
+def test_a_successor_keeps_its_audit_events_until_its_predecessor_exits() -> None:
+    import os as _os
+
+    from twisted.logger import LogPublisher
+
+    from ccproxy import events
+    from ccproxy.workers.heldaudit import POLL, HeldAudit
+
+    clock = task.Clock()
+    clock.advance(T0)
+    written: list[tuple[float, str]] = []
+
+    class Trail:
+        def __init__(self, at: Any) -> None:
+            self.at = at
+
+        def __call__(self, event: dict[str, Any]) -> None:
+            written.append((self.at.seconds(), event["ccproxy_event"]))
+
+        def stop(self) -> None:
+            return None
+
+    held = HeldAudit(Trail, clock, _os.getppid(), publisher=LogPublisher()).start()
+    try:
+        events.emit("authentication_failure", "warning", ip_address="127.0.0.1")
+        clock.advance(5)
+        events.emit("rate_limit_exceeded", "warning", ip_address="127.0.0.1")
+        clock.advance(POLL * 3)
+        assert written == [] and len(held.held) == 2  # the predecessor (our parent) still runs
+        held.predecessor = -1  # as if the parent had exited: this process's parent is now another
+        clock.advance(POLL)
+        assert written == [(T0, "authentication_failure"), (T0 + 5, "rate_limit_exceeded")]
+        # From now on the trail observes events itself; what is handed to the holder goes through.
+        held({"ccproxy_event": "ip_unblocked", "severity": "notice"})
+        assert written[-1] == (clock.seconds(), "ip_unblocked")
+    finally:
+        held.stop()

@@ -25,6 +25,8 @@ log = Logger()
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 NAME = "ccproxy"  # the FileDescriptorName= our ccproxy.socket gives, and the name a handover uses
+# Set in a successor started by a restart (see `handover`): the pipe to tell its predecessor it is ready.
+HANDOVER_FD_ENV = "CCPROXY_HANDOVER_FD"
 
 
 class ActivationError(Exception):

@@ -102,12 +102,22 @@ class AuditWriter:
         from ccproxy.audit import AuditTrail
 
         self.holder = SimpleNamespace(current=SimpleNamespace(config=config))
+        self.reactor = reactor
         # Its own publisher: the supervisor's log has no access lines; security events it emits
         # itself still reach the trail through ccproxy.events.
-        self.trail = AuditTrail(self.holder, reactor, publisher=LogPublisher())
+        self.trail: Any = AuditTrail(self.holder, reactor, publisher=LogPublisher())
 
-    def start(self) -> None:
-        self.trail.start()
+    def start(self, parent: int | None) -> None:
+        """`parent`: the pid of the supervisor this one replaces, if it was started by a restart."""
+        from ccproxy.audit import AuditTrail
+        from ccproxy.workers.heldaudit import HeldAudit
+
+        if parent is None:
+            self.trail.start()
+            return
+        # A restart: the previous supervisor writes until it exits (see heldaudit).
+        self.trail = HeldAudit(lambda clock: AuditTrail(self.holder, clock, publisher=LogPublisher()).start(),
+                               self.reactor, parent, publisher=LogPublisher()).start()
 
     def configure(self, config: Any) -> None:
         self.holder.current = SimpleNamespace(config=config)

@@ -23,13 +23,13 @@ from typing import Any
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from ccproxy.workers.activation import NAME
+from ccproxy.workers.activation import HANDOVER_FD_ENV, NAME
 
 log = Logger()
 
 READY_TIMEOUT = 60.0
 READY = b"ready\n"
-ENV_FD = "CCPROXY_HANDOVER_FD"
+ENV_FD = HANDOVER_FD_ENV
 _PIPE_FD = 4
 # twistd started as `python -c`: the same interpreter, whatever the twistd script's shebang says.
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"

@@ -85,7 +85,7 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.audit.start()
+        self.audit.start(os.getppid() if self.announce_fd is not None else None)
         self.sock, source = self._listener()
         host, port = self.sock.getsockname()[:2]
         log.info("supervisor (pid {pid}) listening on {host}:{port} ({source}); starting {count} workers",
