@@ -55,8 +55,9 @@ lock=""
 # shellcheck disable=SC2086
 "$PREFIX/bin/python" -m pip install --quiet --upgrade ${lock:+-c "$lock"} ${CCPROXY_PIP_ARGS:-} "$SOURCE"
 
-# 2. Twisted's plugin cache, written while we are root.
-"$PREFIX/bin/python" - <<'EOF'
+# 2. Twisted's plugin cache, written while we are root. Run from / so that a source tree in the
+# current directory (a checkout) is not on the path: the installed plugin folder is the one to build.
+(cd / && "$PREFIX/bin/python" - <<'EOF'
 import os
 from twisted.plugin import IPlugin, getPlugins
 import twisted.plugins
@@ -67,6 +68,7 @@ for folder in twisted.plugins.__path__:
     if os.path.exists(os.path.join(folder, "ccproxy_plugin.py")):
         assert os.path.exists(os.path.join(folder, "dropin.cache")), folder
 EOF
+)
 say "plugin cache built"
 
 # 3. The service user.
