@@ -93,13 +93,20 @@ def route(target: bytes, upstreams: UpstreamsConfig, allow: Sequence[re.Pattern[
         api, upstream, rest = ANTHROPIC, upstreams.anthropic, path
     else:
         raise ApiError(404, f"no route for {path.decode('latin-1')[:200]!r}", type="not_found_error")
-    text = rest.decode("latin-1")
-    kind = next((k for regex, k in _KNOWN[api] if regex.match(text)), None)
+    kind = _known_kind(api, rest)
     if kind is None and any(regex.match(path.decode("latin-1")) for regex in allow):
         kind = OTHER
     if kind is None:
         raise ApiError(404, f"no route for {path.decode('latin-1')[:200]!r}", type="not_found_error")
     return Route(api, upstream, rest + sep + query, kind)
+
+
+# Clients call a handful of paths over and over: remember their kinds rather than run the table's
+# expressions for every request (bounded, so a client inventing paths only evicts).
+@functools.lru_cache(maxsize=512)
+def _known_kind(api: str, rest: bytes) -> str | None:
+    text = rest.decode("latin-1")
+    return next((k for regex, k in _KNOWN[api] if regex.match(text)), None)
 
 
 def api_for(target: bytes) -> str:
