@@ -255,6 +255,18 @@ def test_security_headers_override_and_hsts_only_over_tls() -> None:
     assert not out.hasHeader(b"strict-transport-security")
 
 
+def test_a_refusal_by_the_server_side_carries_the_same_security_headers_as_an_answer() -> None:
+    custom = SecurityHeadersConfig(headers=(("X-Custom", "yes"), ("Strict-Transport-Security", "max-age=60")))
+    c = Conn(NetworkConfig(security_headers=custom)).send(b"NOT HTTP AT ALL\r\n\r\n")
+    assert c.status() == 400
+    head = c.output.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    refused = {n.lower(): v for n, v in (line.split(b": ", 1) for line in head)}
+    answered = dict(decorate(custom, {}, secure=False).getAllRawHeaders())
+    assert answered == {b"X-Custom": [b"yes"]}  # plain HTTP: no Strict-Transport-Security
+    assert {n.lower(): v[0] for n, v in answered.items()}.items() <= refused.items()
+    assert b"strict-transport-security" not in refused
+
+
 def test_security_headers_disabled() -> None:
     out = decorate(SecurityHeadersConfig(enabled=False, headers=()), {}, secure=True)
     assert list(out.getAllRawHeaders()) == []

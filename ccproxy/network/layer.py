@@ -31,8 +31,7 @@ class NetworkLayer(Layer):
     def __init__(self, config: NetworkConfig, deps: Any = None) -> None:
         settings = config.security_headers
         self.override = settings.override_upstream
-        self.headers = [(name.encode(), value.encode(), name.lower() == "strict-transport-security")
-                        for name, value in settings.headers]
+        self.headers = {False: settings.lines(secure=False), True: settings.lines(secure=True)}
         self.access = AccessPolicy(config.whitelist, config.blacklist)
         self.deps = deps
         self.trusted_proxies = bool(config.trusted_proxies)
@@ -42,7 +41,7 @@ class NetworkLayer(Layer):
         steps = set()
         if not self.trusted_proxies:
             steps.add("check")  # the client is the peer the gate judged at accept
-        if not self.headers:
+        if not self.headers[True]:
             steps.add("decorate")
         return frozenset(steps)
 
@@ -59,10 +58,7 @@ class NetworkLayer(Layer):
             raise ApiError(403, "requests from this client address are not allowed")
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
-        secure = request.isSecure()
-        for name, value, tls_only in self.headers:
-            if tls_only and not secure:
-                continue
+        for name, value in self.headers[request.isSecure()]:
             if self.override or not headers.hasHeader(name):
                 headers.setRawHeaders(name, [value])
 
