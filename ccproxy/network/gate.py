@@ -8,6 +8,7 @@ when it is lost, however it ends, so they stay exact.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import ItemsView
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -24,6 +25,35 @@ from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, clien
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
+
+
+class OpenCount:
+    """Open connections per client key. A key with none left is forgotten: the table holds live
+    clients only, however many have come and gone."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def items(self) -> ItemsView[str, int]:
+        return self._counts.items()
+
+    def add(self, key: str) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def remove(self, key: str) -> None:
+        left = self._counts.get(key, 0) - 1
+        if left > 0:
+            self._counts[key] = left
+        else:
+            self._counts.pop(key, None)
 
 
 class _Policies:
@@ -54,7 +84,7 @@ class Gate(WrappingFactory):
         self.total = 0
         # Connections closed since start (the service hands their memory back after a burst).
         self.closed_count = 0
-        self.per_ip: Counter[str] = Counter()
+        self.per_ip = OpenCount()
         self.refused: Counter[str] = Counter()
         self.policies = _Policies()
         # For `server.proxy_protocol: true`: the PROXY header is read first, then the client it names
@@ -118,15 +148,13 @@ class Gate(WrappingFactory):
     def opened(self, host: str | None) -> None:
         self.total += 1
         if host is not None:
-            self.per_ip[host] += 1
+            self.per_ip.add(host)
 
     def closed(self, host: str | None) -> None:
         self.total -= 1
         self.closed_count += 1
         if host is not None:
-            self.per_ip[host] -= 1
-            if self.per_ip[host] <= 0:
-                del self.per_ip[host]
+            self.per_ip.remove(host)
 
     def registerProtocol(self, p: Any) -> None:
         # Counting happens in _Counted; WrappingFactory's own registry would only cost memory.
@@ -203,13 +231,11 @@ class _ProxiedCheck(ProtocolWrapper):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
                 return
             self.host = client_key(host, config.ddos.ipv6_prefix)
-            self.gate.per_ip[self.host] += 1
+            self.gate.per_ip.add(self.host)
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.host is not None:
             host, self.host = self.host, None
-            self.gate.per_ip[host] -= 1
-            if self.gate.per_ip[host] <= 0:
-                del self.gate.per_ip[host]
+            self.gate.per_ip.remove(host)
         super().connectionLost(reason)
