@@ -451,7 +451,7 @@ def test_layers_hear_of_every_completed_request_with_its_status() -> None:
     cfg = parse({"server": {"tls": {"enabled": False}}}, environ={})
     clock = Clock()
     recording = Recording()
-    runtime = Runtime(config=cfg, layers=(recording,), forwarder=Forwarder(clock), deps=Deps(clock, BlockList()))
+    runtime = Runtime(config=cfg, named={"recording": recording}, forwarder=Forwarder(clock), deps=Deps(clock, BlockList()))
     c = Conn(cfg.network, resource=ProxyResource(RuntimeHolder(runtime), clock))
     c.send(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
            b"TRACE /v1/messages HTTP/1.1\r\nHost: a\r\n\r\n")
