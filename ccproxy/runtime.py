@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ccproxy.blocklist import BlockList
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
 class Deps:
     """What layers share and what outlives a reload."""
 
-    reactor: Any
+    # The daemon's reactor: layers read the time and set timers on it; auth builds its side-call
+    # client on it too (tests give a task.Clock, or a MemoryReactorClock where connections are made).
+    reactor: IReactorTime
     blocklist: BlockList
     # Bytes buffered for clients across the process (request bodies; response bodies held whole
     # for masking should take from it too): acquire before buffering, release after.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.http_headers import Headers
 
@@ -28,6 +28,9 @@ from ccproxy.content.validation import Refusal, Validator
 from ccproxy.context import BodyFilter, Layer, RequestContext
 from ccproxy.errors import ApiError
 from ccproxy.routes import CHAT_COMPLETIONS, COUNT_TOKENS, MESSAGES
+
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
 
 _VALIDATED = frozenset({MESSAGES, COUNT_TOKENS, CHAT_COMPLETIONS})
 # count_tokens answers with numbers only: no model text to mask.
@@ -236,6 +239,6 @@ def _masked(ctx: RequestContext, counts: Counter[str], stream: bool) -> None:
                     stream=stream, **_who(ctx))
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); the layer keeps no state to carry over."""
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
+    """The layer keeps no state to carry over."""
     return ContentLayer(config.content)

@@ -20,6 +20,7 @@ from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
+    from ccproxy.runtime import Deps
 
 log = Logger()
 
@@ -39,7 +40,7 @@ _HEALTH = (b"/health", b"/ready")
 class Limiter:
     """What outlives a reload: the store with its counters, the blocks this instance made."""
 
-    def __init__(self, state: StateConfig, deps: Any) -> None:
+    def __init__(self, state: StateConfig, deps: Deps) -> None:
         self.state = state
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
@@ -151,7 +152,7 @@ class Limiter:
 
 
 class LimitsLayer(Layer):
-    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any, ipv6_prefix: int = 64) -> None:
+    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Deps, ipv6_prefix: int = 64) -> None:
         self.config = config
         # An IPv6 client is limited and blocked by its network of this length (its own /64, by default).
         self.ipv6_prefix = ipv6_prefix
@@ -251,7 +252,7 @@ class LimitsLayer(Layer):
         return self.limiter.stop() if self.limiter is not None else None
 
 
-def build(config: LimitsConfig, deps: Any, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
+def build(config: LimitsConfig, deps: Deps, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
     old = previous.limiter if isinstance(previous, LimitsLayer) else None
     if not config.active:
         if old is not None:

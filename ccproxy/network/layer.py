@@ -4,7 +4,7 @@ applied again per request to the client a trusted proxy names."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.web.http_headers import Headers
 
@@ -17,6 +17,7 @@ from ccproxy.network.addresses import AccessPolicy, client_key, parse_ip
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
+    from ccproxy.runtime import Deps
 
 __all__ = ["NetworkLayer", "build_layer"]
 
@@ -28,7 +29,7 @@ class NetworkLayer(Layer):
     X-Forwarded-For meets the same IP lists and auto-blocks here, per request (403).
     """
 
-    def __init__(self, config: NetworkConfig, deps: Any = None) -> None:
+    def __init__(self, config: NetworkConfig, deps: Deps | None = None) -> None:
         settings = config.security_headers
         self.override = settings.override_upstream
         self.headers = {False: settings.lines(secure=False), True: settings.lines(secure=True)}
@@ -63,6 +64,5 @@ class NetworkLayer(Layer):
                 headers.setRawHeaders(name, [value])
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist)."""
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
     return NetworkLayer(config.network, deps)
