@@ -22,7 +22,7 @@ from ccproxy.http.budget import Budget
 from ccproxy.network.listener import listener_factory
 from ccproxy.notify import Notifier
 from ccproxy.resource import ProxyResource
-from ccproxy.runtime import Deps, RuntimeHolder, build
+from ccproxy.runtime import Deps, Runtime, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
 
@@ -43,7 +43,8 @@ class ProxyService(Service):
         self.reactor = reactor
         self.deps = Deps(reactor=reactor, blocklist=BlockList(),
                          buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes))
-        self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
+        # The layers are built in startService: building them connects to Redis and starts timers.
+        self.holder = RuntimeHolder(Runtime(config=config, named={}, forwarder=Forwarder(reactor), deps=self.deps))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
@@ -61,6 +62,8 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()
+        unbuilt = self.holder.current
+        self.holder.current = build(unbuilt.config, self.deps, unbuilt.forwarder)
         config = self.config
         _apply_privacy(config)
         events.set_clock(self.reactor.seconds)

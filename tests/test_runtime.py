@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from ccproxy import runtime as runtime_module
+from ccproxy import service
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, parse
 from ccproxy.context import Layer
@@ -77,3 +78,17 @@ def test_a_reload_hands_each_layer_its_namesake_wherever_it_now_stands(monkeypat
 
 def test_the_real_layers_are_named_in_request_order() -> None:
     assert list(runtime_module.layer_factories()) == ["network", "auth", "limits", "content"]
+
+
+def test_constructing_the_service_connects_and_starts_nothing() -> None:
+    clock = Clock()
+    config = parse({"server": {"tls": {"enabled": False}},
+                    "security": {"rate_limiting": {"enabled": True, "per_ip": {"requests_per_minute": 60}}}})
+    svc = service.ProxyService("unused.yaml", config, clock)
+    assert clock.getDelayedCalls() == [] and svc.holder.current.layers == ()
+    assert svc.config is config
+    # What startService builds from the same config does start the limiter's housekeeping timer.
+    built = build(svc.config, svc.deps, svc.holder.current.forwarder)
+    assert len(clock.getDelayedCalls()) == 1
+    built.stop()
+    assert clock.getDelayedCalls() == []
