@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -54,6 +55,7 @@ class ProxyService(Service):
         self.gate: Any = None
         self.released_at = 0
         self.release = task.LoopingCall(self.release_memory)
+        self.unpace: Callable[[], None] = lambda: None
         self.release.clock = reactor
 
     @property
@@ -66,7 +68,7 @@ class ProxyService(Service):
         self.holder.current = build(unbuilt.config, self.deps, unbuilt.forwarder)
         config = self.config
         _apply_privacy(config)
-        events.set_clock(self.reactor.seconds)
+        self.unpace = events.paced_by(events.LogBudget(self.reactor.seconds))
         site = self.site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         site.access_wanted = lambda: self.holder.current.logs_access
         site.budget = self.deps.buffers
@@ -132,6 +134,7 @@ class ProxyService(Service):
         super().stopService()
         if self.release.running:
             self.release.stop()
+        self.unpace()
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
