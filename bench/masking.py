@@ -4,7 +4,10 @@
 
 1. Masker throughput (MB/s of UTF-8 text through every built-in rule plus the seed's credit-card
    pattern): whole texts of 64 KiB, and streamed in 20-character deltas; also with a system prompt.
-2. The SSE filter's own time per event (in process): what masking adds to each event.
+2. The SSE filter's own time per event (in process): what masking adds to each event; and, on a
+   long Messages stream of text and tool-use deltas, the per-event cost of reading token usage
+   alone (masking off), of part-aware masking with the default parts (tool inputs passed), and of
+   masking every part: events/s and the p50/p99 time each event spends in the filter.
 3. Per-event latency of an Anthropic SSE stream through two ccproxy daemons (TLS) fed by the same
    fake upstream: one with response_sanitization on, one with it off. Latency of event i is the time
    from the upstream writing it to the client reading it; requests alternate between the daemons.
@@ -30,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ccproxy
 from ccproxy.content.masking import Masker, Rule, StreamMasker, built_in_rules, prompt_runs, rule_set
-from ccproxy.content.sse import AnthropicStream, SseFilter
-from tests.support.upstream import FakeUpstream, Script, anthropic_stream
+from ccproxy.content.parts import Parts
+from ccproxy.content.replies import PartMasker
+from ccproxy.content.sse import AnthropicStream, EventSplitter, SseFilter, UsageObserver
+from ccproxy.content.usage import Usage
+from tests.support.upstream import FakeUpstream, Script, anthropic_stream, message_stream
 
 CARD = Rule("credit_card", r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b", "XXXX-XXXX-XXXX-XXXX")
 SANITIZATION = {"enabled": True, "remove_system_prompts": True, "mask_api_keys": True, "mask_emails": True,
@@ -67,7 +73,7 @@ def masker_throughput(mb: float) -> None:
         text = corpus(int(mb * 1024 * 1024), random.Random(7), rate_of_secrets)
         size = len(text.encode())
         pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
-        for prompt in (None, prompt_runs(SYSTEM, 32)):
+        for prompt in (None, prompt_runs(SYSTEM, 300)):
             best, found = 0.0, 0
             for _ in range(3):
                 counts: Counter[str] = Counter()
@@ -103,13 +109,13 @@ def filter_cost(events: int) -> None:
     stream_events = anthropic_stream([text[i : i + 24] for i in range(0, 24 * events, 24)])
     rules = rule_set((*built_in_rules(True, True, True), CARD))
     # A 30 KB prompt made of the reply's own vocabulary: many partial repeats to chase.
-    for label, prompt in (("3 KB system prompt", prompt_runs(SYSTEM, 32)),
-                          ("30 KB overlapping prompt", prompt_runs(corpus(30_000, random.Random(3)), 32))):
+    for label, prompt in (("3 KB system prompt", prompt_runs(SYSTEM, 300)),
+                          ("30 KB overlapping prompt", prompt_runs(corpus(30_000, random.Random(3)), 300))):
         per_event: list[list[float]] = [[] for _ in stream_events]
         for _ in range(7):
             counts: Counter[str] = Counter()
-            sse = SseFilter(AnthropicStream(lambda c=counts, p=prompt: StreamMasker(Masker(rules, p), c)),  # type: ignore[misc]
-                            counts, lambda c: None)
+            pm = PartMasker(lambda p=prompt: Masker(rules, p), Parts(), False, counts)  # type: ignore[misc]
+            sse = SseFilter(AnthropicStream(pm), counts, lambda c: None)
             for i, event in enumerate(stream_events):
                 start = time.perf_counter()
                 sse.feed(event)
@@ -121,6 +127,62 @@ def filter_cost(events: int) -> None:
               f"\n    raw    p50 {statistics.median(raw):.3f} ms  p99 {raw[int(len(raw) * 0.99) - 1]:.3f} ms"
               f"\n    steady p50 {statistics.median(steady):.3f} ms  p99 {steady[int(len(steady) * 0.99) - 1]:.3f} ms"
               f"  max {steady[-1]:.3f} ms")
+
+
+def part_costs(events: int) -> None:
+    """Per-event cost on a long Messages stream: text deltas, then a tool call's input deltas, with
+    usage in message_start and message_delta. Each configuration runs the stream 5 times; the
+    figures take, per event, the fastest run (what the scheduler adds is removed)."""
+    rng = random.Random(9)
+    text = corpus(events * 12, rng)
+    tool_input = json.dumps({"file_path": "/home/dev/project/app.py", "content": corpus(events * 12, rng)})
+    stream = message_stream("msg_bench", [{"type": "text", "text": text},
+                                          {"type": "tool_use", "id": "toolu_b", "name": "Write", "input": tool_input}],
+                            piece=24)
+    rules = rule_set((*built_in_rules(True, True, True), CARD))
+    prompt = prompt_runs(SYSTEM, 300)
+
+    class Split:
+        """The floor: cutting the bytes into events, nothing parsed."""
+
+        def __init__(self) -> None:
+            self.splitter = EventSplitter()
+
+        def feed(self, data: bytes) -> bytes:
+            return b"".join(self.splitter.feed(data))
+
+    def masking(parts: Parts) -> Any:
+        counts: Counter[str] = Counter()
+        usage = Usage()
+        pm = PartMasker(lambda: Masker(rules, prompt), parts, False, counts)
+        return SseFilter(AnthropicStream(pm, usage.note), counts, lambda c: None)
+
+    setups = (
+        ("split into events only (floor)", Split),
+        ("token usage only (masking off)", lambda: UsageObserver(Usage().note, sse=True)),
+        ("part-aware masking, default parts", lambda: masking(Parts())),
+        ("masking every part (tool inputs too)", lambda: masking(Parts(True, True, True, True))),
+    )
+    print(f"\nPer-event cost on a long Messages stream ({len(stream)} events: text, then tool-input deltas; "
+          f"every built-in rule, credit_card, a {len(SYSTEM)}-char system prompt), fastest of 5 runs per event")
+    floor: list[float] = []
+    for label, make in setups:
+        per_event: list[list[float]] = [[] for _ in stream]
+        for _ in range(5):
+            f = make()
+            for i, event in enumerate(stream):
+                start = time.perf_counter()
+                f.feed(event)
+                per_event[i].append(time.perf_counter() - start)
+        best = [min(t) for t in per_event]
+        if not floor:
+            floor = best
+        total = sum(best)
+        added = sorted((b - f0) * 1e6 for b, f0 in zip(best, floor, strict=True))
+        ordered = sorted(t * 1e6 for t in best)
+        print(f"  {label:<40} {len(stream) / total:10,.0f} events/s   per event p50 {statistics.median(ordered):6.1f} us"
+              f"  p99 {ordered[int(len(ordered) * 0.99) - 1]:6.1f} us   added over the floor p99 "
+              f"{added[int(len(added) * 0.99) - 1]:6.1f} us")
 
 
 def stream_once(url: str, sent: dict[int, float], count: int, ctx: ssl.SSLContext) -> list[float]:
@@ -209,6 +271,7 @@ def main() -> None:
     args: Any = parser.parse_args()
     masker_throughput(args.mb)
     filter_cost(args.events)
+    part_costs(args.events * 20)
     streaming_latency(args.streams, args.events, args.gap)
 
 

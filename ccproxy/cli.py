@@ -39,6 +39,8 @@ def check_config(args: argparse.Namespace) -> int:
     print("\n".join(f"# {line}" for line in report(config)))
     for path, masked in config.secrets_shown:
         print(f"# {path}: {escape(masked)}")
+    for note in config.notes:  # keys rotated by `ccproxy security rotate-key`
+        print(f"# {escape(note)}")
     print(yaml.safe_dump(config.effective(), sort_keys=False, allow_unicode=True), end="")
     return 0
 
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(sub)
     add_example_parser(sub)
+    from ccproxy.admin.cli import add_parser as add_security_parser
+
+    add_security_parser(sub)
     return parser
 
 

@@ -70,6 +70,8 @@ class RequestContext:
     headers: Headers = attrs.field(factory=Headers)
     # Whether the limits layer counted this request (those refused before it count at the end).
     limits_checked: bool = False
+    # Token usage read from the reply (a ccproxy.content.usage.Usage), once a reply is under way.
+    usage: Any = None
     _json: Any = attrs.field(default=_UNPARSED, alias="_json", init=False)
 
     @property
@@ -86,6 +88,10 @@ class RequestContext:
             except RecursionError:
                 raise ApiError(400, "request body nests JSON too deeply") from None
         return self._json
+
+    def set_json(self, value: Any) -> None:
+        """The body, already parsed (strictly) by a check: later readers reuse it."""
+        self._json = value
 
     def replace_json(self, value: Any) -> None:
         """Forward `value` instead of the body the client sent."""

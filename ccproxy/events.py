@@ -25,6 +25,7 @@ _LEVELS = {
     "warning": LogLevel.warn,
     "error": LogLevel.error,
     "critical": LogLevel.critical,
+    "alert": LogLevel.critical,
 }
 
 

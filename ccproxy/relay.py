@@ -28,6 +28,10 @@ log = Logger()
 MAX_BUFFERED_BODY = 64 * 1024 * 1024
 
 
+# Told how many server-sent events each piece of a streamed body completes (ccproxy.metrics).
+stream_events: Callable[[str, int], None] | None = None
+
+
 class Relay(Protocol):
     """Writes the upstream body to the client with back-pressure; `done` fires when it is over.
 
@@ -63,6 +67,7 @@ class Relay(Protocol):
         self._timed_out = False
         self._cancelled = False
         self._registered = False
+        self._newline = False
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
         # A body held whole for its filter takes from the process's buffer budget while it is held;
         # however the relay ends (done fires on every path), that is given back.
@@ -111,6 +116,11 @@ class Relay(Protocol):
                 self._filter_failed()
                 return
         if data:
+            if self.sse and stream_events is not None:
+                # An event ends at a blank line; one split across two reads is counted once.
+                count = data.count(b"\n\n") + (self._newline and data[:1] == b"\n")
+                self._newline = data[-1:] == b"\n"
+                stream_events(self.api, count)
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008

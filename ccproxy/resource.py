@@ -18,7 +18,7 @@ from ccproxy.forward import response_headers, upstream_headers
 from ccproxy.http.client import UpstreamResponse
 from ccproxy.http.request import ProxyRequest as Request
 from ccproxy.relay import Relay, abort_client
-from ccproxy.routes import api_for, route
+from ccproxy.routes import api_for, compile_allowed, route
 from ccproxy.runtime import Runtime, RuntimeHolder
 
 log = Logger()
@@ -60,6 +60,9 @@ class ProxyResource:
         if request.path == b"/health":
             return b'{"status":"ok"}'
         if self.holder.ready:
+            incident = self.holder.current.deps.incident
+            if incident is not None and incident.emergency:
+                return b'{"status":"ready","emergency":true}'
             return b'{"status":"ready"}'
         request.setResponseCode(503)
         return b'{"status":"starting"}'
@@ -71,7 +74,8 @@ class ProxyResource:
         try:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
-            target = route(request.uri, runtime.config.upstreams)
+            config = runtime.config
+            target = route(request.uri, config.upstreams, compile_allowed(config.content.routes.allow))
             ctx = RequestContext(
                 request=request,
                 request_id=request_id,
@@ -116,12 +120,14 @@ class ProxyResource:
         if upstream_id:
             ctx.upstream_request_id = upstream_id[0].decode("latin-1")
         body_filter = runtime.response_filter(ctx, response.code, response.headers)
+        rewrites = body_filter is not None and not getattr(body_filter, "transparent", False)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         relay = Relay(
             request,
             self.clock,
             target.upstream.read_timeout,
-            lambda length: self._write_head(ctx, runtime, response, body_filter is not None, length),
+            # A transparent filter (one that only reads) keeps the upstream's framing.
+            lambda length: self._write_head(ctx, runtime, response, rewrites, length),
             target.api,
             sse=content_type.startswith(b"text/event-stream"),
             body_filter=body_filter,

@@ -22,6 +22,7 @@ from ccproxy.forward import Forwarder
 from ccproxy.http.budget import Budget
 
 if TYPE_CHECKING:
+    from ccproxy.admin.state import IncidentState
     from ccproxy.http.request import ProxyRequest as Request
 
 
@@ -36,6 +37,8 @@ class Deps:
     # Bytes buffered for clients across the process (request bodies; response bodies held whole
     # for masking should take from it too): acquire before buffering, release after.
     buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
+    # Operator blocks and the emergency switch (None in tests that build a runtime alone).
+    incident: IncidentState | None = None
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -45,11 +48,13 @@ LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 def layer_factories() -> Mapping[str, LayerFactory]:
     """The policy layers by name, in the order a request meets them."""
     from ccproxy import auth, limits
+    from ccproxy.admin import emergency
     from ccproxy.content import layer as content
+    from ccproxy.monitoring import layer as detectors
     from ccproxy.network import layer as network
 
-    return {"network": network.build_layer, "auth": auth.build_layer, "limits": limits.build_layer,
-            "content": content.build_layer}
+    return {"network": network.build_layer, "auth": auth.build_layer, "emergency": emergency.build_layer,
+            "detectors": detectors.build_layer, "limits": limits.build_layer, "content": content.build_layer}
 
 
 @attrs.define

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from ccproxy import audit, events
+from ccproxy.admin.service import start as start_admin
+from ccproxy.admin.state import IncidentState
 from ccproxy.blocklist import BlockList
 from ccproxy.config import Config, ConfigError, load
 from ccproxy.drain import Hurry, drain
@@ -35,20 +37,24 @@ RELEASE_AFTER = 256
 RELEASE_EVERY = 5.0
 
 # Settings a reload cannot change in place: a new listening socket would be needed.
-_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled")
+_RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled", "admin.socket", "admin.state_dir",
+                 "admin.metrics.enabled", "admin.metrics.host", "admin.metrics.port")
 
 
 class ProxyService(Service):
     def __init__(self, config_path: str, config: Config, reactor: Any) -> None:
         self.config_path = config_path
         self.reactor = reactor
-        self.deps = Deps(reactor=reactor, blocklist=BlockList(),
+        blocklist = BlockList()
+        incident = IncidentState(config.admin.state_dir, blocklist, reactor)
+        self.deps = Deps(reactor=reactor, blocklist=blocklist, incident=incident,
                          buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes))
         # The layers are built in startService: building them connects to Redis and starts timers.
         self.holder = RuntimeHolder(Runtime(config=config, named={}, forwarder=Forwarder(reactor), deps=self.deps))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
+        self.admin: Any = None
         self.site: ProxySite | None = None
         self.notifier = Notifier()
         self.url = ""
@@ -89,6 +95,7 @@ class ProxyService(Service):
         scheme = "https" if self.tls is not None else "http"
         self.url = f"{scheme}://{_hostport(address.host, address.port)}"
         log.info("ccproxy listening on {url}", url=self.url)
+        self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
         self.holder.ready = True
         settle_heap()
         self.notifier.ready(f"listening on {self.url}")
@@ -161,8 +168,10 @@ class ProxyService(Service):
             elif finished:
                 log.info("shutdown: {finished} request(s) under way finished during the drain", finished=finished)
         self.notifier.status("stopping: closing upstream connections and the audit trail")
-        await defer.DeferredList([self.holder.current.forwarder.close(), self.holder.current.stop()],
-                                 consumeErrors=True)
+        waits = [self.holder.current.forwarder.close(), self.holder.current.stop()]
+        if self.admin is not None:
+            waits.append(self.admin.stop())  # the admin socket, metrics listener, incident state
+        await defer.DeferredList(waits, consumeErrors=True)
         if self.audit is not None:
             await defer.DeferredList([defer.maybeDeferred(self.audit.stop)], consumeErrors=True)
 

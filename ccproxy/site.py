@@ -102,4 +102,6 @@ class ProxySite(Factory):
             user_id=ctx.identity.user_id if ctx is not None and ctx.identity is not None else None,
             request_id=request.request_id,
             client_ip=ctx.client_ip if ctx is not None else getattr(request.getClientAddress(), "host", "-"),
+            # Token usage of a model reply (what was seen of it, when it was cut short).
+            **(ctx.usage.fields() if ctx is not None and ctx.usage is not None else {}),
         )

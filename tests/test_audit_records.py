@@ -38,6 +38,11 @@ EVENT_FIELDS = {
     "audit_file_replaced": {"file": "/var/log/ccproxy/audit.log", "found": "deleted"},
     "audit_records_missing": {"file": "/var/log/ccproxy/audit.log", "missing_from": 9, "missing_to": 12},
     "privacy_subject_erased": {"subject": "0f" * 16, "kind": "user_id"},
+    "ip_blocked": {"reason": "key guessing", "by": "uid=0 pid=42", "until": None},
+    "emergency_mode": {"enabled": True, "by": "uid=0 pid=42"},
+    "admin_command": {"command": "block-ip", "by": "uid=0 pid=42", "outcome": "done"},
+    "security_alert": {"rule": "brute_force", "group_by": "api_key", "group": "key-1", "count": 11, "window": 300.0},
+    "suspicious_request": {"detector": "sql_injection_attempt", "path": "/v1/messages"},
 }
 
 

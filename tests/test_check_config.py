@@ -84,7 +84,7 @@ def test_the_printed_config_is_a_config_file_with_the_same_meaning(
     assert "# upstreams.anthropic.api_key: sk-ant-…f3a9" in printed
     document = yaml.safe_load(printed)
     # The file's own names and units, not the parsed values' internals.
-    assert set(document) == {"server", "upstreams", "security", "state", "privacy"}
+    assert set(document) == {"server", "upstreams", "security", "state", "privacy", "admin"}
     assert document["security"]["ddos_protection"]["idle_timeout"] == "75s"
     assert document["server"]["drain_timeout"] == "30s"
     assert document["upstreams"]["anthropic"]["api_key"] == "${ANTHROPIC_API_KEY:-}"

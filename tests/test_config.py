@@ -130,8 +130,13 @@ def test_self_signed_only_on_loopback() -> None:
     )
 
 
-def test_unbuilt_sections_refused_loudly() -> None:
-    assert error_of({**plain(), "monitoring": {"security_alerts": []}}) == "monitoring: not supported yet"
+def test_an_unknown_alert_condition_refused_loudly() -> None:
+    assert error_of({**plain(), "monitoring": {"security_alerts": [{"name": "x", "condition": "x > 1 in 1m"}]}}) == (
+        "monitoring.security_alerts[0].condition: unknown event or detector 'x' (short names and detectors: "
+        "auth_failures, auto_blocks, command_injection_attempt, connections_refused, invalid_requests, "
+        "path_traversal_attempt, prompt_injection_attempt, rate_limit_exceeded, rate_limited, request_timeouts, "
+        "requests_too_large, sql_injection_attempt, upstream_errors; or an audit event name)"
+    )
 
 
 def test_relative_files_from_config_dir(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -141,3 +142,123 @@ def test_stream_cut_midway_never_flushes_the_held_tail(proxy: Any, upstream: Fak
     assert r.status_code == 200
     assert b"sk-ant-" not in r.content and b"Zz9Yy8" not in r.content
     assert b"event: error" in r.content
+
+
+def _raw(proxy: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """A request with the path sent exactly as given (no client-side normalisation)."""
+    import http.client
+
+    conn = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=proxy.ssl_context(), timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putheader("content-type", "application/json")
+        conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/messages/", "/v1/messages;x=1", "/v1/messages#frag", "/v1/%6Dessages", "/v1/Messages",
+    "/V1/messages", "/openai/v1/chat/completions/", "/openai/v1/Chat/Completions", "/v1/messages/count_tokens/",
+])
+def test_routes_fail_closed(proxy: Any, upstream: FakeUpstream, path: str) -> None:
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "my password"}]})
+    status, _, answer = _raw(proxy, "POST", path, body.encode())
+    assert status in (400, 404)
+    assert "error" in json.loads(answer)
+    assert upstream.requests == []  # nothing reached the upstream under another reading of the path
+
+
+def test_json_masking_is_signalled_and_tool_input_kept(proxy: Any, upstream: FakeUpstream) -> None:
+    reply = message_json(TEXT)
+    reply["content"].append({"type": "tool_use", "id": "toolu_1", "name": "Write",
+                             "input": {"file_path": "/tmp/a", "content": TEXT}})
+    upstream.expect(Script(body=json.dumps(reply).encode(), headers={"content-type": "application/json"}))
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    status, headers, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
+    assert status == 200
+    assert headers["x-ccproxy-masked"] == ("anthropic_api_key=1, credit_card=1, email=1, phone_number=1")
+    content = json.loads(answer)["content"]
+    assert KEY not in content[0]["text"]
+    assert content[1]["input"] == {"file_path": "/tmp/a", "content": TEXT}
+
+
+def test_stream_masking_is_signalled_in_a_comment_line(proxy: Any, upstream: FakeUpstream) -> None:
+    upstream.expect(Script(events=anthropic_stream(pieces(TEXT, 5)), headers=SSE))
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    status, headers, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
+    assert status == 200 and "x-ccproxy-masked" not in headers
+    assert b"\n: ccproxy-masked anthropic_api_key=1\n" in b"\n" + answer
+    assert KEY.encode() not in answer
+
+
+@pytest.mark.parametrize(("path", "reply", "secret_field"), [
+    ("/openai/v1/responses", {"id": "resp_1", "object": "response", "output": [
+        {"type": "message", "id": "m", "role": "assistant", "content": [
+            {"type": "output_text", "text": TEXT, "annotations": []}]}]}, "output"),
+    ("/openai/v1/completions", {"id": "c", "object": "text_completion", "choices": [
+        {"index": 0, "text": TEXT, "finish_reason": "stop"}]}, "choices"),
+    ("/v1/complete", {"type": "completion", "completion": TEXT, "stop_reason": "stop_sequence"}, "completion"),
+    ("/v1/models", {"data": [{"id": "m", "display_name": TEXT}]}, "data"),
+])
+def test_every_model_route_reply_is_masked(proxy: Any, upstream: FakeUpstream, path: str, reply: dict[str, Any],
+                                           secret_field: str) -> None:
+    upstream.expect(Script(body=json.dumps(reply).encode(), headers={"content-type": "application/json"}))
+    method = "GET" if path.endswith("models") else "POST"
+    body = b"" if method == "GET" else json.dumps({"model": "m", "prompt": "hi", "input": "hi"}).encode()
+    status, _, answer = _raw(proxy, method, path, body)
+    assert status == 200
+    assert KEY.encode() not in answer and b"ops@example.com" not in answer
+    assert secret_field in json.loads(answer)
+
+
+def test_batch_results_lines_are_masked(proxy: Any, upstream: FakeUpstream) -> None:
+    lines = [json.dumps({"custom_id": f"r{i}", "result": {"type": "succeeded", "message": message_json(TEXT)}})
+             for i in range(3)]
+    upstream.expect(Script(body="\n".join(lines).encode() + b"\n",
+                           headers={"content-type": "application/binary"}))
+    status, _, answer = _raw(proxy, "GET", "/v1/messages/batches/msgbatch_01/results")
+    assert status == 200
+    assert KEY.encode() not in answer
+    assert [json.loads(line)["custom_id"] for line in answer.splitlines() if line] == ["r0", "r1", "r2"]
+
+
+def test_model_error_bodies_are_masked(proxy: Any, upstream: FakeUpstream) -> None:
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": f"bad key {KEY}"}}
+    upstream.expect(Script(status=400, body=json.dumps(error).encode(), headers={"content-type": "application/json"}))
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    status, _, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
+    assert status == 400
+    assert json.loads(answer)["error"]["message"] == "bad key [REDACTED_API_KEY]"
+
+
+def test_streamed_tool_input_reaches_the_sdk_intact(daemon: Any, upstream: FakeUpstream) -> None:
+    from tests.support.upstream import message_stream
+
+    proxy = daemon({"security": {"response_sanitization": {"enabled": True}}})  # the default parts
+    tool_input = {"file_path": "/home/dev/.env", "content": TEXT + "\nDB_PASSWORD=hunter2\n"}
+    events = message_stream("msg_tool", [{"type": "text", "text": TEXT},
+                                         {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": tool_input}],
+                            piece=3)
+    upstream.expect(Script(events=events, headers=SSE))
+    with anthropic_client(proxy).messages.stream(model="m", max_tokens=5,
+                                                 messages=[{"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    text, call = final.content
+    assert text.type == "text" and KEY not in text.text and "[REDACTED_API_KEY]" in text.text
+    assert call.type == "tool_use" and call.input == tool_input
+
+
+def test_a_cut_stream_still_reports_what_was_masked(proxy: Any, upstream: FakeUpstream) -> None:
+    events = anthropic_stream(pieces(TEXT, 5))
+    upstream.expect(Script(events=events, headers=SSE, cut_after=len(events) - 3))
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    status, _, answer = _raw(proxy, "POST", "/v1/messages", body.encode())
+    assert status == 200 and KEY.encode() not in answer
+    deadline = time.monotonic() + 10
+    while "response_masked" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "response_masked" in proxy.log()

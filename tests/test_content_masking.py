@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 import re2
@@ -20,14 +23,22 @@ from ccproxy.content.masking import (
     prompt_runs,
     rule_set,
 )
+from ccproxy.content.parts import DEFAULT_PARTS, Parts
 from ccproxy.content.prefix import prefix_pattern
+from ccproxy.content.replies import PartMasker, UnsafeReply
 from ccproxy.content.sse import AnthropicStream, OpenAIStream, SseFilter, parse_event
 from tests.support.upstream import anthropic_stream, openai_stream
+from tests.support.upstream import sse as sse_event
 
 CARD = Rule("credit_card", r"\b\d{4}[\s-]?\d{4}[\s-]?\d{4}[\s-]?\d{4}\b", "XXXX-XXXX-XXXX-XXXX")
 RULES = rule_set((*built_in_rules(True, True, True), CARD))
 SYSTEM = ("You are Zephyr, the internal assistant of Example Corp. Never reveal the launch code "
           "which is hidden in vault seven (金庫 7), and always answer in formal English — no emoji 🙂.")
+
+
+def every_part(m: Masker, counts: Counter[str]) -> PartMasker:
+    """A part masker that masks every kind of part (the masking semantics under test)."""
+    return PartMasker(lambda: Masker(m.rules, m.prompt), Parts(True, True, True, True), False, counts)
 
 
 def masker(prompt: str | None = None) -> Masker:
@@ -181,7 +192,7 @@ def _byte_chunks(draw: st.DrawFn, body: bytes) -> list[bytes]:
 
 def _anthropic_filter(counts: Counter[str], reported: list[Counter[str]]) -> SseFilter:
     m = masker(SYSTEM)
-    stream = AnthropicStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts))
+    stream = AnthropicStream(every_part(m, counts))
     return SseFilter(stream, counts, reported.append)
 
 
@@ -222,13 +233,13 @@ def test_openai_sse_split_secrets_never_reach_the_client(case: tuple[str, list[s
     upstream = b"".join(openai_stream(deltas))
     counts: Counter[str] = Counter()
     m = masker(SYSTEM)
-    sse = SseFilter(OpenAIStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts)), counts, lambda c: None)
+    sse = SseFilter(OpenAIStream(every_part(m, counts)), counts, lambda c: None)
     sent = b"".join(sse.feed(c) for c in _byte_chunks(data.draw, upstream)) + sse.close()
     for secret in secrets:
         assert secret.encode() not in sent
     chunks = [c for c in sent.split(b"\n\n") if c]
     assert chunks[-1] == b"data: [DONE]"
-    parsed = [json.loads(c[len(b"data: "):]) for c in chunks[:-1]]
+    parsed = [json.loads(parse_event(c)[1] or b"") for c in chunks[:-1]]
     assert len(parsed) == len(deltas) + 1
     assert "".join(p["choices"][0]["delta"].get("content") or "" for p in parsed) == m.mask(text)
     assert parsed[-1]["choices"][0]["finish_reason"] == "stop"
@@ -245,7 +256,7 @@ def test_held_tail_is_only_what_could_grow() -> None:
 def test_tool_input_json_stays_valid() -> None:
     counts: Counter[str] = Counter()
     m = masker()
-    stream = AnthropicStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts))
+    stream = AnthropicStream(every_part(m, counts))
     source = json.dumps({"to": "jane@example.com", "note": 'say "hi"'})
     events = [
         b'event: content_block_start\ndata: {"type":"content_block_start","index":1,'
@@ -306,7 +317,7 @@ def test_brace_quantifier_re2_reads_literally_is_not_analysed() -> None:
 def _openai_filter() -> SseFilter:
     counts: Counter[str] = Counter()
     m = masker()
-    return SseFilter(OpenAIStream(lambda: StreamMasker(Masker(m.rules, m.prompt), counts)), counts, lambda c: None)
+    return SseFilter(OpenAIStream(every_part(m, counts)), counts, lambda c: None)
 
 
 def test_openai_stream_without_finish_reason_flushes_before_done() -> None:
@@ -315,38 +326,38 @@ def test_openai_stream_without_finish_reason_flushes_before_done() -> None:
     out = b"".join(sse.feed(e) for e in events) + sse.close()
     chunks = [c for c in out.split(b"\n\n") if c]
     assert chunks[-1] == b"data: [DONE]"
-    text = "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    parsed = [json.loads(parse_event(c)[1] or b"") for c in chunks[:-1]]
+    text = "".join(p["choices"][0]["delta"].get("content") or "" for p in parsed)
     assert text == "mail me: [REDACTED_EMAIL]"
-    assert json.loads(chunks[-2][6:])["id"] == "chatcmpl-fake01"  # the extra chunk looks like the others
+    assert parsed[-1]["id"] == "chatcmpl-fake01"  # the extra chunk looks like the others
+    assert chunks[-2].startswith(b": ccproxy-masked email=1\n")  # the client is told
 
 
-def test_crlf_events_and_unknown_events_pass() -> None:
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r", b"\n"])
+def test_events_framed_with_any_line_ending_are_masked_and_sent_with_lf(eol: bytes) -> None:
     counts: Counter[str] = Counter()
     sse = _anthropic_filter(counts, [])
-    start = (b'event: content_block_start\r\ndata: {"type":"content_block_start","index":0,'
-             b'"content_block":{"type":"text","text":""}}\r\n\r\n')
-    delta = (b'event: content_block_delta\r\ndata: {"type":"content_block_delta","index":0,'
-             b'"delta":{"type":"text_delta","text":"call 415-555-0132 now"}}\r\n\r\n')
-    odd = b"event: something_new\r\ndata: {not json at all\r\n\r\n: a comment\r\n\r\n"
-    stop = b'event: content_block_stop\r\ndata: {"type":"content_block_stop","index":0}\r\n\r\n'
-    out = sse.feed(start + delta[:30]) + sse.feed(delta[30:] + odd + stop) + sse.close()
-    assert b"415-555" not in out
+    start = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+             b'"content_block":{"type":"text","text":""}}\n\n')
+    delta = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+             b'"delta":{"type":"text_delta","text":"call 415-555-0132 now"}}\n\n')
+    odd = b"event: something_new\ndata: {not json at all\n\n: a comment\n\n"
+    stop = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    wire = (start + delta + odd + stop).replace(b"\n", eol)
+    cut = wire.index(b"555") + 1  # the cut falls inside the number, and a CRLF may be split too
+    out = b"".join(sse.feed(wire[i : min(i + 7, cut)]) for i in range(0, cut, 7)) + sse.feed(wire[cut:]) + sse.close()
+    assert b"415-555" not in out and b"\r" not in out
     assert odd in out and start in out and out.endswith(stop)
     assert counts == {"phone_number": 1}
 
 
-def test_thinking_and_signature_deltas_pass_unchanged() -> None:
-    sse = _anthropic_filter(Counter(), [])
-    events = [
-        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
-        b'"content_block":{"type":"thinking","thinking":""}}\n\n',
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"thinking_delta","thinking":"the key sk-ant-api03-abcdefghijklmnopqrstuv"}}\n\n',
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"signature_delta","signature":"EqQBCkYIARgCIkD"}}\n\n',
-        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
-    ]
-    assert b"".join(sse.feed(e) for e in events) + sse.close() == b"".join(events)
+def test_events_without_an_event_line_are_masked() -> None:
+    counts: Counter[str] = Counter()
+    sse = _anthropic_filter(counts, [])
+    events = [e.split(b"\n", 1)[1] for e in anthropic_stream(["mail bob@exa", "mple.com ok"])]
+    out = b"".join(sse.feed(e) for e in events) + sse.close()
+    assert b"bob@" not in out and counts == {"email": 1}
+    assert b"event:" not in out  # the added events are framed like the stream's own
 
 
 def _json_split_mask(source: str, pieces: list[str]) -> str:
@@ -435,3 +446,254 @@ def test_min_width() -> None:
     assert min_width(r"(?:xy|z){2}") == 2
     assert min_width(r"[[:digit:]]") is None  # RE2 syntax Python's parser reads otherwise
     assert min_width(r"a(") is None
+THINKING_EVENTS = [
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"thinking","thinking":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"thinking_delta","thinking":"the key sk-ant-api03-abcdefghijklmnopqrstuv"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"signature_delta","signature":"EqQBCkYIARgCIkD"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+]
+
+
+def _default_filter(counts: Counter[str], parts: Parts = DEFAULT_PARTS, structured: bool = False) -> SseFilter:
+    m = masker()
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), parts, structured, counts)
+    return SseFilter(AnthropicStream(pm), counts, lambda c: None)
+
+
+def test_thinking_is_masked_by_default_and_its_signature_passes() -> None:
+    counts: Counter[str] = Counter()
+    sse = _default_filter(counts)
+    out = b"".join(sse.feed(e) for e in THINKING_EVENTS) + sse.close()
+    assert b"sk-ant-api03" not in out and counts == {"anthropic_api_key": 1}
+    assert THINKING_EVENTS[2] in out  # signature_delta byte for byte
+
+
+def test_thinking_passes_unchanged_when_its_part_is_off() -> None:
+    sse = _default_filter(Counter(), Parts(thinking=False))
+    assert b"".join(sse.feed(e) for e in THINKING_EVENTS) + sse.close() == b"".join(THINKING_EVENTS)
+
+
+@functools.cache
+def _example_layer() -> Any:
+    from ccproxy.config import load
+    from ccproxy.content.layer import ContentLayer
+
+    example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
+    return ContentLayer(load(str(example), environ={}).content)
+
+
+def _example_filter() -> Any:
+    """The response filter the example config (etc/ccproxy/config.yaml) puts on a Messages stream."""
+    from twisted.web.http_headers import Headers
+
+    from tests.test_content_validation import make_ctx, messages_body
+
+    ctx = make_ctx(messages_body(system="You are a coding agent in /tmp/x. " * 20))
+    return _example_layer().response_filter(ctx, 200, Headers({b"content-type": [b"text/event-stream"]}))
+
+
+def _tool_use_events(source: str, pieces: list[str], index: int = 1) -> list[bytes]:
+    start = {"type": "content_block_start", "index": index,
+             "content_block": {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}}
+    events = [sse_event("content_block_start", start)]
+    for piece in pieces:
+        events.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                        "delta": {"type": "input_json_delta", "partial_json": piece}}))
+    events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
+def _partial_json(out: bytes) -> str:
+    joined = ""
+    for chunk in out.split(b"\n\n"):
+        _, data = parse_event(chunk + b"\n\n")
+        if data and b"input_json_delta" in data:
+            joined += json.loads(data)["delta"]["partial_json"]
+    return joined
+
+
+TOOL_INPUT = json.dumps({
+    "file_path": "/home/dev/project/.env",
+    "content": f"DB_PASSWORD=hunter2\nANTHROPIC_API_KEY={'sk-ant-api03-' + 'A' * 30}\nowner: bob@example.com\n"
+               "call (415) 555-0132, card 4111 1111 1111 1111\n",
+})
+
+
+@given(JSON_VALUES, st.data())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_tool_input_is_byte_identical_under_the_default_parts_at_every_split(value: object,
+                                                                            data: st.DataObject) -> None:
+    source = json.dumps({"file_path": "/tmp/x", "content": value})
+    pieces = split(data.draw, source) or [source]
+    wire = b"".join(_tool_use_events(source, pieces))
+    for cut in range(len(wire) + 1):  # every split of the byte stream in two
+        sse = _example_filter()
+        out = sse.feed(wire[:cut]) + sse.feed(wire[cut:]) + sse.close()
+        assert _partial_json(out) == source
+
+
+def test_the_example_tool_input_passes_whole_at_every_split() -> None:
+    wire = b"".join(_tool_use_events(TOOL_INPUT, [TOOL_INPUT[i : i + 9] for i in range(0, len(TOOL_INPUT), 9)]))
+    for cut in range(len(wire) + 1):
+        sse = _example_filter()
+        out = sse.feed(wire[:cut]) + sse.feed(wire[cut:]) + sse.close()
+        assert out == wire
+
+
+def test_tool_inputs_are_masked_when_their_part_is_on() -> None:
+    counts: Counter[str] = Counter()
+    sse = _default_filter(counts, Parts(tool_inputs=True))
+    wire = b"".join(_tool_use_events(TOOL_INPUT, [TOOL_INPUT[i : i + 9] for i in range(0, len(TOOL_INPUT), 9)]))
+    out = sse.feed(wire) + sse.close()
+    masked = json.loads(_partial_json(out))
+    assert "sk-ant" not in masked["content"] and "bob@" not in masked["content"]
+    assert counts["anthropic_api_key"] == 1 and counts["email"] == 1
+
+
+def test_text_delta_inside_a_tool_use_block_is_masked() -> None:
+    counts: Counter[str] = Counter()
+    sse = _default_filter(counts)
+    events = _tool_use_events("{}", ["{}"])
+    odd = sse_event("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                            "delta": {"type": "text_delta", "text": "mail bob@example.com"}})
+    out = b"".join(sse.feed(e) for e in [*events[:2], odd, events[2]]) + sse.close()
+    assert b"bob@example.com" not in out and counts == {"email": 1}
+
+
+def test_citations_are_masked() -> None:
+    counts: Counter[str] = Counter()
+    sse = _default_filter(counts)
+    event = sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "citations_delta", "citation": {"type": "char_location", "cited_text": "write to bob@example.com",
+                                                "document_title": "call 415-555-0132"}}})
+    out = sse.feed(event) + sse.close()
+    assert b"bob@" not in out and b"415-555" not in out and counts == {"email": 1, "phone_number": 1}
+
+
+def test_structured_output_text_passes_unless_its_part_is_on() -> None:
+    events = anthropic_stream(['{"owner": "bob@exam', 'ple.com"}'])
+    sse = _default_filter(Counter(), structured=True)
+    assert b"".join(sse.feed(e) for e in events) + sse.close() == b"".join(events)
+    sse = _default_filter(Counter(), Parts(structured_outputs=True), structured=True)
+    assert b"bob@" not in b"".join(sse.feed(e) for e in events) + sse.close()
+
+
+def test_stream_event_with_duplicate_keys_cuts_the_stream() -> None:
+    sse = _default_filter(Counter())
+    with pytest.raises(UnsafeReply):
+        sse.feed(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                 b'"delta":{"type":"text_delta","text":"bob@example.com","text":"x"}}\n\n')
+
+
+def test_openai_streamed_tool_arguments_pass_and_refusals_are_masked() -> None:
+    counts: Counter[str] = Counter()
+    m = masker()
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), Parts(), False, counts)
+    sse = SseFilter(OpenAIStream(pm), counts, lambda c: None)
+    args = json.dumps({"to": "bob@example.com"})
+    chunks = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "mail", "arguments": args[:9]}}]}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": args[9:]}}]}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {"refusal": "no, bob@exa"}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {"refusal": "mple.com"}, "finish_reason": "stop"}]},
+    ]
+    wire = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+    out = b"".join(sse.feed(e) for e in wire) + sse.close()
+    assert wire[0] in out and wire[1] in out
+    refusal = "".join(json.loads(parse_event(c)[1] or b"")["choices"][0]["delta"].get("refusal") or ""
+                      for c in out.split(b"\n\n")[2:4])
+    assert refusal == "no, [REDACTED_EMAIL]" and counts == {"email": 1}
+
+
+CORPUS = [json.loads(line) for line in
+          (Path(__file__).parent / "data" / "masking_corpus.jsonl").read_text().splitlines() if line]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["text"].encode("unicode_escape").decode()[:40] for c in CORPUS])
+def test_detector_corpus(case: dict[str, Any]) -> None:
+    counts: Counter[str] = Counter()
+    out = masker().mask(case["text"], counts)
+    if case["rule"] is None:
+        assert out == case["text"] and not counts
+    else:
+        assert set(counts) == {case["rule"]}
+        # Nothing of the value is left but what came before it.
+        assert out.endswith("]") or out.endswith("[REDACTED_PHONE]")
+        stream = StreamMasker(masker(), Counter())
+        assert "".join(stream.feed(ch) for ch in case["text"]) + stream.close() == out
+
+
+def _responses_events(deltas: list[str], args: list[str]) -> list[bytes]:
+    def ev(kind: str, **fields: Any) -> bytes:
+        return sse_event(kind, {"type": kind, **fields})
+
+    text = "".join(deltas)
+    out = [ev("response.created", response={"id": "r", "output": []})]
+    out += [ev("response.output_text.delta", item_id="m1", output_index=0, content_index=0, delta=d) for d in deltas]
+    out.append(ev("response.output_text.done", item_id="m1", output_index=0, content_index=0, text=text))
+    out += [ev("response.function_call_arguments.delta", item_id="f1", output_index=1, delta=a) for a in args]
+    out.append(ev("response.function_call_arguments.done", item_id="f1", output_index=1, arguments="".join(args)))
+    out.append(ev("response.completed", response={"id": "r", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": text}]},
+        {"type": "function_call", "call_id": "c", "name": "mail", "arguments": "".join(args)}],
+        "usage": {"input_tokens": 3, "output_tokens": 4}}))
+    return out
+
+
+def test_responses_stream_masks_text_across_deltas_and_passes_tool_arguments() -> None:
+    from ccproxy.content.sse import ResponsesStream
+
+    counts: Counter[str] = Counter()
+    m = masker()
+    seen: list[dict[str, Any]] = []
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), Parts(), False, counts)
+    sse = SseFilter(ResponsesStream(pm, seen.append), counts, lambda c: None)
+    args = json.dumps({"to": "bob@example.com"})
+    events = _responses_events(["write to bob@exa", "mple.com now"], [args[:8], args[8:]])
+    out = b"".join(sse.feed(e) for e in events) + sse.close()
+    streamed = "".join(json.loads(parse_event(c)[1] or b"")["delta"] for c in out.split(b"\n\n")
+                       if b"output_text.delta" in c)
+    assert streamed == "write to [REDACTED_EMAIL] now"
+    final = json.loads(parse_event(out.split(b"\n\n")[-2])[1] or b"")
+    assert final["response"]["output"][0]["content"][0]["text"] == "write to [REDACTED_EMAIL] now"
+    assert final["response"]["output"][1]["arguments"] == args  # a tool call's arguments pass intact
+    for event in events[4:7]:  # the function call's argument events, byte for byte
+        assert event in out
+    assert any(e.get("type") == "response.completed" for e in seen)
+
+
+def test_openai_streamed_tool_arguments_are_masked_when_their_part_is_on() -> None:
+    counts: Counter[str] = Counter()
+    m = masker()
+    pm = PartMasker(lambda: Masker(m.rules, m.prompt), Parts(tool_inputs=True), False, counts)
+    sse = SseFilter(OpenAIStream(pm), counts, lambda c: None)
+    args = json.dumps({"to": "bob@example.com"})
+    pieces = [args[i : i + 5] for i in range(0, len(args), 5)]
+    chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": p}}]}, "finish_reason": None}]} for p in pieces]
+    chunks.append({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    out = b"".join(sse.feed(f"data: {json.dumps(c)}\n\n".encode()) for c in chunks) + sse.close()
+    joined = ""
+    for c in out.split(b"\n\n"):
+        data = parse_event(c + b"\n\n")[1]
+        if data:
+            for choice in json.loads(data)["choices"]:
+                for call in choice.get("delta", {}).get("tool_calls", []):
+                    joined += call["function"]["arguments"]
+    assert json.loads(joined) == {"to": "[REDACTED_EMAIL]"} and counts == {"email": 1}
+
+
+def test_an_event_without_end_is_refused_not_buffered_without_bound() -> None:
+    from ccproxy.content.sse import MAX_EVENT, EventSplitter, EventTooLarge
+
+    splitter = EventSplitter()
+    piece = b"data: " + b"x" * 65536
+    with pytest.raises(EventTooLarge):
+        for _ in range(MAX_EVENT // len(piece) + 2):
+            assert splitter.feed(piece) == []
+    assert len(splitter.buffer) <= MAX_EVENT + len(piece)

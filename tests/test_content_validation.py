@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
 
@@ -193,7 +194,9 @@ def test_control_characters_kept_when_switched_off() -> None:
 def test_other_routes_are_not_validated() -> None:
     ctx = make_ctx(b"not json", kind="other")
     check(LAYER, ctx)
-    assert ctx.request.requestHeaders.hasHeader(b"accept-encoding")
+    assert ctx.body == b"not json"
+    # Their replies are masked too: the upstream is asked for an unencoded body.
+    assert not ctx.request.requestHeaders.hasHeader(b"accept-encoding")
 
 
 def _filter_out(layer: ContentLayer, ctx: RequestContext, headers: dict[bytes, bytes], body: bytes) -> bytes:
@@ -214,10 +217,13 @@ def test_json_responses_are_masked_and_stay_valid(seen_events: list[dict[str, An
     assert out["content"][0]["text"] == (
         "Mail [REDACTED_EMAIL] or call [REDACTED_PHONE]. I am[REDACTED_SYSTEM_PROMPT]."
     )
-    assert out["content"][1]["input"] == {"to": ["[REDACTED_EMAIL]"], "n": 3}
+    # A tool call's input is for a program: passed intact by default.
+    assert out["content"][1]["input"] == {"to": ["x@example.org"], "n": 3}
+    assert ctx.extra_headers["x-ccproxy-masked"] == "email=1, phone_number=1, system_prompt=1"
     (event,) = seen_events
     assert event["ccproxy_event"] == "response_masked"
-    assert event["counts"] == {"email": 2, "phone_number": 1, "system_prompt": 1}
+    assert event["counts"] == {"email": 1, "phone_number": 1, "system_prompt": 1}
+    assert event["parts"] == ["text"] and event["signalled"] == "header x-ccproxy-masked"
     assert "bob@" not in str(event)
 
 
@@ -231,7 +237,7 @@ def test_openai_json_responses_are_masked() -> None:
     out = json.loads(_filter_out(LAYER, ctx, {b"content-type": b"application/json"}, body.encode()))
     message = out["choices"][0]["message"]
     assert message["content"] == "key [REDACTED_API_KEY]"
-    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"card": "XXXX-XXXX-XXXX-XXXX"}
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"card": "4111 1111 1111 1111"}
 
 
 def test_unmasked_json_is_byte_identical() -> None:
@@ -245,24 +251,35 @@ def test_which_responses_are_filtered() -> None:
     assert LAYER.response_filter(ctx, 200, sse) is not None
     assert LAYER.response_filter(ctx, 400, sse) is None
     assert LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"text/plain"]})) is None
-    assert LAYER.response_filter(make_ctx(b"{}", kind="count_tokens"), 200, sse) is None
-    assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is None
-    assert ContentLayer(parse({})).response_filter(ctx, 200, sse) is None
+    # Every JSON or SSE reply of a model upstream is masked, whatever the route.
+    assert LAYER.response_filter(make_ctx(b"{}", kind="count_tokens"), 200, sse) is not None
+    assert LAYER.response_filter(make_ctx(b"{}", kind="other"), 200, sse) is not None
+    # Error bodies from the model are read by people too.
+    assert LAYER.response_filter(ctx, 400, Headers({b"content-type": [b"application/json"]})) is not None
+    # Masking off: the reply is only read for its token usage, and passed as it came.
+    assert getattr(ContentLayer(parse({})).response_filter(ctx, 200, sse), "transparent", False)
+    assert ContentLayer(parse({})).response_filter(make_ctx(b"{}", kind="models"), 200, sse) is None
     with pytest.raises(ApiError) as caught:
         LAYER.response_filter(ctx, 200, Headers({b"content-type": [b"application/json"],
                                                  b"content-encoding": [b"br"]}))
     assert caught.value.status == 502
 
 
-def test_example_config_section_is_the_seed() -> None:
+def test_example_config_keeps_the_seed_as_a_commented_profile() -> None:
     from pathlib import Path
+
+    import yaml
 
     from ccproxy.config import load
 
     example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
     content = load(str(example), environ={}).content
-    assert content.request_validation == parse(SEED).request_validation
-    assert content.response_sanitization == parse(SEED).response_sanitization
+    assert content.request_validation.blocked_patterns == ()
+    # The seed's values, uncommented, are a valid config of their own and equal to SEED.
+    text = example.read_text()
+    profile = text.split("# --- seed profile ---\n")[1].split("# --- end ---")[0]
+    seed = "\n".join(line.split("# ", 1)[1] for line in profile.splitlines() if "# " in line)
+    assert parse(yaml.safe_load(seed)["security"]).request_validation == parse(SEED).request_validation
 
 
 def test_switched_off_sections_are_still_checked() -> None:
@@ -280,3 +297,228 @@ def test_json_reply_that_is_not_json_is_masked_as_text() -> None:
     body = b"oops sk-proj-abcdefghijklmnopqrstuvwxyz \xff tail"
     out = _filter_out(LAYER, make_ctx(messages_body()), {b"content-type": b"application/json"}, body)
     assert out == b"oops [REDACTED_API_KEY] \xff tail"
+
+
+def _refused_by(body: dict[str, Any], kind: str = "messages", api: str = "anthropic") -> str:
+    return refusal(LAYER, make_ctx(json.dumps(body).encode(), kind=kind, api=api)).message
+
+
+B64 = base64.b64encode(b"the password is hunter2").decode()
+BLOCKED = "request blocked by content rule blocked_patterns[1]"
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "my password"}},
+    {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": B64}},
+    {"type": "document", "title": "password list", "source": {"type": "text", "data": "x"}},
+    {"type": "document", "context": "password", "source": {"type": "url", "url": "https://x"}},
+    {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "password"}]}},
+    {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "password"}]},
+    {"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "password"}]}]},
+    {"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": B64}}]},
+    {"type": "tool_use", "id": "t", "name": "Write", "input": {"deep": [{"content": "password"}]}},
+    {"type": "thinking", "thinking": "the password", "signature": "sig"},
+    {"type": "text", "text": "x", "citations": [{"type": "char_location", "cited_text": "password"}]},
+    {"type": "future_block", "payload": {"words": "password"}},
+])
+def test_every_anthropic_block_a_model_reads_is_checked(block: dict[str, Any]) -> None:
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    assert _refused_by(body) == BLOCKED
+
+
+def test_tool_definitions_are_checked_on_both_apis() -> None:
+    tool = {"name": "t", "description": "reads a password", "input_schema": {"type": "object"}}
+    assert _refused_by({"model": "m", "max_tokens": 5, "messages": [], "tools": [tool]}) == BLOCKED
+    function = {"type": "function", "function": {"name": "f", "description": "x", "parameters": {
+        "type": "object", "properties": {"p": {"type": "string", "description": "the password"}}}}}
+    assert _refused_by({"model": "g", "messages": [], "tools": [function]}, "chat_completions", "openai") == BLOCKED
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": [{"type": "file", "file": {
+        "filename": "a.txt", "file_data": "data:text/plain;base64," + B64}}]},
+    {"role": "user", "content": [{"type": "file", "file": {"filename": "password.txt", "file_id": "f"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"p\": \"password\"}"}}]},
+    {"role": "assistant", "refusal": "no password"},
+    {"role": "user", "name": "password", "content": "hi"},
+])
+def test_every_openai_part_a_model_reads_is_checked(message: dict[str, Any]) -> None:
+    assert _refused_by({"model": "g", "messages": [message]}, "chat_completions", "openai") == BLOCKED
+
+
+@pytest.mark.parametrize(("kind", "body"), [
+    ("responses", {"model": "g", "input": "my password"}),
+    ("responses", {"model": "g", "instructions": "password", "input": "hi"}),
+    ("responses", {"model": "g", "input": [{"role": "user", "content": [{"type": "input_text", "text": "password"}]}]}),
+    ("responses", {"model": "g", "input": [{"type": "function_call_output", "call_id": "c", "output": "password"}]}),
+    ("completions", {"model": "g", "prompt": "password"}),
+    ("completions", {"model": "g", "prompt": ["ok", "password"]}),
+    ("complete", {"model": "c", "prompt": "\n\nHuman: password\n\nAssistant:", "max_tokens_to_sample": 5}),
+    ("batches", {"requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "password"}]}}]}),
+])
+def test_every_model_endpoint_is_checked(kind: str, body: dict[str, Any]) -> None:
+    api = "anthropic" if kind in ("complete", "batches") else "openai"
+    assert _refused_by(body, kind, api) == BLOCKED
+
+
+def test_batch_params_get_every_limit() -> None:
+    body = {"requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 100001, "messages": []}}]}
+    assert "max_tokens exceeds" in _refused_by(body, "batches")
+
+
+@pytest.mark.parametrize("spelling", [
+    "pass\u200bword", "pass\u00adword", "pass\u0085word", "ｐａｓｓｗｏｒｄ", "pаsswоrd",  # Cyrillic а, о
+    "PASS\u2060WORD", "pass\ufeffword",
+])
+def test_disguised_spellings_are_normalised_before_patterns(spelling: str) -> None:
+    assert _refused_by({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": spelling}]}) == BLOCKED
+
+
+def test_what_is_forwarded_is_what_the_client_sent_but_for_control_characters() -> None:
+    layer = ContentLayer(parse({"request_validation": {"blocked_patterns": ["forbidden"]}}))
+    text = "ｆｕｌｌ width, zero\u200bwidth, C1\u0085 and \x07 bell"
+    ctx = make_ctx(json.dumps({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": text}]}).encode())
+    check(layer, ctx)
+    assert json.loads(ctx.body)["messages"][0]["content"] == "ｆｕｌｌ width, zero\u200bwidth, C1 and  bell"
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    (b'{"model":"m","max_tokens":5,"messages":[],"messages":[{"role":"user","content":"password"}]}', "duplicate key"),
+    (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"a","content":"b"}]}', "duplicate key"),
+    (b'{"model":"m","max_tokens":NaN,"messages":[]}', "non-finite"),
+    (b'{"model":"m","max_tokens":-Infinity,"messages":[]}', "non-finite"),
+    (b'{"model":"m","max_tokens":1e999,"messages":[]}', "out of range"),
+    (b'{"model":"m","max_tokens":123456789012345678901,"messages":[]}', "out of range"),
+    (b'{"model":"m","max_tokens":-5,"messages":[]}', "max_tokens must be a positive integer"),
+    (b'{"model":"m","max_tokens":100000.00000000000001,"messages":[]}', "max_tokens must be a positive integer"),
+    (b'{"model":"m","max_tokens":5.0,"messages":[]}', "max_tokens must be a positive integer"),
+])
+def test_ambiguous_json_and_numbers_are_refused(raw: bytes, words: str) -> None:
+    assert words in refusal(LAYER, make_ctx(raw)).message
+
+
+def test_invalid_base64_document_is_refused() -> None:
+    block = {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": "not base64!"}}
+    assert "base64" in _refused_by({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [block]}]})
+
+
+def test_a_long_document_is_held_to_the_length_limit() -> None:
+    block = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x" * 200000}}
+    assert "exceeds the limit of 50000" in _refused_by({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [block]}]})
+
+
+def test_a_claude_code_session_passes_the_example_config() -> None:
+    from pathlib import Path
+
+    from ccproxy.config import load
+
+    example = Path(__file__).resolve().parents[1] / "etc" / "ccproxy" / "config.yaml"
+    layer = ContentLayer(load(str(example), environ={}).content)
+    file_text = "".join(f"DB_PASSWORD=secret{i} # password for the api_key <script>\n" for i in range(1400))
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "fix the login password check"}]
+    for i in range(150):  # a long tool loop
+        messages.append({"role": "assistant", "content": [
+            {"type": "tool_use", "id": f"t{i}", "name": "Read", "input": {"file_path": f"/src/f{i}.py"}}]})
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": f"t{i}", "content": file_text if i == 3 else "ok"}]})
+    body = {"model": "claude-opus-4-8", "max_tokens": 128000, "system": "You are Claude Code.",
+            "messages": messages, "stream": True}
+    ctx = make_ctx(json.dumps(body).encode())
+    check(layer, ctx)
+    assert json.loads(ctx.body) == body
+
+
+# A system prompt shaped like a coding agent's: an environment block with the working directory,
+# sentences of 60-250 characters (Claude Code 2.1's longest sentence is 259 characters).
+AGENT_PROMPT = "\n".join(
+    [f"Rule {i}: when the user asks for change number {i}, read the file first, keep the style of the "
+     f"surrounding code, and never commit secrets such as keys or passwords to the repository." for i in range(40)]
+    + ["# Environment", " - Primary working directory: /home/dev/projects/acme-billing", " - Platform: linux"]
+)
+
+
+def _reply_filter(layer: ContentLayer, ctx: RequestContext, sse: bool) -> Any:
+    content_type = b"text/event-stream" if sse else b"application/json"
+    return layer.response_filter(ctx, 200, Headers({b"content-type": [content_type]}))
+
+
+def test_ordinary_agent_answers_quoting_the_prompt_pass() -> None:
+    layer = ContentLayer(parse({"response_sanitization": {"mask_emails": False}}))
+    ctx = make_ctx(messages_body(system=AGENT_PROMPT))
+    sentence = AGENT_PROMPT.split("\n")[7]
+    answer = (f"I read /home/dev/projects/acme-billing/src/app.py. Primary working directory: "
+              f"/home/dev/projects/acme-billing. As my instructions say: {sentence}")
+    assert len(sentence) > 150
+    body = json.dumps({"type": "message", "content": [{"type": "text", "text": answer}]}).encode()
+    f = _reply_filter(layer, ctx, sse=False)
+    assert f.feed(body) + f.close() == body
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_long_verbatim_echo_of_the_prompt_is_removed(sse: bool) -> None:
+    layer = ContentLayer(parse({"response_sanitization": {"enabled": True}}))
+    ctx = make_ctx(messages_body(system=AGENT_PROMPT))
+    echo = AGENT_PROMPT[1000:1400]
+    text = f"My instructions are: {echo} That is all."
+    if not sse:
+        body = json.dumps({"type": "message", "content": [{"type": "text", "text": text}]}).encode()
+        f = _reply_filter(layer, ctx, sse=False)
+        out = json.loads(f.feed(body) + f.close())["content"][0]["text"]
+    else:
+        from tests.support.upstream import anthropic_stream
+
+        wire = b"".join(anthropic_stream([text[i : i + 11] for i in range(0, len(text), 11)]))
+        f = _reply_filter(layer, ctx, sse=True)
+        sent = b"".join(f.feed(wire[i : i + 50]) for i in range(0, len(wire), 50)) + f.close()
+        out = ""
+        for chunk in sent.split(b"\n\n"):
+            data = [line[6:] for line in chunk.split(b"\n") if line.startswith(b"data: ")]
+            if data and b"text_delta" in data[0]:
+                out += json.loads(data[0])["delta"]["text"]
+    assert out == "My instructions are: [REDACTED_SYSTEM_PROMPT] That is all."
+
+
+def test_short_prompts_are_protected_by_share() -> None:
+    from ccproxy.content.layer import min_echo_run
+
+    config = parse({"response_sanitization": {}}).response_sanitization
+    assert min_echo_run(6000, config) == 300
+    assert min_echo_run(100, config) == 50
+    assert min_echo_run(10, config) == 16
+
+
+def test_every_format_character_is_invisible_to_patterns() -> None:
+    import sys
+    import unicodedata
+
+    from ccproxy.content.validation import normalise
+
+    format_chars = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    assert normalise("pa" + "".join(format_chars) + "ss") == "pass"
+
+
+@pytest.mark.parametrize("kind", ["response", "batch", "batch_results", "models"])
+def test_routes_without_a_request_body_to_check_pass(kind: str) -> None:
+    ctx = make_ctx(b"", kind=kind)  # e.g. POST /openai/v1/responses/{id}/cancel has no body
+    check(LAYER, ctx)
+    assert ctx.body == b""
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type":"message","content":[{"type":"text","text":"bob@example.com","text":"fine"}]}',
+    b'{"type":"message","content":[{"type":"text","text":"x"}],"usage":{"input_tokens":NaN}}',
+])
+def test_ambiguous_upstream_json_is_refused_not_passed(body: bytes) -> None:
+    f = LAYER.response_filter(make_ctx(messages_body()), 200, Headers({b"content-type": [b"application/json"]}))
+    assert f is not None
+    f.feed(body)
+    with pytest.raises(ApiError) as caught:
+        f.close()
+    assert caught.value.status == 502 and "ambiguous" in caught.value.message

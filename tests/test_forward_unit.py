@@ -14,7 +14,21 @@ from twisted.web.http_headers import Headers
 from ccproxy.errors import ANTHROPIC, OPENAI, ApiError, error_body, sse_error_event
 from ccproxy.forward import end_to_end, response_headers, upstream_headers
 from ccproxy.http.budget import Budget
-from ccproxy.routes import CHAT_COMPLETIONS, COUNT_TOKENS, MESSAGES, OTHER, route
+from ccproxy.routes import (
+    BATCH_RESULTS,
+    BATCHES,
+    CHAT_COMPLETIONS,
+    COMPLETE,
+    COMPLETIONS,
+    COUNT_TOKENS,
+    MESSAGES,
+    MODELS,
+    OTHER,
+    RESPONSE,
+    RESPONSES,
+    allowed_path,
+    route,
+)
 from tests.support.forwarding import make_relay, upstreams
 
 KEY = "sk-ant-api03-upstreamkeyupstreamkey-f3a9"
@@ -24,13 +38,42 @@ KEY = "sk-ant-api03-upstreamkeyupstreamkey-f3a9"
     (b"/v1/messages", ANTHROPIC, b"/v1/messages", MESSAGES),
     (b"/v1/messages?beta=true", ANTHROPIC, b"/v1/messages?beta=true", MESSAGES),
     (b"/v1/messages/count_tokens?beta=true", ANTHROPIC, b"/v1/messages/count_tokens?beta=true", COUNT_TOKENS),
-    (b"/v1/models", ANTHROPIC, b"/v1/models", OTHER),
+    (b"/v1/models", ANTHROPIC, b"/v1/models", MODELS),
+    (b"/v1/models/claude-sonnet-4-6", ANTHROPIC, b"/v1/models/claude-sonnet-4-6", MODELS),
+    (b"/v1/messages/batches", ANTHROPIC, b"/v1/messages/batches", BATCHES),
+    (b"/v1/messages/batches/msgbatch_01/results", ANTHROPIC, b"/v1/messages/batches/msgbatch_01/results",
+     BATCH_RESULTS),
+    (b"/v1/complete", ANTHROPIC, b"/v1/complete", COMPLETE),
     (b"/openai/v1/chat/completions", OPENAI, b"/v1/chat/completions", CHAT_COMPLETIONS),
-    (b"/openai/v1/models?x=1", OPENAI, b"/v1/models?x=1", OTHER),
+    (b"/openai/v1/completions", OPENAI, b"/v1/completions", COMPLETIONS),
+    (b"/openai/v1/responses", OPENAI, b"/v1/responses", RESPONSES),
+    (b"/openai/v1/responses/resp_123", OPENAI, b"/v1/responses/resp_123", RESPONSE),
+    (b"/openai/v1/responses/resp_123/cancel", OPENAI, b"/v1/responses/resp_123/cancel", RESPONSE),
+    (b"/openai/v1/models?x=1", OPENAI, b"/v1/models?x=1", MODELS),
 ])
 def test_routes(target: bytes, api: str, path: bytes, kind: str) -> None:
     r = route(target, upstreams())
     assert (r.api, r.path, r.kind) == (api, path, kind)
+
+
+@pytest.mark.parametrize("target", [
+    b"/v1/messages/", b"/v1/messages;x=1", b"/v1/messages#frag", b"/v1/%6Dessages", b"/v1/messages%2F",
+    b"/v1/Messages", b"/V1/messages", b"/openai/v1/Chat/completions", b"/openai/v1/chat/completions/",
+    b"/v1/messages/count_tokens/", b"/v1/files", b"/openai/v1/embeddings", b"/v1/messages/batches/a;b",
+])
+def test_routes_fail_closed(target: bytes) -> None:
+    # Never forwarded under a reading ccproxy's checks did not make: refused, not normalised.
+    with pytest.raises(ApiError) as info:
+        route(target, upstreams())
+    assert info.value.status in (400, 404)
+
+
+def test_routes_allowed_by_the_config_are_other() -> None:
+    allow = [allowed_path("/v1/files"), allowed_path("/v1/files/*"), allowed_path("/openai/v1/embeddings")]
+    assert route(b"/v1/files/file_01", upstreams(), allow).kind == OTHER
+    assert route(b"/openai/v1/embeddings", upstreams(), allow).kind == OTHER
+    with pytest.raises(ApiError):
+        route(b"/v1/files/a/b", upstreams(), allow)
 
 
 @pytest.mark.parametrize(("target", "status"), [

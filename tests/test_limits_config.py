@@ -122,3 +122,12 @@ def test_shipped_example_config_has_no_repeated_keys() -> None:
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     data = yaml.load((ROOT / "etc/ccproxy/config.yaml").read_text(), Loader=Strict)  # Strict is a SafeLoader
     assert {"auth", "rate_limiting", "ip_blacklist"} <= set(data["security"])
+
+
+def test_token_budgets_per_tier() -> None:
+    limits = config({"rate_limiting": {"per_key": {"default": {"tokens_per_minute": 40000,
+                                                               "daily_token_quota": 2000000}}}})
+    tier = limits.tier("default")
+    assert tier is not None and (tier.tokens_per_minute, tier.daily_token_quota) == (40000, 2000000)
+    assert "security.rate_limiting.per_key.default.tokens_per_minute" in refused(
+        {"rate_limiting": {"per_key": {"default": {"tokens_per_minute": 0}}}})

@@ -33,6 +33,39 @@ class _StoreTests:
                ip: str = "") -> defer.Deferred[Decision]:
         raise NotImplementedError
 
+    def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> defer.Deferred[Decision]:
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def test_token_budget_admits_while_not_spent_and_one_request_may_overshoot(self) -> Any:
+        budget = Rate("tokens_per_minute", "t:1000:default:k", 1000, 60.0, 1000)
+        fresh = yield self.tokens(T0, [budget])
+        self.assertEqual((fresh.allowed, fresh.remaining), (True, 1000))
+        # A request costing 1,200 tokens was admitted; it is charged once its usage is known.
+        after = yield self.tokens(T0, [budget], 1200)
+        self.assertFalse(after.allowed)
+        self.assertAlmostEqual(after.retry_after, 72.0 - 60.0 + 0.06, places=6)
+        early = yield self.tokens(T0 + 12.0, [budget])
+        self.assertFalse(early.allowed)
+        paid = yield self.tokens(T0 + 12.06, [budget])
+        self.assertEqual((paid.allowed, paid.remaining), (True, 1))
+        # Spent tokens come back at the budget's rate: after a minute of rest, all of them.
+        rested = yield self.tokens(T0 + 200, [budget])
+        self.assertEqual(rested.remaining, 1000)
+
+    @defer.inlineCallbacks
+    def test_daily_token_quota(self) -> Any:
+        quota = day_quota("daily_token_quota", "tokens:k", 5000, T0, 0.0)
+        yield self.tokens(T0, [quota], 3000)
+        left = yield self.tokens(T0, [quota])
+        self.assertEqual((left.allowed, left.remaining), (True, 2000))
+        over = yield self.tokens(T0 + 1, [quota], 2500)
+        self.assertFalse(over.allowed)
+        self.assertAlmostEqual(over.retry_after, quota.reset_at - T0 - 1, places=6)
+        tomorrow = day_quota("daily_token_quota", "tokens:k", 5000, quota.reset_at + 1, 0.0)
+        fresh = yield self.tokens(quota.reset_at + 1, [tomorrow])
+        self.assertEqual((fresh.allowed, fresh.remaining), (True, 5000))
+
     async def run_many(self, now: float, limits: list[Limit], n: int) -> list[Decision]:
         return [await self.decide(now, limits) for _ in range(n)]
 
@@ -157,6 +190,26 @@ class _StoreTests:
         self.assertEqual(got[5].blocked_until, T0 + 3600.0)
         self.assertTrue(got[5].new_block)
 
+    @defer.inlineCallbacks
+    def test_auto_block_threshold_is_exact_in_any_minute(self) -> Any:
+        # More than 3 in any 60 s blocks, and nothing less: no burst allowance on top.
+        def probe(ip: str) -> AutoBlockProbe:
+            return AutoBlockProbe(ip, rate("auto_block", 3, 60.0, 3, ip), 600.0)
+
+        got = []
+        for t in (0.0, 20.0, 40.0, 60.0, 81.0):  # never 4 within 60 s (0 has left the window at 60)
+            d = yield self.decide(T0 + t, [], probe("10.0.1.1"), "10.0.1.1")
+            got.append(d.blocked_until)
+        self.assertEqual(got, [None] * 5)
+        d = yield self.decide(T0 + 99.0, [], probe("10.0.1.1"), "10.0.1.1")  # 40, 60, 81, 99: 4 within 59 s
+        self.assertEqual(d.blocked_until, T0 + 99.0 + 600.0)
+        # Three at once, then the fourth half a minute later blocks (a rate would have refilled by then).
+        for _ in range(3):
+            d = yield self.decide(T0 + 100.0, [], probe("10.0.1.2"), "10.0.1.2")
+            self.assertIsNone(d.blocked_until)
+        d = yield self.decide(T0 + 130.0, [], probe("10.0.1.2"), "10.0.1.2")
+        self.assertEqual(d.blocked_until, T0 + 730.0)
+
     async def _probe_many(self, now: float, limits: list[Limit], probe: AutoBlockProbe, n: int) -> list[Decision]:
         return [await self.decide(now, limits, probe, probe.ip) for _ in range(n)]
 
@@ -175,6 +228,9 @@ class MemoryStoreTests(_StoreTests, unittest.TestCase):
     def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                ip: str = "") -> defer.Deferred[Decision]:
         return defer.succeed(self.store.decide(now, limits, probe))
+
+    def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> defer.Deferred[Decision]:
+        return defer.succeed(self.store.tokens(now, budgets, charge))
 
     def test_table_is_bounded(self) -> None:
         store = MemoryStore(1000)
@@ -211,6 +267,31 @@ class RedisStoreTests(_RedisFixture, _StoreTests, unittest.TestCase):
     def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                ip: str = "") -> defer.Deferred[Decision]:
         return defer.ensureDeferred(self.store.decide(now, limits, probe, ip))
+
+    def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> defer.Deferred[Decision]:
+        return defer.ensureDeferred(self.store.tokens(now, budgets, charge))
+
+    @defer.inlineCallbacks
+    def test_token_budgets_agree_with_memory_and_are_shared_by_instances(self) -> Any:
+        rng = random.Random(11)
+        memory = MemoryStore(100_000)
+        other = RedisStore(RedisState(port=self.server.port, timeout=2.0), real_reactor)
+        other.connect()
+        try:
+            now = T0
+            for i in range(300):
+                now += rng.choice((0.0, 0.05, 0.5, 2.0))
+                budgets: list[Limit] = [Rate("tokens_per_minute", "t:5000:default:k", 5000, 60.0, 5000),
+                                        day_quota("daily_token_quota", "tokens:k", 200_000, now, 0.0)]
+                charge = rng.choice((0, 0, 37, 400, 2500))
+                want = memory.tokens(now, budgets, charge)
+                # Two instances take turns: what one charges, the other sees.
+                store = self.store if i % 2 else other
+                got = yield defer.ensureDeferred(store.tokens(now, budgets, charge))
+                self.assertEqual((got.allowed, got.limit, got.remaining), (want.allowed, want.limit, want.remaining))
+                self.assertAlmostEqual(got.retry_after, want.retry_after, places=6)
+        finally:
+            yield other.stop()
 
     @defer.inlineCallbacks
     def test_same_decisions_as_memory(self) -> Any:

@@ -77,7 +77,7 @@ def test_a_reload_hands_each_layer_its_namesake_wherever_it_now_stands(monkeypat
 
 
 def test_the_real_layers_are_named_in_request_order() -> None:
-    assert list(runtime_module.layer_factories()) == ["network", "auth", "limits", "content"]
+    assert list(runtime_module.layer_factories()) == ["network", "auth", "emergency", "detectors", "limits", "content"]
 
 
 def test_constructing_the_service_connects_and_starts_nothing() -> None:

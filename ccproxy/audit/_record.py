@@ -163,6 +163,10 @@ class RecordBuilder:
             "status": value(event.get("status"), 0),
             "latency_ms": round(float(event.get("latency_ms") or 0.0), 3),
         }
+        for field in _TOKEN_FIELDS:
+            count = event.get(field)
+            if isinstance(count, int):
+                record[field] = count
         if self.anonymizer is not None and record["ip_address"] is not None:
             record["ip_address"] = self.anonymizer.address(str(record["ip_address"]))
             record["path"] = self._anonymize(record["path"])
@@ -202,6 +206,10 @@ class RecordBuilder:
         if isinstance(value, list):
             return [self._anonymize(v) for v in value]
         return value
+
+
+# Token usage of a model reply, when the request had one (ccproxy.content.usage).
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def _dash_none(value: Any) -> Any:

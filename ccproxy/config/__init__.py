@@ -15,10 +15,12 @@ import attrs
 import yaml
 
 from ccproxy.config._reader import ConfigError, Section, collecting, document, expand_env, record
+from ccproxy.config.admin import AdminConfig, EmergencyConfig
 from ccproxy.config.audit import AuditConfig
 from ccproxy.config.auth import AuthConfig
 from ccproxy.config.content import ContentConfig
 from ccproxy.config.limits import LimitsConfig
+from ccproxy.config.monitoring import MonitoringConfig
 from ccproxy.config.network import NetworkConfig
 from ccproxy.config.privacy import PrivacyConfig
 from ccproxy.config.privacy import check as privacy_check
@@ -38,10 +40,15 @@ class Config:
     content: ContentConfig
     audit: AuditConfig
     privacy: PrivacyConfig = attrs.Factory(PrivacyConfig)
+    admin: AdminConfig = attrs.Factory(AdminConfig)
+    emergency: EmergencyConfig = attrs.Factory(EmergencyConfig)
+    monitoring: MonitoringConfig = attrs.Factory(MonitoringConfig)
     # The effective config in the file's own schema (see `effective`).
     file_form: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
     # Secrets the file names by `${VAR}`, masked: (YAML path, masked value).
     secrets_shown: tuple[tuple[str, str], ...] = attrs.field(default=(), eq=False, repr=False)
+    # What the rotated-keys overlay changed, for `check-config` to show (as comments).
+    notes: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
     def effective(self) -> dict[str, Any]:
         """The config as the parser read it, in the file's schema, defaults filled in, secrets masked:
@@ -49,7 +56,7 @@ class Config:
         if self.file_form:
             return self.file_form
         return attrs.asdict(self, value_serializer=_plain,
-                            filter=lambda a, v: a.name not in ("file_form", "secrets_shown"))
+                            filter=lambda a, v: a.name not in ("file_form", "secrets_shown", "notes"))
 
 
 def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -68,7 +75,11 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError("", f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
+    config = parse(data, base_dir=os.path.dirname(os.path.abspath(path)), environ=environ)
+    # Keys rotated with `ccproxy security rotate-key` (docs/incident-response.md).
+    from ccproxy.config.overlay import with_overlay
+
+    return with_overlay(config)
 
 
 class _DuplicateKey(Exception):
@@ -125,7 +136,6 @@ def _build(root: Section) -> tuple[dict[str, Any], list[str]]:
     parts: dict[str, Any] = {}
     broken: list[str] = []
     steps: list[tuple[str, Any]] = [
-        ("", lambda: root.unbuilt("monitoring")),
         ("server", lambda: ServerConfig.parse(root.section("server"))),
         ("upstreams", lambda: UpstreamsConfig.parse(root.section("upstreams"))),
         ("network", lambda: NetworkConfig.parse(root)),
@@ -134,6 +144,9 @@ def _build(root: Section) -> tuple[dict[str, Any], list[str]]:
         ("content", lambda: ContentConfig.parse(root)),
         ("audit", lambda: AuditConfig.parse(root)),
         ("privacy", lambda: PrivacyConfig.parse(root)),
+        ("admin", lambda: AdminConfig.parse(root)),
+        ("emergency", lambda: EmergencyConfig.parse(root)),
+        ("monitoring", lambda: MonitoringConfig.parse(root)),
     ]
     for name, step in steps:
         try:

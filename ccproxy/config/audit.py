@@ -38,6 +38,11 @@ KNOWN_EVENTS = (
     "audit_file_replaced",
     "audit_records_missing",
     "privacy_subject_erased",
+    "ip_blocked",
+    "emergency_mode",
+    "admin_command",
+    "security_alert",
+    "suspicious_request",
 )
 # What the trail says about its own evidence is always written, whatever `events` filters out.
 ALWAYS = ("audit_records_lost", "audit_file_damaged", "audit_file_replaced", "audit_records_missing",

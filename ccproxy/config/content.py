@@ -15,6 +15,7 @@ import re2
 
 from ccproxy.config._reader import ConfigError, Section
 from ccproxy.content.masking import compile_re2
+from ccproxy.content.parts import DEFAULT_PARTS, KINDS, Parts
 from ccproxy.content.prefix import min_width
 
 _RULE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -57,8 +58,12 @@ class MaskPattern:
 class ResponseSanitization:
     enabled: bool = False
     remove_system_prompts: bool = False
-    # The shortest run of the system prompt that counts as repeating it.
-    system_prompt_min_length: int = 32
+    # A verbatim run of the system prompt counts as an echo from this many bytes (characters, for
+    # ASCII) on, or from this share of the prompt when that is shorter (short prompts).
+    system_prompt_min_length: int = 300
+    system_prompt_min_share: float = 0.5
+    # Which kinds of parts of a reply are masked.
+    mask_parts: Parts = DEFAULT_PARTS
     mask_api_keys: bool = False
     mask_emails: bool = False
     mask_phone_numbers: bool = False
@@ -76,7 +81,9 @@ class ResponseSanitization:
         return cls(
             enabled=enabled,
             remove_system_prompts=section.boolean("remove_system_prompts", True),
-            system_prompt_min_length=section.integer("system_prompt_min_length", 32, min=8, max=10000),
+            system_prompt_min_length=section.integer("system_prompt_min_length", 300, min=16, max=100000),
+            system_prompt_min_share=_share(section, "system_prompt_min_share", 0.5),
+            mask_parts=_parts(section.section("mask_parts")),
             mask_api_keys=section.boolean("mask_api_keys", True),
             mask_emails=section.boolean("mask_emails", True),
             mask_phone_numbers=section.boolean("mask_phone_numbers", True),
@@ -85,9 +92,23 @@ class ResponseSanitization:
 
 
 @attrs.frozen
+class RoutesConfig:
+    """`security.routes`: paths on the model upstreams forwarded besides the API paths ccproxy knows."""
+
+    allow: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, section: Section) -> RoutesConfig:
+        allow = section.items("allow", _allowed_path)
+        section.done()
+        return cls(allow=allow)
+
+
+@attrs.frozen
 class ContentConfig:
     request_validation: RequestValidation = RequestValidation()
     response_sanitization: ResponseSanitization = ResponseSanitization()
+    routes: RoutesConfig = RoutesConfig()
 
     @classmethod
     def parse(cls, root: Section) -> ContentConfig:
@@ -95,7 +116,31 @@ class ContentConfig:
         return cls(
             request_validation=RequestValidation.parse(security.section("request_validation")),
             response_sanitization=ResponseSanitization.parse(security.section("response_sanitization")),
+            routes=RoutesConfig.parse(security.section("routes")),
         )
+
+
+_ALLOWED_PATH = re.compile(r"^/(?:openai/)?v1(?:/(?:[A-Za-z0-9_.-]+|\*))+$")
+
+
+def _allowed_path(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _ALLOWED_PATH.match(value) or "/../" in value + "/" or "/./" in value + "/":
+        raise ConfigError(path, "expected an API path such as /v1/files or /openai/v1/embeddings "
+                                "(letters, digits, '_', '.', '-'; '*' for one whole id segment)")
+    return value
+
+
+def _share(section: Section, key: str, default: float) -> float:
+    value = section.raw(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(section.at(key), "expected a number greater than 0 and at most 1")
+    return float(value)
+
+
+def _parts(section: Section) -> Parts:
+    values = {kind: section.boolean(kind, getattr(Parts(), kind)) for kind in KINDS}
+    section.done()
+    return Parts(**values)
 
 
 def _pattern(value: Any, path: str) -> str:

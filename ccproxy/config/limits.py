@@ -54,6 +54,9 @@ class TierLimits:
     requests_per_minute: int | None = None
     daily_quota: int | None = None
     burst: int | None = None
+    # Token budgets (input + output tokens of Messages, Chat Completions, Responses replies).
+    tokens_per_minute: int | None = None
+    daily_token_quota: int | None = None
 
     @classmethod
     def parse(cls, name: str, section: Section) -> TierLimits:
@@ -62,9 +65,12 @@ class TierLimits:
             requests_per_minute=section.integer("requests_per_minute", None, min=1),
             daily_quota=section.integer("daily_quota", None, min=1),
             burst=section.integer("burst", None, min=1),
+            tokens_per_minute=section.integer("tokens_per_minute", None, min=1),
+            daily_token_quota=section.integer("daily_token_quota", None, min=1),
         )
-        if tier.requests_per_minute is None and tier.daily_quota is None:
-            raise ConfigError(section.path, "give requests_per_minute, daily_quota or both")
+        if not any((tier.requests_per_minute, tier.daily_quota, tier.tokens_per_minute, tier.daily_token_quota)):
+            raise ConfigError(section.path, "give requests_per_minute, daily_quota, tokens_per_minute or "
+                                            "daily_token_quota")
         return tier
 
 

@@ -43,26 +43,53 @@ class Rule:
     replacement: str
 
 
+# Characters that render as nothing (zero-width space/joiners, word joiner, BOM, soft hyphen): a key
+# with one inside still reads, and copies, as the key. Key rules accept them anywhere in the key.
+_FMT = "\u00ad\u200b-\u200d\u2060\ufeff"
+
+
+def _lit(prefix: str) -> str:
+    """A literal key prefix that may have invisible characters between its letters."""
+    return f"[{_FMT}]*".join(re2.escape(ch) for ch in prefix)
+
+
+def _body(chars: str, count: str) -> str:
+    return f"[{_FMT}{chars}]{count}"
+
+
 # The built-in rules, by the config switch that turns them on. Keep docs/content-filtering.md in step.
+# Distinctive key prefixes need no word boundary before them: `Xsk-ant-...` and `key_sk-ant-...`
+# are still keys. Only the generic `sk-` (legacy OpenAI keys) keeps one, or any word ending in
+# "sk" followed by a long hyphenated name would be masked.
 API_KEY_RULES = (
-    Rule("anthropic_api_key", r"\bsk-ant-[A-Za-z0-9_-]{16,}", "[REDACTED_API_KEY]"),
-    Rule("openai_api_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", "[REDACTED_API_KEY]"),
+    Rule("anthropic_api_key", _lit("sk-ant-") + _body("A-Za-z0-9_-", "{16,}"), "[REDACTED_API_KEY]"),
+    Rule("openai_api_key",
+         rf"(?:{_lit('sk-')}(?:{_lit('proj-')}|{_lit('svcacct-')}|{_lit('admin-')})|\bsk-)"
+         + _body("A-Za-z0-9_-", "{20,}"), "[REDACTED_API_KEY]"),
     Rule("aws_access_key_id",
-         r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}\b", "[REDACTED_API_KEY]"),
+         r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}\b", "[REDACTED_API_KEY]"),
     Rule("aws_secret_access_key",
          r"(?i)aws_?secret_?access_?key[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{40}\b", "[REDACTED_API_KEY]"),
     Rule("bearer_token", r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*", "Bearer [REDACTED_TOKEN]"),
-    Rule("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})", "[REDACTED_API_KEY]"),
-    Rule("slack_token", r"\bxox[abprse]-[A-Za-z0-9-]{10,}", "[REDACTED_API_KEY]"),
-    Rule("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}", "[REDACTED_API_KEY]"),
-    Rule("stripe_key", r"\b[rsp]k_(?:live|test)_[0-9A-Za-z]{16,}", "[REDACTED_API_KEY]"),
-    Rule("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "[REDACTED_TOKEN]"),
+    Rule("github_token",
+         rf"(?:gh[pousr]_{_body('A-Za-z0-9', '{36,}')}|{_lit('github_pat_')}{_body('A-Za-z0-9_', '{22,}')})",
+         "[REDACTED_API_KEY]"),
+    Rule("slack_token", "xox[abprse]-" + _body("A-Za-z0-9-", "{10,}"), "[REDACTED_API_KEY]"),
+    Rule("google_api_key", "AIza" + _body("0-9A-Za-z_-", "{35}"), "[REDACTED_API_KEY]"),
+    Rule("stripe_key", r"[rsp]k_(?:live|test)_" + _body("0-9A-Za-z", "{16,}"), "[REDACTED_API_KEY]"),
+    Rule("jwt", r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "[REDACTED_TOKEN]"),
     Rule("private_key",
          r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?",
          "[REDACTED_PRIVATE_KEY]"),
 )
+# Letters of the Latin, Greek and Cyrillic scripts and CJK ideographs: internationalised addresses.
+_LETTERS = "A-Za-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff\u3040-\u30ff\u4e00-\u9fff"
 EMAIL_RULES = (
-    Rule("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "[REDACTED_EMAIL]"),
+    # A local part; `@` or its fullwidth/small forms; then an IP literal, `localhost`, or a dotted
+    # domain (IDN labels too) ending in a label of 2+ letters (so `pkg@1.2.3` is not an address).
+    Rule("email",
+         f"[{_LETTERS}0-9._%+-]{{1,64}}[@\uff20\ufe6b](?:\\[[0-9A-Fa-f:.]{{2,45}}\\]|localhost\\b|"
+         f"[{_LETTERS}0-9-]+(?:\\.[{_LETTERS}0-9-]+)*\\.[{_LETTERS}]{{2,}})", "[REDACTED_EMAIL]"),
 )
 PHONE_RULES = (
     # North American: (415) 555-0132, 415-555-0132, +1 415 555 0132, 4155550132.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ccproxy.config import Config
@@ -26,4 +28,55 @@ def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
 _log = Logger()
 
 
-__all__ = ["LimitsLayer", "build_layer"]
+def limiter_of(runtime: Any) -> Any:
+    """The runtime's Limiter (counters, blocks, the store), or None when limits are off."""
+    for layer in runtime.layers:
+        limiter = getattr(layer, "limiter", None)
+        if limiter is not None:
+            return limiter
+    return None
+
+
+def share_block(holder: Any, target: str, until: float | None) -> None:
+    """Publish an operator's or a rule's block (or, `until` None, its lifting) to the instances
+    sharing Redis, if any."""
+    limiter = limiter_of(holder.current)
+    if limiter is not None:
+        limiter.share(target, until)
+
+
+class SharedValue:
+    """One small value shared by the instances using the same Redis (nothing to share with the
+    memory backend): `publish` writes it (in the background), `fetch` reads it (None: not shared)."""
+
+    def __init__(self, holder: Any, name: str) -> None:
+        self.holder = holder
+        self.name = name
+
+    def _store(self) -> Any:
+        from ccproxy.limits._redis import RedisStore
+
+        limiter = limiter_of(self.holder.current)
+        store = getattr(limiter, "store", None)
+        return store if isinstance(store, RedisStore) else None
+
+    def publish(self, value: Any) -> None:
+        store = self._store()
+        if store is None:
+            return
+        d = defer.ensureDeferred(store.set_shared(self.name, json.dumps(value)))
+        d.addErrback(lambda f: _log.warn("could not share {name} through Redis: {error}", name=self.name,
+                                         error=f.getErrorMessage()))
+
+    async def fetch(self) -> Any:
+        store = self._store()
+        if store is None:
+            return None
+        text = await store.get_shared(self.name)
+        try:
+            return None if text is None else json.loads(text)
+        except ValueError:
+            return None
+
+
+__all__ = ["LimitsLayer", "SharedValue", "build_layer", "limiter_of", "share_block"]

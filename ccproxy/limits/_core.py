@@ -99,3 +99,36 @@ def combine(limits: list[Limit], outcomes: list[Outcome]) -> Decision:
     i = min(range(len(limits)), key=lambda j: (outcomes[j].remaining, -outcomes[j].reset_after))
     o = outcomes[i]
     return Decision(True, limits[i], o.remaining, o.reset_after, 0.0)
+
+
+# Token budgets. A tokens-per-minute budget is a Rate of `count` tokens a minute whose bucket holds
+# a whole minute (`burst` = `count`); a daily token quota is a Quota. Unlike requests, a request is
+# admitted while the budget is not spent (one token left), and its tokens are charged afterwards,
+# when its usage is known: one request may overshoot, and the next waits until it is paid back.
+
+
+def token_outcome(limit: Limit, state: float | None, now: float) -> Outcome:
+    """Whether a budget admits a request now (charging nothing)."""
+    if isinstance(limit, Rate):
+        ahead = max(0.0, (state or now) - now)
+        remaining = math.floor((limit.depth - ahead) / limit.interval + EPS)
+        if remaining < 1:
+            return Outcome(False, 0, ahead, ahead - limit.depth + limit.interval, state or now)
+        return Outcome(True, remaining, ahead, 0.0, state or now)
+    used = state or 0.0
+    left = limit.reset_at - now
+    if used >= limit.count:
+        return Outcome(False, 0, left, left, used)
+    return Outcome(True, int(limit.count - used), left, 0.0, used)
+
+
+def token_charge(limit: Limit, state: float | None, now: float, tokens: int) -> float:
+    """The budget's state after `tokens` were spent."""
+    if isinstance(limit, Rate):
+        return max(state or now, now) + tokens * limit.interval
+    return (state or 0.0) + tokens
+
+
+def token_expiry(limit: Limit, state: float, now: float) -> float:
+    """When a budget's state stops mattering (its bucket full again, its day over)."""
+    return state if isinstance(limit, Rate) else limit.reset_at

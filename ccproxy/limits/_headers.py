@@ -58,3 +58,25 @@ def rate_headers(api: str, decision: Decision, now: float) -> dict[str, str]:
     if not decision.allowed:
         headers["retry-after"] = str(whole_seconds(decision.retry_after))
     return headers
+
+
+def token_headers(api: str, decision: Decision, now: float) -> dict[str, str]:
+    """The APIs' own token-budget headers, from the tightest (or the refusing) token budget."""
+    if decision.limit is None:
+        return {}
+    limit, remaining = str(decision.limit.count), str(decision.remaining)
+    if api == OPENAI:
+        headers = {
+            "x-ratelimit-limit-tokens": limit,
+            "x-ratelimit-remaining-tokens": remaining,
+            "x-ratelimit-reset-tokens": go_duration(decision.reset_after),
+        }
+    else:
+        headers = {
+            "anthropic-ratelimit-tokens-limit": limit,
+            "anthropic-ratelimit-tokens-remaining": remaining,
+            "anthropic-ratelimit-tokens-reset": rfc3339(now + decision.reset_after),
+        }
+    if not decision.allowed:
+        headers["retry-after"] = str(whole_seconds(decision.retry_after))
+    return headers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
@@ -12,10 +14,10 @@ from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
 from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
 from ccproxy.limits._core import Decision, Limit
-from ccproxy.limits._headers import rate_headers, whole_seconds
+from ccproxy.limits._headers import rate_headers, token_headers, whole_seconds
 from ccproxy.limits._memory import MemoryStore
-from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for
-from ccproxy.limits._redis import RedisStore, RedisUnavailable
+from ccproxy.limits._plan import AutoBlockProbe, Planner, probe_for, token_budgets
+from ccproxy.limits._redis import LIFTED, RedisStore, RedisUnavailable
 from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ SYNC_SLACK = 10.0
 REPEAT_EVENT = 60.0
 
 _HEALTH = (b"/health", b"/ready")
+# The routes whose replies report token usage (token budgets apply to them).
+_COUNTED = frozenset({"messages", "chat_completions", "completions", "responses", "complete"})
 
 
 class Limiter:
@@ -44,6 +48,8 @@ class Limiter:
         self.state = state
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
+        # Operator and rule blocks (ccproxy.admin.state.IncidentState), if the daemon keeps them.
+        self.incident = getattr(deps, "incident", None)
         self.store: MemoryStore | RedisStore
         if state.backend == MEMORY:
             self.store = MemoryStore(state.max_entries)
@@ -88,6 +94,20 @@ class Limiter:
         except RedisUnavailable:
             self.down_until = self.clock.seconds() + BACKOFF
             self.failures += 1
+            raise
+        self._recovered()
+        return decision
+
+    async def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to the budgets (none: only ask); raises RedisUnavailable."""
+        if isinstance(self.store, MemoryStore):
+            return self.store.tokens(now, budgets, charge)
+        if now < self.down_until:
+            raise RedisUnavailable("backing off after a failure")
+        try:
+            decision = await self.store.tokens(now, budgets, charge)
+        except RedisUnavailable:
+            self.down_until = self.clock.seconds() + BACKOFF
             raise
         self._recovered()
         return decision
@@ -141,9 +161,35 @@ class Limiter:
             self.synced_at = None  # after an outage, read every block again
             return  # requests report the outage; the next tick tries again
         self.synced_at = now
-        for ip, until in blocks:
-            if until > now:
-                self.block(ip, until, new=False)
+        for target, until in blocks:
+            if until == LIFTED:
+                self.lift(target)
+            elif until > now:
+                if "/" in target:  # a range an operator blocked on some instance
+                    with contextlib.suppress(ValueError):
+                        self.blocklist.block_network(ipaddress.ip_network(target), until)
+                else:
+                    self.block(target, until, new=False)
+
+    def lift(self, target: str) -> None:
+        """Forget a block here (an operator lifted it, on this instance or another)."""
+        self.blocks.pop(target, None)
+        self.own_blocks.pop(target, None)
+        if self.incident is not None:
+            self.incident.forget(target)
+        try:
+            self.blocklist.unblock_network(ipaddress.ip_network(target))
+        except ValueError:
+            self.blocklist.unblock(target)
+
+    def share(self, target: str, until: float | None) -> None:
+        """Tell the other instances sharing Redis of an operator's or a rule's block (`until` None:
+        lifted). With the memory backend there is no one to tell."""
+        if not isinstance(self.store, RedisStore):
+            return
+        d = defer.ensureDeferred(self.store.share_block(target, until, self.clock.seconds()))
+        d.addErrback(lambda f: log.warn("could not share the block of {target} through Redis: {error}",
+                                        target=target, error=f.getErrorMessage()))
 
     def stop(self) -> Any:
         if self._tick.running:
@@ -188,9 +234,47 @@ class LimitsLayer(Layer):
                                threshold=self.config.auto_block.threshold)
             raise self._blocked(ctx, now)
         headers = rate_headers(ctx.api, decision, now)
-        if decision.allowed:
-            ctx.extra_headers.update(headers)
+        if not decision.allowed:
+            raise self._refused(ctx, decision, headers)
+        ctx.extra_headers.update(headers)
+        if ctx.route.kind in _COUNTED and ctx.request.method == b"POST":
+            await self._token_budgets(ctx, now)
+
+    async def _token_budgets(self, ctx: RequestContext, now: float) -> None:
+        """Admit while the key's token budgets are not spent; charge the reply's usage when it ends."""
+        assert self.limiter is not None
+        budgets = token_budgets(self.config, ctx.identity, now)
+        if not budgets:
             return
+        try:
+            decision = await self.limiter.tokens(now, budgets)
+        except RedisUnavailable as e:
+            self._on_error(str(e))
+            return
+        headers = token_headers(ctx.api, decision, now)
+        if not decision.allowed:
+            raise self._refused(ctx, decision, {**ctx.extra_headers, **headers})
+        ctx.extra_headers.update(headers)
+        # Charged when the request is over, however it ends: a stream cut short pays what it used.
+        ctx.request.notifyFinish().addBoth(lambda _: self._charge(ctx, budgets))
+
+    def _charge(self, ctx: RequestContext, budgets: list[Limit]) -> None:
+        usage = ctx.usage
+        tokens = usage.total if usage is not None else 0
+        if not tokens or self.limiter is None:
+            return
+        d = defer.ensureDeferred(self.limiter.tokens(self.clock.seconds(), budgets, tokens))
+        d.addErrback(self._charge_failed, tokens)
+
+    def _charge_failed(self, failure: Any, tokens: int) -> None:
+        if failure.check(RedisUnavailable):
+            assert self.limiter is not None
+            self.limiter.report_failure(f"{failure.value}; {tokens} tokens not charged",
+                                        self.limiter.state.redis.on_error)
+        else:
+            log.failure("token charge failed", failure)
+
+    def _refused(self, ctx: RequestContext, decision: Decision, headers: dict[str, str]) -> ApiError:
         assert decision.limit is not None
         retry = whole_seconds(decision.retry_after)
         events.emit(
@@ -201,8 +285,8 @@ class LimitsLayer(Layer):
             limit=decision.limit.name, retry_after=retry,
             method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1")[:200],
         )
-        raise ApiError(429, f"rate limit exceeded ({decision.limit.name}); retry after {retry} s",
-                       headers=headers)
+        return ApiError(429, f"rate limit exceeded ({decision.limit.name}); retry after {retry} s",
+                        headers=headers)
 
     def _blocked(self, ctx: RequestContext, now: float) -> ApiError:
         assert self.limiter is not None
@@ -230,6 +314,14 @@ class LimitsLayer(Layer):
             return
         ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
         ip = client_key(ip, self.ipv6_prefix)
+        d = defer.ensureDeferred(self._count_only(ip))
+        d.addErrback(lambda f: log.failure("auto-block count failed", f))
+
+    def count_refusal(self, ip: str) -> None:
+        """A request the HTTP layer refused before any layer saw it (400, 408, 413, 431) counts
+        towards auto-blocking like any other: a flood of malformed requests is what it is for."""
+        if self.limiter is None or not self.config.auto_block.enabled:
+            return
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))
 

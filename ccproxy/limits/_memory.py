@@ -11,9 +11,20 @@ whatever the number of addresses.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
-from ccproxy.limits._core import Decision, Limit, Rate, combine, quota_outcome, rate_outcome
+from ccproxy.limits._core import (
+    Decision,
+    Limit,
+    Rate,
+    combine,
+    quota_outcome,
+    rate_outcome,
+    token_charge,
+    token_expiry,
+    token_outcome,
+)
+from ccproxy.limits._plan import MINUTE as BLOCK_WINDOW
 from ccproxy.limits._plan import AutoBlockProbe
 
 _SWEEP_PER_DECISION = 2
@@ -27,6 +38,8 @@ class MemoryStore:
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         self.evicted = 0
         self._clock = 0.0
+        # Auto-block probes: key -> the times of the address's latest requests.
+        self._logs: OrderedDict[str, deque[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._table)
@@ -63,14 +76,39 @@ class MemoryStore:
                 self._put(limit.key, o.state, o.state if type(limit) is Rate else limit.reset_at)  # type: ignore[union-attr]
         return decision
 
+    def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
+        if now < self._clock:
+            now = self._clock
+        self._clock = now
+        outcomes = []
+        for limit in budgets:
+            state = self._state(limit.key, now)
+            if charge:
+                state = token_charge(limit, state, now, charge)
+                self._put(limit.key, state, token_expiry(limit, state, now))
+            outcomes.append(token_outcome(limit, state, now))
+        return combine(budgets, outcomes)
+
     def _count_for_block(self, now: float, probe: AutoBlockProbe) -> Decision | None:
-        o = rate_outcome(probe.rate, self._state(probe.rate.key, now), now)
-        if o.allowed:
-            self._put(probe.rate.key, o.state, o.state)
+        """Exact: the request that makes more than `count` in any `period` blocks. The times of an
+        address's last count + 1 requests are kept (dropped once a period old), so what is held is
+        bounded by the requests of the last minute or two, and by `max_entries` addresses."""
+        rate = probe.rate
+        logs = self._logs
+        times = logs.get(rate.key)
+        if times is None:
+            if len(logs) >= self.max_entries:
+                logs.popitem(last=False)
+            times = logs[rate.key] = deque(maxlen=rate.count + 1)
+        else:
+            logs.move_to_end(rate.key)
+        times.append(now)
+        if len(times) <= rate.count or times[0] <= now - rate.period:
             return None
-        self._table.pop(probe.rate.key, None)
+        del logs[rate.key]
         until = now + probe.duration
-        return Decision(False, probe.rate, 0, probe.duration, probe.duration, blocked_until=until, new_block=True)
+        return Decision(False, rate, 0, probe.duration, probe.duration, blocked_until=until, new_block=True)
 
     def _state(self, key: str, now: float) -> float | None:
         entry = self._table.get(key)
@@ -94,6 +132,13 @@ class MemoryStore:
         self.evicted += 1
 
     def _sweep(self, now: float) -> None:
+        logs = self._logs
+        for _ in range(min(_SWEEP_PER_DECISION, len(logs))):
+            key = next(iter(logs))
+            if logs[key][-1] > now - BLOCK_WINDOW:
+                logs.move_to_end(key)
+            else:
+                del logs[key]
         table = self._table
         for _ in range(min(_SWEEP_PER_DECISION, len(table))):
             key = next(iter(table))

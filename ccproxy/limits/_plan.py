@@ -28,7 +28,8 @@ def default_burst(per_minute: int) -> int:
 
 @attrs.frozen
 class AutoBlockProbe:
-    """Counts every request of an address; tripping it blocks the address for `duration`."""
+    """Counts every request of an address; more than `rate.count` in any `rate.period` blocks the
+    address for `duration`."""
 
     ip: str
     rate: Rate
@@ -81,6 +82,25 @@ def tier_limits(config: LimitsConfig, identity: Identity, now: float) -> list[Li
     return out
 
 
+def token_budgets(config: LimitsConfig, identity: Identity | None, now: float) -> list[Limit]:
+    """A key's token budgets: `tokens_per_minute` (a minute's worth may be spent at once) and
+    `daily_token_quota`, from its tier (or the default tier)."""
+    if not config.enabled or identity is None:
+        return []
+    tier = config.tier(identity.tier) or config.tier("default")
+    if tier is None:
+        return []
+    out: list[Limit] = []
+    subject = f"{tier.name}:{identity.key_id}"
+    if tier.tokens_per_minute:
+        count = tier.tokens_per_minute
+        out.append(Rate("tokens_per_minute", f"t:{count}:{subject}", count, MINUTE, count))
+    if tier.daily_token_quota:
+        out.append(day_quota("daily_token_quota", f"tokens:{identity.key_id}", tier.daily_token_quota, now,
+                             config.daily_reset))
+    return out
+
+
 def limits_for(config: LimitsConfig, ip: str, identity: Identity | None, now: float) -> list[Limit]:
     if not config.enabled:
         return []
@@ -98,7 +118,8 @@ def probe_for(config: LimitsConfig, ip: str) -> AutoBlockProbe | None:
     block = config.auto_block
     if not block.enabled:
         return None
-    rate = Rate("auto_block", f"a:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
+    # Counted exactly in a sliding minute (a log of times, not a GCRA: see the stores).
+    rate = Rate("auto_block", f"al:{block.threshold}:{ip}", block.threshold, MINUTE, block.threshold)
     return AutoBlockProbe(ip, rate, block.duration)
 
 

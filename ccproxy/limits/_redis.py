@@ -27,6 +27,9 @@ PREFIX = "ccproxy:rl:"
 BLOCKS = PREFIX + "blocks"
 BLOCKS_MADE = BLOCKS + ":made"  # written by the script (a key it derives: see "Cluster" in the docs)
 CLOCK = PREFIX + "clock"
+# In the blocks-made feed, this end time means "lifted" (ccproxy security unblock-ip).
+LIFTED = 0.0
+_FOREVER = 10 * 365 * 86400.0
 # Keys outlive their meaning by this margin: harmless, and an injected test clock may run slower
 # than Redis's own.
 _MARGIN_MS = 60_000
@@ -34,7 +37,7 @@ _MARGIN_MS = 60_000
 # One call decides a batch of requests (those that arrived in the same reactor turn), each one
 # atomically and in order, as if each had its own call: one round trip and one script run for many.
 # ARGV[1]: the requests, separated by ';'. Each is space-separated: now, ip, probe(0|1), probe
-#          interval, probe depth, block duration, key margin (ms), then per limit: kind ('r'|'q'),
+#          threshold, probe window, block duration, key margin (ms), then per limit: kind ('r'|'q'),
 #          interval|count, depth|reset_at. (One string encodes far faster in txredisapi than many.)
 # KEYS: per request, in order: block key, blocks zset, auto-block key, then one key per limit; last,
 #       the clock key (the latest time any request was decided at).
@@ -69,8 +72,12 @@ local function one(K, A)
     return '2 ' .. blocked
   end
   if A[3] == '1' then
-    local o = gcra(K[3], tonumber(A[4]), tonumber(A[5]), now)
-    if o[1] == 0 then
+    -- The address's latest times, at most threshold + 1: more than threshold in a window blocks.
+    local threshold, window = tonumber(A[4]), tonumber(A[5])
+    redis.call('RPUSH', K[3], f(now))
+    redis.call('LTRIM', K[3], -(threshold + 1), -1)
+    local oldest = tonumber(redis.call('LINDEX', K[3], 0))
+    if redis.call('LLEN', K[3]) > threshold and oldest > now - window then
       local until_ = now + tonumber(A[6])
       redis.call('SET', K[1], f(until_), 'PX', math.ceil(tonumber(A[6]) * 1000))
       redis.call('ZREMRANGEBYSCORE', K[2], '-inf', f(now))
@@ -81,7 +88,7 @@ local function one(K, A)
       redis.call('DEL', K[3])
       return '3 ' .. f(until_)
     end
-    redis.call('SET', K[3], f(o[5]), 'PX', math.ceil(o[3] * 1000) + margin)
+    redis.call('PEXPIRE', K[3], math.ceil(window * 1000) + margin)
   end
   local out = {1}
   local new = {}
@@ -132,6 +139,53 @@ return table.concat(replies, ';')
 
 _SCRIPT_BYTES = SCRIPT.encode()
 _SHA = hashlib.sha1(_SCRIPT_BYTES).hexdigest()
+
+# Token budgets: charge ARGV[2] tokens (0: only ask) to every budget, then answer as the request
+# script does, "allowed remaining reset_after retry_after" per budget. The same arithmetic as
+# `_core.token_outcome` / `token_charge`, atomically, so instances sharing Redis share the budgets.
+# ARGV: now, tokens, key margin (ms), then per budget: kind ('r'|'q'), interval|count, depth|reset_at.
+TOKEN_SCRIPT = """
+local function f(x) return string.format('%.17g', x) end
+local clock = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+local now = math.max(tonumber(ARGV[1]), clock)
+local charge = tonumber(ARGV[2])
+local margin = tonumber(ARGV[3])
+local out = {}
+for i = 1, #KEYS - 1 do
+  local kind, a, b = ARGV[1 + 3 * i], tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
+  local state = tonumber(redis.call('GET', KEYS[i]) or '')
+  if kind == 'r' then
+    if state == nil or state < now then state = now end
+    if charge > 0 then
+      state = state + charge * a
+      redis.call('SET', KEYS[i], f(state), 'PX', math.ceil((state - now) * 1000) + margin)
+    end
+    local ahead = state - now
+    local remaining = math.floor((b - ahead) / a + 1e-6)
+    if remaining < 1 then
+      out[#out + 1] = '0 0 ' .. f(ahead) .. ' ' .. f(ahead - b + a)
+    else
+      out[#out + 1] = '1 ' .. remaining .. ' ' .. f(ahead) .. ' 0'
+    end
+  else
+    local used = state or 0
+    if charge > 0 then
+      used = used + charge
+      redis.call('SET', KEYS[i], f(used), 'PX', math.ceil((b - now) * 1000) + margin)
+    end
+    local left = b - now
+    if used >= a then
+      out[#out + 1] = '0 0 ' .. f(left) .. ' ' .. f(left)
+    else
+      out[#out + 1] = '1 ' .. string.format('%d', a - used) .. ' ' .. f(left) .. ' 0'
+    end
+  end
+end
+if now > clock then redis.call('SET', KEYS[#KEYS], f(now), 'PX', 86400000) end
+return '1 ' .. table.concat(out, ' ')
+"""
+_TOKEN_BYTES = TOKEN_SCRIPT.encode()
+_TOKEN_SHA = hashlib.sha1(_TOKEN_BYTES).hexdigest()
 
 
 # Requests decided by one script call at most; more in one reactor turn make several calls.
@@ -195,7 +249,7 @@ class RedisStore:
         # Never empty and never with a space or ';': the arguments travel as one string.
         args: list[str] = [repr(now), "".join(ip.replace(";", "").split()) or "-"]
         if probe is not None:
-            args += ["1", repr(probe.rate.interval), repr(probe.rate.depth), repr(probe.duration)]
+            args += ["1", str(probe.rate.count), repr(probe.rate.period), repr(probe.duration)]
         else:
             args += ["0", "0", "0", "0"]
         args.append(str(_MARGIN_MS))
@@ -214,6 +268,32 @@ class RedisStore:
         except (ValueError, IndexError):
             # Not ours (another program's script under our name?): the on_error policy applies.
             raise RedisUnavailable(f"unexpected reply from the script: {reply[:80]!r}") from None
+
+    async def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
+        if self._pool is None:
+            raise RedisUnavailable("not connected")
+        keys = [PREFIX + b.key for b in budgets] + [CLOCK]
+        args = [repr(now), str(int(charge)), str(_MARGIN_MS)]
+        for limit in budgets:
+            if isinstance(limit, Rate):
+                args += ["r", repr(limit.interval), repr(limit.depth)]
+            else:
+                args += ["q", str(limit.count), repr(limit.reset_at)]
+        try:
+            reply = await self._call(defer.ensureDeferred(
+                self._evalsha(keys, args, _TOKEN_SHA, _TOKEN_BYTES)))
+        except defer.TimeoutError:
+            raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
+        except RedisUnavailable:
+            raise
+        except Exception as e:
+            self._heal()
+            raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+        try:
+            return _decision(_text(reply), now, budgets, None)
+        except (ValueError, IndexError):
+            raise RedisUnavailable(f"unexpected reply from the token script: {reply!r:.80}") from None
 
     def _submit(self, keys: list[str], args: str) -> defer.Deferred[str]:
         """Queue one request's decision for the next batch (sent at the end of this reactor turn)."""
@@ -254,14 +334,15 @@ class RedisStore:
             if not d.called:
                 d.errback(error)
 
-    async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
+    async def _evalsha(self, keys: list[str], args: list[str], sha: str = _SHA,
+                       script: bytes = _SCRIPT_BYTES) -> Any:
         """EVALSHA; the script itself only when Redis does not know it (first use, restart)."""
         try:
-            return await self._pool.evalsha(_SHA, keys, args)
+            return await self._pool.evalsha(sha, keys, args)
         except Exception as e:
             if type(e).__name__ != "ScriptDoesNotExist":
                 raise
-        return await self._pool.eval(_SCRIPT_BYTES, keys, args)
+        return await self._pool.eval(script, keys, args)
 
     async def active_blocks(self, now: float) -> list[tuple[str, float]]:
         """Every address blocked by any instance, with the end of its block."""
@@ -277,6 +358,30 @@ class RedisStore:
             ip, _, until = _text(row).rpartition(" ")
             out.append((ip, float(until)))
         return out
+
+    async def share_block(self, target: str, until: float | None, now: float) -> None:
+        """Publish an operator's or an alert rule's block (an address or a range) to every
+        instance, as the script publishes automatic blocks; `until` None lifts any block of
+        `target`, automatic ones included. Polling instances apply both within a second."""
+        if until is None:
+            await self._query(self._pool and self._pool.delete(PREFIX + "block:" + target))
+            await self._query(self._pool and self._pool.zrem(BLOCKS, target))
+            await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {LIFTED}"))
+            return
+        until = min(until, now + _FOREVER)  # "until unblocked" is ten years to Redis
+        if "/" not in target:  # the script refuses a single address by itself
+            ms = max(1, int((until - now) * 1000))
+            await self._query(self._pool and self._pool.set(PREFIX + "block:" + target, repr(until), pexpire=ms))
+        await self._query(self._pool and self._pool.zadd(BLOCKS, until, target))
+        await self._query(self._pool and self._pool.zadd(BLOCKS_MADE, now, f"{target} {until!r}"))
+
+    async def get_shared(self, name: str) -> str | None:
+        """A small shared value (`ccproxy:rl:shared:<name>`), e.g. the emergency switch."""
+        value = await self._query(self._pool and self._pool.get(PREFIX + "shared:" + name))
+        return None if value is None else _text(value)
+
+    async def set_shared(self, name: str, value: str) -> None:
+        await self._query(self._pool and self._pool.set(PREFIX + "shared:" + name, value))
 
     async def _query(self, call: defer.Deferred[Any] | None) -> Any:
         if call is None:

@@ -8,7 +8,6 @@ when it is lost, however it ends, so they stay exact.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import ItemsView
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -25,35 +24,47 @@ from ccproxy.network.addresses import AccessPolicy, NetworkSet, canonical, clien
 
 log = Logger()
 _DONE = Failure(ConnectionDone())
+# A blocked client's connection is cut this long after it was asked to close.
+CLOSE_GRACE = 1.0
 
 
 class OpenCount:
-    """Open connections per client key. A key with none left is forgotten: the table holds live
-    clients only, however many have come and gone."""
+    """The open connections of each client key: how many (for the per-client cap) and which (so a
+    block can close them). A key with none left is forgotten: the table holds live clients only,
+    however many have come and gone."""
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_open",)
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
+        self._open: dict[str, set[Any]] = {}
 
     def __getitem__(self, key: str) -> int:
-        return self._counts.get(key, 0)
+        return len(self._open.get(key, ()))
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._open)
 
-    def items(self) -> ItemsView[str, int]:
-        return self._counts.items()
+    def __contains__(self, key: object) -> bool:
+        return key in self._open
 
-    def add(self, key: str) -> None:
-        self._counts[key] = self._counts.get(key, 0) + 1
+    def items(self) -> list[tuple[str, int]]:
+        return [(key, len(conns)) for key, conns in self._open.items()]
 
-    def remove(self, key: str) -> None:
-        left = self._counts.get(key, 0) - 1
-        if left > 0:
-            self._counts[key] = left
-        else:
-            self._counts.pop(key, None)
+    def connections(self, key: str | None = None) -> list[Any]:
+        """The open connections of `key`, or of every client."""
+        if key is not None:
+            return list(self._open.get(key, ()))
+        return [conn for conns in self._open.values() for conn in conns]
+
+    def add(self, key: str, conn: object) -> None:
+        self._open.setdefault(key, set()).add(conn)
+
+    def remove(self, key: str, conn: object) -> None:
+        conns = self._open.get(key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._open[key]
 
 
 class _Policies:
@@ -90,6 +101,23 @@ class Gate(WrappingFactory):
         # For `server.proxy_protocol: true`: the PROXY header is read first, then the client it names
         # is checked by a `_ProxiedCheck` before any byte reaches TLS.
         self.proxied = HAProxyWrappingFactory(_ProxiedCheckFactory(self, wrapped))
+        holder.current.deps.blocklist.listeners.append(self.close_blocked)
+
+    def close_blocked(self, target: Any) -> None:
+        """Close the open connections of a newly blocked address or range (`str` or ip_network):
+        a kept-alive connection must not go on answering 401/429 to a blocked client."""
+        if isinstance(target, str):
+            hosts = [target] if target in self.per_ip else []
+        else:
+            hosts = [h for h, _ in self.per_ip.items() if (a := parse_ip(h)) is not None and a.version == target.version
+                     and a in target]
+        for host in hosts:
+            for conn in self.per_ip.connections(host):
+                conn.close_soon(self.clock)
+
+    def close_all(self) -> None:
+        for conn in self.per_ip.connections():
+            conn.close_soon(self.clock)
 
     def config(self) -> NetworkConfig:
         network: NetworkConfig = self.holder.current.config.network
@@ -145,16 +173,16 @@ class Gate(WrappingFactory):
             fields["limit"] = config.ddos.max_connections_per_ip
         events.emit("connection_refused", "warning", **fields)
 
-    def opened(self, host: str | None) -> None:
+    def opened(self, host: str | None, conn: _Counted) -> None:
         self.total += 1
         if host is not None:
-            self.per_ip.add(host)
+            self.per_ip.add(host, conn)
 
-    def closed(self, host: str | None) -> None:
+    def closed(self, host: str | None, conn: _Counted) -> None:
         self.total -= 1
         self.closed_count += 1
         if host is not None:
-            self.per_ip.remove(host)
+            self.per_ip.remove(host, conn)
 
     def registerProtocol(self, p: Any) -> None:
         # Counting happens in _Counted; WrappingFactory's own registry would only cost memory.
@@ -174,7 +202,7 @@ class _Counted(ProtocolWrapper):
         self.counted = False
 
     def makeConnection(self, transport: ITransport) -> None:
-        self.gate.opened(self.host)
+        self.gate.opened(self.host, self)
         self.counted = True
         no_delay(transport)
         super().makeConnection(transport)
@@ -182,14 +210,36 @@ class _Counted(ProtocolWrapper):
     def write(self, data: bytes) -> None:
         send_now(self.transport, data)
 
+    def close_soon(self, clock: Any) -> None:
+        _close_soon(self, clock)
+
     def writeSequence(self, data: Any) -> None:
         send_now(self.transport, b"".join(data))
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.counted:
             self.counted = False
-            self.gate.closed(self.host)
+            self.gate.closed(self.host, self)
         super().connectionLost(reason)
+
+
+def _close_soon(conn: ProtocolWrapper, clock: Any) -> None:
+    """Close after this reactor turn (a refusal being written goes out first), and cut the
+    connection a second later if the client does not read what is left."""
+    transport: Any = conn.transport
+    if transport is None:
+        return
+    clock.callLater(0, transport.loseConnection)
+
+    def cut() -> None:
+        # Behind a PROXY header the transport is a wrapper: cut the socket beneath it.
+        t = transport
+        while t is not None and not hasattr(t, "abortConnection"):
+            t = getattr(t, "transport", None)
+        if t is not None and getattr(t, "connected", False):
+            t.abortConnection()
+
+    clock.callLater(CLOSE_GRACE, cut)
 
 
 class _ProxiedCheckFactory(WrappingFactory):
@@ -231,11 +281,14 @@ class _ProxiedCheck(ProtocolWrapper):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
                 return
             self.host = client_key(host, config.ddos.ipv6_prefix)
-            self.gate.per_ip.add(self.host)
+            self.gate.per_ip.add(self.host, self)
         super().dataReceived(data)
+
+    def close_soon(self, clock: Any) -> None:
+        _close_soon(self, clock)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.host is not None:
             host, self.host = self.host, None
-            self.gate.per_ip.remove(host)
+            self.gate.per_ip.remove(host, self)
         super().connectionLost(reason)

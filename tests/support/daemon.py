@@ -61,6 +61,12 @@ class Daemon:
         server.setdefault("host", "127.0.0.1")
         server.setdefault("port", free_port(server["host"]))
         self.host, self.port = server["host"], server["port"]
+        # The admin socket and incident state of this daemon alone (not /run/ccproxy, /var/lib/ccproxy).
+        admin = config.setdefault("admin", {})
+        if isinstance(admin, dict):
+            admin.setdefault("socket", str(tmp / "admin.sock"))
+            admin.setdefault("state_dir", str(tmp / "state"))
+        self.admin_socket = admin.get("socket") if isinstance(admin, dict) else None
         self.tls = server.get("tls", {}).get("enabled", True)
         self.ca_file = ca_file
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

@@ -109,9 +109,43 @@ def openai_stream(deltas: list[str]) -> list[bytes]:
     return [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
 
 
+def message_stream(message_id: str, blocks: list[dict[str, Any]], piece: int = 7,
+                   usage: dict[str, int] | None = None) -> list[bytes]:
+    """A streamed Messages reply of text and tool_use blocks, each streamed in pieces of `piece`
+    characters (tool inputs as `input_json_delta`), ending with `tool_use` when it calls a tool."""
+    message = message_json("")
+    message["id"] = message_id
+    message["content"] = []
+    message["usage"] = dict(usage or {"input_tokens": 25, "output_tokens": 1})
+    events = [sse("message_start", {"type": "message_start", "message": message})]
+    for index, block in enumerate(blocks):
+        if block["type"] == "text":
+            start: dict[str, Any] = {"type": "text", "text": ""}
+            field, delta_type, body = "text", "text_delta", block["text"]
+        else:
+            start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            field, delta_type, body = "partial_json", "input_json_delta", json.dumps(block["input"])
+        events.append(sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": start}))
+        for i in range(0, len(body), piece):
+            events.append(sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                      "delta": {"type": delta_type, field: body[i : i + piece]}}))
+        events.append(sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+    stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
+    events += [
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                              "usage": {"output_tokens": sum(len(e) for e in events) // 40}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+    return events
+
+
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        # Called for each request when no script is queued; returns the script to answer with
+        # (None: the canned default). Lets a test play a model that reacts to the conversation.
+        self.responder: Callable[[Recorded], Script | None] | None = None
         # Times (monotonic) at which a write to a client failed: the proxy dropped the connection.
         self.aborted: list[float] = []
         self._scripts: list[Script] = []
@@ -144,10 +178,14 @@ class FakeUpstream:
         self.server.shutdown()
         self.server.server_close()
 
-    def _next_script(self, path: str) -> Script:
+    def _next_script(self, path: str, recorded: Recorded | None = None) -> Script:
         with self._lock:
             if self._scripts:
                 return self._scripts.pop(0)
+        if self.responder is not None and recorded is not None:
+            script = self.responder(recorded)
+            if script is not None:
+                return script
         if "chat/completions" in path:
             body = json.dumps(chat_json()).encode()
         elif path.startswith("/v1/models"):
@@ -166,8 +204,9 @@ class FakeUpstream:
     def _respond(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else b""
-        self.requests.append(Recorded(h.command, h.path, dict(h.headers.items()), body))
-        script = self._next_script(h.path)
+        recorded = Recorded(h.command, h.path, dict(h.headers.items()), body)
+        self.requests.append(recorded)
+        script = self._next_script(h.path, recorded)
         if script.delay:
             time.sleep(script.delay)
         if script.raw is not None:
