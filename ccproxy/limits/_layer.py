@@ -6,10 +6,11 @@ import contextlib
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ccproxy import events
+from ccproxy.clock import Clock
 from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
 from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
@@ -46,7 +47,8 @@ class Limiter:
 
     def __init__(self, state: StateConfig, deps: Deps) -> None:
         self.state = state
-        self.clock = deps.reactor
+        # Every timer of the limiter and its store: stopping the limiter cancels them all.
+        self.clock = Clock(deps.reactor)
         self.blocklist = deps.blocklist
         # Operator and rule blocks (ccproxy.admin.state.IncidentState), if the daemon keeps them.
         self.incident = getattr(deps, "incident", None)
@@ -65,11 +67,7 @@ class Limiter:
         self.synced_at: float | None = None
         self.down_reported = 0.0
         self.failures = 0
-        self._tick = task.LoopingCall(self.tick)
-        self._tick.clock = self.clock
-        self._tick.start(TICK, now=False).addErrback(
-            lambda f: log.failure("rate-limit housekeeping stopped", f)
-        )
+        self._tick = self.clock.looping_call(self.tick, TICK, "rate-limit housekeeping")
 
     def compatible(self, state: StateConfig) -> bool:
         """Whether `state` can keep this store (and so its counters)."""
@@ -192,9 +190,9 @@ class Limiter:
                                         target=target, error=f.getErrorMessage()))
 
     def stop(self) -> Any:
-        if self._tick.running:
-            self._tick.stop()
-        return self.store.stop() if isinstance(self.store, RedisStore) else None
+        stopped = self.store.stop() if isinstance(self.store, RedisStore) else None
+        self.clock.shutdown()
+        return stopped
 
 
 class LimitsLayer(Layer):
