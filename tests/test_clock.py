@@ -7,7 +7,7 @@ from twisted.internet import defer, task
 
 from ccproxy.blocklist import BlockList
 from ccproxy.clock import Clock
-from ccproxy.limits._layer import LimitsLayer, build
+from ccproxy.limits._layer import Limiter, LimitsLayer, build
 from ccproxy.runtime import Deps
 from tests.support.limits import limits_config
 
@@ -51,6 +51,8 @@ def test_a_reload_that_drops_the_limiter_leaves_none_of_its_timers_behind() -> N
     reactor = task.Clock()
     deps = Deps(reactor=reactor, blocklist=BlockList())
     on = limits_config({"enabled": True, "per_ip": {"requests_per_minute": 60}})
+    Limiter(on.state, deps)
+    assert reactor.getDelayedCalls() == []  # made, not started: a constructor sets no timer
     first = build(on, deps, None)
     assert first.limiter is not None and len(reactor.getDelayedCalls()) == 1  # its housekeeping
     first.limiter.clock.callLater(60, lambda: None)  # say, a store's batch flush or call timeout

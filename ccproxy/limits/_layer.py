@@ -57,7 +57,6 @@ class Limiter:
             self.store = MemoryStore(state.max_entries)
         else:
             self.store = RedisStore(state.redis, self.clock)
-            self.store.connect()
         # Every block known here (made here or learned from Redis), and those made here, whose end
         # this instance reports.
         self.blocks: dict[str, float] = {}
@@ -67,7 +66,13 @@ class Limiter:
         self.synced_at: float | None = None
         self.down_reported = 0.0
         self.failures = 0
-        self._tick = self.clock.looping_call(self.tick, TICK, "rate-limit housekeeping")
+
+    def start(self) -> None:
+        """Connect to Redis (if that is the store) and start the housekeeping: not in the
+        constructor, so that making a limiter has no effect outside it."""
+        if isinstance(self.store, RedisStore):
+            self.store.connect()
+        self.clock.looping_call(self.tick, TICK, "rate-limit housekeeping")
 
     def compatible(self, state: StateConfig) -> bool:
         """Whether `state` can keep this store (and so its counters)."""
@@ -352,6 +357,7 @@ def build(config: LimitsConfig, deps: Deps, previous: Layer | None, ipv6_prefix:
         old.adopt(config.state)
         return LimitsLayer(config, old, deps, ipv6_prefix)
     limiter = Limiter(config.state, deps)
+    limiter.start()
     if old is not None:
         limiter.blocks.update(old.blocks)
         limiter.own_blocks.update(old.own_blocks)
