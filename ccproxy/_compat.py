@@ -22,6 +22,7 @@ __all__ = [
     "redis_gave_up",
     "redis_handshake",
     "set_groups",
+    "systemd_listen_fds",
     "tcp_queued_bytes",
     "tcp_write_queue_empty",
 ]
@@ -32,6 +33,18 @@ __all__ = [
 # public `haproxy.proxyEndpoint` wraps a whole server endpoint; the gate needs to choose per
 # connection (by the peer's address) whether the header is read, so it wraps a factory.
 HAProxyWrappingFactory = HAProxyWrappingFactory
+
+
+def systemd_listen_fds() -> Any:
+    """The sockets systemd passed this process (a `twisted.python.systemd.ListenFDs`).
+
+    twistd imports twisted.internet.endpoints while it lists its plugins, and that module reads
+    LISTEN_PID/LISTEN_FDS once, at import, into `_SystemdParser._sddaemon` (removing the variables
+    from the environment): its reading is the only one left, so it is the one to use.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+
+    return _SystemdParser._sddaemon
 
 
 def tcp_write_queue_empty(conn: tcp.Connection) -> bool:

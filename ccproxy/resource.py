@@ -62,8 +62,8 @@ class ProxyResource:
         if self.holder.ready:
             incident = self.holder.current.deps.incident
             if incident is not None and incident.emergency:
-                return b'{"status":"ready","emergency":true}'
-            return b'{"status":"ready"}'
+                return self.holder.ready_body[:-1] + b',"emergency":true}'
+            return self.holder.ready_body
         request.setResponseCode(503)
         return b'{"status":"starting"}'
 

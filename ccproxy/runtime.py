@@ -39,6 +39,8 @@ class Deps:
     buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
     # Operator blocks and the emergency switch (None in tests that build a runtime alone).
     incident: IncidentState | None = None
+    # In a worker of `server.workers`: the supervisor's limit store, used in place of a memory store.
+    shared_store: Any = None
 
 
 # (config, deps, the same layer of the previous runtime or None) -> layer
@@ -126,3 +128,5 @@ class RuntimeHolder:
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
         self.ready = False
+        # What /ready answers while ready (a worker adds its own and its siblings' state).
+        self.ready_body = b'{"status":"ready"}'

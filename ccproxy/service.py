@@ -14,7 +14,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from ccproxy import audit, events
+from ccproxy import events
 from ccproxy.admin.service import start as start_admin
 from ccproxy.admin.state import IncidentState
 from ccproxy.blocklist import BlockList
@@ -28,6 +28,8 @@ from ccproxy.resource import ProxyResource
 from ccproxy.runtime import Deps, Runtime, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
+from ccproxy.workers import activation, handover, worker
+from ccproxy.workers.heldaudit import start_audit
 
 log = Logger()
 
@@ -38,7 +40,8 @@ RELEASE_EVERY = 5.0
 
 # Settings a reload cannot change in place: a new listening socket would be needed.
 _RESTART_ONLY = ("server.host", "server.port", "server.tls.enabled", "admin.socket", "admin.state_dir",
-                 "admin.metrics.enabled", "admin.metrics.host", "admin.metrics.port")
+                 "admin.metrics.enabled", "admin.metrics.host", "admin.metrics.port",
+                 "server.workers")
 
 
 class ProxyService(Service):
@@ -48,7 +51,8 @@ class ProxyService(Service):
         blocklist = BlockList()
         incident = IncidentState(config.admin.state_dir, blocklist, reactor)
         self.deps = Deps(reactor=reactor, blocklist=blocklist, incident=incident,
-                         buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes))
+                         buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes),
+                         shared_store=worker.shared_store(reactor, blocklist))
         # The layers are built in startService: building them connects to Redis and starts timers.
         self.holder = RuntimeHolder(Runtime(config=config, named={}, forwarder=Forwarder(reactor), deps=self.deps))
         self.tls: ReloadableTLS | None = None
@@ -82,37 +86,37 @@ class ProxyService(Service):
             self.tls = ReloadableTLS(certificate_options(config.server.tls))
         else:
             log.warn("TLS is disabled: clients' credentials and prompts cross the network in clear text")
-        self.audit = audit.start(self.holder, self.reactor)
+        self.audit = worker.audit_forwarder(self.holder, self.deps) or start_audit(self.holder, self.reactor)
         # Before anything says we are up: a SIGHUP that comes first must reload, not kill.
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
-        factory = listener_factory(site, self.tls, self.holder, self.reactor)
+        factory = listener_factory(site, self.tls, self.holder, self.reactor, worker.gate_class())
         self.gate = factory
         self.release.start(RELEASE_EVERY, now=False).addErrback(lambda f: log.failure("memory release stopped", f))
-        self.port = self.reactor.listenTCP(
-            config.server.port, factory, backlog=1024, interface=config.server.host
-        )
+        self.port, source = activation.listen(self.reactor, config.server.host, config.server.port, factory)
         address: Any = self.port.getHost()
         scheme = "https" if self.tls is not None else "http"
         self.url = f"{scheme}://{_hostport(address.host, address.port)}"
-        log.info("ccproxy listening on {url}", url=self.url)
+        log.info("ccproxy listening on {url} ({source})", url=self.url, source=source)
         self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
         self.holder.ready = True
         settle_heap()
+        self.handover = handover.attach(self)
         self.notifier.ready(f"listening on {self.url}")
 
-    def reload(self) -> bool:
-        """Re-read the config file, telling the service manager when it starts and ends."""
+    def reload(self, config: Config | None = None) -> bool:
+        """Re-read the config file (or take `config`, already read from it), telling the service
+        manager when it starts and ends."""
         self.notifier.reloading(f"reloading {self.config_path}")
-        applied = self._reload()
+        applied = self._reload(config)
         what = "config reloaded" if applied else "config reload refused, previous config serving (see the log)"
         self.notifier.ready(f"listening on {self.url}; {what}")
         return applied
 
-    def _reload(self) -> bool:
+    def _reload(self, config: Config | None = None) -> bool:
         """Re-read the config file; a bad one is refused and the running config keeps serving."""
         old = self.config
         try:
-            new = load(self.config_path)
+            new = load(self.config_path) if config is None else config
             changed = changed_paths(old.effective(), new.effective())
             _check_restart_only(changed)
             options = certificate_options(new.server.tls) if new.server.tls.enabled else None

@@ -54,6 +54,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from ccproxy.service import ProxyService
+    from ccproxy.workers.worker import is_worker
 
-    service: Any = ProxyService(options["config"], options["parsed"], reactor)
+    config = options["parsed"]
+    if config.server.workers > 1 and not is_worker():
+        from ccproxy.workers.supervisor import Supervisor
+
+        supervisor: Any = Supervisor(options["config"], config, reactor)
+        return supervisor
+    service: Any = ProxyService(options["config"], config, reactor)
     return service

@@ -74,7 +74,7 @@ def test_a_block_closes_connections_behind_a_proxy_protocol_balancer(daemon: Any
     kept, other = via_balancer("203.0.113.8"), via_balancer("203.0.113.9")
     assert get(kept).startswith(b"HTTP/1.1 200") and get(other).startswith(b"HTTP/1.1 200")
     assert security(d, "block-ip", "203.0.113.8").returncode == 0
-    kept.settimeout(3)
+    kept.settimeout(10)  # closed within a second; the margin is for a loaded machine
     try:
         assert kept.recv(1) == b""
     except (ConnectionError, ssl.SSLError):
@@ -82,4 +82,4 @@ def test_a_block_closes_connections_behind_a_proxy_protocol_balancer(daemon: Any
     assert get(other).startswith(b"HTTP/1.1 200")  # the balancer's other clients are served on
     again = raw("203.0.113.8")
     again.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello: refused before any TLS reply
-    assert refused(again)
+    assert refused(again, wait=10.0)

@@ -143,6 +143,14 @@ _PRIVATE_NAMES = ("_observers", "_tempDataBuffer", "_tempDataLen", "_writeDiscon
 _OWN_OR_STDLIB = {"ccproxy", "__future__"} | set(sys.stdlib_module_names)
 
 
+def test_systemd_sockets_are_read_where_compat_looks() -> None:
+    from twisted.python.systemd import ListenFDs
+
+    from ccproxy._compat import systemd_listen_fds
+
+    assert isinstance(systemd_listen_fds(), ListenFDs)
+
+
 def test_no_other_module_uses_a_private_name_of_a_dependency() -> None:
     root = Path(ccproxy.__file__).parent
     found = []

@@ -56,14 +56,14 @@ def status_from(d: Daemon, key: str | None = None, source: str = BLOCKED_SOURCE)
         return "refused"
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
 
 
-def assert_closed(conn: http.client.HTTPConnection, within: float = 3.0) -> None:
+def assert_closed(conn: http.client.HTTPConnection, within: float = 10.0) -> None:
     """The daemon closes `conn` (a blocked client's kept-alive connection) within `within` seconds."""
     started = time.monotonic()
     with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError, OSError)):

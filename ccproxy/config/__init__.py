@@ -27,7 +27,7 @@ from ccproxy.config.privacy import check as privacy_check
 from ccproxy.config.server import ServerConfig, UpstreamsConfig
 from ccproxy.secrets import Secret
 
-__all__ = ["Config", "ConfigError", "load", "parse"]
+__all__ = ["Config", "ConfigError", "load", "loads", "parse"]
 
 
 @attrs.frozen
@@ -67,6 +67,11 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return loads(text, path, environ)
+
+
+def loads(text: str, path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Check `text`, the content of the YAML file at `path` (relative paths in it start there)."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as e:
@@ -124,11 +129,21 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
             first.faults = _distinct(faults)
             raise first
         config = Config(**parts, file_form=document(run), secrets_shown=tuple(run.secrets))
-    try:
-        privacy_check(config)  # rules across sections (HIPAA), once each section is valid
-    except ConfigError:
-        raise
+    privacy_check(config)  # rules across sections (HIPAA), once each section is valid
+    _check_workers(config)
     return config
+
+
+def _check_workers(config: Config) -> None:
+    """Workers share request limits through the supervisor's store; token budgets are not carried
+    there yet, so with several workers they need the Redis backend to stay exact."""
+    limits = config.limits
+    if config.server.workers > 1 and limits.enabled and limits.state.backend != "redis":
+        for tier in limits.per_key:
+            if tier.tokens_per_minute or tier.daily_token_quota:
+                raise ConfigError("security.rate_limiting.per_key",
+                                  "token budgets (tokens_per_minute, daily_token_quota) with server.workers > 1 "
+                                  "need state.backend: redis")
 
 
 def _build(root: Section) -> tuple[dict[str, Any], list[str]]:

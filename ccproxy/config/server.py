@@ -114,10 +114,14 @@ class ServerConfig:
     # At shutdown, how long requests and streams under way may run on before they are cut
     # (ccproxy.drain). The systemd unit's TimeoutStopSec must be longer.
     drain_timeout: float = 30.0
+    workers: int = 1  # processes serving the listening socket (see ccproxy.workers)
 
     @classmethod
     def parse(cls, s: Section) -> ServerConfig:
+        from ccproxy.config.workers import parse_workers
+
         host = s.string("host", DEFAULT_HOST)
         port = s.integer("port", DEFAULT_PORT, min=0, max=65535)
         drain = s.duration("drain_timeout", 30.0, min=0, max=3600)
-        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host), drain_timeout=drain)
+        return cls(host=host, port=port, tls=TLSConfig.parse(s.section("tls"), host), drain_timeout=drain,
+                   workers=parse_workers(s))

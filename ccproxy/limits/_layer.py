@@ -24,6 +24,7 @@ from ccproxy.network.addresses import client_key
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
     from ccproxy.runtime import Deps
+    from ccproxy.workers.state import SharedStore
 
 log = Logger()
 
@@ -52,9 +53,10 @@ class Limiter:
         self.blocklist = deps.blocklist
         # Operator and rule blocks (ccproxy.admin.state.IncidentState), if the daemon keeps them.
         self.incident = getattr(deps, "incident", None)
-        self.store: MemoryStore | RedisStore
+        self.store: MemoryStore | RedisStore | SharedStore
         if state.backend == MEMORY:
-            self.store = MemoryStore(state.max_entries)
+            # A worker of several asks the supervisor's store, so limits stay exact across workers.
+            self.store = deps.shared_store or MemoryStore(state.max_entries)
         else:
             self.store = RedisStore(state.redis, self.clock)
         # Every block known here (made here or learned from Redis), and those made here, whose end
@@ -105,6 +107,9 @@ class Limiter:
         """Charge `charge` tokens to the budgets (none: only ask); raises RedisUnavailable."""
         if isinstance(self.store, MemoryStore):
             return self.store.tokens(now, budgets, charge)
+        if not isinstance(self.store, RedisStore):
+            # The config refuses token budgets for workers without Redis (config._check_workers).
+            raise RedisUnavailable("token budgets need the Redis backend when several workers share limits")
         if now < self.down_until:
             raise RedisUnavailable("backing off after a failure")
         try:

@@ -11,11 +11,11 @@ from ccproxy.network.gate import Gate
 __all__ = ["listener_factory"]
 
 
-def listener_factory(site: Any, tls: Any, holder: Any, reactor: Any) -> Gate:
+def listener_factory(site: Any, tls: Any, holder: Any, reactor: Any, gate: type[Gate] = Gate) -> Gate:
     """The factory the listening port uses: the gate, then TLS (if on), then the site."""
     site.network = lambda: holder.current.config.network
     inner = site if tls is None else _tls_factory(tls, site)
-    return Gate(inner, holder, reactor)
+    return gate(inner, holder, reactor)
 
 
 def _tls_factory(tls: Any, site: Any) -> TLSMemoryBIOFactory:

@@ -73,6 +73,9 @@ class Daemon:
         self.config_path = tmp / "config.yaml"
         self.log_path = tmp / f"ccproxy-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # How the interpreter is started (a launcher may stand before it) and descriptors it inherits.
+        self.prefix: list[str] = [sys.executable]
+        self.pass_fds: tuple[int, ...] = ()
 
     @property
     def url(self) -> str:
@@ -88,8 +91,8 @@ class Daemon:
         self.write_config()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "ccproxy", "--config", str(self.config_path)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [*self.prefix, "-c", TWISTD, "-n", "--pidfile=", "ccproxy", "--config", str(self.config_path)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, pass_fds=self.pass_fds,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -1,0 +1,211 @@
+"""Limits exact across workers: the supervisor owns one MemoryStore, workers ask it over their
+control channel.
+
+A worker's `SharedStore` has the interface of the Redis store (`decide` is asynchronous): requests
+that arrive in the same reactor turn go in one message and come back in one answer, each decided on
+its own, in order, by `MemoryStore.decide` in the supervisor, the same arithmetic as one process.
+Blocks made there are also remembered there (a blocked address is refused whichever worker asks)
+and pushed to every worker at once, so each refuses the address at accept.
+
+Measured choice (see docs/operations.md, "Workers"): a Unix socket round trip batched per reactor
+turn rather than shared memory, which Python can only make exact with a lock taken on every request
+by every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+
+from ccproxy.blocklist import BlockList
+from ccproxy.limits._core import Decision, Limit, Quota, Rate
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import AutoBlockProbe
+from ccproxy.limits._redis import RedisUnavailable
+
+# Requests decided by one message at most; more in one reactor turn make several messages.
+MAX_BATCH = 256
+_PROBE = -2  # the answer's limit is the auto-block probe
+_NONE = -1
+
+
+def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+    rows: list[list[Any]] = []
+    for limit in limits:
+        if isinstance(limit, Rate):
+            rows.append(["r", limit.name, limit.key, limit.count, limit.period, limit.burst])
+        else:
+            rows.append(["q", limit.name, limit.key, limit.count, limit.reset_at, 0])
+    p = None
+    if probe is not None:
+        r = probe.rate
+        p = [r.key, r.count, r.period, r.burst, probe.duration]
+    return [now, ip, p, rows]
+
+
+def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None]:
+    now, ip, p, rows = item
+    limits: list[Limit] = [
+        Rate(name, key, count, period, burst) if kind == "r" else Quota(name, key, count, period)
+        for kind, name, key, count, period, burst in rows
+    ]
+    probe = None
+    if p is not None:
+        probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
+    return float(now), str(ip), limits, probe
+
+
+def answer(decision: Decision, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+    index = _NONE
+    if decision.limit is not None:
+        if probe is not None and decision.limit is probe.rate:
+            index = _PROBE
+        else:
+            index = next(i for i, limit in enumerate(limits) if limit is decision.limit)
+    return [int(decision.allowed), index, decision.remaining, decision.reset_after, decision.retry_after,
+            decision.blocked_until, int(decision.new_block)]
+
+
+def unanswer(row: list[Any], limits: list[Limit], probe: AutoBlockProbe | None) -> Decision:
+    allowed, index, remaining, reset_after, retry_after, blocked_until, new_block = row
+    limit: Limit | None = None
+    if index == _PROBE and probe is not None:
+        limit = probe.rate
+    elif index >= 0:
+        limit = limits[index]
+    return Decision(bool(allowed), limit, int(remaining), float(reset_after), float(retry_after),
+                    None if blocked_until is None else float(blocked_until), bool(new_block))
+
+
+class StateOwner:
+    """In the supervisor: the one store every worker's decisions go through."""
+
+    def __init__(self, max_entries: int, announce_block: Callable[[str, float], None]) -> None:
+        self.store = MemoryStore(max_entries)
+        self.blocks: dict[str, float] = {}
+        self.announce_block = announce_block
+
+    def decide_all(self, items: list[list[Any]]) -> list[list[Any]]:
+        return [self.decide(*decode(item)) for item in items]
+
+    def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+        until = self.blocks.get(ip)
+        if until is not None:
+            if until > now:
+                wait = until - now
+                rate = probe.rate if probe is not None else None
+                return answer(Decision(False, rate, 0, wait, wait, blocked_until=until), limits, probe)
+            del self.blocks[ip]
+        decision = self.store.decide(now, limits, probe)
+        if decision.new_block and decision.blocked_until is not None:
+            self.blocks[ip] = decision.blocked_until
+            self.announce_block(ip, decision.blocked_until)
+        if len(self.blocks) > self.store.max_entries:
+            self.blocks = {k: v for k, v in self.blocks.items() if v > now}
+        return answer(decision, limits, probe)
+
+
+class Asker:
+    """Questions to the supervisor, batched: those asked in one reactor turn leave in one message
+    (`op`, with `items`) and are answered in one (`answers`, in the same order)."""
+
+    def __init__(self, reactor: Any, op: str) -> None:
+        self.reactor = reactor
+        self.op = op
+        self.send: Callable[..., None] | None = None
+        self._pending: list[tuple[Any, defer.Deferred[Any]]] = []
+        self._waiting: dict[int, list[defer.Deferred[Any]]] = {}
+        self._next = 0
+        self._flush_call: Any = None
+
+    def ask(self, item: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self.send is None:
+            d.errback(RedisUnavailable("the supervisor is not reachable"))
+            return d
+        self._pending.append((item, d))
+        if len(self._pending) >= MAX_BATCH:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        if self.send is None:
+            _fail([d for _, d in batch])
+            return
+        self._next += 1
+        self._waiting[self._next] = [d for _, d in batch]
+        self.send(self.op, id=self._next, items=[item for item, _ in batch])
+
+    def answered(self, message: dict[str, Any]) -> None:
+        waiting = self._waiting.pop(int(message.get("id", 0)), [])
+        for d, row in zip(waiting, message.get("answers", []), strict=False):
+            if not d.called:
+                d.callback(row)
+
+    def lost(self) -> None:
+        self.send = None
+        pending = [d for _, d in self._pending]
+        self._pending = []
+        for waiting in self._waiting.values():
+            pending += waiting
+        self._waiting.clear()
+        _fail(pending)
+
+
+def _fail(waiting: list[defer.Deferred[Any]]) -> None:
+    for d in waiting:
+        if not d.called:
+            d.errback(RedisUnavailable("the supervisor is gone"))
+
+
+class SharedStore:
+    """In a worker: the supervisor's store, asked over the control channel."""
+
+    def __init__(self, reactor: Any, blocklist: BlockList) -> None:
+        self.reactor = reactor
+        self.blocklist = blocklist
+        self.asker = Asker(reactor, "decide")
+        # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
+        self.admissions = Asker(reactor, "admit")
+        self._released: list[str] = []
+        self._release_call: Any = None
+
+    def connect(self, send: Callable[..., None] | None) -> None:
+        self.asker.send = self.admissions.send = send
+
+    def lost(self) -> None:
+        self.connect(None)
+        self.asker.lost()
+        self.admissions.lost()
+        self._released = []
+
+    def release(self, host: str) -> None:
+        self._released.append(host)
+        if self._release_call is None:
+            self._release_call = self.reactor.callLater(0, self._send_releases)
+
+    def _send_releases(self) -> None:
+        self._release_call = None
+        hosts, self._released = self._released, []
+        if hosts and self.asker.send is not None:
+            self.asker.send("release", hosts=hosts)
+
+    async def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
+                     ip: str = "") -> Decision:
+        ip = probe.ip if probe is not None else ip
+        row = await self.asker.ask(encode(now, ip, limits, probe))
+        return unanswer(row, limits, probe)
+
+    def blocked(self, ip: str, until: float) -> None:
+        """A block made through another worker: refuse the address at accept here too."""
+        self.blocklist.block(ip, until)

@@ -1,0 +1,259 @@
+"""The supervisor-owned limit store and the workers' batched questions, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from ccproxy.blocklist import BlockList
+from ccproxy.limits._core import Quota, Rate
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import AutoBlockProbe
+from ccproxy.limits._redis import RedisUnavailable
+from ccproxy.workers.gate import ConnectionCounts, _Admission
+from ccproxy.workers.state import SharedStore, StateOwner, decode, encode
+from tests.support.limits import T0
+
+
+def _limits() -> list[Any]:
+    return [Rate("per_ip_minute", "m:1.2.3.4", 60, 60.0, 3), Quota("key_daily", "d:k1:20000", 5, T0 + 3600)]
+
+
+def test_limits_cross_the_channel_unchanged() -> None:
+    probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
+    now, ip, limits, back = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
+    assert (now, ip, limits, back) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe)
+
+
+class _Wire:
+    """Connects a SharedStore to a StateOwner as the control channel would, in the same process."""
+
+    def __init__(self, owner: StateOwner, store: SharedStore) -> None:
+        self.owner = owner
+        self.store = store
+        self.messages: list[dict[str, Any]] = []
+        store.asker.send = self.send
+
+    def send(self, op: str, **fields: Any) -> None:
+        self.messages.append({"op": op, **fields})
+        answers = self.owner.decide_all(fields["items"])
+        self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
+
+
+def _ask(store: SharedStore, now: float, limits: list[Any], probe: AutoBlockProbe | None = None,
+         ip: str = "1.2.3.4") -> defer.Deferred[Any]:
+    return defer.ensureDeferred(store.decide(now, limits, probe, ip))
+
+
+def test_two_workers_decide_as_one_memory_store_in_one_message_per_turn() -> None:
+    clock = task.Clock()
+    blocks: list[tuple[str, float]] = []
+    owner = StateOwner(1000, lambda ip, until: blocks.append((ip, until)))
+    workers = [SharedStore(clock, BlockList()) for _ in range(2)]
+    wires = [_Wire(owner, store) for store in workers]
+    reference = MemoryStore(1000)
+    asked = [_ask(workers[i % 2], T0 + i * 0.01, _limits()) for i in range(10)]
+    assert all(not d.called for d in asked)  # nothing leaves before the end of the reactor turn
+    clock.advance(0)
+    assert [len(w.messages) for w in wires] == [1, 1]
+    got = [d.result for d in asked]  # type: ignore[attr-defined]
+    # Worker 0's five questions are decided before worker 1's, as their messages arrive.
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
+    want = [reference.decide(T0 + i * 0.01, _limits()) for i in order]
+    assert [got[i] for i in order] == want
+    assert [d.allowed for d in want] == [True, True, True, False, False, False, False, False, False, False]
+
+
+def test_a_block_made_through_one_worker_refuses_the_address_through_the_other() -> None:
+    clock = task.Clock()
+    announced: list[tuple[str, float]] = []
+    owner = StateOwner(1000, lambda ip, until: announced.append((ip, until)))
+    first, second = SharedStore(clock, BlockList()), SharedStore(clock, BlockList())
+    _Wire(owner, first)
+    _Wire(owner, second)
+    probe = AutoBlockProbe("5.6.7.8", Rate("auto_block", "a:2:5.6.7.8", 2, 60.0, 2), 300.0)
+    answers = [_ask(first, T0, [], probe, "5.6.7.8") for _ in range(3)]
+    clock.advance(0)
+    assert [d.result.blocked_until for d in answers] == [None, None, T0 + 300.0]  # type: ignore[attr-defined]
+    assert answers[2].result.new_block  # type: ignore[attr-defined]
+    assert announced == [("5.6.7.8", T0 + 300.0)]
+    second.blocked("5.6.7.8", T0 + 300.0)  # what the supervisor's announcement does in a worker
+    assert second.blocklist.is_blocked("5.6.7.8", T0 + 1)
+    late = _ask(second, T0 + 1, _limits(), None, "5.6.7.8")
+    clock.advance(0)
+    assert not late.result.allowed and late.result.blocked_until == T0 + 300.0  # type: ignore[attr-defined]
+    assert not late.result.new_block  # type: ignore[attr-defined]
+
+
+def test_questions_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[Any] = []
+    store.asker.send = lambda op, **fields: sent.append(fields)
+    waiting = _ask(store, T0, _limits())
+    clock.advance(0)
+    store.asker.lost()
+    assert _failure(waiting) == "the supervisor is gone"
+    assert _failure(_ask(store, T0, _limits())) == "the supervisor is not reachable"
+
+
+def _failure(d: defer.Deferred[Any]) -> str:
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(RedisUnavailable)
+    return str(failures[0].value)
+
+
+def test_connection_slots_are_counted_over_all_workers_and_a_dead_workers_come_back() -> None:
+    counts = ConnectionCounts()
+    assert [counts.admit(1 + i % 2, "9.9.9.9", 100, 3) for i in range(4)] == [None, None, None,
+                                                                              "too_many_connections_per_ip"]
+    assert counts.admit(2, "8.8.8.8", 4, None) is None
+    assert counts.admit(1, "7.7.7.7", 4, None) == "too_many_connections"
+    counts.release(1, "9.9.9.9")
+    counts.release(1, "9.9.9.9")  # worker 1 held only two: a duplicate release changes nothing
+    counts.release(1, "9.9.9.9")
+    assert counts.total == 2 and counts.per_ip["9.9.9.9"] == 1
+    assert counts.worker_gone(2) == 2
+    assert counts.total == 0 and not counts.per_ip
+    counts.release(2, "8.8.8.8")  # after its death: ignored
+    assert counts.total == 0
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[Any], defer.Deferred[Any]]] = []
+        self.released: list[str] = []
+        self.admissions = self
+
+    def ask(self, item: list[Any]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.asked.append((item, d))
+        return d
+
+    def release(self, host: str) -> None:
+        self.released.append(host)
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.link = _Link()
+        self.pending = 0
+        self.refused: list[str] = []
+
+    def refuse(self, reason: str, host: str, config: Any) -> None:
+        self.refused.append(reason)
+
+    def config(self) -> None:
+        return None
+
+
+def _admission() -> tuple[_Gate, Protocol, _Admission, StringTransport]:
+    gate, inner, transport = _Gate(), Protocol(), StringTransport()
+    received: list[bytes] = []
+    inner.dataReceived = received.append  # type: ignore[method-assign]
+    inner.received = received  # type: ignore[attr-defined]
+    admission = _Admission(gate, inner, "9.9.9.9", 100, 10)  # type: ignore[arg-type]
+    admission.makeConnection(transport)
+    return gate, inner, admission, transport
+
+
+def test_a_connection_is_not_read_until_the_supervisor_admits_it() -> None:
+    gate, inner, admission, transport = _admission()
+    assert transport.producerState == "paused" and gate.pending == 1
+    assert gate.link.asked[0][0] == ["9.9.9.9", 100, 10]
+    assert inner.transport is None
+    gate.link.asked[0][1].callback(None)
+    assert inner.transport is transport and transport.producerState == "producing" and gate.pending == 0
+    admission.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert inner.received == [b"GET / HTTP/1.1\r\n"]  # type: ignore[attr-defined]
+    admission.connectionLost(Failure(ConnectionDone()))
+    assert gate.link.released == ["9.9.9.9"]
+
+
+def test_a_refused_connection_is_closed_unread_and_a_lost_one_gives_its_slot_back() -> None:
+    gate, inner, admission, transport = _admission()
+    gate.link.asked[0][1].callback("too_many_connections_per_ip")
+    assert transport.disconnecting and inner.transport is None
+    assert gate.refused == ["too_many_connections_per_ip"] and gate.link.released == []
+    gate, inner, admission, transport = _admission()
+    admission.connectionLost(Failure(ConnectionDone()))  # the client left while we asked
+    gate.link.asked[0][1].callback(None)
+    assert inner.transport is None and gate.link.released == ["9.9.9.9"] and gate.pending == 0
+
+
+def test_audit_events_wait_for_the_channel_then_leave_in_one_message_per_turn() -> None:
+    from types import SimpleNamespace
+
+    from twisted.logger import LogPublisher
+
+    from ccproxy import events
+    from ccproxy.config import parse
+    from ccproxy.workers.audit import AuditForwarder, portable
+
+    clock = task.Clock()
+    link = SharedStore(clock, BlockList())
+    config = parse({"server": {"tls": {"enabled": False}},
+                    "security": {"audit": {"outputs": [{"type": "file", "path": "/nonexistent/audit.log"}]}}})
+    assert config.audit.enabled
+    holder = SimpleNamespace(current=SimpleNamespace(config=config))
+    forwarder = AuditForwarder(holder, link, publisher=LogPublisher()).start()
+    try:
+        events.emit("authentication_failure", "warning", ip_address="127.0.0.1", reason=ValueError("bad"))
+        clock.advance(0)
+        assert len(forwarder.queue) == 1  # no channel yet: kept
+        sent: list[dict[str, Any]] = []
+        link.connect(lambda op, **fields: sent.append({"op": op, **fields}))
+        events.emit("authentication_success", "info", api_key_id="k1")
+        clock.advance(0)
+        assert [m["op"] for m in sent] == ["audit"]
+        assert [e["ccproxy_event"] for e in sent[0]["events"]] == ["authentication_failure", "authentication_success"]
+        assert sent[0]["events"][0]["reason"] == "bad"  # what JSON cannot carry travels as text
+    finally:
+        forwarder.stop()
+    assert portable({"log_logger": object(), "log_namespace": "ccproxy.access", "status": 200}) == {
+        "log_namespace": "ccproxy.access", "status": 200}
+
+
+def test_a_successor_keeps_its_audit_events_until_its_predecessor_exits() -> None:
+    import os as _os
+
+    from twisted.logger import LogPublisher
+
+    from ccproxy import events
+    from ccproxy.workers.heldaudit import POLL, HeldAudit
+
+    clock = task.Clock()
+    clock.advance(T0)
+    written: list[tuple[float, str]] = []
+
+    class Trail:
+        def __init__(self, at: Any) -> None:
+            self.at = at
+
+        def __call__(self, event: dict[str, Any]) -> None:
+            written.append((self.at.seconds(), event["ccproxy_event"]))
+
+        def stop(self) -> None:
+            return None
+
+    held = HeldAudit(Trail, clock, _os.getppid(), publisher=LogPublisher()).start()
+    try:
+        events.emit("authentication_failure", "warning", ip_address="127.0.0.1")
+        clock.advance(5)
+        events.emit("rate_limit_exceeded", "warning", ip_address="127.0.0.1")
+        clock.advance(POLL * 3)
+        assert written == [] and len(held.held) == 2  # the predecessor (our parent) still runs
+        held.predecessor = -1  # as if the parent had exited: this process's parent is now another
+        clock.advance(POLL)
+        assert written == [(T0, "authentication_failure"), (T0 + 5, "rate_limit_exceeded")]
+        # From now on the trail observes events itself; what is handed to the holder goes through.
+        held({"ccproxy_event": "ip_unblocked", "severity": "notice"})
+        assert written[-1] == (clock.seconds(), "ip_unblocked")
+    finally:
+        held.stop()
