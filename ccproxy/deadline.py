@@ -7,8 +7,12 @@ the one way they do it, with the clock they were given.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+T = TypeVar("T")
 
 
 class Deadline:
@@ -42,3 +46,36 @@ class Deadline:
     def _fired(self) -> None:
         self._call = None
         self.fire()
+
+
+class TimedOut(Exception):
+    """The awaited work was cancelled because its time ran out."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no result within {seconds:g}s")
+        self.seconds = seconds
+
+
+async def within(clock: IReactorTime, seconds: float, d: Deferred[T]) -> T:
+    """The result of `d`, cancelled and raised as TimedOut once `seconds` have passed.
+
+    Not Deferred.addTimeout: a cancelled request may fail with an error other than CancelledError
+    (a connection lost, a protocol error), and the caller must still be told it was the time.
+    """
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        d.cancel()
+
+    deadline = Deadline(clock, expire)
+    deadline.arm(seconds)
+    try:
+        return await d
+    except Exception as e:
+        if expired:
+            raise TimedOut(seconds) from e
+        raise
+    finally:
+        deadline.cancel()

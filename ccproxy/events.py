@@ -71,12 +71,21 @@ class LogBudget:
         return True, suppressed
 
 
-_budget = LogBudget(time.monotonic)
+# The budget in force is the last one handed in: a running service's, counting with its reactor's
+# clock; outside one (config checks, tools), the process's monotonic clock.
+_budgets: list[LogBudget] = [LogBudget(time.monotonic)]
 
 
-def set_clock(clock: Callable[[], float]) -> None:
-    """The clock the log budget counts with (the reactor's `seconds`, once the daemon runs)."""
-    _budget.clock = clock
+def paced_by(budget: LogBudget) -> Callable[[], None]:
+    """Pace the daemon log with `budget` until the function returned is called (a service does this
+    for its lifetime with a budget on its own clock; nothing outlives it)."""
+    _budgets.append(budget)
+
+    def release() -> None:
+        if budget in _budgets:
+            _budgets.remove(budget)
+
+    return release
 
 
 def set_address_filter(address_filter: Callable[[str], str] | None,
@@ -92,7 +101,7 @@ def emit(name: str, severity: str = "info", **fields: Any) -> None:
         whole = {"ccproxy_event": name, "severity": severity, **fields}
         for observer in list(_observers):
             observer(dict(whole))
-    allowed, suppressed = _budget.allow(name)
+    allowed, suppressed = _budgets[-1].allow(name)
     if not allowed:
         return
     if suppressed:

@@ -22,6 +22,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ccproxy.config.server import UpstreamConfig
+from ccproxy.deadline import TimedOut, within
 from ccproxy.errors import ANTHROPIC, ApiError
 from ccproxy.http.client import Fields, PoolKey, UpstreamPool, UpstreamResponse, protocol_error
 from ccproxy.routes import Route
@@ -154,26 +155,15 @@ class Forwarder:
         key, endpoint, prefix = self.target(upstream)
         content = body if body or method in (b"POST", b"PUT", b"PATCH") else None
         d = self.pool.request(key, endpoint, method, prefix + route.path, headers, content)
-        timed_out = False
-
-        def on_timeout() -> None:
-            nonlocal timed_out
-            timed_out = True
-            d.cancel()
-
-        timer = self.reactor.callLater(upstream.read_timeout, on_timeout)
         try:
-            return await d
+            return await within(self.reactor, upstream.read_timeout, d)
+        except TimedOut:
+            message = f"{upstream.name} upstream did not answer within {upstream.read_timeout:g}s"
+            raise ApiError(504, message) from None
+        except defer.CancelledError:
+            raise
         except Exception as e:
-            if timed_out:
-                message = f"{upstream.name} upstream did not answer within {upstream.read_timeout:g}s"
-                raise ApiError(504, message) from None
-            if isinstance(e, defer.CancelledError):
-                raise
             raise classify(e, upstream) from None
-        finally:
-            if timer.active():
-                timer.cancel()
 
     def close(self) -> defer.Deferred[None]:
         return self.pool.close()

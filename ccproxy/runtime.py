@@ -1,16 +1,17 @@
 """Everything built from one config: the layers, in order, and the forwarder.
 
-A reload builds a new Runtime from the new config (handing each layer its predecessor, so state such
-as rate-limit counters can carry over) and swaps it in with one assignment.
+A reload builds a new Runtime from the new config (handing each layer its predecessor of the same
+name, so state such as rate-limit counters can carry over) and swaps it in with one assignment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ccproxy.blocklist import BlockList
@@ -21,6 +22,7 @@ from ccproxy.forward import Forwarder
 from ccproxy.http.budget import Budget
 
 if TYPE_CHECKING:
+    from ccproxy.admin.state import IncidentState
     from ccproxy.http.request import ProxyRequest as Request
 
 
@@ -28,14 +30,15 @@ if TYPE_CHECKING:
 class Deps:
     """What layers share and what outlives a reload."""
 
-    reactor: Any
+    # The daemon's reactor: layers read the time and set timers on it; auth builds its side-call
+    # client on it too (tests give a task.Clock, or a MemoryReactorClock where connections are made).
+    reactor: IReactorTime
     blocklist: BlockList
     # Bytes buffered for clients across the process (request bodies; response bodies held whole
     # for masking should take from it too): acquire before buffering, release after.
     buffers: Budget = attrs.field(factory=lambda: Budget(lambda: DDoSConfig().max_buffered_bytes))
-    # ccproxy.admin.state.IncidentState: operator blocks and the emergency switch (None in tests
-    # that build a runtime alone).
-    incident: Any = None
+    # Operator blocks and the emergency switch (None in tests that build a runtime alone).
+    incident: IncidentState | None = None
     # In a worker of `server.workers`: the supervisor's limit store, used in place of a memory store.
     shared_store: Any = None
 
@@ -44,24 +47,26 @@ class Deps:
 LayerFactory = Callable[[Config, Deps, "Layer | None"], Layer]
 
 
-def layer_factories() -> Sequence[LayerFactory]:
-    """The policy layers, in the order a request meets them."""
+def layer_factories() -> Mapping[str, LayerFactory]:
+    """The policy layers by name, in the order a request meets them."""
     from ccproxy import auth, limits
     from ccproxy.admin import emergency
     from ccproxy.content import layer as content
     from ccproxy.monitoring import layer as detectors
     from ccproxy.network import layer as network
 
-    return (network.build_layer, auth.build_layer, emergency.build_layer, detectors.build_layer, limits.build_layer,
-            content.build_layer)
+    return {"network": network.build_layer, "auth": auth.build_layer, "emergency": emergency.build_layer,
+            "detectors": detectors.build_layer, "limits": limits.build_layer, "content": content.build_layer}
 
 
 @attrs.define
 class Runtime:
     config: Config
-    layers: tuple[Layer, ...]
+    # By name, in the order a request meets them: a reload hands each its namesake.
+    named: Mapping[str, Layer]
     forwarder: Forwarder
     deps: Deps
+    layers: tuple[Layer, ...] = attrs.field(init=False)
     # The layers that take part in each step: a layer that does not override a step costs nothing there.
     # Head checks run before the body is read; body checks after.
     head_checkers: tuple[Layer, ...] = attrs.field(init=False)
@@ -73,6 +78,7 @@ class Runtime:
     logs_access: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.layers = tuple(self.named.values())
         audit = self.config.audit
         self.logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)
         self.head_checkers = _overriding(self.layers, "check")
@@ -111,11 +117,9 @@ def _overriding(layers: tuple[Layer, ...], step: str) -> tuple[Layer, ...]:
 
 
 def build(config: Config, deps: Deps, forwarder: Forwarder, previous: Runtime | None = None) -> Runtime:
-    layers = []
-    for i, factory in enumerate(layer_factories()):
-        before = previous.layers[i] if previous is not None and i < len(previous.layers) else None
-        layers.append(factory(config, deps, before))
-    return Runtime(config=config, layers=tuple(layers), forwarder=forwarder, deps=deps)
+    before = previous.named if previous is not None else {}
+    named = {name: factory(config, deps, before.get(name)) for name, factory in layer_factories().items()}
+    return Runtime(config=config, named=named, forwarder=forwarder, deps=deps)
 
 
 class RuntimeHolder:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -24,7 +25,7 @@ from ccproxy.http.budget import Budget
 from ccproxy.network.listener import listener_factory
 from ccproxy.notify import Notifier
 from ccproxy.resource import ProxyResource
-from ccproxy.runtime import Deps, RuntimeHolder, build
+from ccproxy.runtime import Deps, Runtime, RuntimeHolder, build
 from ccproxy.site import ProxySite
 from ccproxy.tls import ReloadableTLS, certificate_options
 from ccproxy.workers import activation, handover, worker
@@ -52,7 +53,8 @@ class ProxyService(Service):
         self.deps = Deps(reactor=reactor, blocklist=blocklist, incident=incident,
                          buffers=Budget(lambda: self.config.network.ddos.max_buffered_bytes),
                          shared_store=worker.shared_store(reactor, blocklist))
-        self.holder = RuntimeHolder(build(config, self.deps, Forwarder(reactor)))
+        # The layers are built in startService: building them connects to Redis and starts timers.
+        self.holder = RuntimeHolder(Runtime(config=config, named={}, forwarder=Forwarder(reactor), deps=self.deps))
         self.tls: ReloadableTLS | None = None
         self.port: IListeningPort | None = None
         self.audit: Any = None
@@ -63,6 +65,7 @@ class ProxyService(Service):
         self.gate: Any = None
         self.released_at = 0
         self.release = task.LoopingCall(self.release_memory)
+        self.unpace: Callable[[], None] = lambda: None
         self.release.clock = reactor
 
     @property
@@ -71,9 +74,11 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()
+        unbuilt = self.holder.current
+        self.holder.current = build(unbuilt.config, self.deps, unbuilt.forwarder)
         config = self.config
         _apply_privacy(config)
-        events.set_clock(self.reactor.seconds)
+        self.unpace = events.paced_by(events.LogBudget(self.reactor.seconds))
         site = self.site = ProxySite(ProxyResource(self.holder, self.reactor), self.reactor)
         site.access_wanted = lambda: self.holder.current.logs_access
         site.budget = self.deps.buffers
@@ -140,6 +145,7 @@ class ProxyService(Service):
         super().stopService()
         if self.release.running:
             self.release.stop()
+        self.unpace()
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:

@@ -58,8 +58,7 @@ def test_daemon_log_budget_holds_back_floods_but_observers_get_every_event() -> 
 
     events.add_observer(direct.append)
     globalLogPublisher.addObserver(log_observer)
-    saved = events._budget
-    events._budget = events.LogBudget(clock.seconds, rate=10.0, burst=5.0)
+    release = events.paced_by(events.LogBudget(clock.seconds, rate=10.0, burst=5.0))
     try:
         assert len(flood(50)) == 5  # the daemon log gets only its burst
         assert len([e for e in direct if e["ccproxy_event"] == "flood_test"]) == 50  # the audit trail sees all
@@ -75,6 +74,39 @@ def test_daemon_log_budget_holds_back_floods_but_observers_get_every_event() -> 
         clock.advance(3600.0)  # an idle hour refills the bucket to its burst, not beyond
         assert len(flood(20)) == 5
     finally:
-        events._budget = saved
+        release()
         events.remove_observer(direct.append)
+        globalLogPublisher.removeObserver(log_observer)
+
+
+def test_a_budget_paces_the_daemon_log_only_while_its_owner_holds_it() -> None:
+    from twisted.internet.task import Clock
+
+    logged: list[dict[str, Any]] = []
+
+    def log_observer(event: dict[str, Any]) -> None:
+        if event.get("ccproxy_event") == "paced_test":
+            logged.append(event)
+
+    globalLogPublisher.addObserver(log_observer)
+    first = events.LogBudget(Clock().seconds, rate=1.0, burst=1.0)
+    second = events.LogBudget(Clock().seconds, rate=1.0, burst=2.0)
+    release_first = events.paced_by(first)
+    release_second = events.paced_by(second)
+    try:
+        for _ in range(5):
+            events.emit("paced_test")
+        assert len(logged) == 2  # the last handed in rules: second's burst of 2
+        release_second()
+        for _ in range(5):
+            events.emit("paced_test")
+        assert len(logged) == 3  # back to first's burst of 1, its clock never moved
+        release_first()
+        release_first()  # twice is harmless
+        for _ in range(5):
+            events.emit("paced_test")
+        assert len(logged) == 8  # the process default: a burst of 200 on the monotonic clock
+    finally:
+        release_second()
+        release_first()
         globalLogPublisher.removeObserver(log_observer)

@@ -10,9 +10,12 @@ import weakref
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.address import IPv6Address
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import service
@@ -20,7 +23,7 @@ from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import CEILING_HEADER_SIZE
 from ccproxy.context import Layer
-from ccproxy.deadline import Deadline
+from ccproxy.deadline import Deadline, TimedOut, within
 from ccproxy.forward import Forwarder
 from ccproxy.http.http1 import ChunkedDecoder, HeadScan, Malformed
 from ccproxy.network.addresses import client_key
@@ -397,6 +400,38 @@ def test_deadline_arms_pushes_back_cancels_and_fires_once() -> None:
     assert fired == [8] and clock.getDelayedCalls() == []
 
 
+def test_within_cancels_late_work_and_says_it_was_the_time_whatever_the_cancel_raised() -> None:
+    clock = Clock()
+
+    def cancelled_as_lost(d: defer.Deferred[int]) -> None:
+        d.errback(ConnectionLost("cancelled"))  # what a cancelled upstream request may fail with
+
+    late: defer.Deferred[int] = defer.Deferred(cancelled_as_lost)
+    outcome = defer.ensureDeferred(within(clock, 5, late))
+    clock.advance(4.9)
+    assert not outcome.called
+    clock.advance(0.1)
+    failure = failure_of(outcome)
+    assert failure.check(TimedOut) and failure.value.seconds == 5
+
+    prompt: defer.Deferred[int] = defer.Deferred()
+    answered = defer.ensureDeferred(within(clock, 5, prompt))
+    prompt.callback(7)
+    assert answered.result == 7 and clock.getDelayedCalls() == []
+
+    broken: defer.Deferred[int] = defer.Deferred()
+    refused = defer.ensureDeferred(within(clock, 5, broken))
+    broken.errback(ConnectionRefusedError())
+    assert failure_of(refused).check(ConnectionRefusedError) and clock.getDelayedCalls() == []
+
+
+def failure_of(d: defer.Deferred[Any]) -> Failure:
+    caught: list[Failure] = []
+    d.addErrback(caught.append)
+    assert len(caught) == 1, "the work should have failed by now"
+    return caught[0]
+
+
 def test_the_date_header_comes_from_the_injected_clock() -> None:
     c = Conn()
     c.clock.rightNow = 1_750_000_000.0  # set, not advanced: advancing would fire the idle deadline
@@ -416,7 +451,7 @@ def test_layers_hear_of_every_completed_request_with_its_status() -> None:
     cfg = parse({"server": {"tls": {"enabled": False}}}, environ={})
     clock = Clock()
     recording = Recording()
-    runtime = Runtime(config=cfg, layers=(recording,), forwarder=Forwarder(clock), deps=Deps(clock, BlockList()))
+    runtime = Runtime(config=cfg, named={"recording": recording}, forwarder=Forwarder(clock), deps=Deps(clock, BlockList()))
     c = Conn(cfg.network, resource=ProxyResource(RuntimeHolder(runtime), clock))
     c.send(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
            b"TRACE /v1/messages HTTP/1.1\r\nHost: a\r\n\r\n")

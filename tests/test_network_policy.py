@@ -183,7 +183,7 @@ def test_per_ip_cap_keyed_on_host_in_any_notation(refused: list[dict[str, Any]])
     assert connect(gate, "127.0.0.1") is None
     assert refused[-1]["reason"] == "too_many_connections_per_ip" and refused[-1]["ip_address"] == "127.0.0.1"
     assert connect(gate, "127.0.0.2") is not None
-    assert gate.per_ip == {"127.0.0.1": 2, "127.0.0.2": 1}
+    assert dict(gate.per_ip.items()) == {"127.0.0.1": 2, "127.0.0.2": 1}
 
 
 def test_lists_and_auto_blocks_refuse_at_accept(refused: list[dict[str, Any]]) -> None:
@@ -229,6 +229,21 @@ def test_proxy_protocol_checks_the_named_client(refused: list[dict[str, Any]]) -
     assert plain.transport.value() == b"" and plain.transport.disconnecting
 
 
+def test_proxied_clients_are_counted_per_named_client_and_forgotten_when_gone() -> None:
+    network = NetworkConfig(proxy_protocol=True, ddos=DDoSConfig(max_connections=10, max_connections_per_ip=1))
+    gate, _, _ = make_gate(network)
+    head = b"PROXY TCP4 198.51.100.4 127.0.0.1 5555 443\r\nGET /v1/x HTTP/1.1\r\nHost: a\r\n\r\n"
+    first = connect(gate, "127.0.0.1")
+    first.dataReceived(head)
+    assert dict(gate.per_ip.items()) == {"198.51.100.4": 1}  # the client named, not the balancer
+    second = connect(gate, "127.0.0.1")
+    second.dataReceived(head)
+    assert second.transport.disconnecting and gate.refused["too_many_connections_per_ip"] == 1
+    second.connectionLost(Failure(Exception("refused")))
+    first.connectionLost(Failure(Exception("gone")))
+    assert len(gate.per_ip) == 0 and gate.per_ip["198.51.100.4"] == 0 and gate.total == 0
+
+
 # -- security headers
 
 
@@ -253,6 +268,18 @@ def test_security_headers_override_and_hsts_only_over_tls() -> None:
     out = decorate(config, {b"x-frame-options": b"SAMEORIGIN"}, secure=False)
     assert out.getRawHeaders(b"x-frame-options") == [b"DENY"]
     assert not out.hasHeader(b"strict-transport-security")
+
+
+def test_a_refusal_by_the_server_side_carries_the_same_security_headers_as_an_answer() -> None:
+    custom = SecurityHeadersConfig(headers=(("X-Custom", "yes"), ("Strict-Transport-Security", "max-age=60")))
+    c = Conn(NetworkConfig(security_headers=custom)).send(b"NOT HTTP AT ALL\r\n\r\n")
+    assert c.status() == 400
+    head = c.output.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    refused = {n.lower(): v for n, v in (line.split(b": ", 1) for line in head)}
+    answered = dict(decorate(custom, {}, secure=False).getAllRawHeaders())
+    assert answered == {b"X-Custom": [b"yes"]}  # plain HTTP: no Strict-Transport-Security
+    assert {n.lower(): v[0] for n, v in answered.items()}.items() <= refused.items()
+    assert b"strict-transport-security" not in refused
 
 
 def test_security_headers_disabled() -> None:

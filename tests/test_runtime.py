@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 
+from ccproxy import runtime as runtime_module
+from ccproxy import service
 from ccproxy.blocklist import BlockList
-from ccproxy.config import parse
+from ccproxy.config import Config, parse
+from ccproxy.context import Layer
 from ccproxy.forward import Forwarder
-from ccproxy.runtime import Deps, Runtime, build
+from ccproxy.runtime import Deps, LayerFactory, Runtime, build
 
 
 def runtime(security: dict[str, Any] | None = None, **server: Any) -> Runtime:
@@ -42,3 +46,49 @@ def test_configured_features_bring_their_layers_back() -> None:
     assert names(rt.filterers) == ["ContentLayer"]
     assert names(rt.decorators) == []
     assert names(rt.completers) == ["LimitsLayer"]  # counting refused requests towards auto-blocks
+
+
+class Named(Layer):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_a_reload_hands_each_layer_its_namesake_wherever_it_now_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    handed: dict[str, Layer | None] = {}
+
+    def factory(name: str) -> LayerFactory:
+        def make(config: Config, deps: Deps, previous: Layer | None) -> Layer:
+            handed[name] = previous
+            return Named(name)
+        return make
+
+    config = parse({"server": {"tls": {"enabled": False}}})
+    clock = Clock()
+    deps = Deps(clock, BlockList())
+    monkeypatch.setattr(runtime_module, "layer_factories", lambda: {"a": factory("a"), "b": factory("b")})
+    first = build(config, deps, Forwarder(clock))
+    assert handed == {"a": None, "b": None}
+    # A layer added in front and the others reordered: by position each would get the wrong one.
+    monkeypatch.setattr(runtime_module, "layer_factories",
+                        lambda: {"new": factory("new"), "b": factory("b"), "a": factory("a")})
+    second = build(config, deps, Forwarder(clock), first)
+    assert handed == {"new": None, "b": first.named["b"], "a": first.named["a"]}
+    assert [layer.name for layer in second.layers if isinstance(layer, Named)] == ["new", "b", "a"]
+
+
+def test_the_real_layers_are_named_in_request_order() -> None:
+    assert list(runtime_module.layer_factories()) == ["network", "auth", "emergency", "detectors", "limits", "content"]
+
+
+def test_constructing_the_service_connects_and_starts_nothing() -> None:
+    clock = Clock()
+    config = parse({"server": {"tls": {"enabled": False}},
+                    "security": {"rate_limiting": {"enabled": True, "per_ip": {"requests_per_minute": 60}}}})
+    svc = service.ProxyService("unused.yaml", config, clock)
+    assert clock.getDelayedCalls() == [] and svc.holder.current.layers == ()
+    assert svc.config is config
+    # What startService builds from the same config does start the limiter's housekeeping timer.
+    built = build(svc.config, svc.deps, svc.holder.current.forwarder)
+    assert len(clock.getDelayedCalls()) == 1
+    built.stop()
+    assert clock.getDelayedCalls() == []

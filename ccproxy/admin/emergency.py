@@ -6,7 +6,7 @@ applies to the next request, without a reload. The layer runs right after authen
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccproxy import events
 from ccproxy.config import Config
@@ -18,6 +18,9 @@ from ccproxy.limits._headers import whole_seconds
 from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import MINUTE, default_burst
 from ccproxy.network.addresses import NetworkSet, parse_ip
+
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
 
 # Addresses followed by the emergency per-address limit (least recently seen forgotten past this).
 MAX_ADDRESSES = 100_000
@@ -69,7 +72,7 @@ class EmergencyLayer(Layer):
         raise ApiError(status, message)
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
     incident = getattr(deps, "incident", None)
     if incident is None:
         return Layer()

@@ -5,7 +5,7 @@ See docs/auth.md. `build_layer` is the entry point the runtime calls on start-up
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -18,13 +18,16 @@ from ccproxy.config import Config
 from ccproxy.config.auth import API_KEY, JWT
 from ccproxy.context import Layer
 
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
+
 __all__ = ["AuthLayer", "build_layer"]
 
 log = Logger()
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None, http: Any = None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); `http` a treq-like client (tests)."""
+def build_layer(config: Config, deps: Deps, previous: Layer | None, http: Any = None) -> Layer:
+    """`http` is a treq-like client (tests)."""
     old = previous if isinstance(previous, AuthLayer) else None
     if old is not None:
         old.retire()

@@ -9,6 +9,8 @@ import treq
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 
+from ccproxy.deadline import TimedOut, within
+
 
 class SideCallFailed(Exception):
     """A side call that gave nothing usable; the message is safe to show to a client."""
@@ -33,30 +35,16 @@ async def fetch_json(what: str, clock: IReactorTime, timeout: float, call: Any) 
         body = await treq.content(response)
         return response.code, body
 
-    d = defer.ensureDeferred(run())
-    timed_out = False
-
-    def on_timeout() -> None:
-        nonlocal timed_out
-        timed_out = True
-        d.cancel()
-
-    # Our own timer, not addTimeout: a cancelled request may fail with an error other than
-    # CancelledError, and the client must still be told it was a timeout.
-    timer = clock.callLater(timeout, on_timeout)
     try:
-        code, body = await d
-    except Exception as e:
-        if timed_out:
-            raise SideCallFailed(f"{what} did not answer within {timeout:g}s") from None
-        if isinstance(e, defer.CancelledError):
-            raise
-        if isinstance(e, error.ConnectError | error.DNSLookupError | error.TimeoutError):
-            raise SideCallFailed(f"{what} is unreachable") from None
+        code, body = await within(clock, timeout, defer.ensureDeferred(run()))
+    except TimedOut:
+        raise SideCallFailed(f"{what} did not answer within {timeout:g}s") from None
+    except defer.CancelledError:
+        raise
+    except (error.ConnectError, error.DNSLookupError, error.TimeoutError):
+        raise SideCallFailed(f"{what} is unreachable") from None
+    except Exception:
         raise SideCallFailed(f"{what} failed") from None
-    finally:
-        if timer.active():
-            timer.cancel()
     if code != 200:
         raise SideCallFailed(f"{what} answered HTTP {code}")
     try:

@@ -161,6 +161,12 @@ class SecurityHeadersConfig:
         headers = DEFAULT_SECURITY_HEADERS if raw is None else _parse_headers(raw, s.at("headers"))
         return cls(enabled, headers if enabled else (), bool(override))
 
+    def lines(self, secure: bool) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers every response carries: Strict-Transport-Security only over TLS, where
+        it means something (RFC 6797 8.1: a browser ignores it over plain HTTP)."""
+        return tuple((name.encode(), value.encode()) for name, value in self.headers
+                     if secure or name.lower() != "strict-transport-security")
+
 
 def _parse_headers(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.http_headers import Headers
 
@@ -58,6 +58,9 @@ from ccproxy.routes import (
     RESPONSE,
     RESPONSES,
 )
+
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
 
 # Replies whose token usage is read (for the access record and token budgets).
 _COUNTED = frozenset({MESSAGES, CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, COMPLETE})
@@ -328,8 +331,8 @@ def _masked(ctx: RequestContext, counts: Counter[str], pm: PartMasker, stream: b
                     signalled="sse_comment" if stream else f"header {MASKED_HEADER}", **_who(ctx))
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); the layer keeps no state to carry over."""
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
+    """The layer keeps no state to carry over."""
     # Token usage is read from replies only where something uses it: access records, token budgets.
     audit, limits = config.audit, config.limits
     logs_access = audit.enabled and any(output.records == "access" for output in audit.outputs)

@@ -64,15 +64,6 @@ LINGER = 2.0
 _DONE = Failure(ConnectionDone())
 
 
-def security_header_lines(config: NetworkConfig, secure: bool) -> list[tuple[bytes, bytes]]:
-    out = []
-    for name, value in config.security_headers.headers:
-        if name.lower() == "strict-transport-security" and not secure:
-            continue
-        out.append((name.encode(), value.encode()))
-    return out
-
-
 @implementer(IHandshakeListener)
 class HardenedChannel(Protocol):
     site: Any
@@ -441,7 +432,7 @@ class HardenedChannel(Protocol):
             (b"request-id", new_request_id().encode()),
             (b"Connection", b"close"),
             (b"Server", b"ccproxy"),
-            *security_header_lines(self.config, self.secure),
+            *self.config.security_headers.lines(self.secure),
         ]
         lines += [name + b": " + value for name, value in headers]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -12,9 +12,12 @@ from ccproxy.config import Config
 from ccproxy.context import Layer
 from ccproxy.limits._layer import LimitsLayer, build
 
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist); `previous` keeps counters across reloads."""
+
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
+    """`previous` keeps counters across reloads."""
     limits = config.limits
     if limits.enabled and limits.per_key and not getattr(config.auth, "enabled", False):
         _log.warn("security.rate_limiting.per_key is set but security.auth is off: without a key, "

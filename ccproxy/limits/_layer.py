@@ -6,10 +6,11 @@ import contextlib
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ccproxy import events
+from ccproxy.clock import Clock
 from ccproxy.config.limits import FAIL_CLOSED, MEMORY, LimitsConfig, StateConfig
 from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
@@ -22,6 +23,7 @@ from ccproxy.network.addresses import client_key
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
+    from ccproxy.runtime import Deps
     from ccproxy.workers.state import SharedStore
 
 log = Logger()
@@ -44,9 +46,10 @@ _COUNTED = frozenset({"messages", "chat_completions", "completions", "responses"
 class Limiter:
     """What outlives a reload: the store with its counters, the blocks this instance made."""
 
-    def __init__(self, state: StateConfig, deps: Any) -> None:
+    def __init__(self, state: StateConfig, deps: Deps) -> None:
         self.state = state
-        self.clock = deps.reactor
+        # Every timer of the limiter and its store: stopping the limiter cancels them all.
+        self.clock = Clock(deps.reactor)
         self.blocklist = deps.blocklist
         # Operator and rule blocks (ccproxy.admin.state.IncidentState), if the daemon keeps them.
         self.incident = getattr(deps, "incident", None)
@@ -56,7 +59,6 @@ class Limiter:
             self.store = deps.shared_store or MemoryStore(state.max_entries)
         else:
             self.store = RedisStore(state.redis, self.clock)
-            self.store.connect()
         # Every block known here (made here or learned from Redis), and those made here, whose end
         # this instance reports.
         self.blocks: dict[str, float] = {}
@@ -66,11 +68,13 @@ class Limiter:
         self.synced_at: float | None = None
         self.down_reported = 0.0
         self.failures = 0
-        self._tick = task.LoopingCall(self.tick)
-        self._tick.clock = self.clock
-        self._tick.start(TICK, now=False).addErrback(
-            lambda f: log.failure("rate-limit housekeeping stopped", f)
-        )
+
+    def start(self) -> None:
+        """Connect to Redis (if that is the store) and start the housekeeping: not in the
+        constructor, so that making a limiter has no effect outside it."""
+        if isinstance(self.store, RedisStore):
+            self.store.connect()
+        self.clock.looping_call(self.tick, TICK, "rate-limit housekeeping")
 
     def compatible(self, state: StateConfig) -> bool:
         """Whether `state` can keep this store (and so its counters)."""
@@ -196,13 +200,13 @@ class Limiter:
                                         target=target, error=f.getErrorMessage()))
 
     def stop(self) -> Any:
-        if self._tick.running:
-            self._tick.stop()
-        return self.store.stop() if isinstance(self.store, RedisStore) else None
+        stopped = self.store.stop() if isinstance(self.store, RedisStore) else None
+        self.clock.shutdown()
+        return stopped
 
 
 class LimitsLayer(Layer):
-    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Any, ipv6_prefix: int = 64) -> None:
+    def __init__(self, config: LimitsConfig, limiter: Limiter | None, deps: Deps, ipv6_prefix: int = 64) -> None:
         self.config = config
         # An IPv6 client is limited and blocked by its network of this length (its own /64, by default).
         self.ipv6_prefix = ipv6_prefix
@@ -348,7 +352,7 @@ class LimitsLayer(Layer):
         return self.limiter.stop() if self.limiter is not None else None
 
 
-def build(config: LimitsConfig, deps: Any, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
+def build(config: LimitsConfig, deps: Deps, previous: Layer | None, ipv6_prefix: int = 64) -> LimitsLayer:
     old = previous.limiter if isinstance(previous, LimitsLayer) else None
     if not config.active:
         if old is not None:
@@ -358,6 +362,7 @@ def build(config: LimitsConfig, deps: Any, previous: Layer | None, ipv6_prefix: 
         old.adopt(config.state)
         return LimitsLayer(config, old, deps, ipv6_prefix)
     limiter = Limiter(config.state, deps)
+    limiter.start()
     if old is not None:
         limiter.blocks.update(old.blocks)
         limiter.own_blocks.update(old.own_blocks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ccproxy import events
 from ccproxy.config import Config
@@ -11,9 +11,12 @@ from ccproxy.context import Layer, RequestContext
 from ccproxy.errors import ApiError
 from ccproxy.monitoring.detectors import Detector
 
+if TYPE_CHECKING:
+    from ccproxy.runtime import Deps
+
 
 class DetectorLayer(Layer):
-    def __init__(self, detectors: tuple[str, ...], deps: Any) -> None:
+    def __init__(self, detectors: tuple[str, ...], deps: Deps) -> None:
         self.detectors = tuple(Detector(name) for name in detectors)
         self.deps = deps
 
@@ -35,6 +38,6 @@ class DetectorLayer(Layer):
             raise ApiError(403, "requests from this client address are not allowed")
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
     detectors = config.monitoring.detectors
     return DetectorLayer(detectors, deps) if detectors else Layer()

@@ -28,6 +28,45 @@ _DONE = Failure(ConnectionDone())
 CLOSE_GRACE = 1.0
 
 
+class OpenCount:
+    """The open connections of each client key: how many (for the per-client cap) and which (so a
+    block can close them). A key with none left is forgotten: the table holds live clients only,
+    however many have come and gone."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: dict[str, set[Any]] = {}
+
+    def __getitem__(self, key: str) -> int:
+        return len(self._open.get(key, ()))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._open
+
+    def items(self) -> list[tuple[str, int]]:
+        return [(key, len(conns)) for key, conns in self._open.items()]
+
+    def connections(self, key: str | None = None) -> list[Any]:
+        """The open connections of `key`, or of every client."""
+        if key is not None:
+            return list(self._open.get(key, ()))
+        return [conn for conns in self._open.values() for conn in conns]
+
+    def add(self, key: str, conn: object) -> None:
+        self._open.setdefault(key, set()).add(conn)
+
+    def remove(self, key: str, conn: object) -> None:
+        conns = self._open.get(key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._open[key]
+
+
 class _Policies:
     """The compiled allow/deny lists of one NetworkConfig, rebuilt only when the config changes."""
 
@@ -56,32 +95,29 @@ class Gate(WrappingFactory):
         self.total = 0
         # Connections closed since start (the service hands their memory back after a burst).
         self.closed_count = 0
-        self.per_ip: Counter[str] = Counter()
+        self.per_ip = OpenCount()
         self.refused: Counter[str] = Counter()
         self.policies = _Policies()
         # For `server.proxy_protocol: true`: the PROXY header is read first, then the client it names
         # is checked by a `_ProxiedCheck` before any byte reaches TLS.
         self.proxied = HAProxyWrappingFactory(_ProxiedCheckFactory(self, wrapped))
-        # Open connections by peer, so that a block also closes the blocked client's connections.
-        self.open: dict[str, set[_Counted | _ProxiedCheck]] = {}
         holder.current.deps.blocklist.listeners.append(self.close_blocked)
 
     def close_blocked(self, target: Any) -> None:
         """Close the open connections of a newly blocked address or range (`str` or ip_network):
         a kept-alive connection must not go on answering 401/429 to a blocked client."""
         if isinstance(target, str):
-            hosts = [target] if target in self.open else []
+            hosts = [target] if target in self.per_ip else []
         else:
-            hosts = [h for h in self.open if (a := parse_ip(h)) is not None and a.version == target.version
+            hosts = [h for h, _ in self.per_ip.items() if (a := parse_ip(h)) is not None and a.version == target.version
                      and a in target]
         for host in hosts:
-            for conn in list(self.open.get(host, ())):
+            for conn in self.per_ip.connections(host):
                 conn.close_soon(self.clock)
 
     def close_all(self) -> None:
-        for conns in list(self.open.values()):
-            for conn in list(conns):
-                conn.close_soon(self.clock)
+        for conn in self.per_ip.connections():
+            conn.close_soon(self.clock)
 
     def config(self) -> NetworkConfig:
         network: NetworkConfig = self.holder.current.config.network
@@ -137,25 +173,16 @@ class Gate(WrappingFactory):
             fields["limit"] = config.ddos.max_connections_per_ip
         events.emit("connection_refused", "warning", **fields)
 
-    def opened(self, host: str | None, conn: _Counted | None = None) -> None:
+    def opened(self, host: str | None, conn: _Counted) -> None:
         self.total += 1
         if host is not None:
-            self.per_ip[host] += 1
-            if conn is not None:
-                self.open.setdefault(host, set()).add(conn)
+            self.per_ip.add(host, conn)
 
-    def closed(self, host: str | None, conn: _Counted | None = None) -> None:
+    def closed(self, host: str | None, conn: _Counted) -> None:
         self.total -= 1
         self.closed_count += 1
         if host is not None:
-            self.per_ip[host] -= 1
-            if self.per_ip[host] <= 0:
-                del self.per_ip[host]
-            conns = self.open.get(host)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del self.open[host]
+            self.per_ip.remove(host, conn)
 
     def registerProtocol(self, p: Any) -> None:
         # Counting happens in _Counted; WrappingFactory's own registry would only cost memory.
@@ -254,8 +281,7 @@ class _ProxiedCheck(ProtocolWrapper):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
                 return
             self.host = client_key(host, config.ddos.ipv6_prefix)
-            self.gate.per_ip[self.host] += 1
-            self.gate.open.setdefault(self.host, set()).add(self)
+            self.gate.per_ip.add(self.host, self)
         super().dataReceived(data)
 
     def close_soon(self, clock: Any) -> None:
@@ -264,12 +290,5 @@ class _ProxiedCheck(ProtocolWrapper):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.host is not None:
             host, self.host = self.host, None
-            self.gate.per_ip[host] -= 1
-            if self.gate.per_ip[host] <= 0:
-                del self.gate.per_ip[host]
-            conns = self.gate.open.get(host)
-            if conns is not None:
-                conns.discard(self)
-                if not conns:
-                    del self.gate.open[host]
+            self.gate.per_ip.remove(host, self)
         super().connectionLost(reason)

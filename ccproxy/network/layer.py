@@ -4,7 +4,7 @@ applied again per request to the client a trusted proxy names."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.web.http_headers import Headers
 
@@ -17,6 +17,7 @@ from ccproxy.network.addresses import AccessPolicy, client_key, parse_ip
 
 if TYPE_CHECKING:
     from ccproxy.http.request import ProxyRequest as Request
+    from ccproxy.runtime import Deps
 
 __all__ = ["NetworkLayer", "build_layer"]
 
@@ -28,11 +29,10 @@ class NetworkLayer(Layer):
     X-Forwarded-For meets the same IP lists and auto-blocks here, per request (403).
     """
 
-    def __init__(self, config: NetworkConfig, deps: Any = None) -> None:
+    def __init__(self, config: NetworkConfig, deps: Deps | None = None) -> None:
         settings = config.security_headers
         self.override = settings.override_upstream
-        self.headers = [(name.encode(), value.encode(), name.lower() == "strict-transport-security")
-                        for name, value in settings.headers]
+        self.headers = {False: settings.lines(secure=False), True: settings.lines(secure=True)}
         self.access = AccessPolicy(config.whitelist, config.blacklist)
         self.deps = deps
         self.trusted_proxies = bool(config.trusted_proxies)
@@ -42,7 +42,7 @@ class NetworkLayer(Layer):
         steps = set()
         if not self.trusted_proxies:
             steps.add("check")  # the client is the peer the gate judged at accept
-        if not self.headers:
+        if not self.headers[True]:
             steps.add("decorate")
         return frozenset(steps)
 
@@ -59,14 +59,10 @@ class NetworkLayer(Layer):
             raise ApiError(403, "requests from this client address are not allowed")
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
-        secure = request.isSecure()
-        for name, value, tls_only in self.headers:
-            if tls_only and not secure:
-                continue
+        for name, value in self.headers[request.isSecure()]:
             if self.override or not headers.hasHeader(name):
                 headers.setRawHeaders(name, [value])
 
 
-def build_layer(config: Config, deps: Any, previous: Layer | None) -> Layer:
-    """`deps` is a ccproxy.runtime.Deps (reactor, blocklist)."""
+def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
     return NetworkLayer(config.network, deps)
