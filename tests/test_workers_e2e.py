@@ -173,6 +173,45 @@ def test_sigterm_drains_every_worker(workers: Callable[..., Daemon], upstream: F
         request(d, "/ready", timeout=2)
 
 
+def test_workers_drain_for_server_drain_timeout_then_cut(workers: Callable[..., Daemon], upstream: FakeUpstream) -> None:
+    # Each worker drains as one process does at shutdown, for server.drain_timeout (1 s here): its
+    # idle kept-alive connections close at once, and a request still under way then is cut with
+    # its access line and event. The upstream would answer after 60 s, well after any default.
+    d = workers({"server": {"drain_timeout": "1s"}})
+    conns = spread_connections(d, 8)
+    slow = {worker: conn for worker, conn in conns}  # one connection per worker carries a slow request
+    idle = [conn for _, conn in conns if conn not in slow.values()]
+    upstream.expect(*[Script(body=b'{"slow":true}', headers={"content-type": "application/json"}, delay=60)
+                      for _ in slow])
+
+    def slow_request(conn: http.client.HTTPConnection) -> object:
+        try:
+            conn.request("GET", "/v1/models", headers={"x-api-key": "client-key", "anthropic-version": "2023-06-01"})
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException) as e:
+            return type(e).__name__
+
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda c=conn: results.append(slow_request(c))) for conn in slow.values()]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(upstream.requests) >= len(slow))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    # Long before the upstream answers, and before a fixed 30 s drain (and the supervisor's kill
+    # 5 s later) would end, every process is gone.
+    assert d.proc.wait(25) == -signal.SIGTERM
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and 200 not in results, results
+    assert len(log_match(d, r"draining: worker \d: the supervisor asked; .* for up to 1 s")) == 2
+    assert len(log_match(d, r"drain: 1 request\(s\) still under way after drain_timeout=1s were cut")) == 2
+    assert len(log_match(d, r"request_timeout.*drain_timeout")) >= 2
+    for conn in idle:  # closed by the drain: the next request on it finds no server
+        with pytest.raises((OSError, http.client.HTTPException)):
+            which_worker(conn)
+
+
 def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Daemon], tmp_path: Path) -> None:
     access_file = tmp_path / "access.log"
     d = workers({"security": {"audit": {"outputs": [

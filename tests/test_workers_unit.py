@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from ccproxy.config.workers import usable_cpus
 from ccproxy.service import _check_restart_only, changed_paths
 from ccproxy.workers import activation, handover
 from ccproxy.workers.activation import ActivationError, Inherited
+from ccproxy.workers.drain import retire
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -195,3 +197,52 @@ def test_a_worker_accepts_one_connection_per_wake_up() -> None:
         assert port.numberAccepts == 1
     finally:
         port.stopListening()
+
+
+# -- a worker's drain
+
+
+class _StoppingClock(task.Clock):
+    """The clock a retiring worker waits on, and the reactor it stops at the end."""
+
+    running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class _ListeningPort:
+    def __init__(self) -> None:
+        self.listening = True
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+def test_a_retiring_worker_drains_for_server_drain_timeout_then_cuts_and_stops() -> None:
+    from twisted.web.server import NOT_DONE_YET
+
+    from tests.support.hardening import Conn
+
+    class Held:
+        def render(self, request: Any) -> Any:
+            request.request_id = "req_1"
+            return NOT_DONE_YET
+
+    c = Conn(resource=Held()).send(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    aborted: list[float] = []
+    reactor = _StoppingClock()
+    reactor.advance(c.clock.seconds())  # the drain reads the site's clock through the reactor
+    c.transport.abortConnection = lambda: aborted.append(reactor.seconds())  # type: ignore[method-assign]
+    service = SimpleNamespace(reactor=reactor, port=_ListeningPort(), site=c.site,
+                              config=parse({**_server(drain_timeout="3s")}))
+    start = reactor.seconds()
+    retire(service, "test")
+    assert not service.port.listening and c.site.draining
+    reactor.advance(2.9)
+    assert not aborted and reactor.running  # the request under way keeps its time
+    reactor.advance(0.2)
+    assert aborted and aborted[0] - start >= 3.0  # cut at server.drain_timeout, not a constant
+    c.channel.connectionLost()
+    reactor.advance(0.1)
+    assert not reactor.running
