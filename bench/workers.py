@@ -125,7 +125,7 @@ def main() -> None:
             for label, extra in (("ccproxy", {}), ("ccproxy, policies on", POLICIES)):
                 results[label] = {}
                 for count in (1, n):
-                    config = {**extra, "server": {"workers": count}}
+                    config = {**extra, "server": {"workers": count}, "admin": {"enabled": False}}
                     with ccproxy(work, upstream, config, env=env) as proxy:
                         time.sleep(1.0 + count)  # the other workers finish starting
                         results[label][count] = measure(f"{label}, {count} worker(s)", proxy["url"] + "/v1/messages",

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
-from ccproxy.drain import drain
+from ccproxy.drain import CUT_GRACE, FIRST_REQUEST_GRACE, drain
 from ccproxy.http.request import ProxyRequest
 from ccproxy.notify import Notifier
 from tests.support.hardening import Conn
@@ -119,22 +119,32 @@ def test_drain_closes_idle_connections_finishes_busy_ones_and_closes_new_request
     late_channel, late = _another(busy, 40003)
     late_channel.dataReceived(GOOD[:10])  # a request head on its way
 
+    first_channel, first = _another(busy, 40004)  # a new connection whose first request is on the way
+
     done = defer.ensureDeferred(drain(busy.site, busy.clock, 30.0))
-    assert idle.disconnecting and kept.disconnecting  # nothing under way: closed at once
+    assert kept.disconnecting  # kept alive with nothing under way: closed at once
     assert not busy.transport.disconnecting and not late.disconnecting
+    # Connections that carried no request yet get a moment to send their first: served, not dropped.
+    assert not idle.disconnecting and not first.disconnecting
+    first_channel.dataReceived(GOOD)
+    _answer(held.requests[-1])
+    assert b"connection: close" in first.value().lower() and first.disconnecting
+    busy.clock.advance(FIRST_REQUEST_GRACE + 0.1)
+    assert idle.disconnecting  # its first request never came
 
     # A request completed now on an open connection is served, with Connection: close.
     late_channel.dataReceived(GOOD[10:])
-    _answer(held.requests[2])
+    _answer(held.requests[3])
     assert b"connection: close" in late.value().lower() and late.disconnecting
 
-    busy.clock.advance(10)
+    busy.clock.advance(5)
     assert not done.called  # the first request is still under way
     _answer(held.requests[0])
     assert busy.transport.disconnecting  # closed after its response, not kept alive
     assert b"connection: close" not in busy.output.lower()  # its head had gone out before the drain
     busy.channel.connectionLost()
     late_channel.connectionLost()
+    first_channel.connectionLost()
     busy.clock.advance(0.1)
     assert done.called and done.result == (1, 0)
 
@@ -159,12 +169,41 @@ def test_drain_cuts_what_overstays_and_records_each_cut(seen_events: list[dict[s
 
 @pytest.mark.parametrize("timeout", [0.0, 1.0])
 def test_drain_with_nothing_under_way_ends_at_once(timeout: float) -> None:
-    c = Conn(resource=Held())
+    held = Held()
+    c = Conn(resource=held).send(GOOD)
+    _answer(held.requests[0])  # kept alive, idle
+    assert not c.closed
     done = defer.ensureDeferred(drain(c.site, c.clock, timeout))
     assert c.closed
     c.channel.connectionLost()
     c.clock.advance(0.1)
     assert done.result == (0, 0)
+
+
+@pytest.mark.parametrize(("timeout", "waited"), [(30.0, FIRST_REQUEST_GRACE), (1.0, 1.0)])
+def test_drain_waits_a_moment_for_a_new_connections_first_request(timeout: float, waited: float) -> None:
+    c = Conn(resource=Held())  # accepted, its request not there yet
+    done = defer.ensureDeferred(drain(c.site, c.clock, timeout))
+    c.clock.advance(waited - 0.1)
+    assert not c.closed and not done.called
+    c.clock.advance(0.2)
+    assert c.closed  # closed as idle, not aborted: it never sent a request
+    c.channel.connectionLost()
+    c.clock.advance(0.1)
+    assert done.result == (0, 0)
+
+
+def test_drain_waits_for_a_connection_its_gate_has_not_yet_started() -> None:
+    # Built by the site but not yet started (a worker's gate asks the supervisor first): no phase,
+    # no transport; the drain gives it the same moment, then ends without touching it.
+    c = Conn(resource=Held())
+    c.channel.connectionLost()
+    waiting = c.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40005))
+    done = defer.ensureDeferred(drain(c.site, c.clock, 30.0))
+    c.clock.advance(FIRST_REQUEST_GRACE - 0.1)
+    assert not done.called
+    c.clock.advance(0.2 + CUT_GRACE)
+    assert done.result == (0, 0) and waiting in c.site.channels
 
 
 # -- shipped examples

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from ccproxy.audit.verify import verify
+from ccproxy.cli import main
 from tests.support.daemon import Daemon
 from tests.support.upstream import FakeUpstream, Script
 from tests.support.workers import (
@@ -84,6 +85,8 @@ def workers(daemon: Callable[..., Daemon]) -> Callable[..., Daemon]:
     def start(config: dict[str, Any] | None = None) -> Daemon:
         config = dict(config or {})
         config.setdefault("server", {})["workers"] = 2
+        # The admin socket and metrics are one process's: refused with several workers.
+        config.setdefault("admin", {}).setdefault("enabled", False)
         d = daemon(config)
         wait_for(lambda: _ready(d)[0]["workers"] == {"ready": 2, "configured": 2}, timeout=60)
         return d
@@ -168,6 +171,45 @@ def test_sigterm_drains_every_worker(workers: Callable[..., Daemon], upstream: F
     assert log.count("drained; exiting") == 2
     with pytest.raises(OSError):
         request(d, "/ready", timeout=2)
+
+
+def test_workers_drain_for_server_drain_timeout_then_cut(workers: Callable[..., Daemon], upstream: FakeUpstream) -> None:
+    # Each worker drains as one process does at shutdown, for server.drain_timeout (1 s here): its
+    # idle kept-alive connections close at once, and a request still under way then is cut with
+    # its access line and event. The upstream would answer after 60 s, well after any default.
+    d = workers({"server": {"drain_timeout": "1s"}})
+    conns = spread_connections(d, 8)
+    slow = {worker: conn for worker, conn in conns}  # one connection per worker carries a slow request
+    idle = [conn for _, conn in conns if conn not in slow.values()]
+    upstream.expect(*[Script(body=b'{"slow":true}', headers={"content-type": "application/json"}, delay=60)
+                      for _ in slow])
+
+    def slow_request(conn: http.client.HTTPConnection) -> object:
+        try:
+            conn.request("GET", "/v1/models", headers={"x-api-key": "client-key", "anthropic-version": "2023-06-01"})
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException) as e:
+            return type(e).__name__
+
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda c=conn: results.append(slow_request(c))) for conn in slow.values()]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(upstream.requests) >= len(slow))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    # Long before the upstream answers, and before a fixed 30 s drain (and the supervisor's kill
+    # 5 s later) would end, every process is gone.
+    assert d.proc.wait(25) == -signal.SIGTERM
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and 200 not in results, results
+    assert len(log_match(d, r"draining: worker \d: the supervisor asked; .* for up to 1 s")) == 2
+    assert len(log_match(d, r"drain: 1 request\(s\) still under way after drain_timeout=1s were cut")) == 2
+    assert len(log_match(d, r"request_timeout.*drain_timeout")) >= 2
+    for conn in idle:  # closed by the drain: the next request on it finds no server
+        with pytest.raises((OSError, http.client.HTTPException)):
+            which_worker(conn)
 
 
 def test_restart_of_a_supervisor_under_a_steady_stream(workers: Callable[..., Daemon], tmp_path: Path) -> None:
@@ -286,3 +328,24 @@ def test_the_audit_trail_is_one_chain_written_by_the_supervisor(workers: Callabl
     access = [json.loads(line) for line in access_file.read_text().splitlines()]
     assert sum(1 for r in access if r["path"] == "/v1/messages") == 26
     assert verify([str(access_file)]).ok
+
+
+def test_an_admin_socket_or_metrics_with_several_workers_is_refused_at_start(
+        daemon: Callable[..., Daemon], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Served by every worker, the admin socket would reach one of them and the metrics port bind
+    # once: the daemon refuses to start, naming both keys, before any worker or socket exists.
+    config = {"server": {"workers": 2}, "admin": {"metrics": {"enabled": True, "listen": "127.0.0.1:0"}}}
+    with pytest.raises(RuntimeError, match=r"exited with [1-9]") as e:
+        daemon(config)
+    log = str(e.value)
+    assert "admin.socket: the admin socket is served by one process only" in log
+    assert "admin.metrics: the metrics listener is served by one process only" in log
+    assert "worker 1" not in log
+    sock = next(tmp_path.glob("d*/admin.sock"), None)
+    assert sock is None
+    # check-config says the same, with every fault.
+    path = tmp_path / "workers.yaml"
+    path.write_text(json.dumps({**config, "server": {"workers": 2, "tls": {"enabled": False}}}))
+    assert main(["check-config", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "admin.socket" in out.err + out.out and "admin.metrics" in out.err + out.out

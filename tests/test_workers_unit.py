@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from ccproxy.config.workers import usable_cpus
 from ccproxy.service import _check_restart_only, changed_paths
 from ccproxy.workers import activation, handover
 from ccproxy.workers.activation import ActivationError, Inherited
+from ccproxy.workers.drain import retire
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -145,7 +147,8 @@ def test_a_successor_silent_too_long_is_killed_and_this_process_keeps_serving() 
 
 
 def _server(**server: Any) -> dict[str, Any]:
-    return {"server": {"tls": {"enabled": False}, **server}}
+    # The admin socket is a single process's: refused with several workers (see below).
+    return {"server": {"tls": {"enabled": False}, **server}, "admin": {"enabled": False}}
 
 
 def test_workers_is_a_count_or_auto() -> None:
@@ -157,6 +160,21 @@ def test_workers_is_a_count_or_auto() -> None:
         with pytest.raises(ConfigError, match=message) as e:
             parse(_server(workers=bad))
         assert e.value.path == "server.workers"
+
+
+def test_the_admin_socket_and_metrics_are_refused_with_several_workers() -> None:
+    # Each worker would bind its own admin socket and metrics port: refused, naming each key.
+    with pytest.raises(ConfigError) as e:
+        parse({**_server(workers=2), "admin": {"metrics": {"enabled": True}}})
+    assert [fault.path for fault in e.value.faults] == ["admin.socket", "admin.metrics"]
+    assert "server.workers > 1" in e.value.message and "admin.enabled: false" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        parse({**_server(workers=2), "admin": {"enabled": False, "metrics": {"enabled": True}}})
+    assert [fault.path for fault in e.value.faults] == ["admin.metrics"]
+    # One process serves both; several workers without them start.
+    one = parse({**_server(workers=1), "admin": {"metrics": {"enabled": True}}})
+    assert one.admin.socket is not None and one.admin.metrics.enabled
+    assert parse(_server(workers=2)).admin.socket is None
 
 
 def test_workers_change_only_with_a_restart() -> None:
@@ -179,3 +197,52 @@ def test_a_worker_accepts_one_connection_per_wake_up() -> None:
         assert port.numberAccepts == 1
     finally:
         port.stopListening()
+
+
+# -- a worker's drain
+
+
+class _StoppingClock(task.Clock):
+    """The clock a retiring worker waits on, and the reactor it stops at the end."""
+
+    running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class _ListeningPort:
+    def __init__(self) -> None:
+        self.listening = True
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+def test_a_retiring_worker_drains_for_server_drain_timeout_then_cuts_and_stops() -> None:
+    from twisted.web.server import NOT_DONE_YET
+
+    from tests.support.hardening import Conn
+
+    class Held:
+        def render(self, request: Any) -> Any:
+            request.request_id = "req_1"
+            return NOT_DONE_YET
+
+    c = Conn(resource=Held()).send(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    aborted: list[float] = []
+    reactor = _StoppingClock()
+    reactor.advance(c.clock.seconds())  # the drain reads the site's clock through the reactor
+    c.transport.abortConnection = lambda: aborted.append(reactor.seconds())  # type: ignore[method-assign]
+    service = SimpleNamespace(reactor=reactor, port=_ListeningPort(), site=c.site,
+                              config=parse({**_server(drain_timeout="3s")}))
+    start = reactor.seconds()
+    retire(service, "test")
+    assert not service.port.listening and c.site.draining
+    reactor.advance(2.9)
+    assert not aborted and reactor.running  # the request under way keeps its time
+    reactor.advance(0.2)
+    assert aborted and aborted[0] - start >= 3.0  # cut at server.drain_timeout, not a constant
+    c.channel.connectionLost()
+    reactor.advance(0.1)
+    assert not reactor.running

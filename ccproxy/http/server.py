@@ -77,6 +77,8 @@ class HardenedChannel(Protocol):
         self.pending = bytearray()
         self.head: Head | None = None
         self.request: ProxyRequest | None = None
+        # Requests answered on this connection: a drain waits briefly for a new connection's first.
+        self.served = 0
         self.persistent = True
         self.scan = HeadScan(limits.max_header_size)
         # The body as it arrives: one buffer, so a body costs about its size however it is framed.
@@ -330,6 +332,7 @@ class HardenedChannel(Protocol):
         if request is not self.request:
             return
         self.request = None
+        self.served += 1
         head, self.head = self.head, None
         self._release()
         if self.phase == DEAD or self.transport is None:

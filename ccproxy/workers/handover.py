@@ -175,8 +175,7 @@ def attach(service: Any) -> Any:
     if worker.is_worker():
         return worker.attach(service)
     port = service.port
-    handover = Handover(service.reactor, port.fileno,
-                        lambda why: retire(port, lambda: port.factory.total, service.reactor, why))
+    handover = Handover(service.reactor, port.fileno, lambda why: retire(service, why))
     handover.install()
     announce(claim())
     return handover

@@ -28,7 +28,7 @@ from ccproxy.config import Config, ConfigError, loads
 from ccproxy.workers import activation, handover
 from ccproxy.workers.audit import AuditWriter
 from ccproxy.workers.channel import Channel, adopt
-from ccproxy.workers.drain import DRAIN_TIMEOUT
+from ccproxy.workers.drain import kill_after
 from ccproxy.workers.gate import ConnectionCounts
 from ccproxy.workers.state import StateOwner
 from ccproxy.workers.worker import CONTROL, INDEX
@@ -249,7 +249,7 @@ class Supervisor(Service):
         if not waits:
             return defer.succeed(None)
         done = defer.DeferredList(waits)
-        kill = self.reactor.callLater(DRAIN_TIMEOUT + 5.0, self._kill_all)
+        kill = self.reactor.callLater(kill_after(self.config.server.drain_timeout), self._kill_all)
         done.addBoth(lambda result: (kill.cancel() if kill.active() else None, result)[1])
         return done
 

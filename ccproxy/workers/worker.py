@@ -23,7 +23,6 @@ from ccproxy.workers.activation import accept_one_at_a_time
 from ccproxy.workers.audit import AuditForwarder
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
-from ccproxy.workers.gate import SharedGate
 from ccproxy.workers.state import SharedStore
 
 log = Logger()
@@ -101,10 +100,7 @@ class Worker:
         self.retiring = True
         # /ready keeps saying ready: on a restart the socket's new owner is ready, and a connection
         # this worker already took is still served in full.
-        port = self.service.port
-        gate = port.factory
-        count = gate.open_connections if isinstance(gate, SharedGate) else lambda: gate.total
-        retire(port, count, self.reactor, f"worker {self.index}: {why}")
+        retire(self.service, f"worker {self.index}: {why}")
 
     def lost(self) -> None:
         if self.store is not None:
