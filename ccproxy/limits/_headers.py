@@ -40,42 +40,30 @@ def go_duration(seconds: float) -> str:
 
 
 def rate_headers(api: str, decision: Decision, now: float) -> dict[str, str]:
-    if decision.limit is None:
-        return {}
-    limit, remaining = str(decision.limit.count), str(decision.remaining)
-    if api == OPENAI:
-        headers = {
-            "x-ratelimit-limit-requests": limit,
-            "x-ratelimit-remaining-requests": remaining,
-            "x-ratelimit-reset-requests": go_duration(decision.reset_after),
-        }
-    else:
-        headers = {
-            "anthropic-ratelimit-requests-limit": limit,
-            "anthropic-ratelimit-requests-remaining": remaining,
-            "anthropic-ratelimit-requests-reset": rfc3339(now + decision.reset_after),
-        }
-    if not decision.allowed:
-        headers["retry-after"] = str(whole_seconds(decision.retry_after))
-    return headers
+    """The APIs' own request-limit headers."""
+    return _limit_headers(api, decision, now, "requests")
 
 
 def token_headers(api: str, decision: Decision, now: float) -> dict[str, str]:
     """The APIs' own token-budget headers, from the tightest (or the refusing) token budget."""
+    return _limit_headers(api, decision, now, "tokens")
+
+
+def _limit_headers(api: str, decision: Decision, now: float, unit: str) -> dict[str, str]:
     if decision.limit is None:
         return {}
     limit, remaining = str(decision.limit.count), str(decision.remaining)
     if api == OPENAI:
         headers = {
-            "x-ratelimit-limit-tokens": limit,
-            "x-ratelimit-remaining-tokens": remaining,
-            "x-ratelimit-reset-tokens": go_duration(decision.reset_after),
+            f"x-ratelimit-limit-{unit}": limit,
+            f"x-ratelimit-remaining-{unit}": remaining,
+            f"x-ratelimit-reset-{unit}": go_duration(decision.reset_after),
         }
     else:
         headers = {
-            "anthropic-ratelimit-tokens-limit": limit,
-            "anthropic-ratelimit-tokens-remaining": remaining,
-            "anthropic-ratelimit-tokens-reset": rfc3339(now + decision.reset_after),
+            f"anthropic-ratelimit-{unit}-limit": limit,
+            f"anthropic-ratelimit-{unit}-remaining": remaining,
+            f"anthropic-ratelimit-{unit}-reset": rfc3339(now + decision.reset_after),
         }
     if not decision.allowed:
         headers["retry-after"] = str(whole_seconds(decision.retry_after))
