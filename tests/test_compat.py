@@ -74,9 +74,8 @@ def test_haproxy_wrapping_factory_reads_the_header_and_names_the_client() -> Non
 
 class RedisPoolCanary(unittest.TestCase):
     def setUp(self) -> None:
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        self.server = RedisServer(tmp).start()
+        # Its own folder outside the work tree (trial's mktemp() would leave one in it).
+        self.server = RedisServer().start()
         self.addCleanup(self.server.stop)
 
     @defer.inlineCallbacks
