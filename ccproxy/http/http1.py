@@ -104,6 +104,7 @@ _WELL_FORMED = re.compile(
     rb"((?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
 )
 _SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
+_SPECIAL_LENGTHS = frozenset(len(name) for name in _SPECIAL)
 
 
 def parse_head(head: bytes) -> Head:
@@ -112,15 +113,23 @@ def parse_head(head: bytes) -> Head:
     if match is None:
         return _parse_head_by_line(head)
     method, target, version, fields = match.groups()
+    headers, special = _fields(fields, _SPECIAL, _SPECIAL_LENGTHS)
+    return _head(method, target, version, headers, special)
+
+
+def _fields(fields: bytes, wanted: frozenset[bytes], lengths: frozenset[int],
+            ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """The (name, value) pairs of field lines the head regex has already checked, and those of them
+    named in `wanted` (lower case; `lengths` their lengths, which spare most names a lower-casing)."""
     headers = []
-    special = []
+    picked = []
     for line in fields.split(b"\r\n")[:-1]:
         name, _, value = line.partition(b":")
         value = value.strip(b" \t")
         headers.append((name, value))
-        if name.lower() in _SPECIAL:
-            special.append((name, value))
-    return _head(method, target, version, headers, special)
+        if len(name) in lengths and name.lower() in wanted:
+            picked.append((name, value))
+    return headers, picked
 
 
 def _parse_head_by_line(head: bytes) -> Head:
@@ -387,15 +396,7 @@ def parse_response_head(head: bytes, method: bytes) -> ResponseHead:
     if match is None:
         return _parse_response_head_by_line(head, method)
     version, code, phrase, fields = match.groups()
-    headers = []
-    framing = []
-    for line in fields.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
-        headers.append((name, value))
-        # (the length test spares most names a lower-casing)
-        if len(name) in _FRAMING_NAME_LENGTHS and name.lower() in _FRAMING_NAMES:
-            framing.append((name, value))
+    headers, framing = _fields(fields, _FRAMING_NAMES, _FRAMING_NAME_LENGTHS)
     return _response_head(version, int(code), phrase or b"", tuple(headers), framing, method)
 
 
