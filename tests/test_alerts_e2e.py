@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,6 +85,8 @@ def test_failing_webhook_is_retried_and_logged_once(daemon: Any, receiver: Webho
     assert fail_auth(d, 1) == [401]
     wait_for(lambda: len(receiver.posts) == 1, 10.0)  # after 1 s and 2 s of backoff
     assert receiver.attempts == 3
+    # The receiver has the post before the daemon has read its answer: wait for the daemon to say so.
+    wait_for(lambda: "alert webhook webhook0 delivers again" in d.log(), 10.0)
     log = d.log()
     assert log.count("alert webhook webhook0 is failing (HTTP 503)") == 1
     assert log.count("alert webhook webhook0 delivers again") == 1
@@ -102,7 +105,8 @@ def test_block_by_rule_holds_across_restart_and_unblocks_by_command(daemon: Any,
     blocks = security_json(d, "list-blocks")["blocks"]
     assert [(b["target"], b["by"]) for b in blocks] == [("127.0.0.2", "rule guessing")]
     assert "security_alert" not in d.log()  # block_ip alone raises no alert
-    time.sleep(1.2)  # the rule's block reaches the state file within a second
+    state = Path(d.config["admin"]["state_dir"]) / "incident.json"
+    wait_for(lambda: state.exists() and "127.0.0.2" in state.read_text(), 10.0)  # saved for the restart
     restart(d)
     assert status_from(d) == "refused"
     assert security(d, "unblock-ip", "127.0.0.2").returncode == 0
