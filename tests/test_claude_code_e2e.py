@@ -134,5 +134,7 @@ def test_claude_code_reads_and_writes_files_through_ccproxy_on_the_example_confi
         assert "ECHO<[REDACTED_SYSTEM_PROMPT]>" in text
         log = daemon.log()
         assert "response_masked" in log and KEY not in log
+        # The shipped config is coherent: a new user's first start says nothing is wrong with it.
+        assert not re.findall(r"#(?:warn|error|critical)\]", log), log
     finally:
         daemon.stop()
