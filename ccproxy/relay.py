@@ -145,6 +145,12 @@ class Relay(Protocol):
                     body = self.filter.feed(body) + self.filter.close()
             elif self.filter is not None:
                 body = self.filter.close()
+        except ApiError as refusal:
+            # The filter refused what it read (ambiguous JSON): the client is told why, not "could not inspect".
+            log.warn("upstream response refused: {reason}", reason=refusal.message)
+            self.filter = None
+            self._give_up(refusal)
+            return
         except Exception:
             self._filter_failed()
             return

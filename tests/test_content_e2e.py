@@ -133,6 +133,21 @@ def test_encoded_upstream_body_is_refused_not_passed(proxy: Any, upstream: FakeU
     assert msg.content[0].text == "Hello!"
 
 
+def test_ambiguous_upstream_json_is_refused_with_its_reason(proxy: Any, upstream: FakeUpstream) -> None:
+    # Two readers of this reply would disagree on the text (first or last key wins): it is not relayed.
+    text = json.dumps(message_json("Hello!"))
+    body = text.replace('"text": "Hello!"', f'"text": "{KEY}", "text": "Hello!"').encode()
+    assert body.count(b'"text":') == 2
+    upstream.expect(Script(body=body, headers={"content-type": "application/json"}))
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert "ambiguous JSON" in str(caught.value) and KEY not in str(caught.value)
+    log = proxy.log()
+    assert "upstream response refused" in log and "Traceback" not in log and KEY not in log
+
+
 def test_stream_cut_midway_never_flushes_the_held_tail(proxy: Any, upstream: FakeUpstream) -> None:
     events = anthropic_stream(["Your key: sk-ant-", "api03-Zz9Yy8Xx7Ww6"])
     upstream.expect(Script(events=events, headers=SSE, cut_after=5))  # both deltas sent, then cut
