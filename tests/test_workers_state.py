@@ -16,7 +16,7 @@ from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe
 from ccproxy.limits._redis import RedisUnavailable
 from ccproxy.workers.gate import ConnectionCounts, _Admission
-from ccproxy.workers.state import SharedStore, StateOwner, decode, encode
+from ccproxy.workers.state import SharedStore, StateOwner, decode, decode_tokens, encode, encode_tokens
 from tests.support.limits import T0
 
 
@@ -37,10 +37,15 @@ class _Wire:
         self.owner = owner
         self.store = store
         self.messages: list[dict[str, Any]] = []
-        store.asker.send = self.send
+        store.asker.send = store.budgets.send = self.send
 
     def send(self, op: str, **fields: Any) -> None:
+        # What the supervisor and the worker do with each message, without the socket between them.
         self.messages.append({"op": op, **fields})
+        if op == "tokens":
+            answers = self.owner.tokens_all(fields["items"])
+            self.store.budgets.answered({"op": "tokened", "id": fields["id"], "answers": answers})
+            return
         answers = self.owner.decide_all(fields["items"])
         self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
 
@@ -100,6 +105,59 @@ def test_questions_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> Non
     store.asker.lost()
     assert _failure(waiting) == "the supervisor is gone"
     assert _failure(_ask(store, T0, _limits())) == "the supervisor is not reachable"
+
+
+def _budgets() -> list[Any]:
+    return [Rate("tokens_per_minute", "t:1000:default:k1", 1000, 60.0, 1000),
+            Quota("daily_token_quota", "tokens:k1:20000", 1500, T0 + 3600)]
+
+
+def test_token_budgets_cross_the_channel_unchanged() -> None:
+    assert decode_tokens(encode_tokens(T0 + 0.25, _budgets(), 321)) == (T0 + 0.25, _budgets(), 321)
+
+
+def _tokens(store: SharedStore, now: float, charge: int = 0) -> defer.Deferred[Any]:
+    return defer.ensureDeferred(store.tokens(now, _budgets(), charge))
+
+
+def test_token_budgets_spent_through_two_workers_refuse_through_both_as_one_store_would() -> None:
+    clock = task.Clock()
+    owner = StateOwner(1000, lambda ip, until: None)
+    workers = [SharedStore(clock, BlockList()) for _ in range(2)]
+    wires = [_Wire(owner, store) for store in workers]
+    reference = MemoryStore(1000)
+    # Each request is asked about, then charged its usage, alternately through each worker.
+    steps = [(0, 0.0, 0), (0, 0.5, 400), (1, 1.0, 0), (1, 1.5, 400), (0, 2.0, 0), (0, 2.5, 400), (1, 3.0, 0),
+             (0, 3.0, 0), (1, 63.0, 0), (1, 63.5, 400), (0, 64.0, 0)]
+    got, want = [], []
+    for worker, at, charge in steps:
+        d = _tokens(workers[worker], T0 + at, charge)
+        assert not d.called
+        clock.advance(0)
+        got.append(d.result)  # type: ignore[attr-defined]
+        want.append(reference.tokens(T0 + at, _budgets(), charge))
+    assert got == want
+    assert [w.messages[0]["op"] for w in wires] == ["tokens", "tokens"]
+    # The minute's 1,000 tokens are spent (1,200 charged) by requests of both workers: the next
+    # request is refused through either, by the minute's budget. A minute later the minute admits
+    # again, until the day's 1,500 are spent too: then it is the day's budget that refuses.
+    assert [d.allowed for d in got] == [True] * 5 + [False] * 3 + [True, False, False]
+    assert got[6].limit.name == got[7].limit.name == "tokens_per_minute"
+    assert got[6].retry_after > 0 and got[6].remaining == 0
+    assert got[10].limit.name == "daily_token_quota"
+
+
+def test_token_questions_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[tuple[str, Any]] = []
+    store.connect(lambda op, **fields: sent.append((op, fields)))
+    charge = _tokens(store, T0, 500)
+    clock.advance(0)
+    assert sent[0][0] == "tokens" and sent[0][1]["items"] == [encode_tokens(T0, _budgets(), 500)]
+    store.lost()
+    assert _failure(charge) == "the supervisor is gone"
+    assert _failure(_tokens(store, T0)) == "the supervisor is not reachable"
 
 
 def _failure(d: defer.Deferred[Any]) -> str:

@@ -4,6 +4,8 @@ control channel.
 A worker's `SharedStore` has the interface of the Redis store (`decide` is asynchronous): requests
 that arrive in the same reactor turn go in one message and come back in one answer, each decided on
 its own, in order, by `MemoryStore.decide` in the supervisor, the same arithmetic as one process.
+Token budgets likewise: the check before forwarding and the charge once the reply's usage is known
+are both `MemoryStore.tokens` in the supervisor (op `tokens`), so they are as exact as with Redis.
 Blocks made there are also remembered there (a blocked address is refused whichever worker asks)
 and pushed to every worker at once, so each refuses the address at accept.
 
@@ -31,30 +33,48 @@ _PROBE = -2  # the answer's limit is the auto-block probe
 _NONE = -1
 
 
-def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+def _rows(limits: list[Limit]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for limit in limits:
         if isinstance(limit, Rate):
             rows.append(["r", limit.name, limit.key, limit.count, limit.period, limit.burst])
         else:
             rows.append(["q", limit.name, limit.key, limit.count, limit.reset_at, 0])
+    return rows
+
+
+def _limits(rows: list[list[Any]]) -> list[Limit]:
+    return [
+        Rate(name, key, count, period, burst) if kind == "r" else Quota(name, key, count, period)
+        for kind, name, key, count, period, burst in rows
+    ]
+
+
+def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
     p = None
     if probe is not None:
         r = probe.rate
         p = [r.key, r.count, r.period, r.burst, probe.duration]
-    return [now, ip, p, rows]
+    return [now, ip, p, _rows(limits)]
 
 
 def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None]:
     now, ip, p, rows = item
-    limits: list[Limit] = [
-        Rate(name, key, count, period, burst) if kind == "r" else Quota(name, key, count, period)
-        for kind, name, key, count, period, burst in rows
-    ]
+    limits = _limits(rows)
     probe = None
     if p is not None:
         probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
     return float(now), str(ip), limits, probe
+
+
+def encode_tokens(now: float, budgets: list[Limit], charge: int) -> list[Any]:
+    """A token-budget question: charge `charge` tokens (0: only ask), then say whether they admit."""
+    return [now, int(charge), _rows(budgets)]
+
+
+def decode_tokens(item: list[Any]) -> tuple[float, list[Limit], int]:
+    now, charge, rows = item
+    return float(now), _limits(rows), int(charge)
 
 
 def answer(decision: Decision, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
@@ -89,6 +109,15 @@ class StateOwner:
 
     def decide_all(self, items: list[list[Any]]) -> list[list[Any]]:
         return [self.decide(*decode(item)) for item in items]
+
+    def tokens_all(self, items: list[list[Any]]) -> list[list[Any]]:
+        """Token budgets, in the order asked: charges and checks of every worker go through the one
+        store, so a budget spent through one worker refuses through the others."""
+        answers = []
+        for item in items:
+            now, budgets, charge = decode_tokens(item)
+            answers.append(answer(self.store.tokens(now, budgets, charge), budgets, None))
+        return answers
 
     def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
         until = self.blocks.get(ip)
@@ -175,18 +204,21 @@ class SharedStore:
         self.reactor = reactor
         self.blocklist = blocklist
         self.asker = Asker(reactor, "decide")
+        # Token budgets: checked before forwarding, charged when the reply's usage is known.
+        self.budgets = Asker(reactor, "tokens")
         # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
         self.admissions = Asker(reactor, "admit")
         self._released: list[str] = []
         self._release_call: Any = None
 
     def connect(self, send: Callable[..., None] | None) -> None:
-        self.asker.send = self.admissions.send = send
+        self.asker.send = self.admissions.send = self.budgets.send = send
 
     def lost(self) -> None:
         self.connect(None)
         self.asker.lost()
         self.admissions.lost()
+        self.budgets.lost()
         self._released = []
 
     def release(self, host: str) -> None:
@@ -205,6 +237,11 @@ class SharedStore:
         ip = probe.ip if probe is not None else ip
         row = await self.asker.ask(encode(now, ip, limits, probe))
         return unanswer(row, limits, probe)
+
+    async def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
+        """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
+        row = await self.budgets.ask(encode_tokens(now, budgets, charge))
+        return unanswer(row, budgets, None)
 
     def blocked(self, ip: str, until: float) -> None:
         """A block made through another worker: refuse the address at accept here too."""
