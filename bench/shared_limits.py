@@ -23,17 +23,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twisted.internet import defer, task  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
 
-from bench.workers import ALL_ON  # noqa: E402
-from ccproxy.blocklist import BlockList  # noqa: E402
-from ccproxy.config import parse  # noqa: E402
-from ccproxy.context import Identity  # noqa: E402
-from ccproxy.limits._memory import MemoryStore  # noqa: E402
-from ccproxy.limits._plan import Planner, token_budgets  # noqa: E402
-from ccproxy.workers.channel import Channel  # noqa: E402
-from ccproxy.workers.state import SharedStore, StateOwner  # noqa: E402
+from bench.workers import ALL_ON
+from ccproxy.blocklist import BlockList
+from ccproxy.config import parse
+from ccproxy.context import Identity
+from ccproxy.limits._memory import MemoryStore
+from ccproxy.limits._plan import Planner, token_budgets
+from ccproxy.workers.channel import Channel
+from ccproxy.workers.state import SharedStore, StateOwner
 
 T0 = 1_800_000_000.0
 
@@ -58,18 +58,13 @@ class _Pair:
         op, send = message["op"], self.supervisor.send
         if op == "decide":
             send("decided", id=message.get("id"), answers=self.owner.decide_all(message["items"]))
-        elif op == "tokens":
-            send("tokened", id=message.get("id"), answers=self.owner.tokens_all(message["items"]))
         elif op == "charge":
             self.owner.charge_all(message["items"])
 
     def _to_worker(self, message: dict[str, Any]) -> None:
         # What Worker.handle does with the answers.
-        op = message["op"]
-        if op == "decided":
+        if message["op"] == "decided":
             self.store.asker.answered(message)
-        elif op == "tokened":
-            self.store.budgets.answered(message)
 
     def carry(self) -> None:
         """Move what the worker wrote to the supervisor, and the answers back."""
@@ -112,20 +107,17 @@ def shared(requests: list[tuple[str, Any, Any, Any]], per_turn: int) -> tuple[fl
     pair = _Pair(clock)
 
     async def one(now: float, ip: str, limits: Any, probe: Any, budgets: Any) -> None:
-        await pair.store.decide(now, limits, probe, ip)
-        await pair.store.tokens(now, budgets)
+        await pair.store.check(now, ip, limits, probe, budgets)
 
     started = time.process_time()
     for first in range(0, len(requests), per_turn):
         turn = requests[first:first + per_turn]
         for n, (ip, limits, probe, budgets) in enumerate(turn):
             defer.ensureDeferred(one(T0 + (first + n) * 1e-4, ip, limits, probe, budgets))
-        for _ in range(2):  # the decision, then the budget check: one round trip each
-            clock.advance(0)
-            pair.carry()
-        for _ in turn:  # each request's usage, charged when it ends
-            pair.store.charge(T0 + first * 1e-4, turn[0][3], 20) if hasattr(pair.store, "charge") else \
-                defer.ensureDeferred(pair.store.tokens(T0 + first * 1e-4, turn[0][3], 20))
+        clock.advance(0)  # the questions leave at the end of the turn
+        pair.carry()
+        for n, (_, _, _, budgets) in enumerate(turn):  # each request's usage, charged when it ends
+            pair.store.charge(T0 + (first + n) * 1e-4, budgets, 20)
         clock.advance(0)
         pair.carry()
     total = time.process_time() - started

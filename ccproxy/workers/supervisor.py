@@ -143,9 +143,8 @@ class Supervisor(Service):
         elif op == "decide":
             if slot.channel is not None:
                 slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
-        elif op == "tokens":
-            if slot.channel is not None:
-                slot.channel.send("tokened", id=message.get("id"), answers=self.state.tokens_all(message["items"]))
+        elif op == "charge":
+            self.state.charge_all(message["items"])
         elif op == "admit":
             if slot.channel is not None:
                 answers = [self.connections.admit(slot.index, str(host), total, per_ip)

@@ -69,8 +69,6 @@ class Worker:
         op = message["op"]
         if op == "decided" and self.store is not None:
             self.store.asker.answered(message)
-        elif op == "tokened" and self.store is not None:
-            self.store.budgets.answered(message)
         elif op == "admitted" and self.store is not None:
             self.store.admissions.answered(message)
         elif op == "block" and self.store is not None:
