@@ -98,7 +98,7 @@ def in_process(requests: list[tuple[str, Any, Any, Any]]) -> float:
         now = T0 + n * 1e-4
         store.decide(now, limits, probe)
         store.tokens(now, budgets)
-        store.tokens(now, budgets, 20)
+        store.charge(now, budgets, 20)
     return time.process_time() - started
 
 

@@ -128,7 +128,9 @@ class Limiter:
 
     async def charge(self, now: float, budgets: list[Limit], tokens: int) -> None:
         """Charge a finished request's usage to its budgets; raises RedisUnavailable."""
-        if isinstance(self.store, MemoryStore | RedisStore):
+        if isinstance(self.store, MemoryStore):
+            self.store.charge(now, budgets, tokens)
+        elif isinstance(self.store, RedisStore):
             await self.tokens(now, budgets, tokens)
         else:
             self.store.charge(now, budgets, tokens)  # one-way, to the supervisor

@@ -45,11 +45,25 @@ def _rows(limits: list[Limit]) -> list[list[Any]]:
     return rows
 
 
+# The supervisor meets the same limits again and again (a client's, on each of its requests): each
+# is built once from its row. Bounded: emptied when full.
+_DECODED: dict[tuple[Any, ...], Limit] = {}
+_DECODED_MAX = 10_000
+
+
 def _limits(rows: list[list[Any]]) -> list[Limit]:
-    return [
-        Rate(name, key, count, period, burst) if kind == "r" else Quota(name, key, count, period)
-        for kind, name, key, count, period, burst in rows
-    ]
+    out: list[Limit] = []
+    for row in rows:
+        key = tuple(row)
+        limit = _DECODED.get(key)
+        if limit is None:
+            if len(_DECODED) >= _DECODED_MAX:
+                _DECODED.clear()
+            kind, name, subject, count, period, burst = row
+            limit = Rate(name, subject, count, period, burst) if kind == "r" else Quota(name, subject, count, period)
+            _DECODED[key] = limit
+        out.append(limit)
+    return out
 
 
 def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
@@ -121,7 +135,7 @@ class StateOwner:
         question through any worker sees."""
         for item in items:
             now, budgets, tokens = decode_charge(item)
-            self.store.tokens(now, budgets, tokens)
+            self.store.charge(now, budgets, tokens)
 
     def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
                budgets: list[Limit] | None = None) -> list[Any]:
