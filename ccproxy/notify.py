@@ -62,7 +62,17 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> None:
-        self.send(READY=1, STATUS=status, MAINPID=os.getpid())
+        # No MAINPID: the process systemd started is its main process already, and a successor's
+        # own MAINPID would be ignored (NotifyAccess=main): its predecessor names it (`hand_over`).
+        self.send(READY=1, STATUS=status)
+
+    def hand_over(self, pid: int, status: str) -> None:
+        """`pid` (a successor, serving on our listening socket) is the service's main process from
+        now on. Only the main process may say so under `NotifyAccess=main`: this one, which
+        systemd started or was named by its own predecessor. Then this process is silent: what
+        it would say while it drains and exits (STOPPING=1) is not the service's state."""
+        self.send(MAINPID=pid, STATUS=status)
+        self.address = None
 
     def reloading(self, status: str) -> None:
         self.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS=status)

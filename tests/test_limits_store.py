@@ -420,3 +420,17 @@ class RedisBatchTests(_RedisFixture, unittest.TestCase):
                          [(d.allowed, d.limit, d.remaining, d.blocked_until) for d in want])
         self.assertEqual(sum(d.allowed for d in got), 100)
         self.assertEqual(calls, [64, 64, 22])
+
+
+def test_a_charge_alone_leaves_the_budgets_as_a_charge_that_also_asks() -> None:
+    """`MemoryStore.charge` (a finished request's usage, nobody waiting) changes the budgets
+    exactly as `tokens` with a charge does."""
+    budgets = [Rate("tokens_per_minute", "t:1000:default:k", 1000, 60.0, 1000),
+               Quota("daily_token_quota", "tokens:k:1", 1500, T0 + 3600)]
+    charged, asked = MemoryStore(100), MemoryStore(100)
+    for at, tokens in [(0.0, 400), (1.0, 700), (1.5, 0), (30.0, 300), (30.0, 1), (90.0, 200)]:
+        if tokens:
+            charged.charge(T0 + at, budgets, tokens)
+            asked.tokens(T0 + at, budgets, tokens)
+        assert charged.tokens(T0 + at, budgets) == asked.tokens(T0 + at, budgets)
+    assert not charged.tokens(T0 + 90.0, budgets).allowed  # the day's 1,500 are spent

@@ -150,3 +150,17 @@ def test_two_instances_sharing_redis_share_the_token_budget(daemon: Any, upstrea
     with pytest.raises(anthropic.RateLimitError):
         ask(anthropic_client(second, KEY, max_retries=0))
     assert len(upstream.requests) == 1
+
+
+def test_a_tier_with_only_a_token_budget_is_enforced(daemon: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    """No request limit, no automatic blocking: the budget alone still refuses once spent."""
+    settings = config(tmp_path, {"daily_token_quota": 100})
+    settings["security"]["rate_limiting"]["per_key"]["default"].pop("requests_per_minute")
+    d = daemon(settings)
+    client = anthropic_client(d, KEY, max_retries=0)
+    upstream.expect(Script(body=usage_message(80, 50), headers=JSON))
+    assert ask(client).headers["anthropic-ratelimit-tokens-remaining"] == "100"
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        ask(client)
+    assert caught.value.response.headers["anthropic-ratelimit-tokens-remaining"] == "0"
+    assert len(upstream.requests) == 1

@@ -16,7 +16,7 @@ import pytest
 from ccproxy.audit.verify import verify
 from ccproxy.cli import main
 from tests.support.daemon import Daemon
-from tests.support.upstream import FakeUpstream, Script
+from tests.support.upstream import FakeUpstream, Script, message_json
 from tests.support.workers import (
     Stream,
     alive,
@@ -349,3 +349,72 @@ def test_an_admin_socket_or_metrics_with_several_workers_is_refused_at_start(
     assert main(["check-config", str(path)]) == 1
     out = capsys.readouterr()
     assert "admin.socket" in out.err + out.out and "admin.metrics" in out.err + out.out
+
+
+def _budget_config(workers: int) -> dict[str, Any]:
+    return {
+        "server": {"workers": workers},
+        "admin": {"enabled": False},
+        "upstreams": {"anthropic": {"api_key": "sk-ant-upstream-key-000000000000f3a9"}},
+        "security": {
+            "auth": {"enabled": True, "type": "api_key", "api_keys": [{"key": "client-key-of-tokens-01", "id": "kt"}]},
+            "rate_limiting": {"per_key": {"default": {"requests_per_minute": 10_000, "daily_token_quota": 1000}}},
+        },
+    }
+
+
+def _refusal(conn: http.client.HTTPConnection) -> tuple[int, dict[str, str], dict[str, Any]]:
+    conn.request("POST", "/v1/messages", BODY, {"content-type": "application/json",
+                                                 "x-api-key": "client-key-of-tokens-01"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    headers = {k.lower(): v for k, v in response.getheaders() if "tokens" in k.lower() or k.lower() == "retry-after"}
+    return response.status, headers, body
+
+
+def _spend(d: Daemon, upstream: FakeUpstream, conns: list[http.client.HTTPConnection]) -> list[Any]:
+    """Four requests of 300 tokens each (1,200 of a 1,000-token day), over `conns` in turn; then
+    what the next request on each connection gets."""
+    usage = {"input_tokens": 200, "output_tokens": 100}
+    upstream.responder = lambda recorded: Script(
+        body=json.dumps({**message_json(), "usage": usage}).encode(), headers={"content-type": "application/json"})
+    statuses = [_post(conns[i % len(conns)], "client-key-of-tokens-01") for i in range(4)]
+    assert statuses == [200] * 4
+    return [_refusal(conn) for conn in conns]
+
+
+def test_a_token_budget_spent_through_both_workers_refuses_on_either_as_one_process_does(
+        daemon: Callable[..., Daemon], workers: Callable[..., Daemon], upstream: FakeUpstream) -> None:
+    d = workers(_budget_config(2))
+    held = spread_connections(d, 4)
+    by_worker = {w: conn for w, conn in held}
+    assert sorted(by_worker) == [1, 2]
+    conns = [by_worker[1], by_worker[2]]
+    refused = _spend(d, upstream, conns)
+    for conn in (c for _, c in held):
+        conn.close()
+    # Both workers served the spending (alternately), and both refuse the next request.
+    assert sum(1 for r in upstream.requests if r.path == "/v1/messages") == 4
+    assert [status for status, _, _ in refused] == [429, 429], refused
+    assert len(log_match(d, r"rate_limit_exceeded .*limit=daily_token_quota")) == 2
+    d.stop()
+    # The same requests against one process: the same refusal, status, headers and body.
+    one = daemon(_budget_config(1))
+    single = _spend(one, upstream, [connect(one)])
+    assert sum(1 for r in upstream.requests if r.path == "/v1/messages") == 8
+    status, headers, body = single[0]
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    assert headers["anthropic-ratelimit-tokens-limit"] == "1000"
+    assert headers["anthropic-ratelimit-tokens-remaining"] == "0"
+    for got_status, got_headers, got_body in refused:
+        assert got_status == status
+        assert sorted(got_headers) == sorted(headers)
+        assert {k: v for k, v in got_headers.items() if not _moving(k)} == \
+            {k: v for k, v in headers.items() if not _moving(k)}
+        assert got_body["type"] == body["type"] and got_body["error"]["type"] == body["error"]["type"]
+        assert got_body["error"]["message"].split(";")[0] == body["error"]["message"].split(";")[0]
+
+
+def _moving(name: str) -> bool:
+    """Headers that count down to the day's reset: a second apart between two daemons."""
+    return name == "retry-after" or name.endswith("-reset") or name.startswith("x-ratelimit-reset")

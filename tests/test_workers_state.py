@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
@@ -16,7 +17,7 @@ from ccproxy.limits._memory import MemoryStore
 from ccproxy.limits._plan import AutoBlockProbe
 from ccproxy.limits._redis import RedisUnavailable
 from ccproxy.workers.gate import ConnectionCounts, _Admission
-from ccproxy.workers.state import SharedStore, StateOwner, decode, encode
+from ccproxy.workers.state import SharedStore, StateOwner, decode, decode_charge, encode, encode_charge
 from tests.support.limits import T0
 
 
@@ -26,8 +27,8 @@ def _limits() -> list[Any]:
 
 def test_limits_cross_the_channel_unchanged() -> None:
     probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
-    now, ip, limits, back = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
-    assert (now, ip, limits, back) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe)
+    now, ip, limits, back, budgets = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
+    assert (now, ip, limits, back, budgets) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, [])
 
 
 class _Wire:
@@ -37,10 +38,14 @@ class _Wire:
         self.owner = owner
         self.store = store
         self.messages: list[dict[str, Any]] = []
-        store.asker.send = self.send
+        store.connect(self.send)
 
     def send(self, op: str, **fields: Any) -> None:
+        # What the supervisor and the worker do with each message, without the socket between them.
         self.messages.append({"op": op, **fields})
+        if op == "charge":
+            self.owner.charge_all(fields["items"])
+            return
         answers = self.owner.decide_all(fields["items"])
         self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
 
@@ -100,6 +105,86 @@ def test_questions_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> Non
     store.asker.lost()
     assert _failure(waiting) == "the supervisor is gone"
     assert _failure(_ask(store, T0, _limits())) == "the supervisor is not reachable"
+
+
+def _budgets() -> list[Any]:
+    return [Rate("tokens_per_minute", "t:1000:default:k1", 1000, 60.0, 1000),
+            Quota("daily_token_quota", "tokens:k1:20000", 1500, T0 + 3600)]
+
+
+def test_token_budgets_cross_the_channel_unchanged() -> None:
+    item = encode(T0, "1.2.3.4", _limits(), None, _budgets())
+    assert decode(item) == (T0, "1.2.3.4", _limits(), None, _budgets())
+    assert decode_charge(encode_charge(T0 + 0.25, _budgets(), 321)) == (T0 + 0.25, _budgets(), 321)
+
+
+def _check(store: SharedStore, now: float) -> defer.Deferred[Any]:
+    return defer.ensureDeferred(store.check(now, "1.2.3.4", [], None, _budgets()))
+
+
+def test_token_budgets_spent_through_two_workers_refuse_through_both_as_one_store_would() -> None:
+    clock = task.Clock()
+    owner = StateOwner(1000, lambda ip, until: None)
+    workers = [SharedStore(clock, BlockList()) for _ in range(2)]
+    wires = [_Wire(owner, store) for store in workers]
+    reference = MemoryStore(1000)
+    # Each request is asked about, then charged its usage, alternately through each worker.
+    steps = [(0, 0.0, 0), (0, 0.5, 400), (1, 1.0, 0), (1, 1.5, 400), (0, 2.0, 0), (0, 2.5, 400), (1, 3.0, 0),
+             (0, 3.0, 0), (1, 63.0, 0), (1, 63.5, 400), (0, 64.0, 0)]
+    got, want = [], []
+    for worker, at, charge in steps:
+        if charge:
+            workers[worker].charge(T0 + at, _budgets(), charge)  # answered by nothing: one-way
+            clock.advance(0)
+            reference.tokens(T0 + at, _budgets(), charge)
+            continue
+        d = _check(workers[worker], T0 + at)
+        assert not d.called
+        clock.advance(0)
+        decision, spent = d.result  # type: ignore[attr-defined]
+        assert decision.allowed and decision.limit is None  # no request limit: admitted
+        got.append(spent)
+        want.append(reference.tokens(T0 + at, _budgets()))
+    assert got == want
+    ops = [m["op"] for w in wires for m in w.messages]
+    assert (ops.count("decide"), ops.count("charge")) == (7, 4) and all(w.messages for w in wires)
+    # The minute's 1,000 tokens are spent (1,200 charged) by requests of both workers: the next
+    # request is refused through either, by the minute's budget. A minute later the minute admits
+    # again, until the day's 1,500 are spent too: then it is the day's budget that refuses.
+    assert [d.allowed for d in got] == [True] * 3 + [False] * 2 + [True, False]
+    assert got[3].limit.name == got[4].limit.name == "tokens_per_minute"
+    assert got[3].retry_after > 0 and got[3].remaining == 0
+    assert got[6].limit.name == "daily_token_quota"
+
+
+def test_budgets_are_not_asked_when_the_request_limits_refuse() -> None:
+    clock = task.Clock()
+    owner = StateOwner(1000, lambda ip, until: None)
+    store = SharedStore(clock, BlockList())
+    _Wire(owner, store)
+    tight = [Rate("per_ip_minute", "m:1.2.3.4", 1, 60.0, 1)]
+    answers = [defer.ensureDeferred(store.check(T0, "1.2.3.4", tight, None, _budgets())) for _ in range(2)]
+    clock.advance(0)
+    (first, first_spent), (second, second_spent) = [d.result for d in answers]  # type: ignore[attr-defined]
+    assert first.allowed and first_spent is not None and first_spent.allowed
+    assert not second.allowed and second.limit == tight[0] and second_spent is None
+
+
+def test_token_charges_fail_as_a_backend_outage_when_the_supervisor_is_gone() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[tuple[str, Any]] = []
+    store.connect(lambda op, **fields: sent.append((op, fields)))
+    store.charge(T0, _budgets(), 500)
+    store.charge(T0, _budgets(), 20)
+    clock.advance(0)
+    assert sent == [("charge", {"items": [encode_charge(T0, _budgets(), 500), encode_charge(T0, _budgets(), 20)]})]
+    waiting = _check(store, T0)
+    clock.advance(0)
+    store.lost()
+    assert _failure(waiting) == "the supervisor is gone"
+    with pytest.raises(RedisUnavailable, match="not reachable"):
+        store.charge(T0, _budgets(), 500)
 
 
 def _failure(d: defer.Deferred[Any]) -> str:

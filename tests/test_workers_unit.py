@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,10 +14,12 @@ from twisted.python.failure import Failure
 
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.workers import usable_cpus
+from ccproxy.notify import Notifier
 from ccproxy.service import _check_restart_only, changed_paths
 from ccproxy.workers import activation, handover
 from ccproxy.workers.activation import ActivationError, Inherited
 from ccproxy.workers.drain import retire
+from tests.support.manager import FakeManager
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -127,6 +130,28 @@ def test_handover_passes_the_socket_as_systemd_does_and_retires_once_the_success
     assert spawned["process"].closed
     reactor.advance(handover.READY_TIMEOUT * 2)
     assert spawned["process"].signals == []
+
+
+def test_the_main_process_names_its_ready_successor_as_main_then_says_nothing_more(tmp_path: Path) -> None:
+    manager = FakeManager(str(tmp_path / "notify.sock"), main=os.getpid())
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": manager.path})
+        reactor, retired, h = _handover()
+        h.notifier = notifier
+        notifier.ready("listening")
+        h.start()
+        assert manager.receive(1.0) is not None and manager.receive(0.05) is None  # nothing sent on start
+        reactor.spawned[0]["proto"].childDataReceived(4, handover.READY)
+        named = manager.receive(1.0)
+        assert named is not None and named.pid == os.getpid() and named.accepted
+        assert named.fields["MAINPID"] == "4242" and "pid 4242 serves" in named.fields["STATUS"]
+        assert manager.main == 4242 and retired  # named before the drain begins
+        # Draining and exiting is no longer the service's state: nothing more is sent.
+        notifier.stopping("stopping: draining")
+        notifier.ready("listening")
+        assert manager.receive(0.2) is None
+    finally:
+        manager.close()
 
 
 def test_a_successor_that_exits_early_changes_nothing_and_a_new_attempt_may_follow() -> None:

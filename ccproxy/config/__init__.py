@@ -135,18 +135,11 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
 
 
 def _check_workers(config: Config) -> None:
-    """Workers share request limits through the supervisor's store; token budgets are not carried
-    there yet, so with several workers they need the Redis backend to stay exact."""
+    """What several workers cannot serve. (Limits of every kind, token budgets included, are shared
+    through the supervisor's store, or Redis.)"""
     if config.server.workers <= 1:
         return
-    faults: list[ConfigError] = []
-    limits = config.limits
-    if limits.enabled and limits.state.backend != "redis":
-        if any(tier.tokens_per_minute or tier.daily_token_quota for tier in limits.per_key):
-            faults.append(ConfigError("security.rate_limiting.per_key",
-                                      "token budgets (tokens_per_minute, daily_token_quota) with server.workers > 1 "
-                                      "need state.backend: redis"))
-    faults += _admin_with_workers(config)
+    faults = _admin_with_workers(config)
     if faults:
         first = faults[0]
         first.faults = faults

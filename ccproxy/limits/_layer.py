@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from ccproxy.workers.state import SharedStore
 
 log = Logger()
+_T = TypeVar("_T")
 
 # After Redis fails, requests take the on_error path at once for this long, rather than each
 # waiting out the timeout; then one request tries Redis again.
@@ -91,25 +93,53 @@ class Limiter:
         """Raises RedisUnavailable when Redis does not answer (at once while backing off)."""
         if isinstance(self.store, MemoryStore):
             return self.store.decide(now, limits, probe)
+        return await self._remote(now, self.store.decide(now, limits, probe, ip))
+
+    async def check(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
+                    budgets: list[Limit]) -> tuple[Decision, Decision | None, str | None]:
+        """The request limits' decision, then, if they admit the request and it has token budgets,
+        the budgets' (None otherwise). Raises RedisUnavailable when the first cannot be had; why
+        the second could not be had is the third value."""
+        if not isinstance(self.store, MemoryStore | RedisStore):
+            # A worker's store: both in one question to the supervisor.
+            decision, spent = await self._remote(now, self.store.check(now, ip, limits, probe, budgets))
+            return decision, spent, None
+        decision = await self.decide(now, ip, limits, probe)
+        if not budgets or not decision.allowed or decision.blocked_until is not None:
+            return decision, None, None
+        try:
+            return decision, await self.tokens(now, budgets), None
+        except RedisUnavailable as e:
+            return decision, None, str(e)
+
+    async def _remote(self, now: float, call: Coroutine[Any, Any, _T]) -> _T:
         if now < self.down_until:
+            call.close()
             self.failures += 1
             raise RedisUnavailable("backing off after a failure")
         try:
-            decision = await self.store.decide(now, limits, probe, ip)
+            answer = await call
         except RedisUnavailable:
             self.down_until = self.clock.seconds() + BACKOFF
             self.failures += 1
             raise
         self._recovered()
-        return decision
+        return answer
+
+    async def charge(self, now: float, budgets: list[Limit], tokens: int) -> None:
+        """Charge a finished request's usage to its budgets; raises RedisUnavailable."""
+        if isinstance(self.store, MemoryStore):
+            self.store.charge(now, budgets, tokens)
+        elif isinstance(self.store, RedisStore):
+            await self.tokens(now, budgets, tokens)
+        else:
+            self.store.charge(now, budgets, tokens)  # one-way, to the supervisor
 
     async def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
         """Charge `charge` tokens to the budgets (none: only ask); raises RedisUnavailable."""
         if isinstance(self.store, MemoryStore):
             return self.store.tokens(now, budgets, charge)
-        if not isinstance(self.store, RedisStore):
-            # The config refuses token budgets for workers without Redis (config._check_workers).
-            raise RedisUnavailable("token budgets need the Redis backend when several workers share limits")
+        assert isinstance(self.store, RedisStore)  # a worker's store charges and asks through `check`
         if now < self.down_until:
             raise RedisUnavailable("backing off after a failure")
         try:
@@ -230,10 +260,12 @@ class LimitsLayer(Layer):
         if self.blocklist.is_blocked(ip, now):
             raise self._blocked(ctx, now)
         limits, probe = self.planner.plan(ip, ctx.identity, now)
-        if not limits and probe is None:
+        counted = ctx.route.kind in _COUNTED and ctx.request.method == b"POST"
+        budgets = token_budgets(self.config, ctx.identity, now) if counted else []
+        if not limits and probe is None and not budgets:
             return
         try:
-            decision = await self.limiter.decide(now, ip, limits, probe)
+            decision, spent, failure = await self.limiter.check(now, ip, limits, probe, budgets)
         except RedisUnavailable as e:
             self._on_error(str(e))
             return
@@ -245,20 +277,13 @@ class LimitsLayer(Layer):
         if not decision.allowed:
             raise self._refused(ctx, decision, headers)
         ctx.extra_headers.update(headers)
-        if ctx.route.kind in _COUNTED and ctx.request.method == b"POST":
-            await self._token_budgets(ctx, now)
+        if failure is not None:
+            self._on_error(failure)
+        elif spent is not None:
+            self._token_budgets(ctx, now, budgets, spent)
 
-    async def _token_budgets(self, ctx: RequestContext, now: float) -> None:
+    def _token_budgets(self, ctx: RequestContext, now: float, budgets: list[Limit], decision: Decision) -> None:
         """Admit while the key's token budgets are not spent; charge the reply's usage when it ends."""
-        assert self.limiter is not None
-        budgets = token_budgets(self.config, ctx.identity, now)
-        if not budgets:
-            return
-        try:
-            decision = await self.limiter.tokens(now, budgets)
-        except RedisUnavailable as e:
-            self._on_error(str(e))
-            return
         headers = token_headers(ctx.api, decision, now)
         if not decision.allowed:
             raise self._refused(ctx, decision, {**ctx.extra_headers, **headers})
@@ -271,7 +296,7 @@ class LimitsLayer(Layer):
         tokens = usage.total if usage is not None else 0
         if not tokens or self.limiter is None:
             return
-        d = defer.ensureDeferred(self.limiter.tokens(self.clock.seconds(), budgets, tokens))
+        d = defer.ensureDeferred(self.limiter.charge(self.clock.seconds(), budgets, tokens))
         d.addErrback(self._charge_failed, tokens)
 
     def _charge_failed(self, failure: Any, tokens: int) -> None:

@@ -90,6 +90,16 @@ class MemoryStore:
             outcomes.append(token_outcome(limit, state, now))
         return combine(budgets, outcomes)
 
+    def charge(self, now: float, budgets: list[Limit], tokens: int) -> None:
+        """Charge `tokens` to every budget, without asking whether they still admit (the request
+        is over: nobody waits for the answer)."""
+        if now < self._clock:
+            now = self._clock
+        self._clock = now
+        for limit in budgets:
+            state = token_charge(limit, self._state(limit.key, now), now, tokens)
+            self._put(limit.key, state, token_expiry(limit, state, now))
+
     def _count_for_block(self, now: float, probe: AutoBlockProbe) -> Decision | None:
         """Exact: the request that makes more than `count` in any `period` blocks. The times of an
         address's last count + 1 requests are kept (dropped once a period old), so what is held is

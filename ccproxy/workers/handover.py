@@ -7,7 +7,8 @@ way). The socket is never closed in between, so connections that arrive meanwhil
 and are accepted by whichever process takes them first: none is refused.
 
 The successor writes `ready` to a pipe (descriptor 4, named by `CCPROXY_HANDOVER_FD`) once it
-serves; only then does this process stop accepting and drain its open connections. If the successor
+serves; only then does this process tell systemd that the successor is the service's main process
+(`MAINPID=`, see `Notifier.hand_over`), stop accepting and drain its open connections. If the successor
 exits or stays silent for `READY_TIMEOUT` seconds, it is stopped and this process keeps serving: a
 broken new version or config never takes the service down.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from twisted.internet import protocol
 from twisted.logger import Logger
 
+from ccproxy.notify import Notifier
 from ccproxy.workers.activation import HANDOVER_FD_ENV, NAME
 
 log = Logger()
@@ -83,8 +85,10 @@ class Handover:
     """Starts a successor on SIGUSR2 and retires this process once the successor is ready."""
 
     def __init__(self, reactor: Any, listen_fd: Callable[[], int], retire: Callable[[str], Any],
-                 argv: list[str] | None = None, environ: MutableMapping[str, str] | None = None) -> None:
+                 argv: list[str] | None = None, environ: MutableMapping[str, str] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.reactor = reactor
+        self.notifier = notifier
         self.listen_fd = listen_fd
         self.retire = retire
         self.argv = sys.argv[1:] if argv is None else argv
@@ -119,6 +123,10 @@ class Handover:
         pid = self.transport.pid
         # The successor lives on after this process exits: forget it so nothing waits for it.
         self.transport.loseConnection()
+        if self.notifier is not None:
+            # Before the drain, so that systemd follows the successor (and `systemctl reload`
+            # signals it) from now on, and this process's exit is not the service's.
+            self.notifier.hand_over(pid, f"restarted: pid {pid} serves; pid {os.getpid()} is draining")
         self.retire(f"successor pid {pid} serves on the listening socket")
 
     def ended(self, successor: _Successor, reason: Any) -> None:
@@ -175,7 +183,7 @@ def attach(service: Any) -> Any:
     if worker.is_worker():
         return worker.attach(service)
     port = service.port
-    handover = Handover(service.reactor, port.fileno, lambda why: retire(service, why))
+    handover = Handover(service.reactor, port.fileno, lambda why: retire(service, why), notifier=service.notifier)
     handover.install()
     announce(claim())
     return handover

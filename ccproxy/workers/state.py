@@ -4,6 +4,10 @@ control channel.
 A worker's `SharedStore` has the interface of the Redis store (`decide` is asynchronous): requests
 that arrive in the same reactor turn go in one message and come back in one answer, each decided on
 its own, in order, by `MemoryStore.decide` in the supervisor, the same arithmetic as one process.
+Token budgets likewise, in the same store: a request's budgets ride on its `decide` question (the
+supervisor checks them, as `MemoryStore.tokens`, right after the request limits admit it: one
+round trip, not two), and the usage is charged when the request ends by a `charge` message that
+needs no answer, batched per reactor turn like the questions.
 Blocks made there are also remembered there (a blocked address is refused whichever worker asks)
 and pushed to every worker at once, so each refuses the address at accept.
 
@@ -31,30 +35,66 @@ _PROBE = -2  # the answer's limit is the auto-block probe
 _NONE = -1
 
 
-def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+def _rows(limits: list[Limit]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for limit in limits:
         if isinstance(limit, Rate):
             rows.append(["r", limit.name, limit.key, limit.count, limit.period, limit.burst])
         else:
             rows.append(["q", limit.name, limit.key, limit.count, limit.reset_at, 0])
+    return rows
+
+
+# The supervisor meets the same limits again and again (a client's, on each of its requests): each
+# is built once from its row. Bounded: emptied when full.
+_DECODED: dict[tuple[Any, ...], Limit] = {}
+_DECODED_MAX = 10_000
+
+
+def _limits(rows: list[list[Any]]) -> list[Limit]:
+    out: list[Limit] = []
+    for row in rows:
+        key = tuple(row)
+        limit = _DECODED.get(key)
+        if limit is None:
+            if len(_DECODED) >= _DECODED_MAX:
+                _DECODED.clear()
+            kind, name, subject, count, period, burst = row
+            limit = Rate(name, subject, count, period, burst) if kind == "r" else Quota(name, subject, count, period)
+            _DECODED[key] = limit
+        out.append(limit)
+    return out
+
+
+def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
+           budgets: list[Limit] | None = None) -> list[Any]:
     p = None
     if probe is not None:
         r = probe.rate
         p = [r.key, r.count, r.period, r.burst, probe.duration]
-    return [now, ip, p, rows]
+    item = [now, ip, p, _rows(limits)]
+    if budgets:
+        item.append(_rows(budgets))
+    return item
 
 
-def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None]:
-    now, ip, p, rows = item
-    limits: list[Limit] = [
-        Rate(name, key, count, period, burst) if kind == "r" else Quota(name, key, count, period)
-        for kind, name, key, count, period, burst in rows
-    ]
+def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None, list[Limit]]:
+    now, ip, p, rows = item[:4]
+    limits = _limits(rows)
     probe = None
     if p is not None:
         probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
-    return float(now), str(ip), limits, probe
+    budgets = _limits(item[4]) if len(item) > 4 else []
+    return float(now), str(ip), limits, probe, budgets
+
+
+def encode_charge(now: float, budgets: list[Limit], tokens: int) -> list[Any]:
+    return [now, int(tokens), _rows(budgets)]
+
+
+def decode_charge(item: list[Any]) -> tuple[float, list[Limit], int]:
+    now, tokens, rows = item
+    return float(now), _limits(rows), int(tokens)
 
 
 def answer(decision: Decision, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
@@ -90,7 +130,23 @@ class StateOwner:
     def decide_all(self, items: list[list[Any]]) -> list[list[Any]]:
         return [self.decide(*decode(item)) for item in items]
 
-    def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
+    def charge_all(self, items: list[list[Any]]) -> None:
+        """Requests' usage, charged in the order it arrives: what one worker charges, the next
+        question through any worker sees."""
+        for item in items:
+            now, budgets, tokens = decode_charge(item)
+            self.store.charge(now, budgets, tokens)
+
+    def decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
+               budgets: list[Limit] | None = None) -> list[Any]:
+        """The request limits' answer; with `budgets`, followed by theirs once the limits admit the
+        request (as the limits layer asks them in one process)."""
+        row = self._decide(now, ip, limits, probe)
+        if budgets and row[0] and row[5] is None:
+            row.append(answer(self.store.tokens(now, budgets), budgets, None))
+        return row
+
+    def _decide(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
         until = self.blocks.get(ip)
         if until is not None:
             if until > now:
@@ -179,6 +235,9 @@ class SharedStore:
         self.admissions = Asker(reactor, "admit")
         self._released: list[str] = []
         self._release_call: Any = None
+        # Token charges: one-way, sent at the end of the reactor turn that made them.
+        self._charges: list[list[Any]] = []
+        self._charge_call: Any = None
 
     def connect(self, send: Callable[..., None] | None) -> None:
         self.asker.send = self.admissions.send = send
@@ -204,7 +263,29 @@ class SharedStore:
                      ip: str = "") -> Decision:
         ip = probe.ip if probe is not None else ip
         row = await self.asker.ask(encode(now, ip, limits, probe))
-        return unanswer(row, limits, probe)
+        return unanswer(row[:7], limits, probe)
+
+    async def check(self, now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
+                    budgets: list[Limit]) -> tuple[Decision, Decision | None]:
+        """The request limits' decision and, if they admit the request, the token budgets' (None
+        without budgets): one question."""
+        row = await self.asker.ask(encode(now, ip, limits, probe, budgets))
+        decision = unanswer(row[:7], limits, probe)
+        return decision, unanswer(row[7], budgets, None) if len(row) > 7 else None
+
+    def charge(self, now: float, budgets: list[Limit], tokens: int) -> None:
+        """Charge a finished request's usage; raises RedisUnavailable when the supervisor is gone."""
+        if self.asker.send is None:
+            raise RedisUnavailable("the supervisor is not reachable")
+        self._charges.append(encode_charge(now, budgets, tokens))
+        if self._charge_call is None:
+            self._charge_call = self.reactor.callLater(0, self._send_charges)
+
+    def _send_charges(self) -> None:
+        self._charge_call = None
+        items, self._charges = self._charges, []
+        if items and self.asker.send is not None:
+            self.asker.send("charge", items=items)
 
     def blocked(self, ip: str, until: float) -> None:
         """A block made through another worker: refuse the address at accept here too."""

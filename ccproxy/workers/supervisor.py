@@ -25,6 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from ccproxy.config import Config, ConfigError, loads
+from ccproxy.notify import Notifier
 from ccproxy.workers import activation, handover
 from ccproxy.workers.audit import AuditWriter
 from ccproxy.workers.channel import Channel, adopt
@@ -80,6 +81,9 @@ class Supervisor(Service):
         self.state = StateOwner(config.limits.state.max_entries, self.announce_block)
         self.connections = ConnectionCounts()
         self.audit = AuditWriter(config, reactor)
+        # The supervisor is the service's main process: it alone speaks to systemd (workers are
+        # started without NOTIFY_SOCKET).
+        self.notifier = Notifier()
 
     # -- start
 
@@ -93,7 +97,7 @@ class Supervisor(Service):
         for slot in self.slots:
             self.spawn(slot)
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
-        self.handover = handover.Handover(self.reactor, self.sock.fileno, self.retire)
+        self.handover = handover.Handover(self.reactor, self.sock.fileno, self.retire, notifier=self.notifier)
         self.handover.install()
 
     def _listener(self) -> tuple[socket.socket, str]:
@@ -114,7 +118,7 @@ class Supervisor(Service):
         assert self.sock is not None
         slot.restart = None
         ours, theirs = socket.socketpair()
-        env = {k: v for k, v in os.environ.items() if k not in (INDEX, CONTROL, handover.ENV_FD)}
+        env = {k: v for k, v in os.environ.items() if k not in (INDEX, CONTROL, handover.ENV_FD, "NOTIFY_SOCKET")}
         env[INDEX] = str(slot.index)
         env[CONTROL] = str(_CONTROL_FD)
         slot.ready = False
@@ -139,6 +143,8 @@ class Supervisor(Service):
         elif op == "decide":
             if slot.channel is not None:
                 slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
+        elif op == "charge":
+            self.state.charge_all(message["items"])
         elif op == "admit":
             if slot.channel is not None:
                 answers = [self.connections.admit(slot.index, str(host), total, per_ip)
@@ -156,6 +162,7 @@ class Supervisor(Service):
                 self.announced = True
                 handover.announce(self.announce_fd)
                 self.announce_fd = None
+                self.notifier.ready(f"{self.count} workers serving")
         elif op == "reloaded":
             if not message.get("ok"):
                 log.error("worker {index} (pid {pid}) refused the reload", index=slot.index, pid=slot.pid)
@@ -197,6 +204,13 @@ class Supervisor(Service):
 
     def reload(self) -> bool:
         """Check the config file once; send the same text to every worker, or to none."""
+        self.notifier.reloading(f"reloading {self.config_path}")
+        applied = self._reload()
+        what = "config sent to the workers" if applied else "config reload refused, previous config serving"
+        self.notifier.ready(f"{self.ready_count()} workers serving; {what}")
+        return applied
+
+    def _reload(self) -> bool:
         from ccproxy.service import _check_restart_only, changed_paths
         from ccproxy.tls import certificate_options
 
@@ -262,6 +276,7 @@ class Supervisor(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        self.notifier.stopping(f"stopping: draining {self.count} workers")
         d = self.drain_all()
 
         def close(result: Any) -> Any:
