@@ -318,6 +318,18 @@ def example_config(tmp: Path, tls: dict[str, Any], upstream: str) -> dict[str, A
     return config
 
 
+# twistd and nothing else: the tests' launcher imports coverage, which is no part of the daemon's
+# memory. It is started as `python -c PLAIN_TWISTD -- -c <the tests' launcher> ARGS`: the three
+# arguments after -c are dropped, twistd reads ARGS.
+PLAIN_TWISTD = """\
+import sys
+del sys.argv[1:4]
+sys.argv[0] = "twistd"
+from twisted.scripts.twistd import run
+run()
+"""
+
+
 def smaps_kb(pid: int) -> dict[str, int]:
     """Anonymous (the heap: private to this process) and file-backed (mapped libraries and files,
     shared with other processes mapping them) resident memory."""
@@ -337,7 +349,9 @@ def memory(tmp: Path, tls: dict[str, Any], upstream: Upstream, burst: int, runs:
     for run in range(runs):
         sub = tmp / f"memory{run}"
         sub.mkdir()
-        d = Daemon(sub, example_config(sub, tls, upstream.url), ca_file=str(tmp / "ca.pem")).start()
+        d = Daemon(sub, example_config(sub, tls, upstream.url), ca_file=str(tmp / "ca.pem"))
+        d.prefix = [sys.executable, "-c", PLAIN_TWISTD, "--"]
+        d.start()
         try:
             assert d.proc is not None
             pid = d.proc.pid
