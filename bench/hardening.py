@@ -13,8 +13,13 @@ Python fake), then:
      protect;
   4. the HTTP engine under abuse (`--sections abuse`): the daemon's CPU for one maximum-size head
      (64KB) trickled a byte per TLS record; peak RSS while bodies sent in 2-byte chunks are read;
-     RSS idle, with `--burst` idle TLS connections, and after they close.
-`--sections` picks some of them (`throughput,slowloris,abuse`; all by default).
+     RSS idle, with `--burst` idle TLS connections, and after they close;
+  5. memory on the example config (`--sections memory`, with `--runs N`, 3 by default): a daemon on
+     etc/ccproxy/config.yaml (its upstreams pointed at the local upstream, its certificate the
+     bench's) idle, with `--burst` idle TLS connections, and 2s and 10s after they close; the RSS
+     split into anonymous and file-backed memory (shared library text is file-backed: it counts in
+     RSS, but is shared with every process mapping the same file); median of the runs.
+`--sections` picks some of them (`throughput,slowloris,abuse,memory`; all but memory by default).
 Prints figures; needs wrk and slowhttptest (Debian packages) and trustme.
 """
 
@@ -44,10 +49,7 @@ from tests.support.daemon import Daemon, free_port  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    return status_kb(pid, "VmRSS")
 
 
 class Upstream:
@@ -110,6 +112,7 @@ def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
 
 
 def request_on(sock: ssl.SSLSocket, path: str = "/v1/models") -> int:
+    """One request on `sock`; its status."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     data = b""
     while b"\r\n\r\n" not in data:
@@ -125,15 +128,16 @@ def request_on(sock: ssl.SSLSocket, path: str = "/v1/models") -> int:
     return int(head[9:12])
 
 
-def open_idle(d: Daemon, count: int, per_address: int) -> list[ssl.SSLSocket]:
+def open_idle(d: Daemon, count: int, per_address: int, expect: tuple[int, ...] = (200,)) -> list[ssl.SSLSocket]:
     """`count` TLS connections that each served one request, spread over loopback addresses."""
     ctx = d.ssl_context()
     conns = []
     for i in range(count):
-        source = f"127.0.1.{10 + i // per_address}"
+        source = f"127.{1 + (10 + i // per_address) // 250}.{(10 + i // per_address) % 250}.1"
         raw = socket.create_connection(("127.0.0.1", d.port), timeout=10, source_address=(source, 0))
         s = ctx.wrap_socket(raw, server_hostname="localhost")
-        assert request_on(s) == 200
+        status = request_on(s)
+        assert status in expect, status
         conns.append(s)
     return conns
 
@@ -301,6 +305,81 @@ def abuse(tmp: Path, tls: dict[str, Any], upstream: Upstream, burst: int) -> Non
         d.stop()
 
 
+def example_config(tmp: Path, tls: dict[str, Any], upstream: str) -> dict[str, Any]:
+    """etc/ccproxy/config.yaml as shipped, but listening on a free port with the bench's certificate,
+    its admin socket and state in `tmp`, and its upstreams the local one."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "etc/ccproxy/config.yaml").read_text())
+    config["server"].update(port=free_port(), tls={**config["server"]["tls"], **tls, "self_signed": False})
+    config["admin"].update(socket=str(tmp / "admin.sock"), state_dir=str(tmp / "state"))
+    for name in ("anthropic", "openai"):
+        config["upstreams"][name]["base_url"] = upstream
+    return config
+
+
+# twistd and nothing else: the tests' launcher imports coverage, which is no part of the daemon's
+# memory. It is started as `python -c PLAIN_TWISTD -- -c <the tests' launcher> ARGS`: the three
+# arguments after -c are dropped, twistd reads ARGS.
+PLAIN_TWISTD = """\
+import sys
+del sys.argv[1:4]
+sys.argv[0] = "twistd"
+from twisted.scripts.twistd import run
+run()
+"""
+
+
+def smaps_kb(pid: int) -> dict[str, int]:
+    """Anonymous (the heap: private to this process) and file-backed (mapped libraries and files,
+    shared with other processes mapping them) resident memory."""
+    return {"anon": status_kb(pid, "RssAnon"), "file": status_kb(pid, "RssFile")}
+
+
+def memory(tmp: Path, tls: dict[str, Any], upstream: Upstream, burst: int, runs: int) -> None:
+    print(f"\n[5] memory on the example config: idle, {burst} idle TLS connections, after they close "
+          f"(median of {runs} runs)")
+    figures: dict[str, list[float]] = {}
+
+    def note(label: str, pid: int) -> None:
+        split = smaps_kb(pid)
+        for key, value in (("rss", rss_kb(pid)), *split.items()):
+            figures.setdefault(f"{label} {key}", []).append(value / 1024)
+
+    for run in range(runs):
+        sub = tmp / f"memory{run}"
+        sub.mkdir()
+        d = Daemon(sub, example_config(sub, tls, upstream.url), ca_file=str(tmp / "ca.pem"))
+        d.prefix = [sys.executable, "-c", PLAIN_TWISTD, "--"]
+        d.start()
+        try:
+            assert d.proc is not None
+            pid = d.proc.pid
+            time.sleep(2.0)
+            note("idle", pid)
+            # Rate limits of the example config answer some of these 429: each connection served one request.
+            conns = open_idle(d, burst, per_address=90, expect=(200, 429))
+            time.sleep(1.0)
+            note("held", pid)
+            for c in conns:
+                c.close()
+            closed = time.monotonic()
+            for wait in (2, 10):
+                time.sleep(max(0.0, closed + wait - time.monotonic()))
+                note(f"closed+{wait}s", pid)
+        finally:
+            d.stop()
+    for label in ("idle", "held", "closed+2s", "closed+10s"):
+        rss, anon, file = (statistics.median(figures[f"{label} {key}"]) for key in ("rss", "anon", "file"))
+        runs_text = " ".join(f"{v:.1f}" for v in figures[f"{label} rss"])
+        print(f"    {label:>11}: RSS {rss:6.1f} MiB (anonymous {anon:5.1f}, file-backed {file:5.1f}); "
+              f"runs: {runs_text}")
+    idle = statistics.median(figures["idle rss"])
+    print(f"    after the burst: {statistics.median(figures['closed+10s rss']) - idle:+.1f} MiB over idle 10s "
+          f"after the close; {(statistics.median(figures['held rss']) - idle) * 1024 / burst:.1f} KiB per "
+          "idle connection while held")
+
+
 def bench_config(upstream: str, per_ip: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "upstreams": {"anthropic": {"base_url": upstream}, "openai": {"base_url": upstream}},
@@ -326,6 +405,7 @@ def main() -> None:
     parser.add_argument("--slowloris", type=int, default=500)
     parser.add_argument("--slow-length", type=int, default=30)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sections", default="throughput,slowloris,abuse")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -340,6 +420,8 @@ def main() -> None:
     upstream = Upstream(tmp)
     print(f"upstream: {upstream.kind}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
     try:
+        if "memory" in sections:
+            memory(tmp, tls, upstream, args.burst, args.runs)
         if "abuse" in sections:
             abuse(tmp, tls, upstream, args.burst)
         if "throughput" in sections:

@@ -9,7 +9,6 @@ command; only root and the daemon's own user are served, whatever the file's mod
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
@@ -41,6 +40,8 @@ MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 
 def _version() -> str:
+    import importlib.metadata  # only `status` asks: not loaded while the daemon idles
+
     try:
         return importlib.metadata.version("ccproxy")
     except importlib.metadata.PackageNotFoundError:

@@ -7,7 +7,7 @@ See docs/incident-response.md. `start` is called once by the service, after the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -18,8 +18,10 @@ from ccproxy.admin.server import Admin, listen
 from ccproxy.admin.state import IncidentState
 from ccproxy.config import Config
 from ccproxy.limits import SharedValue
-from ccproxy.metrics import Metrics, MetricsResource, Sources
 from ccproxy.monitoring.service import Monitoring
+
+if TYPE_CHECKING:
+    from ccproxy.metrics import Metrics
 
 log = Logger()
 
@@ -132,6 +134,8 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
 def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, gate: Any, site: Any,
                    audit: Any) -> Metrics:
     from twisted.web.server import Site
+
+    from ccproxy.metrics import Metrics, MetricsResource, Sources  # prometheus_client: only with metrics on
 
     metrics = Metrics(Sources(holder, deps, gate, audit), clock=reactor.seconds)
     events.add_observer(metrics.observe)

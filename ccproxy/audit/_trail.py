@@ -240,11 +240,12 @@ class AuditTrail:
         """Open the key store the config names (once per change of its settings)."""
         if privacy == self.privacy:
             return
-        from ccproxy.audit.privacy import AtRest, open_store
-        from ccproxy.audit.privacy._seal import Sealer
-
         sealer = at_rest = None
         if privacy.right_to_deletion or privacy.encryption_at_rest:
+            # The key store and its ciphers are loaded only by a config that uses them.
+            from ccproxy.audit.privacy import AtRest, open_store
+            from ccproxy.audit.privacy._seal import Sealer
+
             try:
                 store = open_store(privacy)
                 sealer = Sealer(store) if privacy.right_to_deletion else None

@@ -9,11 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from ccproxy.auth._http import http_client
-from ccproxy.auth._jwt import JwksCache, JwtAuthenticator
 from ccproxy.auth._keys import ApiKeyAuthenticator, KeyNotices
 from ccproxy.auth._layer import AuthLayer
-from ccproxy.auth._oauth2 import Introspector
 from ccproxy.config import Config
 from ccproxy.config.auth import API_KEY, JWT
 from ccproxy.context import Layer
@@ -42,6 +39,11 @@ def build_layer(config: Config, deps: Deps, previous: Layer | None, http: Any = 
         notices = KeyNotices(auth, clock)
         notices.start(old.notices if old is not None else None)
         return AuthLayer(ApiKeyAuthenticator(auth, clock), clock, notices)
+    # Side calls (treq) and JWTs (PyJWT) are loaded only by a config that uses them.
+    from ccproxy.auth._http import http_client
+    from ccproxy.auth._jwt import JwksCache, JwtAuthenticator
+    from ccproxy.auth._oauth2 import Introspector
+
     pool = None
     if http is None:
         # One side-call client for the daemon's life: a reload must not leave pools behind.

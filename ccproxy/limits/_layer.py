@@ -70,6 +70,8 @@ class Limiter:
         self.synced_at: float | None = None
         self.down_reported = 0.0
         self.failures = 0
+        # The current layer's planner, aged by the housekeeping tick.
+        self.planner: Planner | None = None
 
     def start(self) -> None:
         """Connect to Redis (if that is the store) and start the housekeeping: not in the
@@ -182,6 +184,10 @@ class Limiter:
                 # The BlockList entry lapses by itself (and may hold a later block learned since).
                 del self.own_blocks[ip]
                 events.emit("ip_unblocked", "notice", ip_address=ip, reason="block expired")
+        if isinstance(self.store, MemoryStore):
+            self.store.sweep(now)
+        if self.planner is not None:
+            self.planner.age(now)
         if isinstance(self.store, RedisStore) and now >= self.down_until:
             return defer.ensureDeferred(self.sync_blocks(now))
         return None
@@ -242,6 +248,8 @@ class LimitsLayer(Layer):
         self.ipv6_prefix = ipv6_prefix
         self.planner = Planner(config)
         self.limiter = limiter
+        if limiter is not None:
+            limiter.planner = self.planner
         self.clock = deps.reactor
         self.blocklist = deps.blocklist
 

@@ -3,7 +3,9 @@
 The table holds one entry per (limit, subject) with its state and the time the state stops
 mattering (a GCRA entry whose bucket is full again, a quota whose day is over): dropping it then
 changes no decision. Each decision examines the two oldest entries and drops them if they are
-spent (otherwise moves them to the back), so the table is swept continuously while traffic flows.
+spent (otherwise moves them to the back), so the table is swept continuously while traffic flows;
+with no traffic, the limiter's housekeeping tick sweeps it (`sweep`), so what a burst left is
+dropped once spent even if no request follows.
 Past `max_entries` the least recently used entry is forgotten: that subject starts again from a
 full bucket. Memory is therefore at most about `max_entries` x 200 bytes (100,000 entries: ~20 MB),
 whatever the number of addresses.
@@ -28,6 +30,8 @@ from ccproxy.limits._plan import MINUTE as BLOCK_WINDOW
 from ccproxy.limits._plan import AutoBlockProbe
 
 _SWEEP_PER_DECISION = 2
+# Entries looked at per housekeeping tick (a second): bounds the tick's work at 100,000 entries.
+SWEEP_PER_TICK = 2000
 
 
 class MemoryStore:
@@ -43,6 +47,10 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._table)
+
+    def watched(self) -> int:
+        """Addresses whose latest requests are kept for auto-blocking."""
+        return len(self._logs)
 
     def resize(self, max_entries: int) -> None:
         self.max_entries = max_entries
@@ -141,16 +149,20 @@ class MemoryStore:
         self._table.popitem(last=False)
         self.evicted += 1
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float, count: int = SWEEP_PER_TICK) -> None:
+        """Drop spent entries among the `count` oldest of each table (at idle, from the limiter's tick)."""
+        self._sweep(max(now, self._clock), count)
+
+    def _sweep(self, now: float, count: int = _SWEEP_PER_DECISION) -> None:
         logs = self._logs
-        for _ in range(min(_SWEEP_PER_DECISION, len(logs))):
+        for _ in range(min(count, len(logs))):
             key = next(iter(logs))
             if logs[key][-1] > now - BLOCK_WINDOW:
                 logs.move_to_end(key)
             else:
                 del logs[key]
         table = self._table
-        for _ in range(min(_SWEEP_PER_DECISION, len(table))):
+        for _ in range(min(count, len(table))):
             key = next(iter(table))
             if table[key][1] > now:
                 table.move_to_end(key)

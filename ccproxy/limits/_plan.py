@@ -124,12 +124,16 @@ def probe_for(config: LimitsConfig, ip: str) -> AutoBlockProbe | None:
 
 
 _PLAN_CACHE = 8192
+# A client's plan is forgotten between one and two of these after its last request.
+PLAN_TTL = 30.0
 
 
 class Planner:
     """`limits_for` and `probe_for`, built from parts: the global limits once, each address's and
     each key's limits remembered for recent clients (building them is a good part of a decision's
-    cost). Each cache is cleared when full, so it stays small under a flood of addresses."""
+    cost). Each cache is cleared when full, so it stays small under a flood of addresses; and it
+    is aged (`age`, from the limiter's housekeeping): what no request used for a `PLAN_TTL` goes,
+    so the clients of a burst are not held for the daemon's life."""
 
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
@@ -137,15 +141,35 @@ class Planner:
         self._global = window_rates("global", "*", config.global_) if on and config.global_ else []
         self._by_ip: dict[str, tuple[list[Limit], AutoBlockProbe | None]] = {}
         self._by_key: dict[tuple[object, ...], list[Limit]] = {}
+        # The previous generation: used again, an entry moves back; at the next `age`, the rest goes.
+        self._old_by_ip: dict[str, tuple[list[Limit], AutoBlockProbe | None]] = {}
+        self._old_by_key: dict[tuple[object, ...], list[Limit]] = {}
+        self._aged_at: float | None = None
+
+    def __len__(self) -> int:
+        """Plans remembered (addresses and keys, both generations)."""
+        return len(self._by_ip) + len(self._by_key) + len(self._old_by_ip) + len(self._old_by_key)
+
+    def age(self, now: float) -> None:
+        if self._aged_at is None:
+            self._aged_at = now
+        if now - self._aged_at < PLAN_TTL:
+            return
+        self._aged_at = now
+        self._old_by_ip, self._by_ip = self._by_ip, {}
+        self._old_by_key, self._by_key = self._by_key, {}
 
     def plan(self, ip: str, identity: Identity | None, now: float) -> tuple[list[Limit], AutoBlockProbe | None]:
         found = self._by_ip.get(ip)
         if found is None:
             if len(self._by_ip) >= _PLAN_CACHE:
                 self._by_ip.clear()
-            config = self.config
-            rates = window_rates("per_ip", ip, config.per_ip) if config.enabled and config.per_ip else []
-            found = self._by_ip[ip] = (rates, probe_for(config, ip))
+            found = self._old_by_ip.pop(ip, None)
+            if found is None:
+                config = self.config
+                rates = window_rates("per_ip", ip, config.per_ip) if config.enabled and config.per_ip else []
+                found = (rates, probe_for(config, ip))
+            self._by_ip[ip] = found
         ip_rates, probe = found
         if identity is None or not self.config.enabled:
             return self._global + ip_rates, probe
@@ -155,5 +179,8 @@ class Planner:
         if key_limits is None:
             if len(self._by_key) >= _PLAN_CACHE:
                 self._by_key.clear()
-            key_limits = self._by_key[key] = tier_limits(self.config, identity, now)
+            key_limits = self._old_by_key.pop(key, None)
+            if key_limits is None:
+                key_limits = tier_limits(self.config, identity, now)
+            self._by_key[key] = key_limits
         return self._global + ip_rates + key_limits, probe
