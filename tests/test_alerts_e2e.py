@@ -40,6 +40,19 @@ def fail_auth(d: Daemon, n: int, source: str = "127.0.0.2") -> list[int | str]:
     return codes
 
 
+def settled(d: Daemon) -> None:
+    """Wait until the daemon has logged what it did for the requests already answered.
+
+    The alert rules count each event as it is emitted, before the request's answer is sent, and
+    an alert is logged (security_alert) before its webhook posts leave. An admin command sent
+    after those answers is handled after them: once its log line is there, so is every alert the
+    requests raised, and a webhook post can only follow one of those lines.
+    """
+    done = d.log().count("admin_command command=status ")
+    assert security(d, "status").returncode == 0
+    wait_for(lambda: d.log().count("admin_command command=status ") > done)
+
+
 def auth_on(keys: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"enabled": True, "api_keys": keys or [{"id": "k", "key_sha256": "0" * 64}]}
 
@@ -54,12 +67,13 @@ def test_one_deduplicated_alert_after_n_plus_one_failures(daemon: Any, receiver:
         },
     })
     assert fail_auth(d, 5) == [401] * 5
-    time.sleep(0.5)
-    assert receiver.posts == []  # five is not more than five
+    settled(d)
+    assert "security_alert" not in d.log() and receiver.posts == []  # five is not more than five
     assert fail_auth(d, 1) == [401]
     wait_for(lambda: len(receiver.posts) == 2)
     assert fail_auth(d, 200) == [401] * 200  # the condition still holds: no new alert
-    time.sleep(1.0)
+    settled(d)
+    assert d.log().count("security_alert rule=multiple_auth_failures") == 1
     assert len(receiver.posts) == 2
     by_path = dict(receiver.posts)
     am = by_path["/am"][0]
@@ -151,13 +165,14 @@ def test_rules_added_by_a_reload_apply_within_a_second(daemon: Any, receiver: We
             break
     assert receiver.posts and time.monotonic() - started < 5.0
     assert {post["rule"] for _, post in receiver.posts} == {"late"}
+    alerts = d.log().count("security_alert")
+    seen = len(receiver.posts)
     del config["monitoring"]
     assert "config reloaded" in d.reload(config)
-    time.sleep(3.0)  # the observers follow the config within a second
-    seen = len(receiver.posts)
     assert fail_auth(d, 5, source="127.0.0.3") == [401] * 5
-    time.sleep(0.5)
-    assert len(receiver.posts) == seen  # no rules, no alerts (and no observer at all)
+    settled(d)
+    assert d.log().count("security_alert") == alerts  # no rules, no alerts
+    assert len(receiver.posts) == seen
 
 
 def test_alerts_keep_addresses_anonymised_in_the_daemon_log(daemon: Any, receiver: WebhookReceiver) -> None:
