@@ -3,6 +3,7 @@ its YAML path and the user it was checked as; `twistd ccproxy` refuses such a co
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -192,3 +193,60 @@ def test_twistd_refuses_an_unknown_log_format_and_an_invalid_config(tmp_path: Pa
         Options().parseOptions(["--config", str(path)])
     # What the file holds is escaped: a control character never reaches the terminal or the log.
     assert str(info.value) == f"invalid config {path}: server.p\\x1bort: unknown key (did you mean port?)"
+
+
+# -- what twistd's own options choose
+
+
+def _valid(tmp_path: Path, **server: Any) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"server": {"tls": {"enabled": False}, **server}, "admin": {"enabled": False}}))
+    return path
+
+
+@pytest.mark.parametrize(("parent", "chosen"), [
+    ({"nodaemon": True}, ("text", "")),  # twistd -n: standard output
+    ({"nodaemon": False}, ("file", "twistd.log")),  # daemonised: where twistd itself would write
+    ({"nodaemon": False, "logfile": "-"}, ("text", "")),
+    ({"nodaemon": True, "logfile": "/var/log/ccproxy.log"}, ("file", "/var/log/ccproxy.log")),
+    ({"syslog": True, "prefix": "twisted"}, ("syslog", "ccproxy")),  # twistd's default prefix is not ours
+    ({"syslog": True, "prefix": "edge-proxy"}, ("syslog", "edge-proxy")),
+])
+def test_twistd_logs_through_our_observer_where_its_options_say(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parent: dict[str, Any], chosen: tuple[str, str]) -> None:
+    from ccproxy import logs
+
+    monkeypatch.setattr(logs, "_chosen", logs._chosen)  # restored after the test
+    options = Options()
+    options.parent = dict(parent)  # type: ignore[attr-defined]
+    options.parseOptions(["--config", str(_valid(tmp_path)), "--log-format", "text"])
+    assert options.parent["logger"] == "ccproxy.logs.observer"  # type: ignore[attr-defined]
+    assert logs._chosen == chosen
+
+
+def test_a_logger_given_to_twistd_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccproxy import logs
+
+    monkeypatch.setattr(logs, "_chosen", ("sentinel", ""))
+    options = Options()
+    options.parent = {"logger": "my.observer"}  # type: ignore[attr-defined]
+    options.parseOptions(["--config", str(_valid(tmp_path))])
+    assert options.parent["logger"] == "my.observer" and logs._chosen == ("sentinel", "")  # type: ignore[attr-defined]
+
+
+def test_the_service_is_one_proxy_or_a_supervisor_of_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccproxy.service import ProxyService
+    from ccproxy.tap import makeService
+    from ccproxy.workers.supervisor import Supervisor
+    from ccproxy.workers.worker import INDEX
+
+    monkeypatch.delenv(INDEX, raising=False)
+    one = Options()
+    one.parseOptions(["--config", str(_valid(tmp_path))])
+    assert isinstance(makeService(one), ProxyService)
+    many = Options()
+    many.parseOptions(["--config", str(_valid(tmp_path, workers=2))])
+    supervisor = makeService(many)
+    assert isinstance(supervisor, Supervisor) and supervisor.count == 2
+    monkeypatch.setenv(INDEX, "1")  # a worker the supervisor started serves itself
+    assert isinstance(makeService(many), ProxyService)
