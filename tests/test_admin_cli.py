@@ -129,6 +129,12 @@ def test_a_refusal_or_a_garbled_answer_is_one_line_and_status_1(
         1, "", f"ccproxy security status: the daemon at {s.path} gave no answer\n")
     s.reply = b'{"ok": false}'
     assert _run(capsys, "--socket", str(s.path), "status")[2] == "ccproxy security status: refused\n"
+    s.reply = b"{}"
+    assert _run(capsys, "--socket", str(s.path), "status")[2] == "ccproxy security status: refused\n"
+    for not_an_object in (b"[1]", b'"ok"', b"null"):
+        s.reply = not_an_object
+        assert _run(capsys, "--socket", str(s.path), "status") == (
+            1, "", f"ccproxy security status: the daemon at {s.path} gave no answer\n"), not_an_object
 
 
 def test_no_daemon_behind_the_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
