@@ -110,7 +110,8 @@ def test_checkpoint_needs_a_valid_config_with_a_file_output(tmp_path: Path, caps
     assert _run(capsys, "audit", "checkpoint", "--config", str(syslog_only)) == (
         1, "", "no audit file output is configured: nothing to checkpoint\n")
     off = _config(tmp_path, "off.yaml", security={"audit": {"enabled": False, **_file_output(tmp_path)}})
-    assert _run(capsys, "audit", "checkpoint", "--config", str(off))[0] == 1
+    assert _run(capsys, "audit", "checkpoint", "--config", str(off)) == (
+        1, "", "no audit file output is configured: nothing to checkpoint\n")
     at_rest = _config(tmp_path, "at-rest.yaml", security={"audit": _file_output(tmp_path)},
                       privacy={"hipaa": {"enabled": True, "encryption_at_rest": True}, "keys": _keys(tmp_path)})
     assert _run(capsys, "audit", "checkpoint", "--config", str(at_rest)) == (
@@ -169,8 +170,12 @@ def test_export_without_erasure_reads_records_in_clear_by_the_field_asked(
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [(r["stream"], r["record"]["user_id"], r["line"]) for r in rows] == [("audit", "u-2", 2)]
     assert err == "exported 1 records\n"
+    # The records are of 2026-01-01T00:00Z: 01:00 at UTC+2 is before them, 01:00 UTC after.
     code, out, err = _run(capsys, "privacy", "export", "--config", str(config), "--ip", "192.0.2.2",
-                          "--since", "2999-01-01T00:00:00+02:00")
+                          "--since", "2026-01-01T01:00:00+02:00")
+    assert (code, len(out.splitlines()), err) == (0, 1, "exported 1 records\n")
+    code, out, err = _run(capsys, "privacy", "export", "--config", str(config), "--ip", "192.0.2.2",
+                          "--since", "2026-01-01T01:00:00Z")
     assert (code, out, err) == (0, "", "exported 0 records\n")
 
 
