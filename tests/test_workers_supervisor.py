@@ -179,17 +179,23 @@ def test_drain_tells_workers_to_drain_and_kills_those_that_overstay(supervisor: 
     done = s.drain_all()
     assert not restart.active()
     assert channel(s, 0).ops() == ["drain"] and second.process.signals == ["TERM"]
-    s.worker_ended(first, Failure(ProcessDone(0)))
-    assert not done.called and "worker 1 (pid 100) exited" in logged
-    second.process.gone = True  # exited between the check and the signal: nothing to kill, no error
     clock.advance(kill_after(5.0) - 1)
-    assert not done.called
-    second.process.gone = False
+    assert not done.called and first.process.signals == []
+    second.process.gone = True  # exited, its end not yet reported: signalling it is no error
     clock.advance(1)
-    assert second.process.signals == ["TERM", "KILL"]
-    assert "worker 2 (pid 101) did not exit after draining; killing it" in logged
-    s.worker_ended(second, Failure(ProcessTerminated(signal=9)))
-    assert done.called and clock.getDelayedCalls() == []
+    assert first.process.signals == ["KILL"] and second.process.signals == ["TERM"]
+    assert "worker 1 (pid 100) did not exit after draining; killing it" in logged
+    s.worker_ended(second, Failure(ProcessDone(0)))
+    assert not done.called and "worker 2 (pid 101) exited" in logged
+    s.worker_ended(first, Failure(ProcessTerminated(signal=9)))
+    assert done.called and clock.getDelayedCalls() == []  # stopping: nothing restarts
+
+
+def test_a_block_decided_by_the_supervisor_reaches_every_live_worker(supervisor: Any) -> None:
+    s, _, _ = supervisor
+    s.slots[1].channel = None
+    s.announce_block("192.0.2.9", 1060.0)
+    assert channel(s, 0).sent == [("block", {"ip": "192.0.2.9", "until": 1060.0})]
 
 
 def test_drain_with_no_worker_running_is_done_at_once(supervisor: Any) -> None:
