@@ -18,6 +18,7 @@ from ccproxy.limits._redis import BLOCKS, BLOCKS_MADE, LIFTED, MAX_BATCH, PREFIX
 TIMEOUT = 0.05
 RATE = Rate("per_ip_minute", "ip:192.0.2.1:m", 60, 60.0, 10)
 QUOTA = Quota("per_ip_day", "ip:192.0.2.1:d0", 1000, 86400.0)
+HANG = object()  # a command Redis never answers
 
 
 class ScriptDoesNotExist(Exception):
@@ -46,6 +47,8 @@ class FakePool:
     def _command(self, *call: Any) -> defer.Deferred[Any]:
         self.commands.append(call)
         value = self.replies.get(call[0])
+        if value is HANG:
+            return defer.Deferred()
         return defer.fail(value) if isinstance(value, Exception) else defer.succeed(value)
 
     def zrangebyscore(self, key: str, low: str, high: str, withscores: bool = False) -> defer.Deferred[Any]:
@@ -225,6 +228,15 @@ def test_polls_and_shared_values_read_what_redis_holds() -> None:
     pool.replies["set"] = ConnectionError("gone")
     error = outcome(defer.ensureDeferred(s.set_shared("emergency", "off")))
     assert isinstance(error, RedisUnavailable) and str(error) == "ConnectionError: gone"
+
+
+def test_a_poll_redis_never_answers_gives_up_after_the_timeout() -> None:
+    s, pool, clock = store(answers())
+    pool.replies["zrangebyscore"] = HANG
+    d = defer.ensureDeferred(s.active_blocks(1000.0))
+    clock.advance(TIMEOUT)
+    error = outcome(d)
+    assert isinstance(error, RedisUnavailable) and str(error) == "no answer within 50 ms"
 
 
 def test_stop_fails_what_waits_and_disconnects() -> None:

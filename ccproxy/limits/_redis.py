@@ -285,8 +285,6 @@ class RedisStore:
                 self._evalsha(keys, args, _TOKEN_SHA, _TOKEN_BYTES)))
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
-        except RedisUnavailable:
-            raise
         except Exception as e:
             self._heal()
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
