@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.admin import security, security_json
 from tests.support.daemon import Daemon
+from tests.support.waiting import wait_until
 from tests.support.webhook import WebhookReceiver
 from tests.test_incident_e2e import MESSAGE, connect, restart, status_from, wait_for
 
@@ -51,6 +52,17 @@ def settled(d: Daemon) -> None:
     done = d.log().count("admin_command command=status ")
     assert security(d, "status").returncode == 0
     wait_for(lambda: d.log().count("admin_command command=status ") > done)
+
+
+def logged_at(line: str) -> float:
+    """When the daemon wrote a log line, by its own clock (twistd's timestamps: whole seconds)."""
+    return datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
+
+def daemon_time(d: Daemon) -> float:
+    """The daemon's clock now: the time of the line an admin command sent now makes it write."""
+    settled(d)
+    return logged_at([line for line in d.log().splitlines() if "admin_command command=status " in line][-1])
 
 
 def auth_on(keys: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -156,15 +168,17 @@ def test_rules_added_by_a_reload_apply_within_a_second(daemon: Any, receiver: We
     config = d.config
     config["monitoring"] = {"security_alerts": [{"name": "late", "condition": "auth_failures > 1 in 1m"}],
                             "alert_outputs": [{"type": "webhook", "url": receiver.url + "/late"}]}
-    assert "config reloaded" in d.reload(config)
-    started = time.monotonic()
-    for i in range(20):  # each round from a new address: its first two failures fire, once observed
-        assert fail_auth(d, 2, source=f"127.0.0.{10 + i}") == [401, 401]
-        time.sleep(0.25)
-        if receiver.posts:
-            break
-    assert receiver.posts and time.monotonic() - started < 5.0
-    assert {post["rule"] for _, post in receiver.posts} == {"late"}
+    line = d.reload(config)
+    assert "config reloaded" in line
+    # The observers follow the config every second. The log's clock has whole seconds: a failure
+    # seen once that clock reads two seconds past the reload's line is over a second after it.
+    reloaded = logged_at(line)
+    wait_until(lambda: daemon_time(d) >= reloaded + 2, 60.0, "the daemon's clock to pass the reload by 2 s")
+    assert fail_auth(d, 2, source="127.0.0.10") == [401, 401]
+    settled(d)
+    assert "security_alert rule=late action=alert group_by=ip count=2" in d.log()
+    wait_for(lambda: len(receiver.posts) == 1)
+    assert [(path, post["rule"], post["group"]) for path, post in receiver.posts] == [("/late", "late", "127.0.0.10")]
     alerts = d.log().count("security_alert")
     seen = len(receiver.posts)
     del config["monitoring"]
