@@ -64,7 +64,11 @@ def check(config: Config) -> list[ConfigError]:
 
 
 def _readable(path: str) -> str | None:
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except PermissionError:  # a folder on the way the user cannot search: the file is not "missing"
+        return "permission denied"
+    except OSError:
         return "no such file" if os.path.isdir(os.path.dirname(path) or ".") else "no such file or directory"
     if os.path.isdir(path):
         return "is a directory"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.admin import security, security_json
 from tests.support.daemon import Daemon
+from tests.support.waiting import wait_until
 from tests.support.webhook import WebhookReceiver
 from tests.test_incident_e2e import MESSAGE, connect, restart, status_from, wait_for
 
@@ -40,6 +41,30 @@ def fail_auth(d: Daemon, n: int, source: str = "127.0.0.2") -> list[int | str]:
     return codes
 
 
+def settled(d: Daemon) -> None:
+    """Wait until the daemon has logged what it did for the requests already answered.
+
+    The alert rules count each event as it is emitted, before the request's answer is sent, and
+    an alert is logged (security_alert) before its webhook posts leave. An admin command sent
+    after those answers is handled after them: once its log line is there, so is every alert the
+    requests raised, and a webhook post can only follow one of those lines.
+    """
+    done = d.log().count("admin_command command=status ")
+    assert security(d, "status").returncode == 0
+    wait_for(lambda: d.log().count("admin_command command=status ") > done)
+
+
+def logged_at(line: str) -> float:
+    """When the daemon wrote a log line, by its own clock (twistd's timestamps: whole seconds)."""
+    return datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
+
+def daemon_time(d: Daemon) -> float:
+    """The daemon's clock now: the time of the line an admin command sent now makes it write."""
+    settled(d)
+    return logged_at([line for line in d.log().splitlines() if "admin_command command=status " in line][-1])
+
+
 def auth_on(keys: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"enabled": True, "api_keys": keys or [{"id": "k", "key_sha256": "0" * 64}]}
 
@@ -54,12 +79,13 @@ def test_one_deduplicated_alert_after_n_plus_one_failures(daemon: Any, receiver:
         },
     })
     assert fail_auth(d, 5) == [401] * 5
-    time.sleep(0.5)
-    assert receiver.posts == []  # five is not more than five
+    settled(d)
+    assert "security_alert" not in d.log() and receiver.posts == []  # five is not more than five
     assert fail_auth(d, 1) == [401]
     wait_for(lambda: len(receiver.posts) == 2)
     assert fail_auth(d, 200) == [401] * 200  # the condition still holds: no new alert
-    time.sleep(1.0)
+    settled(d)
+    assert d.log().count("security_alert rule=multiple_auth_failures") == 1
     assert len(receiver.posts) == 2
     by_path = dict(receiver.posts)
     am = by_path["/am"][0]
@@ -142,22 +168,25 @@ def test_rules_added_by_a_reload_apply_within_a_second(daemon: Any, receiver: We
     config = d.config
     config["monitoring"] = {"security_alerts": [{"name": "late", "condition": "auth_failures > 1 in 1m"}],
                             "alert_outputs": [{"type": "webhook", "url": receiver.url + "/late"}]}
-    assert "config reloaded" in d.reload(config)
-    started = time.monotonic()
-    for i in range(20):  # each round from a new address: its first two failures fire, once observed
-        assert fail_auth(d, 2, source=f"127.0.0.{10 + i}") == [401, 401]
-        time.sleep(0.25)
-        if receiver.posts:
-            break
-    assert receiver.posts and time.monotonic() - started < 5.0
-    assert {post["rule"] for _, post in receiver.posts} == {"late"}
+    line = d.reload(config)
+    assert "config reloaded" in line
+    # The observers follow the config every second. The log's clock has whole seconds: a failure
+    # seen once that clock reads two seconds past the reload's line is over a second after it.
+    reloaded = logged_at(line)
+    wait_until(lambda: daemon_time(d) >= reloaded + 2, 60.0, "the daemon's clock to pass the reload by 2 s")
+    assert fail_auth(d, 2, source="127.0.0.10") == [401, 401]
+    settled(d)
+    assert "security_alert rule=late action=alert group_by=ip count=2" in d.log()
+    wait_for(lambda: len(receiver.posts) == 1)
+    assert [(path, post["rule"], post["group"]) for path, post in receiver.posts] == [("/late", "late", "127.0.0.10")]
+    alerts = d.log().count("security_alert")
+    seen = len(receiver.posts)
     del config["monitoring"]
     assert "config reloaded" in d.reload(config)
-    time.sleep(3.0)  # the observers follow the config within a second
-    seen = len(receiver.posts)
     assert fail_auth(d, 5, source="127.0.0.3") == [401] * 5
-    time.sleep(0.5)
-    assert len(receiver.posts) == seen  # no rules, no alerts (and no observer at all)
+    settled(d)
+    assert d.log().count("security_alert") == alerts  # no rules, no alerts
+    assert len(receiver.posts) == seen
 
 
 def test_alerts_keep_addresses_anonymised_in_the_daemon_log(daemon: Any, receiver: WebhookReceiver) -> None:

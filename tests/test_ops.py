@@ -225,6 +225,39 @@ def test_example_writes_the_shipped_files_and_keeps_an_existing_one(tmp_path: Pa
     assert target.read_bytes() == (ROOT / "systemd/ccproxy.service").read_bytes()
 
 
+def test_example_prints_to_stdout_and_makes_the_install_script_executable(
+        tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    from ccproxy.cli import main
+    from tests.support.daemon import ROOT
+
+    assert main(["example", "unit"]) == 0
+    assert capsysbinary.readouterr().out == (ROOT / "systemd/ccproxy.service").read_bytes()
+    script = tmp_path / "install.sh"
+    assert main(["example", "install-script", "-o", str(script)]) == 0
+    assert script.stat().st_mode & 0o777 == 0o755 and script.read_bytes() == (ROOT / "packaging/install.sh").read_bytes()
+    assert capsysbinary.readouterr().out == f"wrote {script}\n".encode()
+    config = tmp_path / "config.yaml"
+    assert main(["example", "config", "-o", str(config)]) == 0
+    assert config.stat().st_mode & 0o777 == 0o644
+
+
+def test_example_says_why_it_cannot_write_or_find_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from ccproxy import examples
+    from ccproxy.cli import main
+
+    assert main(["example", "config", "-o", str(tmp_path / "no-such-dir" / "config.yaml")]) == 1
+    assert capsys.readouterr().err == (f"ccproxy example: cannot write {tmp_path}/no-such-dir/config.yaml: "
+                                       "No such file or directory\n")
+    assert not (tmp_path / "no-such-dir").exists()
+    # A package installed without its data files: where it looked, and no traceback.
+    monkeypatch.setitem(examples.EXAMPLES, "config", ("absent.yaml", "etc/ccproxy/absent.yaml"))
+    assert main(["example", "config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ccproxy example: the example config is not installed (looked in ")
+    assert "etc/ccproxy/absent.yaml" in err and "share/ccproxy/absent.yaml" in err
+
+
 def test_the_sdist_carries_what_the_tests_need(tmp_path: Path) -> None:
     """Build the sdist from the tracked files, unpack it, and run tests from the unpacked tree."""
     import shutil

@@ -71,7 +71,9 @@ def call(path: str, command: str, args: dict[str, Any]) -> Any:
     try:
         answer = json.loads(b"".join(chunks))
     except ValueError:
-        raise Failure(f"the daemon at {path} gave no answer") from None
+        answer = None
+    if not isinstance(answer, dict):  # cut short, or not our daemon behind that path
+        raise Failure(f"the daemon at {path} gave no answer")
     if not answer.get("ok"):
         raise Failure(str(answer.get("error", "refused")))
     return answer.get("result")

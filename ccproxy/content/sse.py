@@ -154,7 +154,7 @@ _DELTAS: dict[str, tuple[str, str, bool]] = {
 }
 # Events that are passed without parsing when their data names none of these (and has no escape
 # that could spell one).
-_ANTHROPIC_MARKS = (b'"content_block_', b'"message_start"', b'"message_delta"', b'"error"')
+_ANTHROPIC_MARKS = (b'"content_block_', b'"message_start"', b'"message_delta"', b'"message_stop"', b'"error"')
 
 
 class AnthropicStream(_Stream):

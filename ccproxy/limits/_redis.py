@@ -285,8 +285,6 @@ class RedisStore:
                 self._evalsha(keys, args, _TOKEN_SHA, _TOKEN_BYTES)))
         except defer.TimeoutError:
             raise RedisUnavailable(f"no answer within {self.settings.timeout * 1000:g} ms") from None
-        except RedisUnavailable:
-            raise
         except Exception as e:
             self._heal()
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
@@ -320,6 +318,13 @@ class RedisStore:
 
     def _deliver(self, reply: Any, batch: list[_Pending]) -> None:
         answers = _text(reply).split(";")
+        if len(answers) != len(batch):
+            # Not one answer per request (not our script?): which answer is whose cannot be known.
+            error = RedisUnavailable(f"unexpected reply from the script: {reply!r:.80}")
+            for _, _, d in batch:
+                if not d.called:
+                    d.errback(error)
+            return
         for (_, _, d), answer in zip(batch, answers, strict=True):
             if not d.called:  # a request already timed out (or went away) is not answered twice
                 d.callback(answer)
