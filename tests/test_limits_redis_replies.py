@@ -220,8 +220,9 @@ def test_polls_and_shared_values_read_what_redis_holds() -> None:
     s, pool, _ = store(answers())
     pool.replies = {"zrangebyscore": [(b"192.0.2.9", 1060.0)], "get": b"on"}
     assert outcome(defer.ensureDeferred(s.active_blocks(1000.0))) == [("192.0.2.9", 1060.0)]
-    pool.replies["zrangebyscore"] = [b"192.0.2.9 1060.0", "2001:db8::1 0.0"]
-    assert outcome(defer.ensureDeferred(s.blocks_made_since(990.0))) == [("192.0.2.9", 1060.0), ("2001:db8::1", 0.0)]
+    pool.replies["zrangebyscore"] = [(b"192.0.2.9 1060.0", 1000.0), ("2001:db8::1 0.0", 1001.0)]
+    assert outcome(defer.ensureDeferred(s.blocks_made_since(990.0))) == [("192.0.2.9", 1060.0, 1000.0),
+                                                                          ("2001:db8::1", 0.0, 1001.0)]
     assert outcome(defer.ensureDeferred(s.get_shared("emergency"))) == "on"
     pool.replies["get"] = None
     assert outcome(defer.ensureDeferred(s.get_shared("emergency"))) is None
@@ -247,3 +248,31 @@ def test_stop_fails_what_waits_and_disconnects() -> None:
     error = outcome(d)
     assert isinstance(error, RedisUnavailable) and str(error) == "stopped"
     assert pool.disconnected and pool.scripts == [] and clock.getDelayedCalls() == []
+
+
+def test_a_poll_that_crossed_a_lifting_does_not_bring_the_block_back() -> None:
+    from ccproxy.blocklist import BlockList
+    from ccproxy.config.limits import REDIS, StateConfig
+    from ccproxy.limits._layer import Limiter
+    from ccproxy.runtime import Deps
+
+    reactor = task.Clock()
+    reactor.advance(1000.0)
+    blocklist = BlockList()
+    limiter = Limiter(StateConfig(backend=REDIS), Deps(reactor=reactor, blocklist=blocklist))
+    pool = FakePool(answers())
+    assert isinstance(limiter.store, RedisStore)
+    limiter.store._pool = pool
+    limiter.block("192.0.2.9", 1600.0, new=True)
+    limiter.synced_at = 995.0
+    limiter.lift("192.0.2.9")  # an operator's unblock, while its lifting marker is still on its way to Redis
+    assert not blocklist.is_blocked("192.0.2.9", 1000.0)
+    # The poll reads the block as made (it was, at 990) but not yet its lifting.
+    pool.replies["zrangebyscore"] = [(b"192.0.2.9 1600.0", 990.0)]
+    outcome(defer.ensureDeferred(limiter.sync_blocks(1000.0)))
+    assert not blocklist.is_blocked("192.0.2.9", 1000.5)
+    # A block made after the lifting is news, and applies.
+    reactor.advance(1.0)
+    pool.replies["zrangebyscore"] = [(b"192.0.2.9 1600.0", 990.0), (b"192.0.2.9 1700.0", 1001.0)]
+    outcome(defer.ensureDeferred(limiter.sync_blocks(1001.0)))
+    assert blocklist.is_blocked("192.0.2.9", 1001.5)

@@ -331,7 +331,8 @@ class RedisStoreTests(_RedisFixture, _StoreTests, unittest.TestCase):
             gone = yield defer.ensureDeferred(other.active_blocks(T0 + 600.0))
             self.assertEqual(gone, [])
             made = yield defer.ensureDeferred(other.blocks_made_since(T0 - 10))
-            self.assertEqual(made, [("10.0.0.7", T0 + 600.0)])
+            self.assertEqual([(ip, until) for ip, until, _ in made], [("10.0.0.7", T0 + 600.0)])
+            self.assertAlmostEqual(made[0][2], T0, delta=1.0)
             none = yield defer.ensureDeferred(other.blocks_made_since(T0 + 1))
             self.assertEqual(none, [])
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +69,8 @@ class Limiter:
         self.down_until = 0.0
         # When blocks were last read from Redis (None: read them all next time).
         self.synced_at: float | None = None
+        # When each target was last lifted here, so a poll's older news of it is not applied again.
+        self.lifted_at: dict[str, float] = {}
         self.down_reported = 0.0
         self.failures = 0
         # The current layer's planner, aged by the housekeeping tick.
@@ -195,9 +198,10 @@ class Limiter:
     async def sync_blocks(self, now: float) -> None:
         """Learn the blocks other instances made, so the listener refuses them at accept too."""
         assert isinstance(self.store, RedisStore)
+        blocks: list[tuple[str, float, float]]
         try:
             if self.synced_at is None:
-                blocks = await self.store.active_blocks(now)
+                blocks = [(target, until, -math.inf) for target, until in await self.store.active_blocks(now)]
             else:
                 # Only what was made since the last poll (with slack for clocks a little apart).
                 blocks = await self.store.blocks_made_since(self.synced_at - SYNC_SLACK)
@@ -205,9 +209,16 @@ class Limiter:
             self.synced_at = None  # after an outage, read every block again
             return  # requests report the outage; the next tick tries again
         self.synced_at = now
-        for target, until in blocks:
+        for lifted, at in list(self.lifted_at.items()):
+            if at < now - 2 * SYNC_SLACK:
+                del self.lifted_at[lifted]
+        for target, until, made in blocks:
             if until == LIFTED:
                 self.lift(target)
+            elif target in self.lifted_at and made <= self.lifted_at[target]:
+                # Made before it was lifted here: a poll that crossed the lifting (its marker not yet
+                # in Redis) must not bring the block back.
+                continue
             elif until > now:
                 if "/" in target:  # a range an operator blocked on some instance
                     with contextlib.suppress(ValueError):
@@ -217,6 +228,7 @@ class Limiter:
 
     def lift(self, target: str) -> None:
         """Forget a block here (an operator lifted it, on this instance or another)."""
+        self.lifted_at[target] = self.clock.seconds()
         self.blocks.pop(target, None)
         self.own_blocks.pop(target, None)
         if self.incident is not None:

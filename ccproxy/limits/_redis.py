@@ -354,14 +354,15 @@ class RedisStore:
         rows = await self._query(self._pool and self._pool.zrangebyscore(BLOCKS, f"({now!r}", "+inf", withscores=True))
         return [(_text(ip), float(score)) for ip, score in rows]
 
-    async def blocks_made_since(self, since: float) -> list[tuple[str, float]]:
-        """The blocks made at or after `since` (kept two minutes): what a poll needs, however many
-        addresses are blocked in all."""
-        rows = await self._query(self._pool and self._pool.zrangebyscore(BLOCKS_MADE, repr(since), "+inf"))
+    async def blocks_made_since(self, since: float) -> list[tuple[str, float, float]]:
+        """The blocks made at or after `since` (kept two minutes), as (target, until, made), in the
+        order they were made: what a poll needs, however many addresses are blocked in all."""
+        rows = await self._query(self._pool and self._pool.zrangebyscore(BLOCKS_MADE, repr(since), "+inf",
+                                                                         withscores=True))
         out = []
-        for row in rows:
+        for row, made in rows:
             ip, _, until = _text(row).rpartition(" ")
-            out.append((ip, float(until)))
+            out.append((ip, float(until), float(made)))
         return out
 
     async def share_block(self, target: str, until: float | None, now: float) -> None:
