@@ -100,12 +100,7 @@ class Admin:
         backend = config.limits.state.backend if config.limits.active else "none"
         healthy = limiter is None or not getattr(limiter, "down_reported", 0.0)
         return {
-            "version": _version(),
-            "pid": os.getpid(),
-            "uptime_seconds": round(self.reactor.seconds() - self.started, 1),
-            "config_path": self.config_path,
-            "config_sha256": config_digest(config),
-            "ready": bool(self.holder.ready),
+            **self.about(config),
             "connections": getattr(self.gate, "total", None),
             "blocked": len(self.deps.blocklist),
             "operator_blocks": len(self.incident.blocks),
@@ -113,6 +108,17 @@ class Admin:
             "emergency_since": self.incident.emergency_since,
             "state_backend": backend,
             "state_backend_up": healthy,
+        }
+
+    def about(self, config: Config) -> dict[str, Any]:
+        """What `status` says of the daemon itself."""
+        return {
+            "version": _version(),
+            "pid": os.getpid(),
+            "uptime_seconds": round(self.reactor.seconds() - self.started, 1),
+            "config_path": self.config_path,
+            "config_sha256": config_digest(config),
+            "ready": bool(self.holder.ready),
         }
 
     async def block_ip(self, args: dict[str, Any], by: str) -> dict[str, Any]:

@@ -86,12 +86,17 @@ class AdminRunning:
 
 
 def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, site: Any = None,
-          audit: Any = None) -> AdminRunning:
+          audit: Any = None, serve: bool = True) -> AdminRunning:
+    """`serve` False: a worker of several (`server.workers`), whose supervisor serves the admin
+    socket and the metrics listener and keeps the incident state (see ccproxy.workers.admin); the
+    worker counts its own metrics and follows the supervisor's blocks and emergency switch."""
     incident: IncidentState = deps.incident
     config: Config = holder.current.config
-    incident.load()
+    incident.keeper = serve
+    incident.load()  # a worker too: what was blocked is refused from its first connection
     incident.remote = SharedValue(holder, "emergency")  # shared only with the Redis backend
-    incident.start()
+    if serve:
+        incident.start()
     incident.on_emergency.append(
         lambda: gate.close_all() if holder.current.config.emergency.close_connections else None
     )
@@ -103,7 +108,7 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         holder.current = build(new, deps, holder.current.forwarder, holder.current)
 
     running.admin = Admin(holder, deps, incident, reactor, config_path, gate=gate, rebuild=rebuild)
-    if config.admin.socket is not None:
+    if config.admin.socket is not None and serve:
         try:
             running.ports.append(listen(reactor, config.admin.socket, running.admin))
         except OSError as e:
@@ -113,7 +118,7 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         else:
             log.info("admin socket listening on {path}", path=config.admin.socket)
     if config.admin.metrics.enabled:
-        running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit)
+        running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit, serve)
     metrics = running.metrics
     running.monitoring = Monitoring(
         holder, deps, reactor,
@@ -123,16 +128,14 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         (lambda c: c.limits.auto_block.enabled, HttpRefusals(holder)),
         (lambda c: bool(c.monitoring.rules), running.monitoring.engine.observe),
     ])
-    if incident.emergency:
+    if incident.emergency and serve:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                  since=incident.emergency_since)
     return running
 
 
 def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, gate: Any, site: Any,
-                   audit: Any) -> Metrics:
-    from twisted.web.server import Site
-
+                   audit: Any, serve: bool = True) -> Metrics:
     metrics = Metrics(Sources(holder, deps, gate, audit), clock=reactor.seconds)
     events.add_observer(metrics.observe)
     relay.stream_events = metrics.stream_data
@@ -146,17 +149,27 @@ def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, 
         site.log = log_and_count
     forwarder = holder.current.forwarder
     forwarder.send = metrics.timed_send(forwarder.send)
-    listen_at = holder.current.config.admin.metrics
+    if serve:
+        port = listen_metrics(reactor, holder.current.config.admin.metrics, MetricsResource(metrics))
+        if port is not None:
+            running.ports.append(port)
+    return metrics
+
+
+def listen_metrics(reactor: Any, listen_at: Any, resource: Any) -> Any:
+    """The metrics listener on `admin.metrics.listen`, or None (logged) when it cannot bind: the
+    proxy serves on without it."""
+    from twisted.web.server import Site
+
     try:
-        scrapes = Site(MetricsResource(metrics))
+        scrapes = Site(resource)
         scrapes.noisy = False
         scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
         port = reactor.listenTCP(listen_at.port, scrapes, interface=listen_at.host)
     except Exception as e:
         log.error("metrics listener {host}:{port} unavailable: {error}", host=listen_at.host,
                   port=listen_at.port, error=str(e))
-    else:
-        running.ports.append(port)
-        address = port.getHost()
-        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
-    return metrics
+        return None
+    address = port.getHost()
+    log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+    return port

@@ -146,31 +146,10 @@ def _check_workers(config: Config) -> None:
             faults.append(ConfigError("security.rate_limiting.per_key",
                                       "token budgets (tokens_per_minute, daily_token_quota) with server.workers > 1 "
                                       "need state.backend: redis"))
-    faults += _admin_with_workers(config)
     if faults:
         first = faults[0]
         first.faults = faults
         raise first
-
-
-def _admin_with_workers(config: Config) -> list[ConfigError]:
-    """The admin socket and the metrics listener belong to one process: each worker would bind the
-    same socket path (a `ccproxy security` command would reach one worker, and the others would not
-    apply its block or emergency switch) and the same metrics port (the second bind fails). Until
-    the supervisor serves them for the whole service, they are refused with several workers rather
-    than left half working."""
-    faults: list[ConfigError] = []
-    if config.admin.socket is not None:
-        faults.append(ConfigError("admin.socket",
-                                  "the admin socket is served by one process only and is not supported with "
-                                  "server.workers > 1 (each worker would hold its own blocks and emergency "
-                                  "state); set admin.enabled: false, or server.workers: 1"))
-    if config.admin.metrics.enabled:
-        faults.append(ConfigError("admin.metrics",
-                                  "the metrics listener is served by one process only and is not supported with "
-                                  "server.workers > 1 (each worker would bind the same port and count only its "
-                                  "own requests); set admin.metrics.enabled: false, or server.workers: 1"))
-    return faults
 
 
 def _build(root: Section) -> tuple[dict[str, Any], list[str]]:

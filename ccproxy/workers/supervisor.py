@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from ccproxy.config import Config, ConfigError, loads
 from ccproxy.workers import activation, handover
+from ccproxy.workers.admin import TO_SUPERVISOR, SupervisorAdmin
 from ccproxy.workers.audit import AuditWriter
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import kill_after
@@ -80,12 +81,14 @@ class Supervisor(Service):
         self.state = StateOwner(config.limits.state.max_entries, self.announce_block)
         self.connections = ConnectionCounts()
         self.audit = AuditWriter(config, reactor)
+        self.admin = SupervisorAdmin(self)  # the admin socket and metrics, for every worker
 
     # -- start
 
     def startService(self) -> None:
         super().startService()
         self.audit.start(os.getppid() if self.announce_fd is not None else None)
+        self.admin.start()
         self.sock, source = self._listener()
         host, port = self.sock.getsockname()[:2]
         log.info("supervisor (pid {pid}) listening on {host}:{port} ({source}); starting {count} workers",
@@ -127,6 +130,7 @@ class Supervisor(Service):
             theirs.close()
         slot.channel = Channel(lambda message: self.message(slot, message), lambda: None)
         adopt(self.reactor, ours.detach(), slot.channel)
+        self.admin.spawned(slot)
         slot.last_pid = slot.process.pid
         log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)
 
@@ -156,6 +160,8 @@ class Supervisor(Service):
                 self.announced = True
                 handover.announce(self.announce_fd)
                 self.announce_fd = None
+        elif op in TO_SUPERVISOR:
+            self.admin.message(slot, message)
         elif op == "reloaded":
             if not message.get("ok"):
                 log.error("worker {index} (pid {pid}) refused the reload", index=slot.index, pid=slot.pid)
@@ -178,6 +184,7 @@ class Supervisor(Service):
         slot.channel = None
         pid, slot.process = slot.last_pid, None
         self.connections.worker_gone(slot.index)
+        self.admin.ended(slot)
         ended, slot.ended = slot.ended, None
         if ended is not None:
             ended.callback(None)
@@ -268,7 +275,8 @@ class Supervisor(Service):
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
-            return self.audit.stop()
+            return defer.DeferredList([self.admin.stop(), defer.maybeDeferred(self.audit.stop)],
+                                      consumeErrors=True)
 
         return d.addBoth(close)
 
