@@ -58,6 +58,7 @@ class WorkerAdmin:
     def __init__(self, service: Any, send: Callable[..., None]) -> None:
         self.service = service
         self.send = send
+        self.pid = os.getpid()
         self.holder = service.holder
         self.deps = service.deps
         self.incident: IncidentState = service.deps.incident
@@ -108,7 +109,7 @@ class WorkerAdmin:
             "backend_up": limiter is None or not limiter.down_reported,
             "ready": bool(self.holder.ready),
         }
-        fields: dict[str, Any] = {"id": ask, "pid": os.getpid(), "status": status}
+        fields: dict[str, Any] = {"id": ask, "pid": self.pid, "status": status}
         if metrics is not None:
             fields["families"] = of_registry(metrics.registry)
         if blocks:

@@ -168,7 +168,7 @@ class Merged:
             name, kind = str(family[0]), str(family[1])
             if kind in ("counter", "histogram"):
                 for sample, labels, value in family[3]:
-                    out[self._key(name, kind, str(sample), labels)] = float(value)
+                    _add(out, self._key(name, kind, str(sample), labels), float(value))
         return out
 
     def _key(self, family: str, kind: str, sample: str, labels: Any) -> Key:
