@@ -376,3 +376,23 @@ def test_a_follower_writes_nothing_and_reports_nothing(tmp_path: Path, seen_even
     assert follower.emergency and follower.emergency_since == 5.0
     assert sent == [("203.0.113.9", 60, "scan")]
     assert list(tmp_path.iterdir()) == [] and seen_events == []
+
+
+def test_a_switch_published_by_another_instance_is_taken_by_the_supervisor_for_every_worker(tmp_path: Path) -> None:
+    supervisor, workers, clock = _service(tmp_path)
+    shared = {"enabled": True, "since": clock.seconds(), "by": "uid=0 on another host", "changed": clock.seconds()}
+
+    class _Redis:
+        async def fetch(self) -> Any:
+            return shared
+
+    workers[0].incident.remote = _Redis()
+    clock.advance(1.0)
+    assert supervisor.admin.incident.emergency and supervisor.admin.incident.emergency_by == "uid=0 on another host"
+    assert all(w.incident.emergency for w in workers) and workers[1].emergencies == [True]
+    assert json.loads((tmp_path / "incident.json").read_text())["emergency"]["enabled"] is True
+    seen = len([m for m in workers[0].to_supervisor.sent if m["op"] == "emergency-seen"])
+    clock.advance(1.0)  # taken: not sent again
+    assert len([m for m in workers[0].to_supervisor.sent if m["op"] == "emergency-seen"]) == seen == 1
+    for w in workers:
+        w.admin.stop()

@@ -278,8 +278,11 @@ class IncidentState:
         if self.remote is None:
             return
         shared = await self.remote.fetch()
-        if not isinstance(shared, dict):
-            return
+        if isinstance(shared, dict):
+            self.take_shared(shared)
+
+    def take_shared(self, shared: dict[str, Any]) -> None:
+        """The switch as another instance published it: taken if it is later than ours."""
         try:
             enabled, changed = bool(shared["enabled"]), float(shared["changed"])
             since = None if shared.get("since") is None else float(shared["since"])

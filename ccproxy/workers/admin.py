@@ -11,12 +11,13 @@ process. Blocks a worker's alert rule makes go to the supervisor, which records 
 Commands that read (`status`, `list-blocks`) ask every worker over the control channel and
 answer for the service; `/metrics` does the same with the workers' figures (see `figures`).
 Publishing a block or the emergency switch to other instances sharing Redis is done by one worker,
-which holds the Redis connection.
+which holds the Redis connection; the workers watch for a switch made elsewhere and tell the
+supervisor, which takes it as one process does.
 
 Messages, supervisor to worker: `incident` (the state, and the automatic blocks in force),
 `unblock`, `share-block`, `share-emergency`, `rekey` (re-read the rotated keys), `collect`.
 Worker to supervisor: `figures` (the answer to `collect`, and every `PUSH_EVERY` seconds),
-`rule-block`.
+`rule-block`, `emergency-seen` (a later switch published by another instance sharing Redis).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ccproxy import events
 from ccproxy.admin.server import Admin, CommandError, _text, listen
-from ccproxy.admin.state import IncidentState, parse_target, target_text
+from ccproxy.admin.state import TICK, IncidentState, parse_target, target_text
 from ccproxy.blocklist import BlockList
 from ccproxy.limits import limiter_of, share_block
 from ccproxy.metrics import Metrics, MetricsResource
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 TO_WORKER = frozenset({"incident", "unblock", "share-block", "share-emergency", "rekey", "collect"})
-TO_SUPERVISOR = frozenset({"figures", "rule-block"})
+TO_SUPERVISOR = frozenset({"figures", "rule-block", "emergency-seen"})
 
 
 # -- in a worker
@@ -64,6 +65,11 @@ class WorkerAdmin:
         self.incident: IncidentState = service.deps.incident
         self.incident.forward_rule_block = lambda target, duration, rule: send(
             "rule-block", target=target, duration=duration, rule=rule)
+        # A switch made on another instance sharing Redis: read here (the worker has the Redis
+        # connection), taken by the supervisor, which tells every worker.
+        self.watch = task.LoopingCall(self.watch_shared)
+        self.watch.clock = service.reactor
+        self.watch.start(TICK, now=False).addErrback(lambda f: log.failure("emergency watch stopped", f))
         self.push: task.LoopingCall | None = None
         if self.metrics is not None:
             self.push = task.LoopingCall(self.send_figures, 0)
@@ -100,6 +106,21 @@ class WorkerAdmin:
         elif op == "collect":
             self.send_figures(int(message.get("id", 0)), bool(message.get("blocks")))
 
+    def watch_shared(self) -> Any:
+        remote = self.incident.remote
+        if remote is None:
+            return None
+
+        async def look() -> None:
+            shared = await remote.fetch()
+            if isinstance(shared, dict) and _later(shared, self.incident.emergency_changed):
+                self.send("emergency-seen", state=shared)
+
+        d = defer.ensureDeferred(look())
+        d.addErrback(lambda f: log.warn("could not read the shared emergency switch: {error}",
+                                        error=f.getErrorMessage()))
+        return d
+
     def send_figures(self, ask: int, blocks: bool = False) -> None:
         metrics = self.metrics
         runtime = self.holder.current
@@ -133,8 +154,16 @@ class WorkerAdmin:
         self.holder.current = build(config, self.deps, runtime.forwarder, runtime)
 
     def stop(self) -> None:
-        if self.push is not None and self.push.running:
-            self.push.stop()
+        for loop in (self.push, self.watch):
+            if loop is not None and loop.running:
+                loop.stop()
+
+
+def _later(shared: dict[str, Any], changed: float) -> bool:
+    try:
+        return float(shared["changed"]) > changed
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 # -- in the supervisor
@@ -333,6 +362,9 @@ class SupervisorAdmin:
                                             str(message["rule"]))
             except (KeyError, TypeError, ValueError):
                 return
+            self.spread()
+        elif op == "emergency-seen" and isinstance(message.get("state"), dict):
+            self.incident.take_shared(message["state"])
             self.spread()
 
     def ended(self, slot: _Slot) -> None:
