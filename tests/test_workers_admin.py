@@ -396,3 +396,39 @@ def test_a_switch_published_by_another_instance_is_taken_by_the_supervisor_for_e
     assert len([m for m in workers[0].to_supervisor.sent if m["op"] == "emergency-seen"]) == seen == 1
     for w in workers:
         w.admin.stop()
+
+
+def test_the_metrics_listener_waits_for_its_port_to_be_free() -> None:
+    from twisted.internet.error import CannotListenError
+
+    from ccproxy.admin.service import MetricsListener
+
+    class _Reactor(task.Clock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.taken = 2
+            self.tries = 0
+
+        def listenTCP(self, port: int, factory: Any, interface: str = "") -> Any:
+            self.tries += 1
+            if self.taken:
+                self.taken -= 1
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+            return SimpleNamespace(getHost=lambda: SimpleNamespace(host=interface, port=port),
+                                   stopListening=lambda: "stopped")
+
+    reactor = _Reactor()
+    listener = MetricsListener(reactor, SimpleNamespace(host="127.0.0.1", port=9464), object()).start()
+    assert listener.port is None and reactor.tries == 1
+    reactor.advance(1.0)
+    assert listener.port is None and reactor.tries == 2
+    reactor.advance(1.0)
+    assert listener.port is not None and reactor.tries == 3
+    reactor.advance(5.0)
+    assert reactor.tries == 3 and listener.stopListening() == "stopped"
+    # Stopped while still waiting: no more tries.
+    reactor.taken = 1
+    waiting = MetricsListener(reactor, SimpleNamespace(host="127.0.0.1", port=9464), object()).start()
+    assert waiting.stopListening() is None
+    reactor.advance(5.0)
+    assert reactor.tries == 4 and waiting.port is None

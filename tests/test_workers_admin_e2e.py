@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.admin import security, security_json
 from tests.support.daemon import Daemon, free_port
-from tests.support.workers import alive, log_match, ready, spread_connections, wait_for, which_worker
+from tests.support.workers import alive, log_match, ready, spread_connections, terminate, wait_for, which_worker
 from tests.test_incident_e2e import BLOCKED_SOURCE, assert_closed, status_from
 from tests.test_metrics_e2e import scrape
 
@@ -186,3 +186,34 @@ def test_metrics_sum_both_workers_and_never_go_back_when_one_is_killed(service: 
     # The block gauge is the service's.
     assert security(d, "block-ip", "10.9.0.0/16").returncode == 0
     assert scrape(port)[("ccproxy_blocked_ips", ())] == 1
+
+
+def test_after_a_restart_by_handover_the_socket_and_metrics_are_the_successors(
+        service: Callable[..., Daemon]) -> None:
+    port = free_port()
+    d = service({"admin": {"metrics": {"enabled": True, "listen": f"127.0.0.1:{port}"}},
+                 "server": {"drain_timeout": "2s"}})
+    assert security(d, "block-ip", BLOCKED_SOURCE).returncode == 0
+    assert d.proc is not None
+    old = d.proc.pid
+    d.proc.send_signal(signal.SIGUSR2)
+    successor = int(wait_for(lambda: log_match(d, r"started successor pid (\d+)"))[0].group(1))
+    try:
+        assert d.proc.wait(90) == 0
+        # The predecessor, going, left the successor's socket file in place.
+        status = security_json(d, "status")
+        assert status["pid"] == successor != old and status["operator_blocks"] == 1
+        assert [status_from(d) for _ in range(8)] == ["refused"] * 8
+        # The metrics port, held by the predecessor until it exited, is the successor's now.
+        wait_for(lambda: ("ccproxy_workers_up", ()) in _scrape_or_none(port), timeout=30)
+        assert security(d, "unblock-ip", BLOCKED_SOURCE).returncode == 0
+        assert set(_on_each_worker(d, BLOCKED_SOURCE)) == {1, 2}
+    finally:
+        terminate(successor, timeout=40)
+
+
+def _scrape_or_none(port: int) -> dict[Any, float]:
+    try:
+        return scrape(port)
+    except OSError:
+        return {}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ccproxy import events, relay
@@ -150,26 +151,55 @@ def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, 
     forwarder = holder.current.forwarder
     forwarder.send = metrics.timed_send(forwarder.send)
     if serve:
-        port = listen_metrics(reactor, holder.current.config.admin.metrics, MetricsResource(metrics))
-        if port is not None:
-            running.ports.append(port)
+        running.ports.append(listen_metrics(reactor, holder.current.config.admin.metrics, MetricsResource(metrics)))
     return metrics
 
 
-def listen_metrics(reactor: Any, listen_at: Any, resource: Any) -> Any:
-    """The metrics listener on `admin.metrics.listen`, or None (logged) when it cannot bind: the
-    proxy serves on without it."""
+def listen_metrics(reactor: Any, listen_at: Any, resource: Any) -> MetricsListener:
+    """The metrics listener on `admin.metrics.listen`; the proxy serves on without it."""
     from twisted.web.server import Site
 
-    try:
-        scrapes = Site(resource)
-        scrapes.noisy = False
-        scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
-        port = reactor.listenTCP(listen_at.port, scrapes, interface=listen_at.host)
-    except Exception as e:
-        log.error("metrics listener {host}:{port} unavailable: {error}", host=listen_at.host,
-                  port=listen_at.port, error=str(e))
-        return None
-    address = port.getHost()
-    log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
-    return port
+    scrapes = Site(resource)
+    scrapes.noisy = False
+    scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
+    return MetricsListener(reactor, listen_at, scrapes).start()
+
+
+class MetricsListener:
+    """Listens on the metrics port; while the port is taken (after a restart by handover, the
+    process this one replaces holds it until it has drained) it tries again every second."""
+
+    RETRY = 1.0
+
+    def __init__(self, reactor: Any, listen_at: Any, site: Any) -> None:
+        self.reactor = reactor
+        self.listen_at = listen_at
+        self.site = site
+        self.port: Any = None
+        self.retry: Any = None
+        self.failed = False
+
+    def start(self) -> MetricsListener:
+        self.retry = None
+        at = self.listen_at
+        try:
+            self.port = self.reactor.listenTCP(at.port, self.site, interface=at.host)
+        except CannotListenError as e:
+            if not self.failed:
+                log.error("metrics listener {host}:{port} unavailable: {error}; trying again every second",
+                          host=at.host, port=at.port, error=str(e.socketError))
+            self.failed = True
+            self.retry = self.reactor.callLater(self.RETRY, self.start)
+            return self
+        except Exception as e:
+            log.error("metrics listener {host}:{port} unavailable: {error}", host=at.host, port=at.port, error=str(e))
+            return self
+        address = self.port.getHost()
+        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+        return self
+
+    def stopListening(self) -> Any:
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        self.retry = None
+        return self.port.stopListening() if self.port is not None else None

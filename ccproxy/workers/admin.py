@@ -299,9 +299,7 @@ class SupervisorAdmin:
             from ccproxy.admin.service import listen_metrics
 
             events.add_observer(self.metrics.observe)
-            port = listen_metrics(self.reactor, config.admin.metrics, ServiceMetrics(self))
-            if port is not None:
-                self.ports.append(port)
+            self.ports.append(listen_metrics(self.reactor, config.admin.metrics, ServiceMetrics(self)))
         if self.incident.emergency:
             log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                      since=self.incident.emergency_since)
