@@ -217,3 +217,33 @@ def _scrape_or_none(port: int) -> dict[Any, float]:
         return scrape(port)
     except OSError:
         return {}
+
+
+def test_blocks_and_the_emergency_switch_are_shared_through_redis_with_another_instance(
+        service: Callable[..., Daemon], daemon: Callable[..., Daemon], tmp_path: Any) -> None:
+    from tests.support.redis import RedisServer
+
+    redis = RedisServer(tmp_path).start()
+    try:
+        # Shared through the rate limits' Redis store, there when limits are on (auto-blocking here).
+        config = {"security": {"ip_blacklist": {"enabled": False, "auto_block": {
+            "enabled": True, "threshold": 1000, "duration": "1h"}}},
+            "state": {"backend": "redis", "redis": {"url": redis.url, "timeout": "2s"}}}
+        workers = service(json.loads(json.dumps(config)))
+        single = daemon(json.loads(json.dumps(config)))
+        # Made through the supervisor, published by one worker: refused by the other instance.
+        assert security(workers, "block-ip", "127.0.0.2/31").returncode == 0
+        wait_for(lambda: status_from(single) == "refused", timeout=10)
+        assert security(workers, "unblock-ip", "127.0.0.2/31").returncode == 0
+        wait_for(lambda: status_from(single) == 200, timeout=10)
+        # Switched on by the other instance: the workers see it, the supervisor takes it for both.
+        assert security(single, "emergency", "--enable").returncode == 0
+        wait_for(lambda: security_json(workers, "status")["emergency"] is True, timeout=10)
+        for conns in _on_each_worker(workers, "127.0.0.1").values():
+            assert _get(conns[0], "/v1/models", "sk-ant-client") == 401
+        # Switched off through the supervisor: the other instance follows.
+        assert security(workers, "emergency", "--disable").returncode == 0
+        wait_for(lambda: status_from(single, key="sk-ant-client") == 200, timeout=10)
+        assert "emergency_mode enabled=True by=uid=" in workers.log() and "via=redis" in workers.log()
+    finally:
+        redis.stop()

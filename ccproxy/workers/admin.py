@@ -22,6 +22,7 @@ Worker to supervisor: `figures` (the answer to `collect`, and every `PUSH_EVERY`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -95,9 +96,9 @@ class WorkerAdmin:
                 self.deps.blocklist.unblock_network(parse_target(target))
             if message.get("share"):
                 share_block(self.holder, target, None)
-        elif op == "share-block":
+        elif op == "share-block":  # `until` None: until unblocked (a lifting is `unblock`)
             until = message.get("until")
-            share_block(self.holder, str(message["target"]), None if until is None else float(until))
+            share_block(self.holder, str(message["target"]), math.inf if until is None else float(until))
         elif op == "share-emergency":
             if self.incident.remote is not None:
                 self.incident.remote.publish(message.get("state"))
