@@ -20,7 +20,7 @@ from ccproxy.forward import Forwarder
 from ccproxy.metrics import Metrics, Sources
 from ccproxy.runtime import Deps, RuntimeHolder, build
 from ccproxy.workers.admin import TO_SUPERVISOR, TO_WORKER, WorkerAdmin
-from ccproxy.workers.figures import Merged, of_registry
+from ccproxy.workers.figures import Merged, exposition, of_registry
 from ccproxy.workers.supervisor import Supervisor
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -260,15 +260,7 @@ def test_counters_and_histograms_are_summed_over_workers() -> None:
 
 
 def _samples(merged: Merged, own: list[list[Any]] | None = None) -> Samples:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    class _One:
-        def collect(self) -> Any:
-            return merged.metrics(own)
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_One())
-    return _parse(generate_latest(registry))
+    return _parse(exposition(merged.metrics(own)))
 
 
 def test_a_worker_that_ends_keeps_its_counts_and_a_late_report_adds_only_what_is_new() -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import Counter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -40,7 +40,7 @@ from ccproxy.admin.state import TICK, IncidentState, parse_target, target_text
 from ccproxy.blocklist import BlockList
 from ccproxy.limits import limiter_of, share_block
 from ccproxy.metrics import Metrics, MetricsResource
-from ccproxy.workers.figures import ASK_TIMEOUT, PUSH_EVERY, Merged, of_registry
+from ccproxy.workers.figures import ASK_TIMEOUT, PUSH_EVERY, Merged, exposition, of_registry
 
 if TYPE_CHECKING:
     from ccproxy.workers.supervisor import Supervisor, _Slot
@@ -425,22 +425,12 @@ class SupervisorAdmin:
         ]
 
     def exposition(self) -> bytes:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Families(self.merged.metrics(self.own_figures())))
-        return generate_latest(registry)
+        return exposition(self.merged.metrics(self.own_figures()))
 
 
 def _audit_depth(trail: Any) -> int:
     sinks = getattr(trail, "sinks", None) or {}
     return sum(len(getattr(s, "queue", ())) + len(getattr(s, "buffer", ())) for s in list(sinks.values()))
-
-
-class _Families:
-    def __init__(self, families: list[Any]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Any]:
-        return self.families
 
 
 class _Ask:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from ccproxy.metrics import Bounded
@@ -201,3 +202,18 @@ def _family_of(sample: str, families: dict[str, Family]) -> str | None:
         if name in families:
             return name
     return None
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def exposition(families: list[Metric]) -> bytes:
+    """The Prometheus text format of `families`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
