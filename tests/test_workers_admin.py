@@ -181,6 +181,12 @@ def test_a_worker_that_does_not_answer_is_waited_for_no_longer_than_the_timeout(
     assert got == []
     clock.advance(2.0)
     assert got[0]["result"]["workers"]["answered"] == 1 and got[0]["result"]["connections"] == 3
+    # A worker that dies while asked is not waited for.
+    d = defer.ensureDeferred(supervisor.admin.commands.run({"command": "status", "args": {}}, "uid=0"))
+    d.addCallback(got.append)
+    assert len(got) == 1
+    supervisor.admin.ended(workers[1].slot)
+    assert len(got) == 2 and got[1]["result"]["workers"]["answered"] == 1
 
 
 def test_a_rule_block_made_in_one_worker_reaches_the_others_and_the_file(
