@@ -291,6 +291,13 @@ def test_a_worker_that_ends_keeps_its_counts_and_a_late_report_adds_only_what_is
     merged.ended(3)
     merged.ended(3)  # once only
     assert _served(_samples(merged)) == 13
+    # A process that ended before its first report was read: the report counts, once.
+    merged.ended(4)
+    early = Metrics()
+    _count(early, 2)
+    merged.update(4, of_registry(early.registry))
+    merged.update(4, of_registry(early.registry))
+    assert _served(_samples(merged)) == 15 and 4 not in merged.live
 
 
 def test_gauges_are_summed_lowest_or_the_supervisors_own() -> None:

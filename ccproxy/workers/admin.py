@@ -273,6 +273,7 @@ class SupervisorAdmin:
         self.incident.remote = _ViaWorker(self)
         self.commands = ServiceCommands(self)
         self.merged = Merged()
+        self.reporting: dict[int, int] = {}  # slot -> the pid its worker reports figures as
         # The supervisor's own counters (audit records lost, alerts ...) and its process figures.
         self.metrics = Metrics(clock=self.reactor.seconds)
         self.restarts = Counter("ccproxy_worker_restarts", "Workers that exited unasked and were started again",
@@ -351,6 +352,8 @@ class SupervisorAdmin:
         if op == "figures":
             pid = message.get("pid")
             if isinstance(pid, int) and "families" in message:
+                if pid not in self.merged.gone:  # not a late message from a process that has ended
+                    self.reporting[slot.index] = pid
                 self.merged.update(pid, message["families"])
             ask = self._asks.get(int(message.get("id") or 0))
             if ask is not None:
@@ -367,7 +370,8 @@ class SupervisorAdmin:
             self.spread()
 
     def ended(self, slot: _Slot) -> None:
-        self.merged.ended(slot.last_pid)
+        for pid in {self.reporting.pop(slot.index, None), slot.last_pid}:
+            self.merged.ended(pid)
         if not self.supervisor.stopping:
             self.restarts.inc()
         for ask in list(self._asks.values()):

@@ -102,9 +102,9 @@ class Merged:
 
     def ended(self, pid: int | None) -> None:
         """A worker process is gone: its counts stay in the sums."""
-        if pid is None or pid not in self.live:
+        if pid is None or pid in self.gone:
             return
-        families = self.live.pop(pid)
+        families = self.live.pop(pid, [])  # none yet: whatever it sent counts when it is read
         for family in families:
             self._learn(family)
         for key, value in self._counted(families).items():
