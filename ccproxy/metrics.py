@@ -340,5 +340,8 @@ class MetricsResource(Resource):
         if request.path != b"/metrics":
             request.setResponseCode(404)
             return b"not found; try /metrics\n"
+        return self.render_metrics(request)
+
+    def render_metrics(self, request: Any) -> Any:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return self.metrics.exposition()

@@ -97,7 +97,8 @@ class ProxyService(Service):
         scheme = "https" if self.tls is not None else "http"
         self.url = f"{scheme}://{_hostport(address.host, address.port)}"
         log.info("ccproxy listening on {url} ({source})", url=self.url, source=source)
-        self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit)
+        self.admin = start_admin(self.holder, self.deps, self.reactor, self.config_path, factory, site, self.audit,
+                                 serve=not worker.is_worker())
         self.holder.ready = True
         settle_heap()
         self.handover = handover.attach(self)

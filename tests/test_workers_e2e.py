@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from ccproxy.audit.verify import verify
-from ccproxy.cli import main
 from tests.support.daemon import Daemon
 from tests.support.upstream import FakeUpstream, Script, message_json
 from tests.support.workers import (
@@ -85,7 +84,7 @@ def workers(daemon: Callable[..., Daemon]) -> Callable[..., Daemon]:
     def start(config: dict[str, Any] | None = None) -> Daemon:
         config = dict(config or {})
         config.setdefault("server", {})["workers"] = 2
-        # The admin socket and metrics are one process's: refused with several workers.
+        # These tests need no admin socket (tests/test_workers_admin_e2e.py covers it).
         config.setdefault("admin", {}).setdefault("enabled", False)
         d = daemon(config)
         wait_for(lambda: _ready(d)[0]["workers"] == {"ready": 2, "configured": 2}, timeout=60)
@@ -328,27 +327,6 @@ def test_the_audit_trail_is_one_chain_written_by_the_supervisor(workers: Callabl
     access = [json.loads(line) for line in access_file.read_text().splitlines()]
     assert sum(1 for r in access if r["path"] == "/v1/messages") == 26
     assert verify([str(access_file)]).ok
-
-
-def test_an_admin_socket_or_metrics_with_several_workers_is_refused_at_start(
-        daemon: Callable[..., Daemon], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Served by every worker, the admin socket would reach one of them and the metrics port bind
-    # once: the daemon refuses to start, naming both keys, before any worker or socket exists.
-    config = {"server": {"workers": 2}, "admin": {"metrics": {"enabled": True, "listen": "127.0.0.1:0"}}}
-    with pytest.raises(RuntimeError, match=r"exited with [1-9]") as e:
-        daemon(config)
-    log = str(e.value)
-    assert "admin.socket: the admin socket is served by one process only" in log
-    assert "admin.metrics: the metrics listener is served by one process only" in log
-    assert "worker 1" not in log
-    sock = next(tmp_path.glob("d*/admin.sock"), None)
-    assert sock is None
-    # check-config says the same, with every fault.
-    path = tmp_path / "workers.yaml"
-    path.write_text(json.dumps({**config, "server": {"workers": 2, "tls": {"enabled": False}}}))
-    assert main(["check-config", str(path)]) == 1
-    out = capsys.readouterr()
-    assert "admin.socket" in out.err + out.out and "admin.metrics" in out.err + out.out
 
 
 def _budget_config(workers: int) -> dict[str, Any]:

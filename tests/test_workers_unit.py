@@ -172,7 +172,6 @@ def test_a_successor_silent_too_long_is_killed_and_this_process_keeps_serving() 
 
 
 def _server(**server: Any) -> dict[str, Any]:
-    # The admin socket is a single process's: refused with several workers (see below).
     return {"server": {"tls": {"enabled": False}, **server}, "admin": {"enabled": False}}
 
 
@@ -187,19 +186,10 @@ def test_workers_is_a_count_or_auto() -> None:
         assert e.value.path == "server.workers"
 
 
-def test_the_admin_socket_and_metrics_are_refused_with_several_workers() -> None:
-    # Each worker would bind its own admin socket and metrics port: refused, naming each key.
-    with pytest.raises(ConfigError) as e:
-        parse({**_server(workers=2), "admin": {"metrics": {"enabled": True}}})
-    assert [fault.path for fault in e.value.faults] == ["admin.socket", "admin.metrics"]
-    assert "server.workers > 1" in e.value.message and "admin.enabled: false" in e.value.message
-    with pytest.raises(ConfigError) as e:
-        parse({**_server(workers=2), "admin": {"enabled": False, "metrics": {"enabled": True}}})
-    assert [fault.path for fault in e.value.faults] == ["admin.metrics"]
-    # One process serves both; several workers without them start.
-    one = parse({**_server(workers=1), "admin": {"metrics": {"enabled": True}}})
-    assert one.admin.socket is not None and one.admin.metrics.enabled
-    assert parse(_server(workers=2)).admin.socket is None
+def test_the_admin_socket_and_metrics_are_accepted_with_several_workers() -> None:
+    # The supervisor serves both for the whole service (ccproxy.workers.admin).
+    config = parse({"server": {"tls": {"enabled": False}, "workers": 2}, "admin": {"metrics": {"enabled": True}}})
+    assert config.admin.socket is not None and config.admin.metrics.enabled and config.server.workers == 2
 
 
 def test_workers_change_only_with_a_restart() -> None:

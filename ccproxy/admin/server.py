@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -101,12 +101,7 @@ class Admin:
         backend = config.limits.state.backend if config.limits.active else "none"
         healthy = limiter is None or not getattr(limiter, "down_reported", 0.0)
         return {
-            "version": _version(),
-            "pid": os.getpid(),
-            "uptime_seconds": round(self.reactor.seconds() - self.started, 1),
-            "config_path": self.config_path,
-            "config_sha256": config_digest(config),
-            "ready": bool(self.holder.ready),
+            **self.about(config),
             "connections": getattr(self.gate, "total", None),
             "blocked": len(self.deps.blocklist),
             "operator_blocks": len(self.incident.blocks),
@@ -114,6 +109,17 @@ class Admin:
             "emergency_since": self.incident.emergency_since,
             "state_backend": backend,
             "state_backend_up": healthy,
+        }
+
+    def about(self, config: Config) -> dict[str, Any]:
+        """What `status` says of the daemon itself."""
+        return {
+            "version": _version(),
+            "pid": os.getpid(),
+            "uptime_seconds": round(self.reactor.seconds() - self.started, 1),
+            "config_path": self.config_path,
+            "config_sha256": config_digest(config),
+            "ready": bool(self.holder.ready),
         }
 
     async def block_ip(self, args: dict[str, Any], by: str) -> dict[str, Any]:
@@ -314,6 +320,39 @@ def listen(reactor: Any, path: str, admin: Admin) -> Any:
     # The socket is created with the umask's mode and only then chmod-ed: no moment open to others.
     umask = os.umask(0o077)
     try:
-        return reactor.listenUNIX(path, AdminFactory(admin), mode=0o600, wantPID=False)
+        port = _SocketFile(os.fsencode(path), AdminFactory(admin), mode=0o600, wantPID=False, reactor=reactor)
+        port.path = path
+        port.startListening()
+        return port
     finally:
         os.umask(umask)
+
+
+def _made(path: Any) -> tuple[int, int]:
+    """Which file is at `path`: its inode, and when it was made (an inode number freed by the
+    unlink of the previous socket may be given to the next at once)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+class _SocketFile(unix.Port):
+    """A listening Unix socket that, when it stops, removes its file only if the file is still its
+    own: after a restart by handover (SIGUSR2) the successor has put its socket at the same path
+    while this process drains, and the operator's commands must keep reaching it."""
+
+    path = ""
+    made: tuple[int, int] | None = None
+
+    def startListening(self) -> None:
+        super().startListening()
+        self.made = _made(self.path)
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            ours = _made(self.path) == self.made
+        except OSError:
+            ours = False
+        if ours:
+            super().connectionLost(reason)
+        else:
+            tcp.Port.connectionLost(self, reason)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ccproxy import events, relay
@@ -88,12 +89,17 @@ class AdminRunning:
 
 
 def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, site: Any = None,
-          audit: Any = None) -> AdminRunning:
+          audit: Any = None, serve: bool = True) -> AdminRunning:
+    """`serve` False: a worker of several (`server.workers`), whose supervisor serves the admin
+    socket and the metrics listener and keeps the incident state (see ccproxy.workers.admin); the
+    worker counts its own metrics and follows the supervisor's blocks and emergency switch."""
     incident: IncidentState = deps.incident
     config: Config = holder.current.config
-    incident.load()
+    incident.keeper = serve
+    incident.load()  # a worker too: what was blocked is refused from its first connection
     incident.remote = SharedValue(holder, "emergency")  # shared only with the Redis backend
-    incident.start()
+    if serve:
+        incident.start()
     incident.on_emergency.append(
         lambda: gate.close_all() if holder.current.config.emergency.close_connections else None
     )
@@ -105,7 +111,7 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         holder.current = build(new, deps, holder.current.forwarder, holder.current)
 
     running.admin = Admin(holder, deps, incident, reactor, config_path, gate=gate, rebuild=rebuild)
-    if config.admin.socket is not None:
+    if config.admin.socket is not None and serve:
         try:
             running.ports.append(listen(reactor, config.admin.socket, running.admin))
         except OSError as e:
@@ -115,7 +121,7 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         else:
             log.info("admin socket listening on {path}", path=config.admin.socket)
     if config.admin.metrics.enabled:
-        running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit)
+        running.metrics = _start_metrics(running, holder, deps, reactor, gate, site, audit, serve)
     metrics = running.metrics
     running.monitoring = Monitoring(
         holder, deps, reactor,
@@ -125,16 +131,14 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         (lambda c: c.limits.auto_block.enabled, HttpRefusals(holder)),
         (lambda c: bool(c.monitoring.rules), running.monitoring.engine.observe),
     ])
-    if incident.emergency:
+    if incident.emergency and serve:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
                  since=incident.emergency_since)
     return running
 
 
 def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, gate: Any, site: Any,
-                   audit: Any) -> Metrics:
-    from twisted.web.server import Site
-
+                   audit: Any, serve: bool = True) -> Metrics:
     from ccproxy.metrics import Metrics, MetricsResource, Sources  # prometheus_client: only with metrics on
 
     metrics = Metrics(Sources(holder, deps, gate, audit), clock=reactor.seconds)
@@ -150,17 +154,56 @@ def _start_metrics(running: AdminRunning, holder: Any, deps: Any, reactor: Any, 
         site.log = log_and_count
     forwarder = holder.current.forwarder
     forwarder.send = metrics.timed_send(forwarder.send)
-    listen_at = holder.current.config.admin.metrics
-    try:
-        scrapes = Site(MetricsResource(metrics))
-        scrapes.noisy = False
-        scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
-        port = reactor.listenTCP(listen_at.port, scrapes, interface=listen_at.host)
-    except Exception as e:
-        log.error("metrics listener {host}:{port} unavailable: {error}", host=listen_at.host,
-                  port=listen_at.port, error=str(e))
-    else:
-        running.ports.append(port)
-        address = port.getHost()
-        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+    if serve:
+        running.ports.append(listen_metrics(reactor, holder.current.config.admin.metrics, MetricsResource(metrics)))
     return metrics
+
+
+def listen_metrics(reactor: Any, listen_at: Any, resource: Any) -> MetricsListener:
+    """The metrics listener on `admin.metrics.listen`; the proxy serves on without it."""
+    from twisted.web.server import Site
+
+    scrapes = Site(resource)
+    scrapes.noisy = False
+    scrapes.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not access lines
+    return MetricsListener(reactor, listen_at, scrapes).start()
+
+
+class MetricsListener:
+    """Listens on the metrics port; while the port is taken (after a restart by handover, the
+    process this one replaces holds it until it has drained) it tries again every second."""
+
+    RETRY = 1.0
+
+    def __init__(self, reactor: Any, listen_at: Any, site: Any) -> None:
+        self.reactor = reactor
+        self.listen_at = listen_at
+        self.site = site
+        self.port: Any = None
+        self.retry: Any = None
+        self.failed = False
+
+    def start(self) -> MetricsListener:
+        self.retry = None
+        at = self.listen_at
+        try:
+            self.port = self.reactor.listenTCP(at.port, self.site, interface=at.host)
+        except CannotListenError as e:
+            if not self.failed:
+                log.error("metrics listener {host}:{port} unavailable: {error}; trying again every second",
+                          host=at.host, port=at.port, error=str(e.socketError))
+            self.failed = True
+            self.retry = self.reactor.callLater(self.RETRY, self.start)
+            return self
+        except Exception as e:
+            log.error("metrics listener {host}:{port} unavailable: {error}", host=at.host, port=at.port, error=str(e))
+            return self
+        address = self.port.getHost()
+        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+        return self
+
+    def stopListening(self) -> Any:
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        self.retry = None
+        return self.port.stopListening() if self.port is not None else None

@@ -60,6 +60,19 @@ class Block:
         return attrs.asdict(self)
 
 
+def _blocks(data: dict[str, Any], now: float) -> list[Block]:
+    """The blocks of a state file (or snapshot) not yet over."""
+    out = []
+    for item in data.get("blocks", []):
+        block = Block(
+            target=str(item["target"]), until=None if item["until"] is None else float(item["until"]),
+            reason=str(item["reason"]), by=str(item["by"]), created=float(item["created"]),
+        )
+        if block.until is None or block.until > now:
+            out.append(block)
+    return out
+
+
 class IncidentState:
     """Operator blocks and the emergency switch; the BlockList is what the listener consults."""
 
@@ -77,6 +90,11 @@ class IncidentState:
         self.on_emergency: list[Any] = []
         # Instances sharing Redis share the switch: `publish(dict)` and `async fetch() -> dict | None`.
         self.remote: Any = None
+        # False in a worker of several: the supervisor keeps the file and reports every change;
+        # this copy follows it (`mirror`) and writes nothing.
+        self.keeper = True
+        # In such a worker: where a block made by an alert rule here is sent (ip, duration, rule).
+        self.forward_rule_block: Any = None
         self._tick: task.LoopingCall | None = None
         self._save_soon: Any = None
 
@@ -89,19 +107,9 @@ class IncidentState:
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            now = self.clock.seconds()
-            for item in data.get("blocks", []):
-                block = Block(
-                    target=str(item["target"]), until=None if item["until"] is None else float(item["until"]),
-                    reason=str(item["reason"]), by=str(item["by"]), created=float(item["created"]),
-                )
-                if block.until is None or block.until > now:
-                    self._apply(block)
-            emergency = data.get("emergency") or {}
-            self.emergency = bool(emergency.get("enabled", False))
-            self.emergency_since = emergency.get("since")
-            self.emergency_by = str(emergency.get("by", ""))
-            self.emergency_changed = float(emergency.get("changed", 0.0))
+            for block in _blocks(data, self.clock.seconds()):
+                self._apply(block)
+            self._take_emergency(data)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             damaged = self.path.with_suffix(".damaged")
             log.error("incident state {path} is unreadable ({error}); moved to {damaged}, starting empty",
@@ -113,13 +121,39 @@ class IncidentState:
 
     def save(self) -> None:
         """Raises OSError when the state directory cannot be written (the command then fails)."""
+        if not self.keeper:
+            return
         if self.path is None:
             raise OSError("admin.state_dir is not set")
-        data = {
-            "blocks": [b.as_dict() for b in self.blocks.values()],
-            "emergency": self._emergency_state(),
-        }
-        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True))
+        write_atomically(self.path, json.dumps(self.snapshot(), indent=1, sort_keys=True))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Blocks and the switch as JSON values: the state file's content."""
+        return {"blocks": [b.as_dict() for b in self.blocks.values()], "emergency": self._emergency_state()}
+
+    def mirror(self, data: dict[str, Any]) -> None:
+        """Take the state another process keeps (a worker following its supervisor's `snapshot`):
+        nothing written, no event (the keeper reported the change); new blocks reach the listener
+        at once (which closes their connections), and switching emergency mode on tells
+        `on_emergency` as here."""
+        blocks = {b.target: b for b in _blocks(data, self.clock.seconds())}
+        for target in [t for t in self.blocks if t not in blocks]:
+            self._remove(target)
+        for target, block in blocks.items():
+            if self.blocks.get(target) != block:
+                self._apply(block)
+        was = self.emergency
+        self._take_emergency(data)
+        if self.emergency and not was:
+            for listener in list(self.on_emergency):
+                listener()
+
+    def _take_emergency(self, data: dict[str, Any]) -> None:
+        emergency = data.get("emergency") or {}
+        self.emergency = bool(emergency.get("enabled", False))
+        self.emergency_since = emergency.get("since")
+        self.emergency_by = str(emergency.get("by", ""))
+        self.emergency_changed = float(emergency.get("changed", 0.0))
 
     # -- blocks
 
@@ -147,6 +181,10 @@ class IncidentState:
         now = self.clock.seconds()
         block = Block(target_text(parse_target(ip)), now + duration, f"alert rule {rule}", f"rule {rule}", now)
         self._apply(block)
+        if self.forward_rule_block is not None:
+            # A worker of several: the supervisor records it, reports it and tells the others.
+            self.forward_rule_block(block.target, duration, rule)
+            return
         events.emit("ip_blocked", "warning", ip_address=block.target, reason=block.reason, by=block.by,
                     until=block.until)
         if self._save_soon is None or not self._save_soon.active():
@@ -240,8 +278,11 @@ class IncidentState:
         if self.remote is None:
             return
         shared = await self.remote.fetch()
-        if not isinstance(shared, dict):
-            return
+        if isinstance(shared, dict):
+            self.take_shared(shared)
+
+    def take_shared(self, shared: dict[str, Any]) -> None:
+        """The switch as another instance published it: taken if it is later than ours."""
         try:
             enabled, changed = bool(shared["enabled"]), float(shared["changed"])
             since = None if shared.get("since") is None else float(shared["since"])

@@ -130,40 +130,7 @@ def parse(data: Any, base_dir: str = ".", environ: Mapping[str, str] | None = No
             raise first
         config = Config(**parts, file_form=document(run), secrets_shown=tuple(run.secrets))
     privacy_check(config)  # rules across sections (HIPAA), once each section is valid
-    _check_workers(config)
     return config
-
-
-def _check_workers(config: Config) -> None:
-    """What several workers cannot serve. (Limits of every kind, token budgets included, are shared
-    through the supervisor's store, or Redis.)"""
-    if config.server.workers <= 1:
-        return
-    faults = _admin_with_workers(config)
-    if faults:
-        first = faults[0]
-        first.faults = faults
-        raise first
-
-
-def _admin_with_workers(config: Config) -> list[ConfigError]:
-    """The admin socket and the metrics listener belong to one process: each worker would bind the
-    same socket path (a `ccproxy security` command would reach one worker, and the others would not
-    apply its block or emergency switch) and the same metrics port (the second bind fails). Until
-    the supervisor serves them for the whole service, they are refused with several workers rather
-    than left half working."""
-    faults: list[ConfigError] = []
-    if config.admin.socket is not None:
-        faults.append(ConfigError("admin.socket",
-                                  "the admin socket is served by one process only and is not supported with "
-                                  "server.workers > 1 (each worker would hold its own blocks and emergency "
-                                  "state); set admin.enabled: false, or server.workers: 1"))
-    if config.admin.metrics.enabled:
-        faults.append(ConfigError("admin.metrics",
-                                  "the metrics listener is served by one process only and is not supported with "
-                                  "server.workers > 1 (each worker would bind the same port and count only its "
-                                  "own requests); set admin.metrics.enabled: false, or server.workers: 1"))
-    return faults
 
 
 def _build(root: Section) -> tuple[dict[str, Any], list[str]]:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from ccproxy.config import Config, ConfigError, loads
 from ccproxy.notify import Notifier
 from ccproxy.workers import activation, handover
+from ccproxy.workers.admin import TO_SUPERVISOR, SupervisorAdmin
 from ccproxy.workers.audit import AuditWriter
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import kill_after
@@ -84,12 +85,14 @@ class Supervisor(Service):
         # The supervisor is the service's main process: it alone speaks to systemd (workers are
         # started without NOTIFY_SOCKET).
         self.notifier = Notifier()
+        self.admin = SupervisorAdmin(self)  # the admin socket and metrics, for every worker
 
     # -- start
 
     def startService(self) -> None:
         super().startService()
         self.audit.start(os.getppid() if self.announce_fd is not None else None)
+        self.admin.start()
         self.sock, source = self._listener()
         host, port = self.sock.getsockname()[:2]
         log.info("supervisor (pid {pid}) listening on {host}:{port} ({source}); starting {count} workers",
@@ -131,6 +134,7 @@ class Supervisor(Service):
             theirs.close()
         slot.channel = Channel(lambda message: self.message(slot, message), lambda: None)
         adopt(self.reactor, ours.detach(), slot.channel)
+        self.admin.spawned(slot)
         slot.last_pid = slot.process.pid
         log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)
 
@@ -163,6 +167,8 @@ class Supervisor(Service):
                 handover.announce(self.announce_fd)
                 self.announce_fd = None
                 self.notifier.ready(f"{self.count} workers serving")
+        elif op in TO_SUPERVISOR:
+            self.admin.message(slot, message)
         elif op == "reloaded":
             if not message.get("ok"):
                 log.error("worker {index} (pid {pid}) refused the reload", index=slot.index, pid=slot.pid)
@@ -185,6 +191,7 @@ class Supervisor(Service):
         slot.channel = None
         pid, slot.process = slot.last_pid, None
         self.connections.worker_gone(slot.index)
+        self.admin.ended(slot)
         ended, slot.ended = slot.ended, None
         if ended is not None:
             ended.callback(None)
@@ -283,7 +290,8 @@ class Supervisor(Service):
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
-            return self.audit.stop()
+            return defer.DeferredList([self.admin.stop(), defer.maybeDeferred(self.audit.stop)],
+                                      consumeErrors=True)
 
         return d.addBoth(close)
 

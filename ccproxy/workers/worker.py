@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from ccproxy.config import ConfigError, loads
 from ccproxy.network.gate import Gate
 from ccproxy.workers.activation import accept_one_at_a_time
+from ccproxy.workers.admin import TO_WORKER, WorkerAdmin
 from ccproxy.workers.audit import AuditForwarder
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
@@ -63,6 +64,7 @@ class Worker:
         if self.store is not None:
             self.store.connect(self.channel.send)
         self.forwarder: AuditForwarder | None = getattr(service, "audit", None)
+        self.admin = WorkerAdmin(service, self.channel.send)  # follows the supervisor's incident state
         self.status(ready=0, configured=0)
 
     def handle(self, message: dict[str, Any]) -> None:
@@ -79,6 +81,8 @@ class Worker:
             self.drain("the supervisor asked")
         elif op == "status":
             self.status(int(message.get("ready", 0)), int(message.get("configured", 0)))
+        elif op in TO_WORKER:
+            self.admin.handle(message)
 
     def reload(self, text: str, path: str) -> None:
         try:
