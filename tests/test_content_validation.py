@@ -34,6 +34,7 @@ def make_ctx(body: bytes, kind: str = "messages", api: str = "anthropic") -> Req
     request = DummyRequest([b"v1", b"messages"])
     request.method = b"POST"
     request.path = b"/v1/messages"  # type: ignore[attr-defined]
+    request.when_finished = request.notifyFinish  # type: ignore[attr-defined]
     request.requestHeaders.setRawHeaders(b"accept-encoding", [b"gzip, br"])
     upstream = UpstreamConfig(name=api, base_url="https://example.invalid", api_key=None)
     return RequestContext(request=request, request_id="req_test", route=Route(api, upstream, b"/v1/messages", kind),

@@ -29,6 +29,7 @@ def make_ctx(path: bytes = b"/v1/messages", ip: str = "10.1.1.1", identity: Iden
     request = DummyRequest([path])
     request.method = b"POST"
     request.path = path
+    request.when_finished = request.notifyFinish
     return RequestContext(request=request, request_id="req_test", route=route(path, _UPSTREAMS), client_ip=ip,
                           started=0.0, body=b"{}", identity=identity, method=b"POST", path=path)
 

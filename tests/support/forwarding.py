@@ -41,10 +41,10 @@ class PushRequest(DummyRequest):
     """DummyRequest only knows pull producers; the relay registers a push producer."""
 
     producer: Any = None
-    startedWriting = False
+    head_sent = False
 
     def write(self, data: bytes) -> None:
-        self.startedWriting = True
+        self.head_sent = True
         super().write(data)
 
     def registerProducer(self, prod: Any, streaming: bool) -> None:
