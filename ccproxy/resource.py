@@ -86,8 +86,9 @@ class ProxyResource:
                 body=b"",
                 method=request.method,
                 path=request.path,
-                # Handed over, not copied: from here on the layers and forwarding use the context's.
-                headers=request.request_headers,
+                # The context's own copy: layers edit what goes upstream (credentials stripped, ...),
+                # while the request keeps what the client sent (X-Forwarded-For is read from it).
+                headers=request.request_headers.copy(),
             )
             request.ctx = ctx
             for layer in runtime.head_checkers:
