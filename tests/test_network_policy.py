@@ -15,7 +15,6 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
@@ -26,6 +25,7 @@ from ccproxy.network.gate import Gate
 from ccproxy.network.layer import NetworkLayer
 from ccproxy.site import ProxySite
 from tests.support.hardening import Conn
+from tests.support.requests import FakeRequest
 
 
 def nets(*cidrs: str) -> tuple[Any, ...]:
@@ -249,8 +249,7 @@ def test_proxied_clients_are_counted_per_named_client_and_forgotten_when_gone() 
 
 def decorate(config: SecurityHeadersConfig, upstream: dict[bytes, bytes], secure: bool) -> Headers:
     layer = NetworkLayer(NetworkConfig(security_headers=config))
-    request = DummyRequest([b""])
-    request.is_secure = lambda: secure  # type: ignore[attr-defined]
+    request = FakeRequest(secure=secure)
     headers = Headers({k: [v] for k, v in upstream.items()})
     layer.decorate(None, request, headers)
     return headers

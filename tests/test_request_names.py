@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from ccproxy.http.request import ProxyRequest, SendWatch
 from tests.support.forwarding import FakeProducer
+from tests.support.requests import RECORDING, FakeRequest
 from tests.support.wire import FakeChannel
 
 # Every public name of a ProxyRequest (its class docstring says what each is for). A name added,
@@ -26,8 +29,8 @@ DOCUMENTED = {
 }
 
 
-def request() -> ProxyRequest:
-    return ProxyRequest(FakeChannel(), b"GET", b"/v1/models?limit=1", Headers(), 0.0, b"")
+def request(channel: FakeChannel | None = None) -> ProxyRequest:
+    return ProxyRequest(channel or FakeChannel(), b"GET", b"/v1/models?limit=1", Headers(), 0.0, b"")
 
 
 def test_proxy_request_has_exactly_its_documented_names() -> None:
@@ -45,3 +48,24 @@ def test_its_only_camel_case_names_are_twisteds_consumer_interface() -> None:
 def test_the_send_watch_is_a_push_producer() -> None:
     watch = SendWatch(FakeProducer(), FakeChannel())
     assert verifyObject(IPushProducer, watch)
+
+
+def test_the_fake_request_answers_to_proxy_requests_names_and_signatures() -> None:
+    """Tests that drive a layer or the relay with the fake exercise the names ProxyRequest has."""
+    fake, real = FakeRequest(), request()
+    shared = {name for name in dir(fake) if not name.startswith("_")} - RECORDING
+    assert shared <= DOCUMENTED
+    assert RECORDING.isdisjoint(DOCUMENTED)
+    for name in shared:
+        ours, theirs = getattr(fake, name), getattr(real, name)
+        assert callable(ours) == callable(theirs), name
+        if callable(ours):
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name
+
+
+def test_abort_drops_the_client_connection_without_finishing() -> None:
+    channel = FakeChannel()
+    made = request(channel)
+    made.write(b"part of a body")
+    made.abort()
+    assert channel.transport.disconnected and not made.finished
