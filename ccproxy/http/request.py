@@ -5,9 +5,9 @@ resource, which decides from the head alone whether to go on: only then does it 
 (`read_body`), so a refused request is answered before its body is read. The request is a small
 response writer with names of its own (`set_status`, `set_header`, `respond`, `when_finished`, ...):
 the head is parsed once, and a response head goes out in the same write as the first body bytes.
-The only camelCase names left are those of Twisted's `IConsumer` (`registerProducer`,
-`unregisterProducer`, `write`: a producer registered here is driven through them) and, on
-`SendWatch`, of `IPushProducer` (the client's transport calls those).
+The only camelCase names left are those of Twisted interfaces: `IConsumer` on the request
+(`registerProducer`, `unregisterProducer`, with `write`: the upstream socket is attached through
+them), and `IPushProducer` on `SendWatch` (the client's transport calls those).
 """
 
 from __future__ import annotations
