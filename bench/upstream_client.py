@@ -72,9 +72,9 @@ def written_heads(n: int) -> None:
     channel = FakeChannel()
     for _ in range(n):
         request = ProxyRequest(channel, b"POST", b"/v1/messages", Headers(), b"", 0.0)
-        request.setResponseCode(200, b"OK")
+        request.set_status(200, b"OK")
         for name, value in RESPONSE_HEADERS:
-            request.responseHeaders.setRawHeaders(name, [value])
+            request.response_headers.setRawHeaders(name, [value])
         request.respond(b"x" * 300)
         channel.transport.clear()
 

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -25,6 +25,9 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 
 from ccproxy.routes import api_for
+
+if TYPE_CHECKING:
+    from ccproxy.http.request import ProxyRequest
 
 # Label values must look like names; at most this many distinct ones per label of a metric.
 _NAME = re.compile(r"^[a-z0-9_.:-]{1,64}$")
@@ -162,7 +165,7 @@ class Metrics:
 
     # -- hooks where no event is
 
-    def request_done(self, request: Any, now: float) -> None:
+    def request_done(self, request: ProxyRequest, now: float) -> None:
         """Called at the end of every answered request (the site's log call)."""
         ctx = request.ctx
         if ctx is not None:
@@ -170,9 +173,9 @@ class Metrics:
         elif request.path in (b"/health", b"/ready"):
             api, route = "none", "health"
         else:
-            api, route = api_for(request.uri), "none"
+            api, route = api_for(request.target), "none"
         hot = self.hot
-        key = (api, route, request.code)
+        key = (api, route, request.status)
         requests = hot.requests
         requests[key] = requests.get(key, 0) + 1
         hot.duration.observe(api, now - request.started)

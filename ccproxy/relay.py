@@ -86,7 +86,7 @@ class Relay(Protocol):
         timer. Most small bodies are whole by then and need neither."""
         if self.done.called or self._cancelled:
             return
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self.transport, True)  # type: ignore[arg-type]  # a TransportProxyProducer
         self._registered = True
         if not self._timer.armed:
             self._arm()
@@ -175,12 +175,12 @@ class Relay(Protocol):
         if self.sse and not self.buffered:
             self.request.write(sse_error_event(self.api, error))
             self.request.finish()
-        elif self.buffered and not self.request.startedWriting:
+        elif self.buffered and not self.request.head_sent:
             self.done.errback(error)
             return
         else:
             # The client must see a truncated body as truncated, not as complete.
-            abort_client(self.request)
+            self.request.abort()
         self.done.callback(None)
 
     def _give_up(self, error: ApiError) -> None:
@@ -223,10 +223,3 @@ class Relay(Protocol):
         self._cancelled = True
         self._disarm()
         self._stop_upstream()
-
-
-def abort_client(request: Request) -> None:
-    """Drop the client connection: a reply that cannot be completed must not look complete."""
-    channel = request.channel
-    if channel is not None and channel.transport is not None:
-        channel.transport.abortConnection()

@@ -17,7 +17,7 @@ from ccproxy.errors import ApiError, error_body
 from ccproxy.forward import response_headers, upstream_headers
 from ccproxy.http.client import UpstreamResponse
 from ccproxy.http.request import ProxyRequest as Request
-from ccproxy.relay import Relay, abort_client
+from ccproxy.relay import Relay
 from ccproxy.routes import api_for, compile_allowed, route
 from ccproxy.runtime import Runtime, RuntimeHolder
 
@@ -37,11 +37,11 @@ class ProxyResource:
 
     def render(self, request: Request) -> Any:
         """Called when the head is complete: the body is read only once the head checks pass."""
-        request.responseHeaders.setRawHeaders(b"server", [b"ccproxy"])
+        request.response_headers.setRawHeaders(b"server", [b"ccproxy"])
         if request.path in (b"/health", b"/ready") and request.method not in _REFUSED_METHODS:
             return self._health(request)
         d = defer.ensureDeferred(self._handle(request, self.holder.current))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        request.when_finished().addErrback(lambda _: d.cancel())
         d.addErrback(self._unexpected, request)
         return NOT_DONE_YET
 
@@ -49,14 +49,14 @@ class ProxyResource:
         """End-of-request hook of the layers (the site calls it when the response is complete)."""
         runtime = self.holder.current
         if runtime.completers:
-            runtime.completed(request.ctx, request, request.code)
+            runtime.completed(request.ctx, request, request.status)
 
     def _health(self, request: Request) -> bytes:
         request_id = new_request_id()
         request.request_id = request_id
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"request-id", request_id.encode())
-        self.holder.current.decorate(None, request, request.responseHeaders)
+        request.set_header(b"content-type", b"application/json")
+        request.set_header(b"request-id", request_id.encode())
+        self.holder.current.decorate(None, request, request.response_headers)
         if request.path == b"/health":
             return b'{"status":"ok"}'
         if self.holder.ready:
@@ -64,7 +64,7 @@ class ProxyResource:
             if incident is not None and incident.emergency:
                 return self.holder.ready_body[:-1] + b',"emergency":true}'
             return self.holder.ready_body
-        request.setResponseCode(503)
+        request.set_status(503)
         return b'{"status":"starting"}'
 
     async def _handle(self, request: Request, runtime: Runtime) -> None:
@@ -75,7 +75,7 @@ class ProxyResource:
             if request.method in _REFUSED_METHODS:
                 raise ApiError(405, f"method {request.method.decode('latin-1')} is not allowed")
             config = runtime.config
-            target = route(request.uri, config.upstreams, compile_allowed(config.content.routes.allow))
+            target = route(request.target, config.upstreams, compile_allowed(config.content.routes.allow))
             ctx = RequestContext(
                 request=request,
                 request_id=request_id,
@@ -86,8 +86,9 @@ class ProxyResource:
                 body=b"",
                 method=request.method,
                 path=request.path,
-                # Handed over, not copied: from here on the layers and forwarding use the context's.
-                headers=request.requestHeaders,
+                # The context's own copy: layers edit what goes upstream (credentials stripped, ...),
+                # while the request keeps what the client sent (X-Forwarded-For is read from it).
+                headers=request.request_headers.copy(),
             )
             request.ctx = ctx
             for layer in runtime.head_checkers:
@@ -143,14 +144,14 @@ class ProxyResource:
         self, ctx: RequestContext, runtime: Runtime, response: UpstreamResponse, filtered: bool, length: int | None
     ) -> None:
         request = ctx.request
-        request.setResponseCode(response.code, response.phrase)
+        request.set_status(response.code, response.phrase)
         # The upstream's headers become the response's (no copy); what ccproxy set before stays
         # only where the upstream sent no header of that name.
         out = response_headers(response.headers, keep_length=not filtered and response.length is not UNKNOWN_LENGTH)
-        for name, values in request.responseHeaders.getAllRawHeaders():
+        for name, values in request.response_headers.getAllRawHeaders():
             if not out.hasHeader(name):
                 out.setRawHeaders(name, values)
-        request.responseHeaders = out
+        request.response_headers = out
         if length is not None:
             out.setRawHeaders(b"content-length", [str(length).encode()])
         if not out.hasHeader(b"request-id"):
@@ -168,14 +169,14 @@ class ProxyResource:
     def _send_error(self, request: Request, runtime: Runtime, ctx: RequestContext | None, error: ApiError) -> None:
         if request.finished or request._disconnected:
             return
-        if request.startedWriting:
+        if request.head_sent:
             # Too late for an error response: cut the connection so the client sees a broken reply.
-            abort_client(request)
+            request.abort()
             return
-        api = ctx.api if ctx is not None else api_for(request.uri)
+        api = ctx.api if ctx is not None else api_for(request.target)
         body = error_body(api, error)
-        request.setResponseCode(error.status, _PHRASES.get(error.status))
-        out = request.responseHeaders
+        request.set_status(error.status, _PHRASES.get(error.status))
+        out = request.response_headers
         out.setRawHeaders(b"content-type", [b"application/json"])
         out.setRawHeaders(b"content-length", [str(len(body)).encode()])
         out.setRawHeaders(b"request-id", [request.request_id.encode()])
@@ -186,7 +187,7 @@ class ProxyResource:
         request.finish()
 
     def _unexpected(self, failure: Failure, request: Request) -> None:
-        log.failure("unexpected error handling {uri}", failure, uri=_loggable(request.uri))
+        log.failure("unexpected error handling {uri}", failure, uri=_loggable(request.target))
         try:
             self._send_error(request, self.holder.current, None, ApiError(500, "internal proxy error"))
         except Exception:
@@ -199,7 +200,7 @@ def _loggable(uri: bytes) -> str:
 
 
 def _client_host(request: Request) -> str:
-    return str(getattr(request.getClientAddress(), "host", ""))
+    return str(getattr(request.client_address(), "host", ""))
 
 
 def _upstream_error(ctx: RequestContext, status: int, reason: str) -> None:

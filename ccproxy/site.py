@@ -96,12 +96,12 @@ class ProxySite(Factory):
             "{method} {path} {status} {latency_ms:.1f}ms key={key_id} request_id={request_id}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1")[:200],
-            status=request.code,
+            status=request.status,
             latency_ms=latency_ms,
             key_id=ctx.identity.key_id if ctx is not None and ctx.identity is not None else "-",
             user_id=ctx.identity.user_id if ctx is not None and ctx.identity is not None else None,
             request_id=request.request_id,
-            client_ip=ctx.client_ip if ctx is not None else getattr(request.getClientAddress(), "host", "-"),
+            client_ip=ctx.client_ip if ctx is not None else getattr(request.client_address(), "host", "-"),
             # Token usage of a model reply (what was seen of it, when it was cut short).
             **(ctx.usage.fields() if ctx is not None and ctx.usage is not None else {}),
         )

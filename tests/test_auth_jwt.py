@@ -75,7 +75,8 @@ def test_hs256_token_gives_identity() -> None:
     assert run(layer, ctx) is None
     assert ctx.identity is not None
     assert (ctx.identity.key_id, ctx.identity.user_id, ctx.identity.tier) == ("jwt:user-42", "user-42", "premium")
-    assert not ctx.request.requestHeaders.hasHeader(b"authorization")
+    assert not ctx.headers.hasHeader(b"authorization")
+    assert ctx.request.request_headers.hasHeader(b"authorization")  # the client's request is left as sent
 
 
 def test_rs256_with_pem_file_and_x_api_key_header(tmp_path: Path) -> None:

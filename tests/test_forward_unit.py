@@ -198,6 +198,15 @@ def test_relay_cut_never_flushes_held_tail() -> None:
     assert b"api_error" in request.written[-1]
 
 
+def test_relay_cut_mid_body_aborts_the_client_rather_than_finishing() -> None:
+    relay, request, _, _ = make_relay(Clock(), sse=False)
+    relay.dataReceived(b'{"partial":')
+    relay.connectionLost(Failure(ResponseFailed([Failure(Exception("cut"))])))
+    assert request.written == [b'{"partial":']
+    assert request.aborted and not request.finished  # a truncated body must not look complete
+    assert relay.done.called
+
+
 def test_relay_buffered_filter_writes_head_with_new_length() -> None:
     relay, request, heads, _ = make_relay(Clock(), sse=False, body_filter=Upper(), buffered=True)
     assert heads == []

@@ -10,7 +10,6 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as real_reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.config import parse
 from ccproxy.context import Identity, RequestContext
@@ -21,14 +20,13 @@ from ccproxy.runtime import Deps
 from tests.support.authkit import Events
 from tests.support.limits import FakeTime, deps, limits_config
 from tests.support.redis import ClassRedis
+from tests.support.requests import FakeRequest
 
 _UPSTREAMS = parse({"server": {"tls": {"enabled": False}}}).upstreams
 
 
 def make_ctx(path: bytes = b"/v1/messages", ip: str = "10.1.1.1", identity: Identity | None = None) -> RequestContext:
-    request = DummyRequest([path])
-    request.method = b"POST"
-    request.path = path
+    request = FakeRequest(b"POST", path, client=ip)
     return RequestContext(request=request, request_id="req_test", route=route(path, _UPSTREAMS), client_ip=ip,
                           started=0.0, body=b"{}", identity=identity, method=b"POST", path=path)
 

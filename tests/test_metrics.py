@@ -28,7 +28,7 @@ class _Ctx:
 
 class _Request:
     def __init__(self, code: int, path: bytes = b"/openai/v1/chat/completions", ctx: Any = None) -> None:
-        self.code, self.path, self.uri, self.ctx = code, path, path, ctx
+        self.status, self.path, self.target, self.ctx = code, path, path, ctx
         self.started = 10.0
 
 

@@ -15,17 +15,17 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import ConfigError, parse
 from ccproxy.config.network import DDoSConfig, IPListConfig, NetworkConfig, SecurityHeadersConfig, unmap_network
+from ccproxy.http.request import ProxyRequest
 from ccproxy.network.addresses import AccessPolicy, NetworkSet, client_from_forwarded, parse_ip
 from ccproxy.network.gate import Gate
 from ccproxy.network.layer import NetworkLayer
 from ccproxy.site import ProxySite
 from tests.support.hardening import Conn
+from tests.support.requests import FakeRequest
 
 
 def nets(*cidrs: str) -> tuple[Any, ...]:
@@ -104,8 +104,8 @@ def test_forwarded_for(peer: str, xff: list[bytes], client: str) -> None:
 class ClientIp(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
-        return request.getClientAddress().host.encode()  # type: ignore[attr-defined, no-any-return]
+    def render(self, request: ProxyRequest) -> bytes:
+        return request.client_address().host.encode()  # type: ignore[attr-defined, no-any-return]
 
 
 def test_request_names_client_behind_trusted_proxy_only() -> None:
@@ -249,8 +249,7 @@ def test_proxied_clients_are_counted_per_named_client_and_forgotten_when_gone() 
 
 def decorate(config: SecurityHeadersConfig, upstream: dict[bytes, bytes], secure: bool) -> Headers:
     layer = NetworkLayer(NetworkConfig(security_headers=config))
-    request = DummyRequest([b""])
-    request.isSecure = lambda: secure  # type: ignore[method-assign]
+    request = FakeRequest(secure=secure)
     headers = Headers({k: [v] for k, v in upstream.items()})
     layer.decorate(None, request, headers)
     return headers

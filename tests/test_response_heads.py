@@ -133,9 +133,9 @@ def written(code: int, phrase: bytes | None, headers: list[tuple[bytes, bytes]])
 
     channel = FakeChannel()
     request = ProxyRequest(channel, b"GET", b"/v1/models", Headers(), 0.0, b"")
-    request.setResponseCode(code, phrase)
+    request.set_status(code, phrase)
     for name, value in headers:
-        request.responseHeaders.addRawHeader(name, value)
+        request.response_headers.addRawHeader(name, value)
     request.respond(b"ok")
     return channel.transport.value()
 

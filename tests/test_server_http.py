@@ -36,7 +36,7 @@ class Scripted:
 
 
 def streamed(request: ProxyRequest) -> Any:
-    request.setHeader(b"content-type", b"text/plain")
+    request.set_header(b"content-type", b"text/plain")
     request.write(b"hello ")
     request.write(b"world")
     request.finish()
@@ -90,7 +90,7 @@ def test_head_requests_get_headers_but_no_body() -> None:
 @pytest.mark.parametrize("code", [204, 304])
 def test_no_body_statuses_send_no_body(code: int) -> None:
     def answer(request: ProxyRequest) -> Any:
-        request.setResponseCode(code)
+        request.set_status(code)
         request.write(b"ignored")
         request.finish()
         return NOT_DONE_YET
@@ -138,13 +138,13 @@ def test_notify_finish_fails_when_the_client_goes_away() -> None:
     resource = Scripted(lambda r: NOT_DONE_YET)
     c = Conn(resource=resource).send(GOOD)
     outcome: list[Any] = []
-    resource.seen[0].notifyFinish().addBoth(outcome.append)
+    resource.seen[0].when_finished().addBoth(outcome.append)
     reason = Failure(ConnectionLost("reset by peer"))
     c.channel.connectionLost(reason)
     assert len(outcome) == 1 and isinstance(outcome[0], Failure)
     assert outcome[0].value is reason.value  # the connection's own reason, not some other failure
     later: list[Any] = []
-    resource.seen[0].notifyFinish().addBoth(later.append)  # asked after the client left
+    resource.seen[0].when_finished().addBoth(later.append)  # asked after the client left
     assert len(later) == 1 and isinstance(later[0], Failure) and later[0].check(CancelledError)
     resource.seen[0].write(b"late")  # writing to a gone client is ignored, not an error
     resource.seen[0].finish()
@@ -188,7 +188,7 @@ def test_notify_finish_fires_on_finish_and_the_next_request_follows() -> None:
     resource = Scripted(lambda r: NOT_DONE_YET)
     Conn(resource=resource).send(GOOD + GOOD)
     done: list[Any] = []
-    resource.seen[0].notifyFinish().addBoth(done.append)
+    resource.seen[0].when_finished().addBoth(done.append)
     assert len(resource.seen) == 1  # the second waits its turn
     resource.seen[0].finish()
     assert done == [None] and len(resource.seen) == 2
@@ -200,11 +200,11 @@ def test_request_fields() -> None:
     Conn(resource=resource).send(b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: a\r\nX-Twice: 1\r\nx-twice: 2\r\n"
                                  b"Content-Length: 2\r\n\r\n{}")
     request = resource.seen[0]
-    assert (request.method, request.uri, request.path) == (b"POST", b"/v1/messages?beta=true", b"/v1/messages")
-    assert request.requestHeaders.getRawHeaders(b"x-twice") == [b"1", b"2"]
+    assert (request.method, request.target, request.path) == (b"POST", b"/v1/messages?beta=true", b"/v1/messages")
+    assert request.request_headers.getRawHeaders(b"x-twice") == [b"1", b"2"]
     assert bodies == [b"{}"]
-    assert request.peer_host() == "127.0.0.1" and request.getClientAddress().host == "127.0.0.1"  # type: ignore[attr-defined]
-    assert not request.isSecure()
+    assert request.peer_host() == "127.0.0.1" and request.client_address().host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert not request.is_secure()
 
 
 def test_pipelined_bytes_past_the_buffer_pause_reading_until_the_response_is_done() -> None:

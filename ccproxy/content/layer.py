@@ -158,7 +158,7 @@ class ContentLayer(Layer):
                 _masked(ctx, found, pm, stream=is_sse)
 
         # A stream cut short never reaches its end: what was masked of it is reported all the same.
-        ctx.request.notifyFinish().addBoth(lambda _: report(counts))
+        ctx.request.when_finished().addBoth(lambda _: report(counts))
 
         kind = ctx.route.kind if 200 <= status < 300 else "error"
         if is_sse:

@@ -308,7 +308,7 @@ class HardenedChannel(Protocol):
             request.respond(result)
 
     def _internal_error(self, request: ProxyRequest) -> None:
-        if request.startedWriting:
+        if request.head_sent:
             self.transport.abortConnection()
             return
         self.refuse(500, "internal proxy error")
@@ -327,7 +327,7 @@ class HardenedChannel(Protocol):
             if head.chunked or head.expect_continue or to_come > DISCARD_LIMIT:
                 self.persistent = False
 
-    def requestDone(self, request: ProxyRequest) -> None:
+    def request_done(self, request: ProxyRequest) -> None:
         """The response is complete: read the next request, or close."""
         if request is not self.request:
             return
@@ -384,7 +384,7 @@ class HardenedChannel(Protocol):
         self.phase = DEAD
         request, self.request = self.request, None
         if request is not None and not request.finished:
-            request.connectionLost(reason)
+            request.connection_lost(reason)
 
     def loseConnection(self) -> None:
         if self.transport is not None:
@@ -425,7 +425,7 @@ class HardenedChannel(Protocol):
         request = self.request
         if request is not None and not request.finished:
             # The channel answers for it: the resource must not write, and stops waiting for a body.
-            request.connectionLost(Failure(ConnectionDone("request refused by the server side")))
+            request.connection_lost(Failure(ConnectionDone("request refused by the server side")))
         target = self.head.target if self.head is not None else self.error_target
         body = error_body(api_for(target), ApiError(status, message))
         lines = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]

@@ -309,7 +309,7 @@ class LimitsLayer(Layer):
             raise self._refused(ctx, decision, {**ctx.extra_headers, **headers})
         ctx.extra_headers.update(headers)
         # Charged when the request is over, however it ends: a stream cut short pays what it used.
-        ctx.request.notifyFinish().addBoth(lambda _: self._charge(ctx, budgets))
+        ctx.request.when_finished().addBoth(lambda _: self._charge(ctx, budgets))
 
     def _charge(self, ctx: RequestContext, budgets: list[Limit]) -> None:
         usage = ctx.usage
@@ -365,7 +365,7 @@ class LimitsLayer(Layer):
             return
         if ctx is None and request.path in _HEALTH:
             return
-        ip = ctx.client_ip if ctx is not None else str(getattr(request.getClientAddress(), "host", ""))
+        ip = ctx.client_ip if ctx is not None else str(getattr(request.client_address(), "host", ""))
         ip = client_key(ip, self.ipv6_prefix)
         d = defer.ensureDeferred(self._count_only(ip))
         d.addErrback(lambda f: log.failure("auto-block count failed", f))

@@ -24,7 +24,7 @@ class DetectorLayer(Layer):
         return frozenset({"decorate", "response_filter"})
 
     async def check_body(self, ctx: RequestContext) -> None:  # the detectors read the body
-        uri, body = ctx.request.uri, ctx.body
+        uri, body = ctx.request.target, ctx.body
         found = False
         for detector in self.detectors:
             if detector.matches(uri, body):

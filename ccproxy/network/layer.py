@@ -59,7 +59,7 @@ class NetworkLayer(Layer):
             raise ApiError(403, "requests from this client address are not allowed")
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
-        for name, value in self.headers[request.isSecure()]:
+        for name, value in self.headers[request.is_secure()]:
             if self.override or not headers.hasHeader(name):
                 headers.setRawHeaders(name, [value])
 

@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from twisted.internet import defer
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.config import Config, parse
 from ccproxy.context import Layer, RequestContext
 from ccproxy.routes import route
+from tests.support.requests import FakeRequest
 
 UPSTREAM_KEYS = {"anthropic": "sk-ant-upstream-key-0000000000009f3a", "openai": "sk-proj-upstream-00000000000077aa"}
 
@@ -33,15 +33,12 @@ def config(auth: dict[str, Any], api_keys: dict[str, Any] | None = None, upstrea
 
 def context(headers: dict[str, str] | None = None, client_ip: str = "127.0.0.1",
             path: bytes = b"/v1/messages", cfg: Config | None = None) -> RequestContext:
-    request = DummyRequest([b""])
-    request.method = b"POST"
-    request.uri = path
-    for name, value in (headers or {}).items():
-        request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
+    request = FakeRequest(b"POST", path, {name.encode(): [value.encode()] for name, value in (headers or {}).items()},
+                          client=client_ip)
     upstreams = (cfg or config({"enabled": False})).upstreams
     return RequestContext(request=request, request_id="req_test", route=route(path, upstreams),
                           client_ip=client_ip, started=0.0, body=b"{}", method=b"POST", path=path,
-                          headers=request.requestHeaders)
+                          headers=request.request_headers.copy())
 
 
 def run(layer: Layer, ctx: RequestContext) -> Any:

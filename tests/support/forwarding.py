@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.config import parse
 from ccproxy.errors import ANTHROPIC
 from ccproxy.relay import Relay
+from tests.support.requests import FakeRequest
 
 
 def upstreams(**anthropic: Any) -> Any:
@@ -37,28 +37,10 @@ class FakeProducer:
         self.paused = False
 
 
-class PushRequest(DummyRequest):
-    """DummyRequest only knows pull producers; the relay registers a push producer."""
-
-    producer: Any = None
-    startedWriting = False
-
-    def write(self, data: bytes) -> None:
-        self.startedWriting = True
-        super().write(data)
-
-    def registerProducer(self, prod: Any, streaming: bool) -> None:
-        assert streaming
-        self.producer = prod
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-def make_relay(clock: Clock, **kw: Any) -> tuple[Relay, PushRequest, list[int | None], FakeProducer]:
+def make_relay(clock: Clock, **kw: Any) -> tuple[Relay, FakeRequest, list[int | None], FakeProducer]:
     """A relay of an Anthropic response (5 s idle timeout) to a fake request; the statuses it wrote
     heads with go to the list."""
-    request = PushRequest([b""])
+    request = FakeRequest()
     heads: list[int | None] = []
     relay = Relay(request, clock, 5.0, heads.append, ANTHROPIC, **kw)
     producer = FakeProducer()

@@ -8,10 +8,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from ccproxy.config.network import DDoSConfig, NetworkConfig
 from ccproxy.errors import ANTHROPIC, ApiError, error_body
+from ccproxy.http.request import ProxyRequest
 from ccproxy.site import ProxySite
 
 
@@ -24,7 +25,7 @@ class Recorder(Resource):
         super().__init__()
         self.seen: list[tuple[bytes, bytes, bytes]] = []
         self.hold = hold
-        self.open: list[Request] = []
+        self.open: list[ProxyRequest] = []
 
     def render(self, request: Any) -> Any:
         request.read_body().addCallbacks(lambda body: self.answer(request, body), self.refused, errbackArgs=(request,))
@@ -34,13 +35,13 @@ class Recorder(Resource):
         # The body could not be taken in: an ApiError is answered in the API's shape, as ccproxy does.
         if failure.check(ApiError):
             error = failure.value
-            request.setResponseCode(error.status)
+            request.set_status(error.status)
             for name, value in error.headers.items():
-                request.setHeader(name.encode(), value.encode())
+                request.set_header(name.encode(), value.encode())
             request.respond(error_body(ANTHROPIC, error))
 
     def answer(self, request: Any, body: bytes) -> None:
-        self.seen.append((request.method, request.uri, body))
+        self.seen.append((request.method, request.target, body))
         if self.hold:
             self.open.append(request)
             return

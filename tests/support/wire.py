@@ -73,7 +73,7 @@ class FakeChannel:
         self.transport = StringTransport()
         self.site = _Site()
 
-    def requestDone(self, request: Any) -> None:
+    def request_done(self, request: Any) -> None:
         pass
 
     def answering(self, request: Any) -> None:
