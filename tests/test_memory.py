@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from OpenSSL import SSL
 from twisted.internet import defer, task
-from twisted.web.test.requesthelper import DummyRequest
 
 from ccproxy.blocklist import BlockList
 from ccproxy.config import parse
@@ -25,6 +24,7 @@ from ccproxy.routes import route
 from ccproxy.runtime import Deps
 from ccproxy.tls import ReloadableTLS, certificate_options
 from tests.support.daemon import free_port
+from tests.support.requests import FakeRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +87,7 @@ def test_an_idle_daemon_on_the_example_config_loads_no_optional_feature(tmp_path
 
 
 def _ctx(ip: str) -> RequestContext:
-    request = DummyRequest([b"/v1/messages"])
-    request.method = b"POST"
-    request.path = b"/v1/messages"
+    request = FakeRequest(b"POST", b"/v1/messages", client=ip)
     upstreams = parse({"server": {"tls": {"enabled": False}}}).upstreams
     return RequestContext(request=request, request_id="req_test", route=route(b"/v1/messages", upstreams),
                           client_ip=ip, started=0.0, body=b"{}", identity=None, method=b"POST",

@@ -225,7 +225,7 @@ class _Route:
 
 class _Request:
     def __init__(self, code: int) -> None:
-        self.code, self.path, self.uri, self.started = code, b"/v1/messages", b"/v1/messages", 10.0
+        self.status, self.path, self.target, self.started = code, b"/v1/messages", b"/v1/messages", 10.0
         self.ctx = SimpleNamespace(route=_Route())
 
 

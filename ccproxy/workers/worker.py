@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from ccproxy.config import ConfigError, loads
 from ccproxy.network.gate import Gate
 from ccproxy.workers.activation import accept_one_at_a_time
-from ccproxy.workers.admin import TO_WORKER, WorkerAdmin
 from ccproxy.workers.audit import AuditForwarder
 from ccproxy.workers.channel import Channel, adopt
 from ccproxy.workers.drain import retire
@@ -64,6 +63,10 @@ class Worker:
         if self.store is not None:
             self.store.connect(self.channel.send)
         self.forwarder: AuditForwarder | None = getattr(service, "audit", None)
+        # Imported here: it brings the metrics code, which a single process without metrics never loads.
+        from ccproxy.workers.admin import TO_WORKER, WorkerAdmin
+
+        self.admin_ops = TO_WORKER
         self.admin = WorkerAdmin(service, self.channel.send)  # follows the supervisor's incident state
         self.status(ready=0, configured=0)
 
@@ -81,7 +84,7 @@ class Worker:
             self.drain("the supervisor asked")
         elif op == "status":
             self.status(int(message.get("ready", 0)), int(message.get("configured", 0)))
-        elif op in TO_WORKER:
+        elif op in self.admin_ops:
             self.admin.handle(message)
 
     def reload(self, text: str, path: str) -> None:
