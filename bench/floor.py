@@ -1,6 +1,6 @@
 """The floor under ccproxy's throughput: twisted.web over TLS plus ccproxy's upstream client, no policy.
 
-    python bench/floor.py [--seconds 5] [--runs 3] [--against /path/to/other/checkout]
+    python bench/floor.py [--seconds 5] [--runs 3] [--against /path/to/other/checkout] [--rows ccproxy,policies,bare]
 
 Runs, against the same nginx upstream, a bare forwarder (a twisted.web Site that relays each
 request with ccproxy's upstream client, nothing else) and the real ccproxy daemon, and prints
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
 import statistics
@@ -160,7 +161,7 @@ def measure(url: str, pid: int, seconds: int, status_url: str, nginx_pid: int) -
     others = (machine_seconds() - machine) - (ours(bench_pids) - mine)
     load.join()
     # Each status request is counted by nginx too.
-    per_slice = [1e6 * (c1 - c0) / max(n1 - n0 - 1, 1) for (c0, n0), (c1, n1) in zip(marks, marks[1:])]
+    per_slice = [1e6 * (c1 - c0) / max(n1 - n0 - 1, 1) for (c0, n0), (c1, n1) in itertools.pairwise(marks)]
     count = marks[-1][1] - marks[0][1] - (len(marks) - 1)
     return {"us": 1e6 * (marks[-1][0] - marks[0][0]) / max(count, 1), "best": min(per_slice),
             "rps": count / seconds, "others": 100 * others / (seconds * (os.cpu_count() or 1)),
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--against", type=Path, help="another checkout, measured in the same turns")
+    parser.add_argument("--rows", default="ccproxy,policies,bare",
+                        help="which rows to run (comma-separated: ccproxy, policies, bare)")
     args = parser.parse_args()
     trees = [("", ROOT)] + ([(f" [{args.against.name}]", args.against.resolve())] if args.against else [])
     policies_env = {"BENCH_CLIENT_KEY": "bench-client-key"}
@@ -197,13 +200,15 @@ def main() -> None:
             with ccproxy(work, upstream) as probe:
                 cert, key = probe["cert"], probe["key"]
             rows: list[tuple[str, Callable[[], Any]]] = []
+            wanted = set(args.rows.split(","))
             for label, root in trees:
-                rows += [
-                    (f"ccproxy{label}", lambda root=root: ccproxy(work, upstream, root=root)),
-                    (f"ccproxy, policies on{label}",
-                     lambda root=root: ccproxy(work, upstream, POLICIES, env=policies_env, root=root)),
-                    (f"bare forwarder{label}", lambda root=root: bare_forwarder(root, ports["http"], cert, key)),
-                ]
+                rows += [row for kind, row in (
+                    ("ccproxy", (f"ccproxy{label}", lambda root=root: ccproxy(work, upstream, root=root))),
+                    ("policies", (f"ccproxy, policies on{label}",
+                                  lambda root=root: ccproxy(work, upstream, POLICIES, env=policies_env, root=root))),
+                    ("bare", (f"bare forwarder{label}",
+                              lambda root=root: bare_forwarder(root, ports["http"], cert, key))),
+                ) if kind in wanted]
             print(f"== {CONNECTIONS} connections, {args.seconds}s windows, {args.runs} runs, wrk -t1, "
                   f"POST /v1/messages over TLS ==")
             figures: dict[str, list[dict[str, float]]] = {name: [] for name, _ in rows}
