@@ -36,6 +36,7 @@ from typing import Any
 import attrs
 
 from ccproxy.config.content import RequestValidation
+from ccproxy.content import _json
 from ccproxy.content.masking import compile_re2
 from ccproxy.errors import ApiError
 
@@ -98,12 +99,15 @@ def _int(text: str) -> int:
     return value
 
 
+_REQUEST_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
+                                    parse_int=_int)
+
+
 def strict_request(body: bytes) -> Any:
     """The body as JSON, refusing what two readers could read differently: duplicate keys,
     NaN/Infinity, numbers a double cannot hold."""
     try:
-        return json.loads(body, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
-                          parse_int=_int)
+        return _json.loads(_REQUEST_DECODER, body)
     except Refusal:
         raise
     except RecursionError:
