@@ -149,17 +149,23 @@ class Validator:
                 changed = self.check(params, "messages", api) or changed
             return changed
         changed = False
-        if self.config.strip_control_characters:
-            for holder, key in model_texts(body, kind, api):
-                value = holder[key]
+        strip = self.config.strip_control_characters
+        # One walk for both: cleaning replaces strings, never the places that hold them. The texts
+        # are checked after the token and message limits all the same, so a body breaking several
+        # rules is refused for the same one.
+        texts = []
+        for holder, key in model_texts(body, kind, api):
+            value = holder[key]
+            if strip:
                 cleaned = _CONTROL.sub("", value)
                 if cleaned != value:
-                    holder[key] = cleaned
+                    holder[key] = value = cleaned
                     changed = True
+            texts.append(value)
         self._tokens(body, kind)
         self._messages(body)
-        for holder, key in model_texts(body, kind, api):
-            self._text(holder[key])
+        for text in texts:
+            self._text(text)
         for text in _decoded_texts(body, kind, api):
             self._text(text)
         return changed
