@@ -52,6 +52,41 @@ def test_tcp_write_queue_is_read_where_compat_looks() -> None:
         other.close()
 
 
+# -- Twisted: Headers filled from checked field lines
+
+_FIELDS = [(b"Host", b"example.com"), (b"content-type", b"application/json"), (b"X-Api-Key", b"k"),
+           (b"x-api-key", b"second"), (b"accept", b""), (b"x-weird", b"\x80\xff tab\tin"), (b"te", b"trailers")]
+
+
+def test_checked_headers_are_what_add_raw_header_makes() -> None:
+    from twisted.web.http_headers import Headers
+
+    public = Headers()
+    for name, value in _FIELDS:
+        public.addRawHeader(name, value)
+    ours = _compat.checked_headers(_FIELDS)
+    assert ours == public
+    assert list(ours.getAllRawHeaders()) == list(public.getAllRawHeaders())  # same order, same names
+    assert ours.getRawHeaders(b"x-api-key") == [b"k", b"second"] and ours.hasHeader(b"TE")
+    assert _compat.canonical_name(b"content-type") == b"Content-Type" and _compat.canonical_name(b"te") == b"TE"
+
+
+def test_set_checked_headers_is_set_raw_headers_where_asked() -> None:
+    from twisted.web.http_headers import Headers
+
+    lines = [(_compat.canonical_name(name), value) for name, value in [(b"x-frame-options", b"DENY"),
+                                                                        (b"Cache-Control", b"no-store")]]
+    for replace in (False, True):
+        public = Headers({b"x-frame-options": [b"SAMEORIGIN"], b"server": [b"up"]})
+        for name, value in lines:
+            if replace or not public.hasHeader(name):
+                public.setRawHeaders(name, [value])
+        ours = Headers({b"x-frame-options": [b"SAMEORIGIN"], b"server": [b"up"]})
+        _compat.set_checked_headers(ours, lines, replace)
+        assert ours == public
+        assert ours.getRawHeaders(b"X-Frame-Options") == ([b"DENY"] if replace else [b"SAMEORIGIN"])
+
+
 # -- Twisted: the PROXY protocol factory
 
 
@@ -134,7 +169,8 @@ def test_python_re_parser_gives_the_trees_prefix_patterns_read() -> None:
 
 
 _PRIVATE_NAMES = ("_observers", "_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "_StandardEndpointFactory",
-                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util")
+                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util", "_rawHeaders",
+                  "_nameEncoder")
 
 
 # Python's standard library is not capped in pyproject.toml: its private names (re._parser) have
