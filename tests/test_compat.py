@@ -136,6 +136,16 @@ def test_re2_pattern_type() -> None:
     assert isinstance(re2.compile("a+"), _compat.Re2Pattern)
 
 
+@pytest.mark.parametrize("pattern", [b"a+", b"x*", b"\\bsk-[a-z]{3}", b"(?:b)|(c)", "caf\u00e9".encode()])
+@pytest.mark.parametrize("text", [b"", b"aaa", b"zz aab sk-abc c", "x caf\u00e9 a".encode(), b"\xff\xfea"])
+def test_re2_span_is_the_public_searchs_span(pattern: bytes, text: bytes) -> None:
+    compiled = re2.compile(pattern)
+    for pos in (0, 1, 3, len(text), len(text) + 5):
+        hit = compiled.search(text, pos)
+        assert _compat.re2_span(compiled, text, pos) == (hit.span() if hit is not None else None)
+        assert _compat.re2_span(compiled, bytearray(text), pos) == (hit.span() if hit is not None else None)
+
+
 # -- pyOpenSSL: a context's key-exchange groups
 
 
@@ -170,7 +180,7 @@ def test_python_re_parser_gives_the_trees_prefix_patterns_read() -> None:
 
 _PRIVATE_NAMES = ("_observers", "_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "_StandardEndpointFactory",
                   "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util", "_rawHeaders",
-                  "_nameEncoder")
+                  "_nameEncoder", "_regexp", "_Anchor")
 
 
 # Python's standard library is not capped in pyproject.toml: its private names (re._parser) have
