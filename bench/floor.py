@@ -1,6 +1,6 @@
 """The floor under ccproxy's throughput: twisted.web over TLS plus ccproxy's upstream client, no policy.
 
-    python bench/floor.py [--seconds 5] [--runs 3] [--against /path/to/other/checkout] [--rows ccproxy,policies,bare]
+    python bench/floor.py [--seconds 5] [--runs 3] [--against /other/checkout ...] [--rows ccproxy,policies,bare]
 
 Runs, against the same nginx upstream, a bare forwarder (a twisted.web Site that relays each
 request with ccproxy's upstream client, nothing else) and the real ccproxy daemon, and prints
@@ -185,11 +185,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--against", type=Path, help="another checkout, measured in the same turns")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="another checkout, measured in the same turns (may be given more than once)")
     parser.add_argument("--rows", default="ccproxy,policies,bare",
                         help="which rows to run (comma-separated: ccproxy, policies, bare)")
     args = parser.parse_args()
-    trees = [("", ROOT)] + ([(f" [{args.against.name}]", args.against.resolve())] if args.against else [])
+    trees = [("", ROOT)] + [(f" [{other.name}]", other.resolve()) for other in args.against]
     policies_env = {"BENCH_CLIENT_KEY": "bench-client-key"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
