@@ -68,6 +68,7 @@ http {{
   server {{
     listen 127.0.0.1:{ports['http']};
     location / {{ default_type application/json; return 200 '{MESSAGE.decode()}'; }}
+    location = /nginx-status {{ stub_status; }}
   }}
   {tls}
 }}
@@ -83,8 +84,9 @@ http {{
 
 @contextlib.contextmanager
 def ccproxy(workdir: Path, upstream_url: str, extra: dict[str, Any] | None = None,
-            env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    """A ccproxy daemon over TLS (self-signed) forwarding both APIs to `upstream_url`."""
+            env: dict[str, str] | None = None, root: Path = ROOT) -> Iterator[dict[str, Any]]:
+    """A ccproxy daemon over TLS (self-signed) forwarding both APIs to `upstream_url`, run from the
+    source tree `root` (this one by default; another checkout to compare two versions)."""
     port = free_port()
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port,
@@ -101,7 +103,7 @@ def ccproxy(workdir: Path, upstream_url: str, extra: dict[str, Any] | None = Non
     path.write_text(yaml.safe_dump(config))
     log = open(workdir / f"ccproxy-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "ccproxy", "--config", str(path)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         scheme = "https" if config["server"].get("tls", {}).get("enabled", True) else "http"

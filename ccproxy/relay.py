@@ -63,7 +63,10 @@ class Relay(Protocol):
         self.on_broken = on_broken
         self._chunks: list[bytes] = []
         self._size = 0
-        self._timer = Deadline(clock, self._idle)
+        # Made when first armed and dropped when the relay ends: a Deadline calls back into the
+        # relay, so keeping it would tie every finished relay (and its request) in a reference
+        # cycle that only the garbage collector frees.
+        self._timer: Deadline | None = None
         self._timed_out = False
         self._cancelled = False
         self._registered = False
@@ -88,11 +91,11 @@ class Relay(Protocol):
             return
         self.request.registerProducer(self.transport, True)  # type: ignore[arg-type]  # a TransportProxyProducer
         self._registered = True
-        if not self._timer.armed:
+        if self._timer is None or not self._timer.armed:
             self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timer.armed:
+        if self._timer is not None and self._timer.armed:
             self._arm()
         if self.buffered:
             self._size += len(data)
@@ -189,10 +192,14 @@ class Relay(Protocol):
         self._stop_upstream()
 
     def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = Deadline(self.clock, self._idle)
         self._timer.arm(self.idle_timeout)
 
     def _disarm(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _idle(self) -> None:
         self._timed_out = True

@@ -52,6 +52,41 @@ def test_tcp_write_queue_is_read_where_compat_looks() -> None:
         other.close()
 
 
+# -- Twisted: Headers filled from checked field lines
+
+_FIELDS = [(b"Host", b"example.com"), (b"content-type", b"application/json"), (b"X-Api-Key", b"k"),
+           (b"x-api-key", b"second"), (b"accept", b""), (b"x-weird", b"\x80\xff tab\tin"), (b"te", b"trailers")]
+
+
+def test_checked_headers_are_what_add_raw_header_makes() -> None:
+    from twisted.web.http_headers import Headers
+
+    public = Headers()
+    for name, value in _FIELDS:
+        public.addRawHeader(name, value)
+    ours = _compat.checked_headers(_FIELDS)
+    assert ours == public
+    assert list(ours.getAllRawHeaders()) == list(public.getAllRawHeaders())  # same order, same names
+    assert ours.getRawHeaders(b"x-api-key") == [b"k", b"second"] and ours.hasHeader(b"TE")
+    assert _compat.canonical_name(b"content-type") == b"Content-Type" and _compat.canonical_name(b"te") == b"TE"
+
+
+def test_set_checked_headers_is_set_raw_headers_where_asked() -> None:
+    from twisted.web.http_headers import Headers
+
+    lines = [(_compat.canonical_name(name), value) for name, value in [(b"x-frame-options", b"DENY"),
+                                                                        (b"Cache-Control", b"no-store")]]
+    for replace in (False, True):
+        public = Headers({b"x-frame-options": [b"SAMEORIGIN"], b"server": [b"up"]})
+        for name, value in lines:
+            if replace or not public.hasHeader(name):
+                public.setRawHeaders(name, [value])
+        ours = Headers({b"x-frame-options": [b"SAMEORIGIN"], b"server": [b"up"]})
+        _compat.set_checked_headers(ours, lines, replace)
+        assert ours == public
+        assert ours.getRawHeaders(b"X-Frame-Options") == ([b"DENY"] if replace else [b"SAMEORIGIN"])
+
+
 # -- Twisted: the PROXY protocol factory
 
 
@@ -101,6 +136,16 @@ def test_re2_pattern_type() -> None:
     assert isinstance(re2.compile("a+"), _compat.Re2Pattern)
 
 
+@pytest.mark.parametrize("pattern", [b"a+", b"x*", b"\\bsk-[a-z]{3}", b"(?:b)|(c)", "caf\u00e9".encode()])
+@pytest.mark.parametrize("text", [b"", b"aaa", b"zz aab sk-abc c", "x caf\u00e9 a".encode(), b"\xff\xfea"])
+def test_re2_span_is_the_public_searchs_span(pattern: bytes, text: bytes) -> None:
+    compiled = re2.compile(pattern)
+    for pos in (0, 1, 3, len(text), len(text) + 5):
+        hit = compiled.search(text, pos)
+        assert _compat.re2_span(compiled, text, pos) == (hit.span() if hit is not None else None)
+        assert _compat.re2_span(compiled, bytearray(text), pos) == (hit.span() if hit is not None else None)
+
+
 # -- pyOpenSSL: a context's key-exchange groups
 
 
@@ -134,7 +179,8 @@ def test_python_re_parser_gives_the_trees_prefix_patterns_read() -> None:
 
 
 _PRIVATE_NAMES = ("_observers", "_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "_StandardEndpointFactory",
-                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util")
+                  "_newclient", "_wrapper", "_connected", "_factory", "_Regexp", "_context", "_util", "_rawHeaders",
+                  "_nameEncoder", "_regexp", "_Anchor")
 
 
 # Python's standard library is not capped in pyproject.toml: its private names (re._parser) have

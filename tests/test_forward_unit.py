@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -171,6 +173,23 @@ def test_relay_streams_and_finishes() -> None:
     assert request.written == [b"event: a\n", b"data: {}\n\n"]
     relay.connectionLost(Failure(ResponseDone()))
     assert request.finished and relay.done.called
+
+
+def test_a_finished_relay_is_freed_by_reference_counting() -> None:
+    # Its idle timer calls back into it: kept after the end, the two would form a cycle holding the
+    # relay, its request and its context until the garbage collector ran (a cost on every request).
+    gc.disable()
+    try:
+        for sse in (True, False):
+            relay, request, _, _ = make_relay(Clock(), sse=sse)
+            relay.dataReceived(b"data: {}\n\n")
+            relay.connectionLost(Failure(ResponseDone()))
+            assert request.finished
+            gone = weakref.ref(relay)
+            del relay
+            assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_relay_idle_timeout_ends_stream_with_error_event() -> None:

@@ -94,3 +94,29 @@ def test_a_failing_buffered_filter_becomes_a_502() -> None:
     relay.done.addErrback(failures.append)
     assert heads == [] and request.written == []
     assert failures and failures[0].value.status == 502  # resource.py answers it in the API's shape
+
+
+_ENCODINGS = [b'{"a":[1,2.5,"\\u00e9"]}', '{"a":"\u00e9"}'.encode("utf-16"), '{"a":1}'.encode("utf-32-le"),
+              b"\xef\xbb\xbf{}", "\ufeff{}", '{"a":1}', b"", b"{bad", b"\xff\xfe\x00", b'"\xed\xa0\x80"']
+
+
+@pytest.mark.parametrize("data", _ENCODINGS)
+def test_the_reused_decoders_read_what_json_loads_reads(data: bytes | str) -> None:
+    # The content checks keep one decoder each instead of json.loads building one per call: same
+    # text handling (bytes in any UTF, a byte-order mark refused in text), same result or error.
+    from ccproxy.content import replies, validation
+
+    def read(f: Any) -> tuple[str, Any]:
+        try:
+            return "ok", f(data)
+        except Exception as e:
+            return type(e).__name__, str(e)
+
+    assert read(replies.strict_loads) == read(
+        lambda d: json.loads(d, object_pairs_hook=replies._pairs, parse_constant=replies._constant))
+    if not isinstance(data, str):
+        same = read(lambda d: json.loads(d, object_pairs_hook=validation._pairs, parse_constant=validation._constant,
+                                         parse_float=validation._float, parse_int=validation._int))
+        ours = read(validation.strict_request)
+        # strict_request names its refusals itself; what it accepts must be json.loads's reading.
+        assert ours == same or (ours[0] == "Refusal" and same[0] != "ok")

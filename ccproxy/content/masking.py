@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import re2
 
-from ccproxy._compat import Re2Pattern
+from ccproxy._compat import Re2Pattern, re2_span
 from ccproxy.content.prefix import prefix_pattern
 
 SYSTEM_PROMPT_RULE = "system_prompt"
@@ -165,10 +165,10 @@ class PromptRuns:
             return None
         reach = self.min_run - self.block
         while True:
-            hit = self.finder.search(text, pos)
+            hit = re2_span(self.finder, text, pos)
             if hit is None:
                 return None
-            at = hit.start()
+            at = hit[0]
             for i in range(max(pos, at - reach), at + 1):
                 window = text[i : i + self.min_run]
                 if hash(window) in self.windows and _at_char(text, i) and self.contains(window):
@@ -233,10 +233,10 @@ class RuleSet:
 
     def search(self, text: bytes, pos: int) -> Match | None:
         while self.combined is not None and pos <= len(text):
-            hit = self.combined.search(text, pos)
+            hit = re2_span(self.combined, text, pos)
             if hit is None:
                 return None
-            start, end = hit.span()
+            start, end = hit
             if end > start:
                 k = self._which(text, start, end)
                 return Match(start, end, self.rules[k].name, self.replacements[k])
@@ -258,8 +258,8 @@ class RuleSet:
             return len(text)
         if self.hold_all:
             return pos
-        hit = self.tail.search(text, pos)
-        return hit.start() if hit is not None else len(text)
+        hit = re2_span(self.tail, text, pos)
+        return hit[0] if hit is not None else len(text)
 
 
 @functools.lru_cache(maxsize=64)

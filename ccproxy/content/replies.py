@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from ccproxy.content import _json
 from ccproxy.content.masking import JsonStringMasker, Masker, StreamMasker, mask_strings
 from ccproxy.content.parts import TEXT, THINKING, TOOL_INPUTS, Parts
 
@@ -102,10 +103,13 @@ def _constant(name: str) -> Any:
     raise UnsafeReply(f"non-finite number {name}")
 
 
+_REPLY_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant)
+
+
 def strict_loads(data: bytes | str) -> Any:
     """JSON as a client would read it, refusing what two readers could read differently:
     duplicate keys (one keeps the first, another the last) and NaN/Infinity."""
-    return json.loads(data, object_pairs_hook=_pairs, parse_constant=_constant)
+    return _json.loads(_REPLY_DECODER, data)
 
 
 def dumps(value: Any) -> bytes:

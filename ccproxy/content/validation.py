@@ -36,6 +36,7 @@ from typing import Any
 import attrs
 
 from ccproxy.config.content import RequestValidation
+from ccproxy.content import _json
 from ccproxy.content.masking import compile_re2
 from ccproxy.errors import ApiError
 
@@ -98,12 +99,15 @@ def _int(text: str) -> int:
     return value
 
 
+_REQUEST_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
+                                    parse_int=_int)
+
+
 def strict_request(body: bytes) -> Any:
     """The body as JSON, refusing what two readers could read differently: duplicate keys,
     NaN/Infinity, numbers a double cannot hold."""
     try:
-        return json.loads(body, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
-                          parse_int=_int)
+        return _json.loads(_REQUEST_DECODER, body)
     except Refusal:
         raise
     except RecursionError:
@@ -145,17 +149,23 @@ class Validator:
                 changed = self.check(params, "messages", api) or changed
             return changed
         changed = False
-        if self.config.strip_control_characters:
-            for holder, key in model_texts(body, kind, api):
-                value = holder[key]
+        strip = self.config.strip_control_characters
+        # One walk for both: cleaning replaces strings, never the places that hold them. The texts
+        # are checked after the token and message limits all the same, so a body breaking several
+        # rules is refused for the same one.
+        texts = []
+        for holder, key in model_texts(body, kind, api):
+            value = holder[key]
+            if strip:
                 cleaned = _CONTROL.sub("", value)
                 if cleaned != value:
-                    holder[key] = cleaned
+                    holder[key] = value = cleaned
                     changed = True
+            texts.append(value)
         self._tokens(body, kind)
         self._messages(body)
-        for holder, key in model_texts(body, kind, api):
-            self._text(holder[key])
+        for text in texts:
+            self._text(text)
         for text in _decoded_texts(body, kind, api):
             self._text(text)
         return changed

@@ -28,6 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ccproxy._compat import checked_headers
 from ccproxy.http.http1 import (
     CHUNKED,
     LENGTH,
@@ -306,9 +307,7 @@ class _Connection(Protocol):
         elif parsed.framing == LENGTH:
             assert parsed.length is not None
             self._remaining = parsed.length
-        headers = Headers()
-        for name, value in parsed.headers:
-            headers.addRawHeader(name, value)
+        headers = checked_headers(parsed.headers)  # every field line passed http1's checks
         length: int | object = UNKNOWN_LENGTH if parsed.length is None else parsed.length
         return UpstreamResponse(self, parsed.version[-1:], parsed.code, parsed.phrase, headers, length)
 

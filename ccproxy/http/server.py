@@ -31,10 +31,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ccproxy import events
+from ccproxy._compat import checked_headers
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import new_request_id
 from ccproxy.deadline import Deadline
@@ -292,9 +292,7 @@ class HardenedChannel(Protocol):
         """The head is whole and sound: hand the request to the resource, which asks for its body."""
         if self.site.draining:
             self.persistent = False  # the server is shutting down: `Connection: close` on this response
-        headers = Headers()
-        for name, value in head.headers:
-            headers.addRawHeader(name, value)
+        headers = checked_headers(head.headers)  # every field line passed http1's checks
         request = ProxyRequest(self, head.method, head.target, headers, self.site.clock.seconds(),
                                None if head.has_body else b"")
         self.request = request

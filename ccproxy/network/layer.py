@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from twisted.web.http_headers import Headers
 
 from ccproxy import events
+from ccproxy._compat import canonical_name, set_checked_headers
 from ccproxy.config import Config
 from ccproxy.config.network import NetworkConfig
 from ccproxy.context import Layer, RequestContext
@@ -33,6 +34,9 @@ class NetworkLayer(Layer):
         settings = config.security_headers
         self.override = settings.override_upstream
         self.headers = {False: settings.lines(secure=False), True: settings.lines(secure=True)}
+        # Keyed as Headers keys them, once (the values were checked when the config was read).
+        self._fields = {secure: tuple((canonical_name(name), value) for name, value in lines)
+                        for secure, lines in self.headers.items()}
         self.access = AccessPolicy(config.whitelist, config.blacklist)
         self.deps = deps
         self.trusted_proxies = bool(config.trusted_proxies)
@@ -59,9 +63,7 @@ class NetworkLayer(Layer):
             raise ApiError(403, "requests from this client address are not allowed")
 
     def decorate(self, ctx: RequestContext | None, request: Request, headers: Headers) -> None:
-        for name, value in self.headers[request.is_secure()]:
-            if self.override or not headers.hasHeader(name):
-                headers.setRawHeaders(name, [value])
+        set_checked_headers(headers, self._fields[request.is_secure()], self.override)
 
 
 def build_layer(config: Config, deps: Deps, previous: Layer | None) -> Layer:
