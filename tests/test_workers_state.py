@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -342,3 +343,88 @@ def test_a_successor_keeps_its_audit_events_until_its_predecessor_exits() -> Non
         assert written[-1] == (clock.seconds(), "ip_unblocked")
     finally:
         held.stop()
+
+
+def _channel_pair() -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
+    from ccproxy.workers.channel import Channel
+
+    got: list[dict[str, Any]] = []
+    lost: list[str] = []
+    sender = Channel(lambda message: None, lambda: None)
+    receiver = Channel(got.append, lambda: lost.append("lost"))
+    wire, back = StringTransport(), StringTransport()
+    sender.makeConnection(wire)
+    receiver.makeConnection(back)
+    return sender, receiver, got, lost
+
+
+@pytest.mark.parametrize("op,fields", [
+    ("decide", {"id": 7, "items": [encode(T0 + 0.5, "1.2.3.4", _limits(), None, _budgets())]}),
+    ("decided", {"id": 7, "answers": [[1, -1, 2, 1.5, 0.0, None, 0, [1, 0, 999, 0.06, 0.0, None, 0]]]}),
+    ("charge", {"items": [encode_charge(T0, _budgets(), 42)]}),
+    ("admit", {"id": 3, "items": [["1.2.3.4", 100, None]]}),
+    ("admitted", {"id": 3, "answers": [None, "too_many_connections"]}),
+    ("release", {"hosts": ["1.2.3.4", "::1"]}),
+])
+def test_the_limiter_messages_cross_the_channel_in_their_compact_form(op: str, fields: dict[str, Any]) -> None:
+    sender, receiver, got, _ = _channel_pair()
+    sender.send(op, **fields)
+    data = sender.transport.value()
+    assert data[4] < 0x20  # a tag byte, not the "{" of a JSON message
+    assert len(data) < len(json.dumps({"op": op, **fields}))
+    receiver.dataReceived(data[:5])  # a message may arrive in pieces
+    assert got == []
+    receiver.dataReceived(data[5:])
+    (message,) = got
+    assert message.pop("op") == op
+    assert json.loads(json.dumps(message)) == json.loads(json.dumps(fields))  # same values (tuples as lists)
+
+
+def test_a_compact_message_decodes_to_the_same_limits_and_decision() -> None:
+    sender, receiver, got, _ = _channel_pair()
+    probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
+    sender.send("decide", id=1, items=[encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())])
+    receiver.dataReceived(sender.transport.value())
+    (item,) = got[0]["items"]
+    assert decode(item) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())
+    crossed = StateOwner(1000, lambda ip, until: None).decide_all(got[0]["items"] * 12)
+    direct = StateOwner(1000, lambda ip, until: None)
+    assert crossed == [direct.decide(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets()) for _ in range(12)]
+    assert crossed[0][0] == 1 and crossed[-1][0] == 0  # the limits do refuse by the twelfth
+
+
+def test_other_messages_stay_json() -> None:
+    sender, receiver, got, _ = _channel_pair()
+    sender.send("audit", events=[{"event": "x"}])
+    sender.send("decide", id=1)  # not the compact form's fields: sent as JSON, as before
+    data = sender.transport.value()
+    assert data[4:5] == b"{"
+    receiver.dataReceived(data)
+    assert got == [{"op": "audit", "events": [{"event": "x"}]}, {"op": "decide", "id": 1}]
+
+
+@pytest.mark.parametrize("body", [
+    b"\x01",  # no payload
+    b"\x01" + b"\xff\x00",  # not marshal
+    b"\x01" + __import__("marshal").dumps([1, []]),  # a list, not the fields' tuple
+    b"\x03" + __import__("marshal").dumps((1, 2)),  # a charge has one field
+    b"\x02" + __import__("marshal").dumps((1,))[:-1],  # cut short
+])
+def test_a_malformed_compact_message_closes_the_channel_without_reaching_the_handler(body: bytes) -> None:
+    _, receiver, got, lost = _channel_pair()
+    receiver.dataReceived(len(body).to_bytes(4, "big") + body)
+    assert got == []
+    assert receiver.transport.disconnecting
+    receiver.connectionLost(Failure(ConnectionDone()))
+    assert lost == ["lost"]
+
+
+def test_a_peer_that_dies_mid_message_delivers_nothing_of_it() -> None:
+    sender, receiver, got, lost = _channel_pair()
+    sender.send("decide", id=1, items=[encode(T0, "1.2.3.4", _limits(), None)])
+    data = sender.transport.value()
+    receiver.dataReceived(data[:-3])
+    receiver.connectionLost(Failure(ConnectionDone()))
+    assert got == [] and lost == ["lost"]
+    receiver.connectionLost(Failure(ConnectionDone()))  # once only
+    assert lost == ["lost"]

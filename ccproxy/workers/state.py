@@ -35,66 +35,91 @@ _PROBE = -2  # the answer's limit is the auto-block probe
 _NONE = -1
 
 
-def _rows(limits: list[Limit]) -> list[list[Any]]:
-    rows: list[list[Any]] = []
-    for limit in limits:
-        if isinstance(limit, Rate):
-            rows.append(["r", limit.name, limit.key, limit.count, limit.period, limit.burst])
-        else:
-            rows.append(["q", limit.name, limit.key, limit.count, limit.reset_at, 0])
-    return rows
+# The worker meets the same Limit objects again and again (the planner keeps each client's): each
+# one's row is built once. Keyed by identity, the entry holding the limit so its id is not reused
+# while remembered. Bounded: emptied when full.
+_ROWS: dict[int, tuple[Limit, tuple[Any, ...]]] = {}
+_ROWS_MAX = 10_000
 
 
-# The supervisor meets the same limits again and again (a client's, on each of its requests): each
-# is built once from its row. Bounded: emptied when full.
-_DECODED: dict[tuple[Any, ...], Limit] = {}
+def _row(limit: Limit) -> tuple[Any, ...]:
+    hit = _ROWS.get(id(limit))
+    if hit is not None and hit[0] is limit:
+        return hit[1]
+    if isinstance(limit, Rate):
+        row: tuple[Any, ...] = ("r", limit.name, limit.key, limit.count, limit.period, limit.burst)
+    else:
+        row = ("q", limit.name, limit.key, limit.count, limit.reset_at, 0)
+    if len(_ROWS) >= _ROWS_MAX:
+        _ROWS.clear()
+    _ROWS[id(limit)] = (limit, row)
+    return row
+
+
+def _rows(limits: list[Limit]) -> tuple[tuple[Any, ...], ...]:
+    return tuple([_row(limit) for limit in limits])
+
+
+# The supervisor meets the same rows again and again (a client's, on each of its requests): the
+# limits of a whole row list, and each probe, are built once. Bounded: emptied when full.
+_DECODED: dict[Any, Any] = {}
 _DECODED_MAX = 10_000
 
 
-def _limits(rows: list[list[Any]]) -> list[Limit]:
-    out: list[Limit] = []
-    for row in rows:
-        key = tuple(row)
-        limit = _DECODED.get(key)
-        if limit is None:
-            if len(_DECODED) >= _DECODED_MAX:
-                _DECODED.clear()
-            kind, name, subject, count, period, burst = row
-            limit = Rate(name, subject, count, period, burst) if kind == "r" else Quota(name, subject, count, period)
-            _DECODED[key] = limit
-        out.append(limit)
-    return out
+def _limits(rows: Any) -> list[Limit]:
+    key = tuple(rows) if type(rows) is list else rows  # JSON gives lists; the fast form, tuples
+    try:
+        found: list[Limit] | None = _DECODED.get(key)
+    except TypeError:  # a list inside: the JSON form
+        key = tuple(tuple(row) for row in rows)
+        found = _DECODED.get(key)
+    if found is None:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        found = []
+        for kind, name, subject, count, period, burst in key:
+            found.append(Rate(name, subject, count, period, burst) if kind == "r"
+                         else Quota(name, subject, count, period))
+        _DECODED[key] = found
+    return found
+
+
+def _probe(ip: str, p: Any) -> AutoBlockProbe:
+    key = ("p", ip, *p)
+    probe: AutoBlockProbe | None = _DECODED.get(key)
+    if probe is None:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
+        _DECODED[key] = probe
+    return probe
 
 
 def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
-           budgets: list[Limit] | None = None) -> list[Any]:
+           budgets: list[Limit] | None = None) -> tuple[Any, ...]:
     p = None
     if probe is not None:
         r = probe.rate
-        p = [r.key, r.count, r.period, r.burst, probe.duration]
-    item = [now, ip, p, _rows(limits)]
+        p = (r.key, r.count, r.period, r.burst, probe.duration)
     if budgets:
-        item.append(_rows(budgets))
-    return item
+        return (now, ip, p, _rows(limits), _rows(budgets))
+    return (now, ip, p, _rows(limits))
 
 
-def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None, list[Limit]]:
+def decode(item: Any) -> tuple[float, str, list[Limit], AutoBlockProbe | None, list[Limit]]:
     now, ip, p, rows = item[:4]
-    limits = _limits(rows)
-    probe = None
-    if p is not None:
-        probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
+    probe = None if p is None else _probe(ip, p)
     budgets = _limits(item[4]) if len(item) > 4 else []
-    return float(now), str(ip), limits, probe, budgets
+    return now, ip, _limits(rows), probe, budgets
 
 
-def encode_charge(now: float, budgets: list[Limit], tokens: int) -> list[Any]:
-    return [now, int(tokens), _rows(budgets)]
+def encode_charge(now: float, budgets: list[Limit], tokens: int) -> tuple[Any, ...]:
+    return (now, tokens, _rows(budgets))
 
 
-def decode_charge(item: list[Any]) -> tuple[float, list[Limit], int]:
+def decode_charge(item: Any) -> tuple[float, list[Limit], int]:
     now, tokens, rows = item
-    return float(now), _limits(rows), int(tokens)
+    return now, _limits(rows), tokens
 
 
 def answer(decision: Decision, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
@@ -236,7 +261,7 @@ class SharedStore:
         self._released: list[str] = []
         self._release_call: Any = None
         # Token charges: one-way, sent at the end of the reactor turn that made them.
-        self._charges: list[list[Any]] = []
+        self._charges: list[tuple[Any, ...]] = []
         self._charge_call: Any = None
 
     def connect(self, send: Callable[..., None] | None) -> None:
