@@ -47,6 +47,7 @@ class _Wire:
         if op == "charge":
             self.owner.charge_all(fields["items"])
             return
+        self.owner.charge_all(fields["charges"])
         answers = self.owner.decide_all(fields["items"])
         self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
 
@@ -359,7 +360,8 @@ def _channel_pair() -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
 
 
 @pytest.mark.parametrize("op,fields", [
-    ("decide", {"id": 7, "items": [encode(T0 + 0.5, "1.2.3.4", _limits(), None, _budgets())]}),
+    ("decide", {"id": 7, "items": [encode(T0 + 0.5, "1.2.3.4", _limits(), None, _budgets())],
+                "charges": [encode_charge(T0, _budgets(), 42)]}),
     ("decided", {"id": 7, "answers": [[1, -1, 2, 1.5, 0.0, None, 0, [1, 0, 999, 0.06, 0.0, None, 0]]]}),
     ("charge", {"items": [encode_charge(T0, _budgets(), 42)]}),
     ("admit", {"id": 3, "items": [["1.2.3.4", 100, None]]}),
@@ -383,7 +385,7 @@ def test_the_limiter_messages_cross_the_channel_in_their_compact_form(op: str, f
 def test_a_compact_message_decodes_to_the_same_limits_and_decision() -> None:
     sender, receiver, got, _ = _channel_pair()
     probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
-    sender.send("decide", id=1, items=[encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())])
+    sender.send("decide", id=1, items=[encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())], charges=[])
     receiver.dataReceived(sender.transport.value())
     (item,) = got[0]["items"]
     assert decode(item) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())
@@ -421,10 +423,60 @@ def test_a_malformed_compact_message_closes_the_channel_without_reaching_the_han
 
 def test_a_peer_that_dies_mid_message_delivers_nothing_of_it() -> None:
     sender, receiver, got, lost = _channel_pair()
-    sender.send("decide", id=1, items=[encode(T0, "1.2.3.4", _limits(), None)])
+    sender.send("decide", id=1, items=[encode(T0, "1.2.3.4", _limits(), None)], charges=[])
     data = sender.transport.value()
     receiver.dataReceived(data[:-3])
     receiver.connectionLost(Failure(ConnectionDone()))
     assert got == [] and lost == ["lost"]
     receiver.connectionLost(Failure(ConnectionDone()))  # once only
     assert lost == ["lost"]
+
+
+def test_a_turns_charges_ride_ahead_of_its_questions_and_everything_leaves_at_one_call() -> None:
+    clock = task.Clock()
+    owner = StateOwner(1000, lambda ip, until: None)
+    store = SharedStore(clock, BlockList())
+    wire = _Wire(owner, store)
+    admitted: list[Any] = []
+    d = _check(store, T0)
+    clock.advance(0)
+    assert d.result[1].allowed  # type: ignore[attr-defined]
+    # One turn: a connection given back, a request's usage (the minute's whole budget), a new
+    # request's question, a new connection asking for its slot.
+    store.release("5.5.5.5")
+    store.charge(T0 + 1, _budgets(), 1000)
+    later = _check(store, T0 + 1)
+    slot = store.admissions.ask(["6.6.6.6", 10, None])
+    slot.addBoth(admitted.append)
+    assert len(clock.getDelayedCalls()) == 1
+    sent: list[tuple[str, dict[str, Any]]] = []
+    send = store.asker.send
+
+    def spy(op: str, **fields: Any) -> None:
+        sent.append((op, fields))
+        if op == "decide":
+            assert send is not None
+            send(op, **fields)
+
+    store.connect(spy)
+    clock.advance(0)
+    assert [op for op, _ in sent] == ["release", "decide", "admit"]
+    assert sent[1][1]["charges"] == [encode_charge(T0 + 1, _budgets(), 1000)]
+    # The charge was made before the question: the question sees the minute spent.
+    decision, spent = later.result  # type: ignore[attr-defined]
+    assert decision.allowed and not spent.allowed and spent.limit.name == "tokens_per_minute"
+    assert [m["op"] for m in wire.messages] == ["decide", "decide"]
+    store.admissions.answered({"op": "admitted", "id": sent[2][1]["id"], "answers": [None]})
+    assert admitted == [None]
+
+
+def test_an_answer_that_does_not_match_its_questions_fails_them_as_an_outage() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[dict[str, Any]] = []
+    store.connect(lambda op, **fields: sent.append(fields))
+    asked = [_ask(store, T0, _limits()) for _ in range(2)]
+    clock.advance(0)
+    store.asker.answered({"op": "decided", "id": sent[0]["id"], "answers": [[1, -1, 0, 0.0, 0.0, None, 0]]})
+    assert [_failure(d) for d in asked] == ["the supervisor's answer does not match the questions"] * 2
+    store.asker.answered({"op": "decided", "id": 999, "answers": []})  # nobody waits for it: ignored

@@ -30,7 +30,7 @@ Handler = Callable[[dict[str, Any]], None]
 # The hot messages: op -> (tag byte, its fields in order). A JSON message starts with "{", never
 # with one of these tags.
 FAST: dict[str, tuple[int, tuple[str, ...]]] = {
-    "decide": (1, ("id", "items")),
+    "decide": (1, ("id", "items", "charges")),
     "decided": (2, ("id", "answers")),
     "charge": (3, ("items",)),
     "admit": (4, ("id", "items")),

@@ -190,13 +190,18 @@ class StateOwner:
 
 class Asker:
     """Questions to the supervisor, batched: those asked in one reactor turn leave in one message
-    (`op`, with `items`) and are answered in one (`answers`, in the same order)."""
+    (`op`, with `items`) and are answered in one (`answers`, in the same order). `schedule`, when
+    given, arranges the end-of-turn `flush` (one call for everything a worker sends in a turn);
+    `extra`, the fields that ride along with each batch."""
 
-    def __init__(self, reactor: Any, op: str) -> None:
+    def __init__(self, reactor: Any, op: str, schedule: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
         self.op = op
         self.send: Callable[..., None] | None = None
-        self._pending: list[tuple[Any, defer.Deferred[Any]]] = []
+        self.extra: Callable[[], dict[str, Any]] | None = None
+        self._schedule = schedule
+        self._pending: list[Any] = []
+        self._deferreds: list[defer.Deferred[Any]] = []
         self._waiting: dict[int, list[defer.Deferred[Any]]] = {}
         self._next = 0
         self._flush_call: Any = None
@@ -206,47 +211,64 @@ class Asker:
         if self.send is None:
             d.errback(RedisUnavailable("the supervisor is not reachable"))
             return d
-        self._pending.append((item, d))
+        self._pending.append(item)
+        self._deferreds.append(d)
         if len(self._pending) >= MAX_BATCH:
-            self._flush()
+            self.flush()
+        elif self._schedule is not None:
+            self._schedule()
         elif self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self._flush)
+            self._flush_call = self.reactor.callLater(0, self.flush)
         return d
 
-    def _flush(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+    def flush(self) -> bool:
+        """Send what was asked; False when there was nothing to send."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._pending:
+            return False
+        items, waiting = self._pending, self._deferreds
+        self._pending, self._deferreds = [], []
         if self.send is None:
-            _fail([d for _, d in batch])
-            return
+            _fail(waiting)
+            return False
         self._next += 1
-        self._waiting[self._next] = [d for _, d in batch]
-        self.send(self.op, id=self._next, items=[item for item, _ in batch])
+        self._waiting[self._next] = waiting
+        if self.extra is None:
+            self.send(self.op, id=self._next, items=items)
+        else:
+            self.send(self.op, id=self._next, items=items, **self.extra())
+        return True
 
     def answered(self, message: dict[str, Any]) -> None:
-        waiting = self._waiting.pop(int(message.get("id", 0)), [])
-        for d, row in zip(waiting, message.get("answers", []), strict=False):
+        waiting = self._waiting.pop(message.get("id", 0), None)
+        if not waiting:
+            return
+        answers = message.get("answers")
+        if not isinstance(answers, list | tuple) or len(answers) != len(waiting):
+            _fail(waiting, "the supervisor's answer does not match the questions")
+            return
+        for d, row in zip(waiting, answers, strict=True):
             if not d.called:
                 d.callback(row)
 
     def lost(self) -> None:
         self.send = None
-        pending = [d for _, d in self._pending]
-        self._pending = []
+        pending = self._deferreds
+        self._pending, self._deferreds = [], []
         for waiting in self._waiting.values():
             pending += waiting
         self._waiting.clear()
         _fail(pending)
 
 
-def _fail(waiting: list[defer.Deferred[Any]]) -> None:
+def _fail(waiting: list[defer.Deferred[Any]], reason: str = "the supervisor is gone") -> None:
+    """Each question fails as a backend outage does (the limits layer's `on_backend_error`)."""
     for d in waiting:
         if not d.called:
-            d.errback(RedisUnavailable("the supervisor is gone"))
+            d.errback(RedisUnavailable(reason))
 
 
 class SharedStore:
@@ -255,14 +277,17 @@ class SharedStore:
     def __init__(self, reactor: Any, blocklist: BlockList) -> None:
         self.reactor = reactor
         self.blocklist = blocklist
-        self.asker = Asker(reactor, "decide")
+        # Everything a worker says in one reactor turn leaves at its end, at once: the slots given
+        # back, the token charges of the requests that ended (with the turn's questions, ahead of
+        # them, when there are any), the questions, the connections asking for a slot.
+        self._turn_call: Any = None
+        self.asker = Asker(reactor, "decide", self._schedule)
+        self.asker.extra = self._take_charges
         # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
-        self.admissions = Asker(reactor, "admit")
+        self.admissions = Asker(reactor, "admit", self._schedule)
         self._released: list[str] = []
-        self._release_call: Any = None
-        # Token charges: one-way, sent at the end of the reactor turn that made them.
+        # Token charges: one-way.
         self._charges: list[tuple[Any, ...]] = []
-        self._charge_call: Any = None
 
     def connect(self, send: Callable[..., None] | None) -> None:
         self.asker.send = self.admissions.send = send
@@ -272,17 +297,32 @@ class SharedStore:
         self.asker.lost()
         self.admissions.lost()
         self._released = []
+        self._charges = []
+
+    def _schedule(self) -> None:
+        if self._turn_call is None:
+            self._turn_call = self.reactor.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_call = None
+        send = self.asker.send
+        if self._released:
+            hosts, self._released = self._released, []
+            if send is not None:
+                send("release", hosts=hosts)
+        if not self.asker.flush() and self._charges:
+            items = self._take_charges()["charges"]
+            if send is not None:
+                send("charge", items=items)
+        self.admissions.flush()
+
+    def _take_charges(self) -> dict[str, Any]:
+        items, self._charges = self._charges, []
+        return {"charges": items}
 
     def release(self, host: str) -> None:
         self._released.append(host)
-        if self._release_call is None:
-            self._release_call = self.reactor.callLater(0, self._send_releases)
-
-    def _send_releases(self) -> None:
-        self._release_call = None
-        hosts, self._released = self._released, []
-        if hosts and self.asker.send is not None:
-            self.asker.send("release", hosts=hosts)
+        self._schedule()
 
     async def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                      ip: str = "") -> Decision:
@@ -303,14 +343,7 @@ class SharedStore:
         if self.asker.send is None:
             raise RedisUnavailable("the supervisor is not reachable")
         self._charges.append(encode_charge(now, budgets, tokens))
-        if self._charge_call is None:
-            self._charge_call = self.reactor.callLater(0, self._send_charges)
-
-    def _send_charges(self) -> None:
-        self._charge_call = None
-        items, self._charges = self._charges, []
-        if items and self.asker.send is not None:
-            self.asker.send("charge", items=items)
+        self._schedule()
 
     def blocked(self, ip: str, until: float) -> None:
         """A block made through another worker: refuse the address at accept here too."""
