@@ -35,29 +35,10 @@ _PROBE = -2  # the answer's limit is the auto-block probe
 _NONE = -1
 
 
-# The worker meets the same Limit objects again and again (the planner keeps each client's): each
-# one's row is built once. Keyed by identity, the entry holding the limit so its id is not reused
-# while remembered. Bounded: emptied when full.
-_ROWS: dict[int, tuple[Limit, tuple[Any, ...]]] = {}
-_ROWS_MAX = 10_000
-
-
-def _row(limit: Limit) -> tuple[Any, ...]:
-    hit = _ROWS.get(id(limit))
-    if hit is not None and hit[0] is limit:
-        return hit[1]
-    if isinstance(limit, Rate):
-        row: tuple[Any, ...] = ("r", limit.name, limit.key, limit.count, limit.period, limit.burst)
-    else:
-        row = ("q", limit.name, limit.key, limit.count, limit.reset_at, 0)
-    if len(_ROWS) >= _ROWS_MAX:
-        _ROWS.clear()
-    _ROWS[id(limit)] = (limit, row)
-    return row
-
-
 def _rows(limits: list[Limit]) -> tuple[tuple[Any, ...], ...]:
-    return tuple([_row(limit) for limit in limits])
+    # Built afresh each time: measured cheaper than any cache of them.
+    return tuple([("r", limit.name, limit.key, limit.count, limit.period, limit.burst) if isinstance(limit, Rate)
+                  else ("q", limit.name, limit.key, limit.count, limit.reset_at, 0) for limit in limits])
 
 
 # The supervisor meets the same rows again and again (a client's, on each of its requests): the
