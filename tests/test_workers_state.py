@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -480,3 +481,66 @@ def test_an_answer_that_does_not_match_its_questions_fails_them_as_an_outage() -
     store.asker.answered({"op": "decided", "id": sent[0]["id"], "answers": [[1, -1, 0, 0.0, 0.0, None, 0]]})
     assert [_failure(d) for d in asked] == ["the supervisor's answer does not match the questions"] * 2
     store.asker.answered({"op": "decided", "id": 999, "answers": []})  # nobody waits for it: ignored
+
+
+class _SocketTransport(StringTransport):
+    """A transport whose handle is a real socket (one end of a pair), as the reactor's is."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+
+def _drain(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_messages_go_straight_to_the_socket_and_through_the_transport_only_while_it_is_full() -> None:
+    from ccproxy.workers.channel import Channel
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = Channel(lambda message: None, lambda: None)
+    transport = _SocketTransport(ours)
+    sender.makeConnection(transport)
+    got: list[dict[str, Any]] = []
+    receiver = Channel(got.append, lambda: None)
+    receiver.makeConnection(StringTransport())
+    try:
+        sender.send("release", hosts=["1.1.1.1"])
+        assert transport.value() == b"" and transport.producer is None  # all of it on the socket
+        big = "x" * 2_000_000
+        sender.send("reload", text=big, path="/etc/ccproxy/config.yaml")  # more than the socket takes
+        sender.send("release", hosts=["2.2.2.2"])
+        queued = transport.value()
+        assert queued and transport.producer is sender and not transport.streaming
+        sender.send("release", hosts=["3.3.3.3"])
+        assert transport.value().startswith(queued) and len(transport.value()) > len(queued)  # after it, in order
+        receiver.dataReceived(_drain(theirs) + transport.value())
+        transport.clear()
+        sender.resumeProducing()  # what the transport says once its buffer is written out
+        assert transport.producer is None
+        sender.send("release", hosts=["4.4.4.4"])
+        assert transport.value() == b""
+        receiver.dataReceived(_drain(theirs))
+        assert [m.get("hosts", [len(m.get("text", ""))]) for m in got] == [
+            ["1.1.1.1"], [2_000_000], ["2.2.2.2"], ["3.3.3.3"], ["4.4.4.4"]]
+        sender.connectionLost(Failure(ConnectionDone()))
+        sender.send("release", hosts=["5.5.5.5"])  # closed: nothing more is written
+        assert _drain(theirs) == b""
+    finally:
+        ours.close()
+        theirs.close()

@@ -53,6 +53,46 @@ class Channel(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self.open = True
+        # Written straight to the socket while nothing waits in the transport's buffer: the
+        # transport's own path (buffer, then the reactor's writable event, two poll registrations
+        # per message) measured about 12 us of CPU per message on each side.
+        get_handle = getattr(self.transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        self._socket: socket.socket | None = handle if isinstance(handle, socket.socket) else None
+        self._queued = False  # data waits in the transport: later messages must follow it there
+        self._registering = False
+
+    def sendString(self, string: bytes) -> None:
+        if len(string) >= 2**32:
+            raise ValueError("a control message longer than its 4-byte length can say")
+        frame = len(string).to_bytes(4, "big") + string
+        sock = self._socket
+        if sock is not None and not self._queued and not self.transport.disconnecting:  # type: ignore[union-attr]
+            try:
+                sent = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport meets the same error and closes the channel
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+            # The socket is full: the rest, and every message after it, through the transport,
+            # until it says its buffer is empty (a pull producer's resumeProducing).
+            self._queued = True
+            self._registering = True
+            self.transport.registerProducer(self, False)  # type: ignore[union-attr]
+            self._registering = False
+        self.transport.write(frame)  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        if self._registering or not self._queued:
+            return  # registering calls it at once: the buffer is not empty yet
+        self._queued = False
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        self._queued = False
 
     def send(self, op: str, **fields: Any) -> None:
         if not self.open:
