@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from typing import Any
@@ -31,6 +32,8 @@ def test_limits_cross_the_channel_unchanged() -> None:
     probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
     now, ip, limits, back, budgets = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
     assert (now, ip, limits, back, budgets) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, [])
+    as_json = json.loads(json.dumps(encode(T0, "1.2.3.4", _limits(), probe, _budgets())))  # lists, not tuples
+    assert decode(as_json) == (T0, "1.2.3.4", _limits(), probe, _budgets())
 
 
 class _Wire:
@@ -493,6 +496,11 @@ class _SocketTransport(StringTransport):
     def getHandle(self) -> socket.socket:
         return self.sock
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        if not streaming:
+            producer.resumeProducing()  # as the reactor's transports do for a pull producer
+
 
 def _drain(sock: socket.socket) -> bytes:
     out = b""
@@ -544,3 +552,52 @@ def test_messages_go_straight_to_the_socket_and_through_the_transport_only_while
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("peer", ["full", "closed"])
+def test_a_socket_that_takes_nothing_leaves_the_whole_message_to_the_transport(peer: str) -> None:
+    from ccproxy.workers.channel import Channel
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        if peer == "full":
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    ours.send(b"\0" * 65536)
+        else:
+            theirs.close()
+        sender = Channel(lambda message: None, lambda: None)
+        transport = _SocketTransport(ours)
+        sender.makeConnection(transport)
+        sender.send("release", hosts=["1.1.1.1"])
+        got: list[dict[str, Any]] = []
+        receiver = Channel(got.append, lambda: None)
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(transport.value())  # all of it, whole, for the transport to write (or fail)
+        assert got == [{"op": "release", "hosts": ["1.1.1.1"]}]
+        assert transport.producer is sender
+        sender.stopProducing()  # the transport's word when it stops (the connection ends)
+        transport.unregisterProducer()
+        transport.clear()
+        if peer == "full":
+            theirs.setblocking(False)
+            _drain(theirs)
+        sender.send("release", hosts=["2.2.2.2"])
+        # Room again: straight to the socket; the peer gone: to the transport, which closes the channel.
+        assert (transport.value() == b"") == (peer == "full")
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_questions_past_one_batch_leave_at_once_and_all_are_answered() -> None:
+    clock = task.Clock()
+    owner = StateOwner(100_000, lambda ip, until: None)
+    store = SharedStore(clock, BlockList())
+    wire = _Wire(owner, store)
+    asked = [_ask(store, T0, [], None, f"10.0.{i // 250}.{i % 250}") for i in range(300)]
+    assert len(wire.messages) == 1 and len(wire.messages[0]["items"]) == 256  # the first batch, full
+    clock.advance(0)
+    assert [len(m["items"]) for m in wire.messages] == [256, 44]
+    assert all(d.result.allowed for d in asked)  # type: ignore[attr-defined]

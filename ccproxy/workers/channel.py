@@ -63,9 +63,7 @@ class Channel(Int32StringReceiver):
         self._registering = False
 
     def sendString(self, string: bytes) -> None:
-        if len(string) >= 2**32:
-            raise ValueError("a control message longer than its 4-byte length can say")
-        frame = len(string).to_bytes(4, "big") + string
+        frame = len(string).to_bytes(4, "big") + string  # OverflowError past what 4 bytes can say
         sock = self._socket
         if sock is not None and not self._queued and not self.transport.disconnecting:  # type: ignore[union-attr]
             try:

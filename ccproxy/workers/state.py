@@ -48,12 +48,8 @@ _DECODED_MAX = 10_000
 
 
 def _limits(rows: Any) -> list[Limit]:
-    key = tuple(rows) if type(rows) is list else rows  # JSON gives lists; the fast form, tuples
-    try:
-        found: list[Limit] | None = _DECODED.get(key)
-    except TypeError:  # a list inside: the JSON form
-        key = tuple(tuple(row) for row in rows)
-        found = _DECODED.get(key)
+    key = rows if type(rows) is tuple else tuple(tuple(row) for row in rows)  # lists: the JSON form
+    found: list[Limit] | None = _DECODED.get(key)
     if found is None:
         if len(_DECODED) >= _DECODED_MAX:
             _DECODED.clear()
@@ -171,12 +167,11 @@ class StateOwner:
 
 class Asker:
     """Questions to the supervisor, batched: those asked in one reactor turn leave in one message
-    (`op`, with `items`) and are answered in one (`answers`, in the same order). `schedule`, when
-    given, arranges the end-of-turn `flush` (one call for everything a worker sends in a turn);
-    `extra`, the fields that ride along with each batch."""
+    (`op`, with `items`) and are answered in one (`answers`, in the same order). `schedule`
+    arranges the end-of-turn `flush` (one call for everything a worker sends in a turn); `extra`
+    gives the fields that ride along with each batch."""
 
-    def __init__(self, reactor: Any, op: str, schedule: Callable[[], None] | None = None) -> None:
-        self.reactor = reactor
+    def __init__(self, op: str, schedule: Callable[[], None]) -> None:
         self.op = op
         self.send: Callable[..., None] | None = None
         self.extra: Callable[[], dict[str, Any]] | None = None
@@ -185,7 +180,6 @@ class Asker:
         self._deferreds: list[defer.Deferred[Any]] = []
         self._waiting: dict[int, list[defer.Deferred[Any]]] = {}
         self._next = 0
-        self._flush_call: Any = None
 
     def ask(self, item: Any) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
@@ -196,18 +190,12 @@ class Asker:
         self._deferreds.append(d)
         if len(self._pending) >= MAX_BATCH:
             self.flush()
-        elif self._schedule is not None:
+        else:
             self._schedule()
-        elif self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self.flush)
         return d
 
     def flush(self) -> bool:
         """Send what was asked; False when there was nothing to send."""
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
         if not self._pending:
             return False
         items, waiting = self._pending, self._deferreds
@@ -262,10 +250,10 @@ class SharedStore:
         # back, the token charges of the requests that ended (with the turn's questions, ahead of
         # them, when there are any), the questions, the connections asking for a slot.
         self._turn_call: Any = None
-        self.asker = Asker(reactor, "decide", self._schedule)
+        self.asker = Asker("decide", self._schedule)
         self.asker.extra = self._take_charges
         # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
-        self.admissions = Asker(reactor, "admit", self._schedule)
+        self.admissions = Asker("admit", self._schedule)
         self._released: list[str] = []
         # Token charges: one-way.
         self._charges: list[tuple[Any, ...]] = []
