@@ -9,7 +9,9 @@ request: the decision, the token-budget check, and the charge of its usage once 
   - in one process: `MemoryStore.decide` and `MemoryStore.tokens`;
   - across workers: the worker's `SharedStore` questions, framed and JSON-encoded as on the control
     channel, decided by the supervisor's `StateOwner` and answered back (the socket itself excluded).
-`--per-turn` is how many requests reach a worker in one reactor turn (they share one message).
+`--per-turn` is how many requests reach a worker in one reactor turn (they share one message); their
+usage is charged either in a turn of their own, or in the next turn, as the next requests arrive
+(the charges then ride with the questions).
 Prints CPU microseconds per request, worker and supervisor sides apart.
 """
 
@@ -57,6 +59,7 @@ class _Pair:
         # What Supervisor.message does with the limiter's questions.
         op, send = message["op"], self.supervisor.send
         if op == "decide":
+            self.owner.charge_all(message.get("charges", ()))
             send("decided", id=message.get("id"), answers=self.owner.decide_all(message["items"]))
         elif op == "charge":
             self.owner.charge_all(message["items"])
@@ -102,22 +105,37 @@ def in_process(requests: list[tuple[str, Any, Any, Any]]) -> float:
     return time.process_time() - started
 
 
-def shared(requests: list[tuple[str, Any, Any, Any]], per_turn: int) -> tuple[float, float]:
+def shared(requests: list[tuple[str, Any, Any, Any]], per_turn: int, overlap: bool = False) -> tuple[float, float]:
+    """`overlap`: each turn's requests end (and are charged) in the next turn, as the next ones arrive;
+    otherwise in a turn of their own."""
     clock = task.Clock()
     pair = _Pair(clock)
 
     async def one(now: float, ip: str, limits: Any, probe: Any, budgets: Any) -> None:
         await pair.store.check(now, ip, limits, probe, budgets)
 
+    def charge(first: int, turn: list[tuple[str, Any, Any, Any]]) -> None:
+        for n, (_, _, _, budgets) in enumerate(turn):  # each request's usage, charged when it ends
+            pair.store.charge(T0 + (first + n) * 1e-4, budgets, 20)
+
     started = time.process_time()
+    ended: tuple[int, list[tuple[str, Any, Any, Any]]] | None = None
     for first in range(0, len(requests), per_turn):
         turn = requests[first:first + per_turn]
+        if ended is not None:
+            charge(*ended)
         for n, (ip, limits, probe, budgets) in enumerate(turn):
             defer.ensureDeferred(one(T0 + (first + n) * 1e-4, ip, limits, probe, budgets))
         clock.advance(0)  # the questions leave at the end of the turn
         pair.carry()
-        for n, (_, _, _, budgets) in enumerate(turn):  # each request's usage, charged when it ends
-            pair.store.charge(T0 + (first + n) * 1e-4, budgets, 20)
+        if overlap:
+            ended = (first, turn)
+            continue
+        charge(first, turn)
+        clock.advance(0)
+        pair.carry()
+    if ended is not None:
+        charge(*ended)
         clock.advance(0)
         pair.carry()
     total = time.process_time() - started
@@ -135,11 +153,12 @@ def main() -> None:
     print(f"== {n} requests: decision, token check and charge; CPU us per request (best of {args.rounds}) ==")
     local = min(in_process(requests) for _ in range(args.rounds))
     print(f"one process (MemoryStore)                      {1e6 * local / n:6.1f} us")
-    for per_turn in args.per_turn:
-        worker, supervisor = min((shared(requests, per_turn) for _ in range(args.rounds)), key=sum)
-        print(f"across workers, {per_turn:>3} request(s) per turn: worker {1e6 * worker / n:6.1f} us + "
-              f"supervisor {1e6 * supervisor / n:6.1f} us = {1e6 * (worker + supervisor) / n:6.1f} us")
-
+    for overlap in (False, True):
+        for per_turn in args.per_turn:
+            worker, supervisor = min((shared(requests, per_turn, overlap) for _ in range(args.rounds)), key=sum)
+            when = "charged with the next turn" if overlap else "charged in a turn of their own"
+            print(f"across workers, {per_turn:>3} request(s) per turn, {when:30}: worker {1e6 * worker / n:6.1f} us"
+                  f" + supervisor {1e6 * supervisor / n:6.1f} us = {1e6 * (worker + supervisor) / n:6.1f} us")
 
 if __name__ == "__main__":
     main()

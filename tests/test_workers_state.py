@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
 from typing import Any
 
 import pytest
@@ -29,6 +32,8 @@ def test_limits_cross_the_channel_unchanged() -> None:
     probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
     now, ip, limits, back, budgets = decode(encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe))
     assert (now, ip, limits, back, budgets) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, [])
+    as_json = json.loads(json.dumps(encode(T0, "1.2.3.4", _limits(), probe, _budgets())))  # lists, not tuples
+    assert decode(as_json) == (T0, "1.2.3.4", _limits(), probe, _budgets())
 
 
 class _Wire:
@@ -46,6 +51,7 @@ class _Wire:
         if op == "charge":
             self.owner.charge_all(fields["items"])
             return
+        self.owner.charge_all(fields["charges"])
         answers = self.owner.decide_all(fields["items"])
         self.store.asker.answered({"op": "decided", "id": fields["id"], "answers": answers})
 
@@ -342,3 +348,256 @@ def test_a_successor_keeps_its_audit_events_until_its_predecessor_exits() -> Non
         assert written[-1] == (clock.seconds(), "ip_unblocked")
     finally:
         held.stop()
+
+
+def _channel_pair() -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
+    from ccproxy.workers.channel import Channel
+
+    got: list[dict[str, Any]] = []
+    lost: list[str] = []
+    sender = Channel(lambda message: None, lambda: None)
+    receiver = Channel(got.append, lambda: lost.append("lost"))
+    wire, back = StringTransport(), StringTransport()
+    sender.makeConnection(wire)
+    receiver.makeConnection(back)
+    return sender, receiver, got, lost
+
+
+@pytest.mark.parametrize("op,fields", [
+    ("decide", {"id": 7, "items": [encode(T0 + 0.5, "1.2.3.4", _limits(), None, _budgets())],
+                "charges": [encode_charge(T0, _budgets(), 42)]}),
+    ("decided", {"id": 7, "answers": [[1, -1, 2, 1.5, 0.0, None, 0, [1, 0, 999, 0.06, 0.0, None, 0]]]}),
+    ("charge", {"items": [encode_charge(T0, _budgets(), 42)]}),
+    ("admit", {"id": 3, "items": [["1.2.3.4", 100, None]]}),
+    ("admitted", {"id": 3, "answers": [None, "too_many_connections"]}),
+    ("release", {"hosts": ["1.2.3.4", "::1"]}),
+])
+def test_the_limiter_messages_cross_the_channel_in_their_compact_form(op: str, fields: dict[str, Any]) -> None:
+    sender, receiver, got, _ = _channel_pair()
+    sender.send(op, **fields)
+    data = sender.transport.value()
+    assert data[4] < 0x20  # a tag byte, not the "{" of a JSON message
+    assert len(data) < len(json.dumps({"op": op, **fields}))
+    receiver.dataReceived(data[:5])  # a message may arrive in pieces
+    assert got == []
+    receiver.dataReceived(data[5:])
+    (message,) = got
+    assert message.pop("op") == op
+    assert json.loads(json.dumps(message)) == json.loads(json.dumps(fields))  # same values (tuples as lists)
+
+
+def test_a_compact_message_decodes_to_the_same_limits_and_decision() -> None:
+    sender, receiver, got, _ = _channel_pair()
+    probe = AutoBlockProbe("1.2.3.4", Rate("auto_block", "a:10:1.2.3.4", 10, 60.0, 10), 300.0)
+    sender.send("decide", id=1, items=[encode(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())], charges=[])
+    receiver.dataReceived(sender.transport.value())
+    (item,) = got[0]["items"]
+    assert decode(item) == (T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets())
+    crossed = StateOwner(1000, lambda ip, until: None).decide_all(got[0]["items"] * 12)
+    direct = StateOwner(1000, lambda ip, until: None)
+    assert crossed == [direct.decide(T0 + 0.123456789, "1.2.3.4", _limits(), probe, _budgets()) for _ in range(12)]
+    assert crossed[0][0] == 1 and crossed[-1][0] == 0  # the limits do refuse by the twelfth
+
+
+def test_other_messages_stay_json() -> None:
+    sender, receiver, got, _ = _channel_pair()
+    sender.send("audit", events=[{"event": "x"}])
+    sender.send("decide", id=1)  # not the compact form's fields: sent as JSON, as before
+    data = sender.transport.value()
+    assert data[4:5] == b"{"
+    receiver.dataReceived(data)
+    assert got == [{"op": "audit", "events": [{"event": "x"}]}, {"op": "decide", "id": 1}]
+
+
+@pytest.mark.parametrize("body", [
+    b"\x01",  # no payload
+    b"\x01" + b"\xff\x00",  # not marshal
+    b"\x01" + __import__("marshal").dumps([1, []]),  # a list, not the fields' tuple
+    b"\x03" + __import__("marshal").dumps((1, 2)),  # a charge has one field
+    b"\x02" + __import__("marshal").dumps((1,))[:-1],  # cut short
+])
+def test_a_malformed_compact_message_closes_the_channel_without_reaching_the_handler(body: bytes) -> None:
+    _, receiver, got, lost = _channel_pair()
+    receiver.dataReceived(len(body).to_bytes(4, "big") + body)
+    assert got == []
+    assert receiver.transport.disconnecting
+    receiver.connectionLost(Failure(ConnectionDone()))
+    assert lost == ["lost"]
+
+
+def test_a_peer_that_dies_mid_message_delivers_nothing_of_it() -> None:
+    sender, receiver, got, lost = _channel_pair()
+    sender.send("decide", id=1, items=[encode(T0, "1.2.3.4", _limits(), None)], charges=[])
+    data = sender.transport.value()
+    receiver.dataReceived(data[:-3])
+    receiver.connectionLost(Failure(ConnectionDone()))
+    assert got == [] and lost == ["lost"]
+    receiver.connectionLost(Failure(ConnectionDone()))  # once only
+    assert lost == ["lost"]
+
+
+def test_a_turns_charges_ride_ahead_of_its_questions_and_everything_leaves_at_one_call() -> None:
+    clock = task.Clock()
+    owner = StateOwner(1000, lambda ip, until: None)
+    store = SharedStore(clock, BlockList())
+    wire = _Wire(owner, store)
+    admitted: list[Any] = []
+    d = _check(store, T0)
+    clock.advance(0)
+    assert d.result[1].allowed  # type: ignore[attr-defined]
+    # One turn: a connection given back, a request's usage (the minute's whole budget), a new
+    # request's question, a new connection asking for its slot.
+    store.release("5.5.5.5")
+    store.charge(T0 + 1, _budgets(), 1000)
+    later = _check(store, T0 + 1)
+    slot = store.admissions.ask(["6.6.6.6", 10, None])
+    slot.addBoth(admitted.append)
+    assert len(clock.getDelayedCalls()) == 1
+    sent: list[tuple[str, dict[str, Any]]] = []
+    send = store.asker.send
+
+    def spy(op: str, **fields: Any) -> None:
+        sent.append((op, fields))
+        if op == "decide":
+            assert send is not None
+            send(op, **fields)
+
+    store.connect(spy)
+    clock.advance(0)
+    assert [op for op, _ in sent] == ["release", "decide", "admit"]
+    assert sent[1][1]["charges"] == [encode_charge(T0 + 1, _budgets(), 1000)]
+    # The charge was made before the question: the question sees the minute spent.
+    decision, spent = later.result  # type: ignore[attr-defined]
+    assert decision.allowed and not spent.allowed and spent.limit.name == "tokens_per_minute"
+    assert [m["op"] for m in wire.messages] == ["decide", "decide"]
+    store.admissions.answered({"op": "admitted", "id": sent[2][1]["id"], "answers": [None]})
+    assert admitted == [None]
+
+
+def test_an_answer_that_does_not_match_its_questions_fails_them_as_an_outage() -> None:
+    clock = task.Clock()
+    store = SharedStore(clock, BlockList())
+    sent: list[dict[str, Any]] = []
+    store.connect(lambda op, **fields: sent.append(fields))
+    asked = [_ask(store, T0, _limits()) for _ in range(2)]
+    clock.advance(0)
+    store.asker.answered({"op": "decided", "id": sent[0]["id"], "answers": [[1, -1, 0, 0.0, 0.0, None, 0]]})
+    assert [_failure(d) for d in asked] == ["the supervisor's answer does not match the questions"] * 2
+    store.asker.answered({"op": "decided", "id": 999, "answers": []})  # nobody waits for it: ignored
+
+
+class _SocketTransport(StringTransport):
+    """A transport whose handle is a real socket (one end of a pair), as the reactor's is."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        if not streaming:
+            producer.resumeProducing()  # as the reactor's transports do for a pull producer
+
+
+def _drain(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_messages_go_straight_to_the_socket_and_through_the_transport_only_while_it_is_full() -> None:
+    from ccproxy.workers.channel import Channel
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = Channel(lambda message: None, lambda: None)
+    transport = _SocketTransport(ours)
+    sender.makeConnection(transport)
+    got: list[dict[str, Any]] = []
+    receiver = Channel(got.append, lambda: None)
+    receiver.makeConnection(StringTransport())
+    try:
+        sender.send("release", hosts=["1.1.1.1"])
+        assert transport.value() == b"" and transport.producer is None  # all of it on the socket
+        big = "x" * 2_000_000
+        sender.send("reload", text=big, path="/etc/ccproxy/config.yaml")  # more than the socket takes
+        sender.send("release", hosts=["2.2.2.2"])
+        queued = transport.value()
+        assert queued and transport.producer is sender and not transport.streaming
+        sender.send("release", hosts=["3.3.3.3"])
+        assert transport.value().startswith(queued) and len(transport.value()) > len(queued)  # after it, in order
+        receiver.dataReceived(_drain(theirs) + transport.value())
+        transport.clear()
+        sender.resumeProducing()  # what the transport says once its buffer is written out
+        assert transport.producer is None
+        sender.send("release", hosts=["4.4.4.4"])
+        assert transport.value() == b""
+        receiver.dataReceived(_drain(theirs))
+        assert [m.get("hosts", [len(m.get("text", ""))]) for m in got] == [
+            ["1.1.1.1"], [2_000_000], ["2.2.2.2"], ["3.3.3.3"], ["4.4.4.4"]]
+        sender.connectionLost(Failure(ConnectionDone()))
+        sender.send("release", hosts=["5.5.5.5"])  # closed: nothing more is written
+        assert _drain(theirs) == b""
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("peer", ["full", "closed"])
+def test_a_socket_that_takes_nothing_leaves_the_whole_message_to_the_transport(peer: str) -> None:
+    from ccproxy.workers.channel import Channel
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        if peer == "full":
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    ours.send(b"\0" * 65536)
+        else:
+            theirs.close()
+        sender = Channel(lambda message: None, lambda: None)
+        transport = _SocketTransport(ours)
+        sender.makeConnection(transport)
+        sender.send("release", hosts=["1.1.1.1"])
+        got: list[dict[str, Any]] = []
+        receiver = Channel(got.append, lambda: None)
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(transport.value())  # all of it, whole, for the transport to write (or fail)
+        assert got == [{"op": "release", "hosts": ["1.1.1.1"]}]
+        assert transport.producer is sender
+        sender.stopProducing()  # the transport's word when it stops (the connection ends)
+        transport.unregisterProducer()
+        transport.clear()
+        if peer == "full":
+            theirs.setblocking(False)
+            _drain(theirs)
+        sender.send("release", hosts=["2.2.2.2"])
+        # Room again: straight to the socket; the peer gone: to the transport, which closes the channel.
+        assert (transport.value() == b"") == (peer == "full")
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_questions_past_one_batch_leave_at_once_and_all_are_answered() -> None:
+    clock = task.Clock()
+    owner = StateOwner(100_000, lambda ip, until: None)
+    store = SharedStore(clock, BlockList())
+    wire = _Wire(owner, store)
+    asked = [_ask(store, T0, [], None, f"10.0.{i // 250}.{i % 250}") for i in range(300)]
+    assert len(wire.messages) == 1 and len(wire.messages[0]["items"]) == 256  # the first batch, full
+    clock.advance(0)
+    assert [len(m["items"]) for m in wire.messages] == [256, 44]
+    assert all(d.result.allowed for d in asked)  # type: ignore[attr-defined]

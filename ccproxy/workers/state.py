@@ -35,66 +35,68 @@ _PROBE = -2  # the answer's limit is the auto-block probe
 _NONE = -1
 
 
-def _rows(limits: list[Limit]) -> list[list[Any]]:
-    rows: list[list[Any]] = []
-    for limit in limits:
-        if isinstance(limit, Rate):
-            rows.append(["r", limit.name, limit.key, limit.count, limit.period, limit.burst])
-        else:
-            rows.append(["q", limit.name, limit.key, limit.count, limit.reset_at, 0])
-    return rows
+def _rows(limits: list[Limit]) -> tuple[tuple[Any, ...], ...]:
+    # Built afresh each time: measured cheaper than any cache of them.
+    return tuple([("r", limit.name, limit.key, limit.count, limit.period, limit.burst) if isinstance(limit, Rate)
+                  else ("q", limit.name, limit.key, limit.count, limit.reset_at, 0) for limit in limits])
 
 
-# The supervisor meets the same limits again and again (a client's, on each of its requests): each
-# is built once from its row. Bounded: emptied when full.
-_DECODED: dict[tuple[Any, ...], Limit] = {}
+# The supervisor meets the same rows again and again (a client's, on each of its requests): the
+# limits of a whole row list, and each probe, are built once. Bounded: emptied when full.
+_DECODED: dict[Any, Any] = {}
 _DECODED_MAX = 10_000
 
 
-def _limits(rows: list[list[Any]]) -> list[Limit]:
-    out: list[Limit] = []
-    for row in rows:
-        key = tuple(row)
-        limit = _DECODED.get(key)
-        if limit is None:
-            if len(_DECODED) >= _DECODED_MAX:
-                _DECODED.clear()
-            kind, name, subject, count, period, burst = row
-            limit = Rate(name, subject, count, period, burst) if kind == "r" else Quota(name, subject, count, period)
-            _DECODED[key] = limit
-        out.append(limit)
-    return out
+def _limits(rows: Any) -> list[Limit]:
+    key = rows if type(rows) is tuple else tuple(tuple(row) for row in rows)  # lists: the JSON form
+    found: list[Limit] | None = _DECODED.get(key)
+    if found is None:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        found = []
+        for kind, name, subject, count, period, burst in key:
+            found.append(Rate(name, subject, count, period, burst) if kind == "r"
+                         else Quota(name, subject, count, period))
+        _DECODED[key] = found
+    return found
+
+
+def _probe(ip: str, p: Any) -> AutoBlockProbe:
+    key = ("p", ip, *p)
+    probe: AutoBlockProbe | None = _DECODED.get(key)
+    if probe is None:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
+        _DECODED[key] = probe
+    return probe
 
 
 def encode(now: float, ip: str, limits: list[Limit], probe: AutoBlockProbe | None,
-           budgets: list[Limit] | None = None) -> list[Any]:
+           budgets: list[Limit] | None = None) -> tuple[Any, ...]:
     p = None
     if probe is not None:
         r = probe.rate
-        p = [r.key, r.count, r.period, r.burst, probe.duration]
-    item = [now, ip, p, _rows(limits)]
+        p = (r.key, r.count, r.period, r.burst, probe.duration)
     if budgets:
-        item.append(_rows(budgets))
-    return item
+        return (now, ip, p, _rows(limits), _rows(budgets))
+    return (now, ip, p, _rows(limits))
 
 
-def decode(item: list[Any]) -> tuple[float, str, list[Limit], AutoBlockProbe | None, list[Limit]]:
+def decode(item: Any) -> tuple[float, str, list[Limit], AutoBlockProbe | None, list[Limit]]:
     now, ip, p, rows = item[:4]
-    limits = _limits(rows)
-    probe = None
-    if p is not None:
-        probe = AutoBlockProbe(ip, Rate("auto_block", p[0], p[1], p[2], p[3]), p[4])
+    probe = None if p is None else _probe(ip, p)
     budgets = _limits(item[4]) if len(item) > 4 else []
-    return float(now), str(ip), limits, probe, budgets
+    return now, ip, _limits(rows), probe, budgets
 
 
-def encode_charge(now: float, budgets: list[Limit], tokens: int) -> list[Any]:
-    return [now, int(tokens), _rows(budgets)]
+def encode_charge(now: float, budgets: list[Limit], tokens: int) -> tuple[Any, ...]:
+    return (now, tokens, _rows(budgets))
 
 
-def decode_charge(item: list[Any]) -> tuple[float, list[Limit], int]:
+def decode_charge(item: Any) -> tuple[float, list[Limit], int]:
     now, tokens, rows = item
-    return float(now), _limits(rows), int(tokens)
+    return now, _limits(rows), tokens
 
 
 def answer(decision: Decision, limits: list[Limit], probe: AutoBlockProbe | None) -> list[Any]:
@@ -165,63 +167,77 @@ class StateOwner:
 
 class Asker:
     """Questions to the supervisor, batched: those asked in one reactor turn leave in one message
-    (`op`, with `items`) and are answered in one (`answers`, in the same order)."""
+    (`op`, with `items`) and are answered in one (`answers`, in the same order). `schedule`
+    arranges the end-of-turn `flush` (one call for everything a worker sends in a turn); `extra`
+    gives the fields that ride along with each batch."""
 
-    def __init__(self, reactor: Any, op: str) -> None:
-        self.reactor = reactor
+    def __init__(self, op: str, schedule: Callable[[], None]) -> None:
         self.op = op
         self.send: Callable[..., None] | None = None
-        self._pending: list[tuple[Any, defer.Deferred[Any]]] = []
+        self.extra: Callable[[], dict[str, Any]] | None = None
+        self._schedule = schedule
+        self._pending: list[Any] = []
+        self._deferreds: list[defer.Deferred[Any]] = []
         self._waiting: dict[int, list[defer.Deferred[Any]]] = {}
         self._next = 0
-        self._flush_call: Any = None
 
     def ask(self, item: Any) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         if self.send is None:
             d.errback(RedisUnavailable("the supervisor is not reachable"))
             return d
-        self._pending.append((item, d))
+        self._pending.append(item)
+        self._deferreds.append(d)
         if len(self._pending) >= MAX_BATCH:
-            self._flush()
-        elif self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self._flush)
+            self.flush()
+        else:
+            self._schedule()
         return d
 
-    def _flush(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+    def flush(self) -> bool:
+        """Send what was asked; False when there was nothing to send."""
+        if not self._pending:
+            return False
+        items, waiting = self._pending, self._deferreds
+        self._pending, self._deferreds = [], []
         if self.send is None:
-            _fail([d for _, d in batch])
-            return
+            _fail(waiting)
+            return False
         self._next += 1
-        self._waiting[self._next] = [d for _, d in batch]
-        self.send(self.op, id=self._next, items=[item for item, _ in batch])
+        self._waiting[self._next] = waiting
+        if self.extra is None:
+            self.send(self.op, id=self._next, items=items)
+        else:
+            self.send(self.op, id=self._next, items=items, **self.extra())
+        return True
 
     def answered(self, message: dict[str, Any]) -> None:
-        waiting = self._waiting.pop(int(message.get("id", 0)), [])
-        for d, row in zip(waiting, message.get("answers", []), strict=False):
+        waiting = self._waiting.pop(message.get("id", 0), None)
+        if not waiting:
+            return
+        answers = message.get("answers")
+        if not isinstance(answers, list | tuple) or len(answers) != len(waiting):
+            _fail(waiting, "the supervisor's answer does not match the questions")
+            return
+        for d, row in zip(waiting, answers, strict=True):
             if not d.called:
                 d.callback(row)
 
     def lost(self) -> None:
         self.send = None
-        pending = [d for _, d in self._pending]
-        self._pending = []
+        pending = self._deferreds
+        self._pending, self._deferreds = [], []
         for waiting in self._waiting.values():
             pending += waiting
         self._waiting.clear()
         _fail(pending)
 
 
-def _fail(waiting: list[defer.Deferred[Any]]) -> None:
+def _fail(waiting: list[defer.Deferred[Any]], reason: str = "the supervisor is gone") -> None:
+    """Each question fails as a backend outage does (the limits layer's `on_backend_error`)."""
     for d in waiting:
         if not d.called:
-            d.errback(RedisUnavailable("the supervisor is gone"))
+            d.errback(RedisUnavailable(reason))
 
 
 class SharedStore:
@@ -230,14 +246,17 @@ class SharedStore:
     def __init__(self, reactor: Any, blocklist: BlockList) -> None:
         self.reactor = reactor
         self.blocklist = blocklist
-        self.asker = Asker(reactor, "decide")
+        # Everything a worker says in one reactor turn leaves at its end, at once: the slots given
+        # back, the token charges of the requests that ended (with the turn's questions, ahead of
+        # them, when there are any), the questions, the connections asking for a slot.
+        self._turn_call: Any = None
+        self.asker = Asker("decide", self._schedule)
+        self.asker.extra = self._take_charges
         # Connection slots (see ccproxy.workers.gate): asked for, and given back, in batches too.
-        self.admissions = Asker(reactor, "admit")
+        self.admissions = Asker("admit", self._schedule)
         self._released: list[str] = []
-        self._release_call: Any = None
-        # Token charges: one-way, sent at the end of the reactor turn that made them.
-        self._charges: list[list[Any]] = []
-        self._charge_call: Any = None
+        # Token charges: one-way.
+        self._charges: list[tuple[Any, ...]] = []
 
     def connect(self, send: Callable[..., None] | None) -> None:
         self.asker.send = self.admissions.send = send
@@ -247,17 +266,32 @@ class SharedStore:
         self.asker.lost()
         self.admissions.lost()
         self._released = []
+        self._charges = []
+
+    def _schedule(self) -> None:
+        if self._turn_call is None:
+            self._turn_call = self.reactor.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_call = None
+        send = self.asker.send
+        if self._released:
+            hosts, self._released = self._released, []
+            if send is not None:
+                send("release", hosts=hosts)
+        if not self.asker.flush() and self._charges:
+            items = self._take_charges()["charges"]
+            if send is not None:
+                send("charge", items=items)
+        self.admissions.flush()
+
+    def _take_charges(self) -> dict[str, Any]:
+        items, self._charges = self._charges, []
+        return {"charges": items}
 
     def release(self, host: str) -> None:
         self._released.append(host)
-        if self._release_call is None:
-            self._release_call = self.reactor.callLater(0, self._send_releases)
-
-    def _send_releases(self) -> None:
-        self._release_call = None
-        hosts, self._released = self._released, []
-        if hosts and self.asker.send is not None:
-            self.asker.send("release", hosts=hosts)
+        self._schedule()
 
     async def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None,
                      ip: str = "") -> Decision:
@@ -278,14 +312,7 @@ class SharedStore:
         if self.asker.send is None:
             raise RedisUnavailable("the supervisor is not reachable")
         self._charges.append(encode_charge(now, budgets, tokens))
-        if self._charge_call is None:
-            self._charge_call = self.reactor.callLater(0, self._send_charges)
-
-    def _send_charges(self) -> None:
-        self._charge_call = None
-        items, self._charges = self._charges, []
-        if items and self.asker.send is not None:
-            self.asker.send("charge", items=items)
+        self._schedule()
 
     def blocked(self, ip: str, until: float) -> None:
         """A block made through another worker: refuse the address at accept here too."""

@@ -145,6 +145,7 @@ class Supervisor(Service):
         if op == "audit":
             self.audit.receive(message)
         elif op == "decide":
+            self.state.charge_all(message.get("charges", ()))  # the turn's charges come before its questions
             if slot.channel is not None:
                 slot.channel.send("decided", id=message.get("id"), answers=self.state.decide_all(message["items"]))
         elif op == "charge":
