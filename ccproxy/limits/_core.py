@@ -10,6 +10,7 @@ the same order on the same doubles, so both backends decide alike to the last bi
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import attrs
 
@@ -45,9 +46,9 @@ class Quota:
 Limit = Rate | Quota
 
 
-@attrs.frozen
-class Outcome:
-    """What one limit says about one request."""
+class Outcome(NamedTuple):
+    """What one limit says about one request (a tuple: built several times per request, and an
+    attrs class's frozen __init__ costs twice as much)."""
 
     allowed: bool
     remaining: int
@@ -88,17 +89,26 @@ def quota_outcome(quota: Quota, used: float | None, now: float) -> Outcome:
 
 def combine(limits: list[Limit], outcomes: list[Outcome]) -> Decision:
     """One answer for all limits: refused by the one that keeps the client waiting longest,
-    otherwise reported by the one with the fewest requests left."""
-    refused = [i for i, o in enumerate(outcomes) if not o.allowed]
-    if refused:
-        i = max(refused, key=lambda j: outcomes[j].retry_after)
-        o = outcomes[i]
-        return Decision(False, limits[i], 0, o.reset_after, o.retry_after)
-    if not limits:
+    otherwise reported by the one with the fewest requests left (on a tie, the one whole again
+    latest; on a full tie, the first)."""
+    # One pass without key functions: this runs two or three times per request.
+    refused: Outcome | None = None
+    refused_at = 0
+    best: Outcome | None = None
+    best_at = 0
+    for i, o in enumerate(outcomes):
+        if not o.allowed:
+            if refused is None or o.retry_after > refused.retry_after:
+                refused, refused_at = o, i
+        elif refused is None and (
+                best is None or o.remaining < best.remaining
+                or (o.remaining == best.remaining and o.reset_after > best.reset_after)):
+            best, best_at = o, i
+    if refused is not None:
+        return Decision(False, limits[refused_at], 0, refused.reset_after, refused.retry_after)
+    if best is None:
         return Decision(True)
-    i = min(range(len(limits)), key=lambda j: (outcomes[j].remaining, -outcomes[j].reset_after))
-    o = outcomes[i]
-    return Decision(True, limits[i], o.remaining, o.reset_after, 0.0)
+    return Decision(True, limits[best_at], best.remaining, best.reset_after, 0.0)
 
 
 # Token budgets. A tokens-per-minute budget is a Rate of `count` tokens a minute whose bucket holds

@@ -2,8 +2,8 @@
 
 The table holds one entry per (limit, subject) with its state and the time the state stops
 mattering (a GCRA entry whose bucket is full again, a quota whose day is over): dropping it then
-changes no decision. Each decision examines the two oldest entries and drops them if they are
-spent (otherwise moves them to the back), so the table is swept continuously while traffic flows;
+changes no decision. Every 16th decision examines the 32 oldest entries and drops those that are
+spent (moving the others to the back), so the table is swept continuously while traffic flows;
 with no traffic, the limiter's housekeeping tick sweeps it (`sweep`), so what a burst left is
 dropped once spent even if no request follows.
 Past `max_entries` the least recently used entry is forgotten: that subject starts again from a
@@ -29,6 +29,10 @@ from ccproxy.limits._core import (
 from ccproxy.limits._plan import MINUTE as BLOCK_WINDOW
 from ccproxy.limits._plan import AutoBlockProbe
 
+# Every `_SWEEP_EVERY` decisions, the `_SWEEP_EVERY * 2` oldest entries are looked at: the same
+# two per decision as sweeping each time, for one sweep's fixed cost in sixteen. The bound itself
+# never waits for a sweep: an insert into a full table evicts first.
+_SWEEP_EVERY = 16
 _SWEEP_PER_DECISION = 2
 # Entries looked at per housekeeping tick (a second): bounds the tick's work at 100,000 entries.
 SWEEP_PER_TICK = 2000
@@ -42,6 +46,7 @@ class MemoryStore:
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         self.evicted = 0
         self._clock = 0.0
+        self._until_sweep = _SWEEP_EVERY
         # Auto-block probes: key -> the times of the address's latest requests.
         self._logs: OrderedDict[str, deque[float]] = OrderedDict()
 
@@ -63,7 +68,10 @@ class MemoryStore:
         if now < self._clock:
             now = self._clock
         self._clock = now
-        self._sweep(now)
+        self._until_sweep -= 1
+        if not self._until_sweep:
+            self._until_sweep = _SWEEP_EVERY
+            self._sweep(now, _SWEEP_EVERY * _SWEEP_PER_DECISION)
         if probe is not None:
             blocked = self._count_for_block(now, probe)
             if blocked is not None:
@@ -153,7 +161,7 @@ class MemoryStore:
         """Drop spent entries among the `count` oldest of each table (at idle, from the limiter's tick)."""
         self._sweep(max(now, self._clock), count)
 
-    def _sweep(self, now: float, count: int = _SWEEP_PER_DECISION) -> None:
+    def _sweep(self, now: float, count: int) -> None:
         logs = self._logs
         for _ in range(min(count, len(logs))):
             key = next(iter(logs))
