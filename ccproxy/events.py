@@ -37,17 +37,30 @@ _filtered_fields: frozenset[str] = ADDRESS_FIELDS
 
 
 Observer = Callable[[dict[str, Any]], None]
-_observers: list[Observer] = []
+# observer -> the event names it wants (None: every event).
+_observers: dict[Observer, frozenset[str] | None] = {}
+# name -> the observers that want it, rebuilt as observers come and go: most requests emit an
+# event (authentication_success) that many observers ignore, and building it for none is waste.
+_by_name: dict[str, tuple[Observer, ...]] = {}
 
 
-def add_observer(observer: Observer) -> None:
-    """`observer` gets every event (a dict: ccproxy_event, severity and the fields)."""
-    _observers.append(observer)
+def add_observer(observer: Observer, names: frozenset[str] | None = None) -> None:
+    """`observer` gets every event (a dict: ccproxy_event, severity and the fields), or with
+    `names`, only the events of those names."""
+    _observers[observer] = names
+    _by_name.clear()
 
 
 def remove_observer(observer: Observer) -> None:
-    if observer in _observers:
-        _observers.remove(observer)
+    if _observers.pop(observer, 0) != 0:
+        _by_name.clear()
+
+
+def _observers_of(name: str) -> tuple[Observer, ...]:
+    found = _by_name.get(name)
+    if found is None:
+        found = _by_name[name] = tuple(o for o, names in _observers.items() if names is None or name in names)
+    return found
 
 
 class LogBudget:
@@ -97,9 +110,10 @@ def set_address_filter(address_filter: Callable[[str], str] | None,
 
 def emit(name: str, severity: str = "info", **fields: Any) -> None:
     """Report security event `name`. Fields must hold no secret: pass key ids and masks only."""
-    if _observers:
+    observers = _observers_of(name) if _observers else ()
+    if observers:
         whole = {"ccproxy_event": name, "severity": severity, **fields}
-        for observer in list(_observers):
+        for observer in observers:
             observer(dict(whole))
     allowed, suppressed = _budgets[-1].allow(name)
     if not allowed:

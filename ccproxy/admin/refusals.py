@@ -9,6 +9,9 @@ from ccproxy.network.addresses import NetworkSet, parse_ip
 
 
 class HttpRefusals:
+    # The only events it looks at: registered for these alone, so no other event is built for it.
+    EVENTS = frozenset({"invalid_request", "request_too_large", "request_timeout"})
+
     def __init__(self, holder: Any) -> None:
         self.holder = holder
         self._trusted: tuple[Any, NetworkSet] = (None, NetworkSet(()))

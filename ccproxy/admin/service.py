@@ -35,7 +35,7 @@ class Observers:
     then every second, so a reload that adds the first alert rule applies within a second."""
 
     def __init__(self, holder: Any, reactor: Any,
-                 wanted: list[tuple[Callable[[Config], bool], events.Observer]]) -> None:
+                 wanted: list[tuple[Callable[[Config], bool], events.Observer, frozenset[str] | None]]) -> None:
         self.holder = holder
         self.wanted = wanted
         self.on: list[events.Observer] = []
@@ -49,9 +49,9 @@ class Observers:
         if config is self.seen:
             return
         self.seen = config
-        for needed, observer in self.wanted:
+        for needed, observer, names in self.wanted:
             if needed(config) and observer not in self.on:
-                events.add_observer(observer)
+                events.add_observer(observer, names)
                 self.on.append(observer)
             elif not needed(config) and observer in self.on:
                 events.remove_observer(observer)
@@ -128,8 +128,8 @@ def start(holder: Any, deps: Any, reactor: Any, config_path: str, gate: Any, sit
         on_given_up=(lambda name: metrics.alert_delivery_failures.labels(name).inc()) if metrics else None,
     )
     running.observers = Observers(holder, reactor, [
-        (lambda c: c.limits.auto_block.enabled, HttpRefusals(holder)),
-        (lambda c: bool(c.monitoring.rules), running.monitoring.engine.observe),
+        (lambda c: c.limits.auto_block.enabled, HttpRefusals(holder), HttpRefusals.EVENTS),
+        (lambda c: bool(c.monitoring.rules), running.monitoring.engine.observe, None),
     ])
     if incident.emergency and serve:
         log.warn("emergency mode is on (since {since}); `ccproxy security emergency --disable` ends it",
