@@ -57,6 +57,12 @@ class MemoryStore:
         """Addresses whose latest requests are kept for auto-blocking."""
         return len(self._logs)
 
+    def _advance(self, now: float) -> float:
+        # Time never runs backwards here (as in Redis): a clock stepped back loses no allowance.
+        if now > self._clock:
+            self._clock = now
+        return self._clock
+
     def resize(self, max_entries: int) -> None:
         self.max_entries = max_entries
         while len(self._table) > max_entries:
@@ -64,10 +70,7 @@ class MemoryStore:
 
     def decide(self, now: float, limits: list[Limit], probe: AutoBlockProbe | None = None) -> Decision:
         """Count the request for auto-blocking, then admit it against every limit or none."""
-        # Time never runs backwards here (as in Redis): a clock stepped back loses no allowance.
-        if now < self._clock:
-            now = self._clock
-        self._clock = now
+        now = self._advance(now)
         self._until_sweep -= 1
         if not self._until_sweep:
             self._until_sweep = _SWEEP_EVERY
@@ -94,9 +97,7 @@ class MemoryStore:
 
     def tokens(self, now: float, budgets: list[Limit], charge: int = 0) -> Decision:
         """Charge `charge` tokens to every budget (none: only ask), then say whether they admit."""
-        if now < self._clock:
-            now = self._clock
-        self._clock = now
+        now = self._advance(now)
         outcomes = []
         for limit in budgets:
             state = self._state(limit.key, now)
@@ -109,9 +110,7 @@ class MemoryStore:
     def charge(self, now: float, budgets: list[Limit], tokens: int) -> None:
         """Charge `tokens` to every budget, without asking whether they still admit (the request
         is over: nobody waits for the answer)."""
-        if now < self._clock:
-            now = self._clock
-        self._clock = now
+        now = self._advance(now)
         for limit in budgets:
             state = token_charge(limit, self._state(limit.key, now), now, tokens)
             self._put(limit.key, state, token_expiry(limit, state, now))
