@@ -117,16 +117,18 @@ class Limiter:
         except RedisUnavailable as e:
             return decision, None, str(e)
 
-    async def _remote(self, now: float, call: Coroutine[Any, Any, _T]) -> _T:
+    async def _remote(self, now: float, call: Coroutine[Any, Any, _T], counted: bool = True) -> _T:
+        """`call` to the shared store, backing off after a failure; `counted`: a request the
+        outage affects (token charges are not counted again)."""
         if now < self.down_until:
             call.close()
-            self.failures += 1
+            self.failures += 1 if counted else 0
             raise RedisUnavailable("backing off after a failure")
         try:
             answer = await call
         except RedisUnavailable:
             self.down_until = self.clock.seconds() + BACKOFF
-            self.failures += 1
+            self.failures += 1 if counted else 0
             raise
         self._recovered()
         return answer
@@ -145,15 +147,7 @@ class Limiter:
         if isinstance(self.store, MemoryStore):
             return self.store.tokens(now, budgets, charge)
         assert isinstance(self.store, RedisStore)  # a worker's store charges and asks through `check`
-        if now < self.down_until:
-            raise RedisUnavailable("backing off after a failure")
-        try:
-            decision = await self.store.tokens(now, budgets, charge)
-        except RedisUnavailable:
-            self.down_until = self.clock.seconds() + BACKOFF
-            raise
-        self._recovered()
-        return decision
+        return await self._remote(now, self.store.tokens(now, budgets, charge), counted=False)
 
     def block(self, ip: str, until: float, new: bool, **fields: Any) -> None:
         self.blocklist.block(ip, until)
